@@ -1,0 +1,7 @@
+"""``python -m bastion``."""
+
+import sys
+
+from bastion.cli import main
+
+sys.exit(main())

@@ -1,0 +1,345 @@
+"""The ``bastion`` command line: a thin front end over the client library and the server.
+
+Errors go to standard error as one sentence, with a non-zero exit status. With
+``--json``, output is one JSON object per line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime
+import getpass
+import json
+import os
+import signal
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import platformdirs
+
+from bastion import __version__
+from bastion.client.client import Client, Event, MessageEvent, WarningEvent
+from bastion.client.records import HistoryRecord
+from bastion.errors import BastionError, KeyChangedError, ServerRefusedError
+
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+
+
+def iso(ms: int) -> str:
+    """Milliseconds since the epoch as ISO 8601 UTC."""
+    return (
+        datetime.datetime.fromtimestamp(ms / 1000, datetime.UTC)
+        .isoformat(timespec="milliseconds")
+        .replace("+00:00", "Z")
+    )
+
+
+def message_json(record: HistoryRecord, verified: bool) -> dict[str, Any]:
+    """The ``--json`` form of a message."""
+    return {
+        "type": "message",
+        "id": record.id.hex(),
+        "from": record.sender,
+        "device": record.device,
+        "conversation": record.conversation,
+        "text": record.text,
+        "sent_at": iso(record.sent_at),
+        "verified": verified,
+    }
+
+
+def event_json(event: Event) -> dict[str, Any]:
+    """The ``--json`` form of any event."""
+    if isinstance(event, MessageEvent):
+        return message_json(event.record, event.verified)
+    return {
+        "type": "warning",
+        "reason": event.reason,
+        "from": event.sender,
+        "device": event.device,
+        "at": iso(event.at),
+    }
+
+
+def print_event(event: Event, as_json: bool) -> None:
+    """Print an event for a person or, with ``as_json``, for a program."""
+    if as_json:
+        print(json.dumps(event_json(event)), flush=True)
+    elif isinstance(event, WarningEvent):
+        print(
+            f"warning: a message claiming to be from {event.sender} was rejected: {event.reason}",
+            file=sys.stderr,
+            flush=True,
+        )
+    else:
+        print(format_message(event.record), flush=True)
+
+
+def format_message(record: HistoryRecord) -> str:
+    """One line for a person."""
+    when = datetime.datetime.fromtimestamp(record.sent_at / 1000, datetime.UTC)
+    who = "you" if record.direction == "out" else record.sender
+    to = f" -> {record.peer}" if record.direction == "out" else ""
+    return f"[{when:%Y-%m-%d %H:%M:%S}Z] {who}{to}: {record.text}"
+
+
+# --- profile and passphrase ------------------------------------------------------------------
+
+
+def profile_dir(args: argparse.Namespace) -> Path:
+    """The profile folder from --profile, BASTION_PROFILE, or the user's data folder."""
+    if args.profile:
+        return Path(args.profile)
+    env = os.environ.get("BASTION_PROFILE")
+    if env:
+        return Path(env)
+    return Path(platformdirs.user_data_dir("bastion")) / "profile"
+
+
+def passphrase(*, confirm: bool = False) -> str:
+    """The passphrase from BASTION_PASSPHRASE or an interactive prompt."""
+    env = os.environ.get("BASTION_PASSPHRASE")
+    if env is not None:
+        if not env:
+            raise BastionError("BASTION_PASSPHRASE is set but empty")
+        return env
+    if not sys.stdin.isatty():
+        raise BastionError("no passphrase: set BASTION_PASSPHRASE or run in a terminal")
+    first = getpass.getpass("Profile passphrase: ")
+    if confirm and getpass.getpass("Repeat passphrase: ") != first:
+        raise BastionError("the passphrases do not match")
+    if not first:
+        raise BastionError("the passphrase must not be empty")
+    return first
+
+
+async def with_client(
+    args: argparse.Namespace,
+    work: Callable[[Client], Awaitable[int]],
+    *,
+    connect: bool = True,
+    receive: bool = False,
+) -> int:
+    """Unlock the profile, optionally connect, run ``work``, and always clean up."""
+    client = Client.open(profile_dir(args), passphrase())
+    try:
+        if connect:
+            await client.connect(receive=receive)
+        return await work(client)
+    finally:
+        await client.close()
+
+
+# --- commands ------------------------------------------------------------------------------------
+
+
+async def cmd_register(args: argparse.Namespace) -> int:
+    client = await Client.register(
+        profile_dir(args),
+        passphrase(confirm=True),
+        username=args.username,
+        server_url=args.server,
+        fingerprint=args.fingerprint,
+    )
+    try:
+        account = client.account
+        if args.json:
+            print(
+                json.dumps(
+                    {
+                        "type": "registered",
+                        "user": account.username,
+                        "device": account.device_id,
+                        "server": account.server_url,
+                        "fingerprint": account.fingerprint,
+                    }
+                )
+            )
+        else:
+            print(f"registered {account.username} (device {account.device_id})")
+            print(f"server certificate pinned: {account.fingerprint}")
+    finally:
+        await client.close()
+    return 0
+
+
+async def cmd_send(args: argparse.Namespace) -> int:
+    async def work(client: Client) -> int:
+        record = await client.send_text(args.user, args.text)
+        if args.json:
+            print(
+                json.dumps(
+                    {
+                        "type": "sent",
+                        "id": record.id.hex(),
+                        "to": args.user,
+                        "server_ts": iso(record.server_ts),
+                    }
+                )
+            )
+        return 0
+
+    return await with_client(args, work)
+
+
+async def cmd_inbox(args: argparse.Namespace) -> int:
+    async def work(client: Client) -> int:
+        async for event in client.receive(until_synced=True):
+            print_event(event, args.json)
+        return 0
+
+    return await with_client(args, work, receive=True)
+
+
+async def cmd_listen(args: argparse.Namespace) -> int:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+
+    async def work(client: Client) -> int:
+        async def pump() -> None:
+            async for event in client.receive():
+                print_event(event, args.json)
+
+        pump_task = asyncio.create_task(pump())
+        stop_task = asyncio.create_task(stop.wait())
+        done, _ = await asyncio.wait({pump_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
+        for task in (pump_task, stop_task):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if pump_task in done and not stop.is_set():
+            exc = pump_task.exception() if not pump_task.cancelled() else None
+            if exc is not None:
+                raise exc
+            reason = client.conn.close_reason if client.conn is not None else None
+            raise ServerRefusedError("disconnected", reason or "the server closed the connection")
+        return 0
+
+    return await with_client(args, work, receive=True)
+
+
+async def cmd_history(args: argparse.Namespace) -> int:
+    async def work(client: Client) -> int:
+        contact = client.contact(args.user)
+        verified = contact is not None and contact.trust == "verified"
+        for record in client.history(args.user):
+            if args.json:
+                print(json.dumps(message_json(record, verified)))
+            else:
+                print(format_message(record))
+        return 0
+
+    return await with_client(args, work, connect=False)
+
+
+async def cmd_whoami(args: argparse.Namespace) -> int:
+    async def work(client: Client) -> int:
+        a = client.account
+        info = {
+            "type": "whoami",
+            "user": a.username,
+            "device": a.device_id,
+            "server": a.server_url,
+            "fingerprint": a.fingerprint,
+            "rejected_messages": client.stats().rejected,
+        }
+        if args.json:
+            print(json.dumps(info))
+        else:
+            print(f"{a.username} on {a.server_url} (device {a.device_id})")
+            print(f"server certificate: {a.fingerprint}")
+        return 0
+
+    return await with_client(args, work, connect=False)
+
+
+def cmd_server_run(args: argparse.Namespace) -> int:
+    from bastion.server.main import run  # noqa: PLC0415 - clients need not load the server
+
+    run(Path(args.data), args.host, args.port)
+    return 0
+
+
+def cmd_server_fingerprint(args: argparse.Namespace) -> int:
+    from bastion.server.tls import certificate_fingerprint  # noqa: PLC0415
+
+    print(certificate_fingerprint(Path(args.data)))
+    return 0
+
+
+# --- parser ----------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser for every command."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--profile", help="profile folder (default: BASTION_PROFILE or the user data folder)"
+    )
+    common.add_argument("--json", action="store_true", help="one JSON object per line")
+
+    parser = argparse.ArgumentParser(prog="bastion", description="End-to-end encrypted messaging.")
+    parser.add_argument("--version", action="version", version=f"bastion {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    server = sub.add_parser("server", help="run or inspect a server")
+    server_sub = server.add_subparsers(dest="server_command", required=True)
+    run = server_sub.add_parser("run", help="start the relay server")
+    run.add_argument("--data", required=True, help="data folder (created if missing)")
+    run.add_argument("--host", default="127.0.0.1")
+    run.add_argument("--port", type=int, default=8443)
+    run.set_defaults(sync=cmd_server_run)
+    fp = server_sub.add_parser("fingerprint", help="print the server certificate's fingerprint")
+    fp.add_argument("--data", required=True)
+    fp.set_defaults(sync=cmd_server_fingerprint)
+
+    reg = sub.add_parser("register", parents=[common], help="create an account on a server")
+    reg.add_argument("username")
+    reg.add_argument("--server", required=True, help="wss://HOST:PORT")
+    reg.add_argument("--fingerprint", help="the server certificate's SHA256:... fingerprint")
+    reg.set_defaults(run=cmd_register)
+
+    send = sub.add_parser("send", parents=[common], help="send a message")
+    send.add_argument("user")
+    send.add_argument("text")
+    send.set_defaults(run=cmd_send)
+
+    inbox = sub.add_parser("inbox", parents=[common], help="receive what is waiting, then exit")
+    inbox.set_defaults(run=cmd_inbox)
+    listen = sub.add_parser("listen", parents=[common], help="stay connected and print messages")
+    listen.set_defaults(run=cmd_listen)
+    history = sub.add_parser("history", parents=[common], help="show a conversation")
+    history.add_argument("user")
+    history.set_defaults(run=cmd_history)
+    whoami = sub.add_parser("whoami", parents=[common], help="show this profile's account")
+    whoami.set_defaults(run=cmd_whoami)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``bastion`` command."""
+    os.umask(0o077)
+    args = build_parser().parse_args(argv)
+    try:
+        if hasattr(args, "sync"):
+            return int(args.sync(args))
+        return int(asyncio.run(args.run(args)))
+    except KeyChangedError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except (BastionError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

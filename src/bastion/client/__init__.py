@@ -1,0 +1,1 @@
+"""The client library: profile, connection, end-to-end messaging. Front ends sit on it."""

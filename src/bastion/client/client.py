@@ -1,0 +1,641 @@
+"""The client library: register, sign in, send and receive end-to-end encrypted messages.
+
+Front ends (the command line, the terminal app) call this module and nothing
+below it. Every received message is decrypted, its signature and sender binding
+checked, and de-duplicated before anything is stored or shown; a message that
+fails any check becomes a :class:`WarningEvent`, never a message.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import msgspec
+
+from bastion.client.profile import Profile
+from bastion.client.records import (
+    AccountInfo,
+    ContactRecord,
+    DeviceEntry,
+    HistoryRecord,
+    Stats,
+)
+from bastion.client.transport import ServerConnection, _Closed
+from bastion.crypto.device import DeviceCertificate, verify_published_key
+from bastion.crypto.olm import PRE_KEY, OlmDevice, OlmSession
+from bastion.crypto.payload import Payload, direct_conversation, open_signed, seal
+from bastion.crypto.signing import AccountIdentity
+from bastion.errors import (
+    AuthenticationError,
+    KeyChangedError,
+    ProfileError,
+    RejectedMessageError,
+    ServerRefusedError,
+    UntrustedServerError,
+)
+from bastion.protocol import frames
+from bastion.protocol.auth import register_message, signin_message
+
+USERNAME_RE = re.compile(frames.USERNAME_PATTERN)
+ONE_TIME_KEY_TARGET = 40
+ONE_TIME_KEY_LOW = 15
+
+
+def now_ms() -> int:
+    """Wall-clock milliseconds since the epoch."""
+    return time.time_ns() // 1_000_000
+
+
+def check_username(username: str) -> str:
+    """Return ``username`` if valid; raise ValueError with a sentence a user understands."""
+    if not USERNAME_RE.match(username):
+        raise ValueError(
+            f"{username!r} is not a valid username: use 3 to 32 characters, "
+            "lowercase letters, digits, '.', '_' or '-'"
+        )
+    return username
+
+
+@dataclass(frozen=True, slots=True)
+class MessageEvent:
+    """A message that passed every check (or a copy of one this account sent elsewhere)."""
+
+    record: HistoryRecord
+    verified: bool
+
+
+@dataclass(frozen=True, slots=True)
+class WarningEvent:
+    """Something arrived that failed a check; it was dropped and counted."""
+
+    reason: str
+    sender: str
+    device: str
+    at: int
+
+
+Event = MessageEvent | WarningEvent
+
+
+class Client:
+    """One unlocked device profile and, once connected, its server connection."""
+
+    def __init__(self, profile: Profile, account: AccountInfo) -> None:
+        self.profile = profile
+        self.account = account
+        self.conn: ServerConnection | None = None
+
+    # --- opening and registering ------------------------------------------------------------
+
+    @classmethod
+    def open(cls, path: Path, passphrase: str) -> Client:
+        """Unlock an existing profile; raises :class:`ProfileError`."""
+        profile = Profile.unlock(path, passphrase)
+        account = profile.get("account", AccountInfo)
+        if account is None:
+            profile.close()
+            raise ProfileError("the profile holds no account; register or link first")
+        return cls(profile, account)
+
+    @classmethod
+    async def register(
+        cls,
+        path: Path,
+        passphrase: str,
+        *,
+        username: str,
+        server_url: str,
+        fingerprint: str | None = None,
+    ) -> Client:
+        """Create an account and its first device on a server, and a profile for it.
+
+        With no ``fingerprint`` the server's certificate is trusted on first use
+        and pinned. Raises ValueError for a bad username, ServerRefusedError if
+        the server refuses (e.g. the name is taken), UntrustedServerError on a
+        certificate mismatch.
+        """
+        check_username(username)
+        conn = await ServerConnection.open(server_url, pin=fingerprint)
+        try:
+            challenge = conn.challenge
+            profile = Profile.create(path, passphrase)
+            try:
+                client = await cls._register_on(conn, profile, username, server_url, challenge)
+            except BaseException:
+                profile.close()
+                for name in ("profile.db", "profile.json"):
+                    (path / name).unlink(missing_ok=True)
+                raise
+        finally:
+            await conn.aclose()
+        return client
+
+    @classmethod
+    async def _register_on(
+        cls,
+        conn: ServerConnection,
+        profile: Profile,
+        username: str,
+        server_url: str,
+        challenge: frames.Challenge,
+    ) -> Client:
+        identity = AccountIdentity.generate()
+        device = OlmDevice.create()
+        created = now_ms()
+        cert = DeviceCertificate.issue(
+            identity,
+            username=username,
+            ed25519=device.ed25519,
+            curve25519=device.curve25519,
+            created_at=created,
+        )
+        otks = device.new_one_time_keys(ONE_TIME_KEY_TARGET)
+        fallback = device.new_fallback_key()
+        if conn.fingerprint is None:
+            raise UntrustedServerError("the server presented no certificate")
+        account = AccountInfo(
+            username=username,
+            server_url=server_url,
+            fingerprint=conn.fingerprint,
+            server_name=challenge.server_name,
+            device_id=device.device_id,
+            created_at=created,
+        )
+        with profile.transaction():
+            profile.put("account", account)
+            profile.put("identity", identity.private_bytes())
+            profile.put("device", device.pickle(profile.pickle_key))
+            profile.put(
+                "contact:" + username,
+                ContactRecord(user=username, identity_key=identity.public_bytes, trust="self"),
+            )
+        req = conn.next_req()
+        await conn.request(
+            frames.Register(
+                req=req,
+                username=username,
+                identity_key=identity.public_bytes,
+                device=frames.DeviceKeys(
+                    device_id=device.device_id,
+                    ed25519=device.ed25519,
+                    curve25519=device.curve25519,
+                    created_at=created,
+                    certificate=cert.signature,
+                ),
+                signature=device.sign(
+                    register_message(
+                        challenge.server_name, challenge.nonce, username, device.device_id
+                    )
+                ),
+                one_time_keys=[frames.SignedKey(key=k.key, signature=k.signature) for k in otks],
+                fallback_key=frames.SignedKey(key=fallback.key, signature=fallback.signature),
+                receive=False,
+            ),
+            req,
+        )
+        return cls(profile, account)
+
+    # --- connection ---------------------------------------------------------------------------
+
+    async def connect(self, *, receive: bool = True) -> None:
+        """Connect and sign in; with ``receive`` the server starts delivering the queue."""
+        conn = await ServerConnection.open(self.account.server_url, pin=self.account.fingerprint)
+        try:
+            challenge = conn.challenge
+            if challenge.server_name != self.account.server_name:
+                raise UntrustedServerError(
+                    f"the server calls itself {challenge.server_name!r}, not "
+                    f"{self.account.server_name!r}; refusing to sign in"
+                )
+            device = self._device()
+            req = conn.next_req()
+            reply = await conn.request(
+                frames.SignIn(
+                    req=req,
+                    username=self.account.username,
+                    device_id=self.account.device_id,
+                    signature=device.sign(
+                        signin_message(
+                            challenge.server_name,
+                            challenge.nonce,
+                            self.account.username,
+                            self.account.device_id,
+                        )
+                    ),
+                    receive=receive,
+                ),
+                req,
+            )
+        except BaseException:
+            await conn.aclose()
+            raise
+        self.conn = conn
+        if isinstance(reply, frames.SignedIn) and reply.one_time_keys < ONE_TIME_KEY_LOW:
+            await self.top_up_keys(reply.one_time_keys)
+        await self.flush_outbox()
+
+    async def close(self) -> None:
+        """Disconnect (if connected) and close the profile."""
+        if self.conn is not None:
+            await self.conn.aclose()
+            self.conn = None
+        self.profile.close()
+
+    def _connection(self) -> ServerConnection:
+        if self.conn is None:
+            raise ServerRefusedError("disconnected", "not connected to the server")
+        return self.conn
+
+    def _device(self) -> OlmDevice:
+        pickle = self.profile.get("device", str)
+        if pickle is None:
+            raise ProfileError("the profile holds no device keys")
+        return OlmDevice.from_pickle(pickle, self.profile.pickle_key)
+
+    async def top_up_keys(self, current: int) -> None:
+        """Publish fresh one-time keys so the stock is back at its target."""
+        count = ONE_TIME_KEY_TARGET - current
+        if count <= 0:
+            return
+        with self.profile.transaction():
+            device = self._device()
+            keys = device.new_one_time_keys(count)
+            self.profile.put("device", device.pickle(self.profile.pickle_key))
+        conn = self._connection()
+        req = conn.next_req()
+        await conn.request(
+            frames.UploadKeys(
+                req=req,
+                one_time_keys=[frames.SignedKey(key=k.key, signature=k.signature) for k in keys],
+            ),
+            req,
+        )
+
+    # --- key directory ------------------------------------------------------------------------
+
+    def contact(self, user: str) -> ContactRecord | None:
+        """The pinned record of a user, if any."""
+        return self.profile.get("contact:" + user, ContactRecord)
+
+    async def devices_of(self, user: str) -> list[DeviceEntry]:
+        """A user's devices whose certificates verify under the pinned account key.
+
+        Pins the account key on first sight. Raises :class:`KeyChangedError`
+        when the server shows a different key than the pinned one.
+        """
+        conn = self._connection()
+        req = conn.next_req()
+        reply = await conn.request(frames.QueryKeys(req=req, user=user), req)
+        if not isinstance(reply, frames.KeysResult) or reply.user != user:
+            raise RejectedMessageError("the server answered a key query for someone else")
+        pinned = self.contact(user)
+        if pinned is not None and pinned.identity_key != reply.identity_key:
+            if user != self.account.username:
+                with self.profile.transaction():
+                    self.profile.put(
+                        "contact:" + user,
+                        msgspec.structs.replace(
+                            pinned, trust="changed", pending_key=reply.identity_key
+                        ),
+                    )
+            raise KeyChangedError(user)
+        devices = []
+        for d in reply.devices:
+            try:
+                DeviceCertificate(
+                    username=user,
+                    device_id=d.device_id,
+                    ed25519=d.ed25519,
+                    curve25519=d.curve25519,
+                    created_at=d.created_at,
+                    signature=d.certificate,
+                ).verify(reply.identity_key)
+            except AuthenticationError:
+                continue  # not certified by the account key: never encrypt to it
+            devices.append(
+                DeviceEntry(
+                    device_id=d.device_id,
+                    ed25519=d.ed25519,
+                    curve25519=d.curve25519,
+                    created_at=d.created_at,
+                )
+            )
+        record = (
+            ContactRecord(user=user, identity_key=reply.identity_key, devices=devices)
+            if pinned is None
+            else msgspec.structs.replace(pinned, devices=devices)
+        )
+        with self.profile.transaction():
+            self.profile.put("contact:" + user, record)
+        return devices
+
+    async def _claim_sessions(self, user: str, devices: list[DeviceEntry]) -> None:
+        """Start Olm sessions with those of ``devices`` we have none with yet."""
+        missing = [d for d in devices if not self.profile.sessions(d.curve25519)]
+        if not missing:
+            return
+        conn = self._connection()
+        req = conn.next_req()
+        reply = await conn.request(frames.ClaimKeys(req=req, user=user), req)
+        if not isinstance(reply, frames.ClaimResult) or reply.user != user:
+            raise RejectedMessageError("the server answered a key claim for someone else")
+        by_id = {d.device_id: d for d in missing}
+        with self.profile.transaction():
+            device = self._device()
+            for claimed in reply.keys:
+                target = by_id.get(claimed.device_id)
+                if target is None or self.profile.sessions(target.curve25519):
+                    continue
+                verify_published_key(
+                    target.ed25519,
+                    target.device_id,
+                    claimed.key,
+                    claimed.signature,
+                    fallback=claimed.fallback,
+                )
+                session = device.outbound_session(target.curve25519, claimed.key)
+                self.profile.save_session(
+                    target.curve25519,
+                    session.session_id,
+                    session.pickle(self.profile.pickle_key),
+                    now_ms(),
+                )
+
+    # --- sending ------------------------------------------------------------------------------
+
+    async def send_text(self, to: str, text: str) -> HistoryRecord:
+        """Encrypt ``text`` to every device of ``to`` (and our other devices) and send it.
+
+        Returns once the server has stored it durably. Raises ValueError for bad
+        input, KeyChangedError if ``to``'s account key changed, ServerRefusedError.
+        """
+        check_username(to)
+        if to == self.account.username:
+            raise ValueError("you cannot send a message to yourself")
+        if not text:
+            raise ValueError("the message is empty")
+        if len(text) > 16_000:
+            raise ValueError("the message is longer than 16,000 characters")
+        contact = self.contact(to)
+        if contact is not None and contact.trust == "changed":
+            raise KeyChangedError(to)
+        message_id = secrets.token_bytes(16)
+        for attempt in range(2):
+            theirs = await self.devices_of(to)
+            if not theirs:
+                raise ServerRefusedError("no_devices", f"{to} has no usable device")
+            mine = [
+                d
+                for d in await self.devices_of(self.account.username)
+                if d.device_id != self.account.device_id
+            ]
+            await self._claim_sessions(to, theirs)
+            await self._claim_sessions(self.account.username, mine)
+            frame, record = self._encrypt(
+                message_id,
+                to,
+                text,
+                [(to, d) for d in theirs] + [(self.account.username, d) for d in mine],
+            )
+            conn = self._connection()
+            req = conn.next_req()
+            try:
+                reply = await conn.request(msgspec.structs.replace(frame, req=req), req)
+            except ServerRefusedError as exc:
+                if exc.code == "device_mismatch" and attempt == 0:
+                    continue
+                raise
+            return self._mark_sent(record, reply)
+        raise ServerRefusedError("device_mismatch", "the recipient's devices keep changing")
+
+    def _encrypt(
+        self,
+        message_id: bytes,
+        to: str,
+        text: str,
+        targets: list[tuple[str, DeviceEntry]],
+    ) -> tuple[frames.Send, HistoryRecord]:
+        me = self.account.username
+        sent_at = now_ms()
+        conversation = direct_conversation(me, to)
+        ciphertexts = []
+        with self.profile.transaction():
+            device = self._device()
+            for user, target in targets:
+                sessions = self.profile.sessions(target.curve25519)
+                if not sessions:
+                    raise ServerRefusedError(
+                        "no_session", f"could not start a session with {user}'s device"
+                    )
+                session = OlmSession.from_pickle(sessions[0][1], self.profile.pickle_key)
+                plaintext = seal(
+                    Payload(
+                        kind="text",
+                        sender=me,
+                        sender_device=self.account.device_id,
+                        recipient=to,
+                        to=user,
+                        to_device=target.device_id,
+                        conversation=conversation,
+                        message_id=message_id,
+                        sent_at=sent_at,
+                        body=text,
+                    ),
+                    device.sign,
+                )
+                kind, body = session.encrypt(plaintext)
+                self.profile.save_session(
+                    target.curve25519,
+                    session.session_id,
+                    session.pickle(self.profile.pickle_key),
+                    now_ms(),
+                )
+                ciphertexts.append(
+                    frames.DeviceCiphertext(
+                        user=user, device_id=target.device_id, kind=kind, body=body
+                    )
+                )
+            frame = frames.Send(req=0, client_msg_id=message_id, to=to, ciphertexts=ciphertexts)
+            record = HistoryRecord(
+                id=message_id,
+                sender=me,
+                device=self.account.device_id,
+                peer=to,
+                conversation=conversation,
+                text=text,
+                sent_at=sent_at,
+                server_ts=0,
+                direction="out",
+                state="pending",
+            )
+            if not self.profile.add_message(conversation, message_id, record):
+                self.profile.update_message(message_id, record)
+            self.profile.queue_outgoing(message_id, frames.encode(frame))
+        return frame, record
+
+    def _mark_sent(self, record: HistoryRecord, reply: frames.ServerFrame) -> HistoryRecord:
+        server_ts = reply.server_ts if isinstance(reply, frames.Sent) else now_ms()
+        sent = msgspec.structs.replace(record, state="sent", server_ts=server_ts)
+        with self.profile.transaction():
+            self.profile.update_message(record.id, sent)
+            self.profile.sent(record.id)
+        return sent
+
+    async def flush_outbox(self) -> None:
+        """Resend messages that were encrypted but not acknowledged (same id: stored once)."""
+        conn = self._connection()
+        for raw in self.profile.outgoing():
+            frame = msgspec.msgpack.decode(raw, type=frames.Send)
+            req = conn.next_req()
+            reply = await conn.request(msgspec.structs.replace(frame, req=req), req)
+            records = [
+                r
+                for r in self.profile.history(
+                    direct_conversation(self.account.username, frame.to), HistoryRecord
+                )
+                if r.id == frame.client_msg_id
+            ]
+            if records:
+                self._mark_sent(records[0], reply)
+            else:
+                with self.profile.transaction():
+                    self.profile.sent(frame.client_msg_id)
+
+    # --- receiving ----------------------------------------------------------------------------
+
+    async def receive(self, *, until_synced: bool = False) -> AsyncIterator[Event]:
+        """Yield events as envelopes arrive, acknowledging each after it is stored.
+
+        With ``until_synced`` it stops once everything queued at sign-in was
+        handled; otherwise it runs until the connection closes.
+        """
+        conn = self._connection()
+        while True:
+            item = await conn.incoming.get()
+            if isinstance(item, _Closed):
+                if until_synced:
+                    raise ServerRefusedError("disconnected", item.reason)
+                return
+            if isinstance(item, frames.Synced):
+                if until_synced:
+                    return
+                continue
+            if isinstance(item, frames.KeysLow):
+                await self.top_up_keys(item.one_time_keys)
+                continue
+            event = await self.process(item)
+            conn.send(frames.Ack(seqs=[item.seq]))
+            if event is not None:
+                yield event
+
+    async def process(self, deliver: frames.Deliver) -> Event | None:
+        """Decrypt and check one envelope; store it if it passes. None for a duplicate."""
+        if self.profile.seen("env", str(deliver.seq)):
+            return None
+        try:
+            sender_device = await self._sender_device(deliver.sender, deliver.sender_device)
+            with self.profile.transaction():
+                return self._accept(deliver, sender_device)
+        except (RejectedMessageError, AuthenticationError, KeyChangedError) as exc:
+            reason = exc.reason if isinstance(exc, RejectedMessageError) else str(exc)
+            with self.profile.transaction():
+                self.profile.mark_seen("env", str(deliver.seq))
+                stats = self.profile.get("stats", Stats) or Stats()
+                self.profile.put("stats", Stats(rejected=stats.rejected + 1))
+            return WarningEvent(
+                reason=reason,
+                sender=deliver.sender,
+                device=deliver.sender_device,
+                at=deliver.server_ts,
+            )
+
+    async def _sender_device(self, user: str, device_id: str) -> DeviceEntry:
+        contact = self.contact(user)
+        if contact is not None and contact.trust == "changed":
+            raise KeyChangedError(user)
+        known = {d.device_id: d for d in contact.devices} if contact is not None else {}
+        if device_id not in known:
+            try:
+                known = {d.device_id: d for d in await self.devices_of(user)}
+            except ServerRefusedError:
+                raise RejectedMessageError("sender is unknown to the server") from None
+        if device_id not in known:
+            raise RejectedMessageError("sender device has no valid certificate")
+        return known[device_id]
+
+    def _accept(self, deliver: frames.Deliver, sender: DeviceEntry) -> Event:
+        device = self._device()
+        account_changed = False
+        plaintext: bytes | None = None
+        session: OlmSession | None = None
+        for _sid, pickle in self.profile.sessions(sender.curve25519):
+            candidate = OlmSession.from_pickle(pickle, self.profile.pickle_key)
+            if deliver.kind == PRE_KEY and not candidate.matches(deliver.body):
+                continue
+            try:
+                plaintext = candidate.decrypt(deliver.kind, deliver.body)
+            except AuthenticationError:
+                continue
+            session = candidate
+            break
+        if session is None and deliver.kind == PRE_KEY:
+            session, plaintext = device.inbound_session(sender.curve25519, deliver.body)
+            account_changed = True
+        if session is None or plaintext is None:
+            raise RejectedMessageError("message could not be decrypted")
+        me = self.account.username
+        payload = open_signed(
+            plaintext,
+            sender=deliver.sender,
+            sender_device=deliver.sender_device,
+            sender_ed25519=sender.ed25519,
+            me=me,
+            my_device=self.account.device_id,
+        )
+        replay_key = payload.sender + "\0" + payload.message_id.hex()
+        if self.profile.seen("msg", replay_key):
+            raise RejectedMessageError("replayed message")
+        outgoing = payload.sender == me
+        peer = payload.recipient if outgoing else payload.sender
+        record = HistoryRecord(
+            id=payload.message_id,
+            sender=payload.sender,
+            device=payload.sender_device,
+            peer=peer,
+            conversation=payload.conversation,
+            text=payload.body,
+            sent_at=payload.sent_at,
+            server_ts=deliver.server_ts,
+            direction="out" if outgoing else "in",
+            state="sent" if outgoing else "received",
+        )
+        self.profile.save_session(
+            sender.curve25519, session.session_id, session.pickle(self.profile.pickle_key), now_ms()
+        )
+        if account_changed:
+            self.profile.put("device", device.pickle(self.profile.pickle_key))
+        self.profile.mark_seen("env", str(deliver.seq))
+        self.profile.mark_seen("msg", replay_key)
+        self.profile.add_message(payload.conversation, payload.message_id, record)
+        contact = self.contact(peer)
+        return MessageEvent(
+            record=record, verified=contact is not None and contact.trust == "verified"
+        )
+
+    # --- local queries ------------------------------------------------------------------------
+
+    def history(self, peer: str, *, limit: int = 1000) -> list[HistoryRecord]:
+        """The conversation with ``peer`` from the local encrypted store, oldest first."""
+        check_username(peer)
+        return self.profile.history(
+            direct_conversation(self.account.username, peer), HistoryRecord, limit=limit
+        )
+
+    def stats(self) -> Stats:
+        """Counters (messages rejected so far)."""
+        return self.profile.get("stats", Stats) or Stats()

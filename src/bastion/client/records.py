@@ -1,0 +1,56 @@
+"""What a profile stores, as typed records (sealed at rest by :mod:`bastion.client.profile`)."""
+
+from __future__ import annotations
+
+import msgspec
+
+
+class AccountInfo(msgspec.Struct, frozen=True, kw_only=True):
+    """This device's account, server and pins."""
+
+    username: str
+    server_url: str
+    fingerprint: str
+    server_name: str
+    device_id: str
+    created_at: int
+
+
+class DeviceEntry(msgspec.Struct, frozen=True, kw_only=True):
+    """A contact's device whose certificate checked out under the pinned account key."""
+
+    device_id: str
+    ed25519: bytes
+    curve25519: bytes
+    created_at: int
+
+
+class ContactRecord(msgspec.Struct, frozen=True, kw_only=True):
+    """A pinned account key (trust on first use until verified) and known devices."""
+
+    user: str
+    identity_key: bytes
+    trust: str = "unverified"  # unverified | verified | changed
+    devices: list[DeviceEntry] = msgspec.field(default_factory=list)
+    pending_key: bytes | None = None
+
+
+class HistoryRecord(msgspec.Struct, frozen=True, kw_only=True):
+    """One message in the local history."""
+
+    id: bytes
+    sender: str
+    device: str
+    peer: str
+    conversation: str
+    text: str
+    sent_at: int
+    server_ts: int
+    direction: str  # in | out
+    state: str  # pending | sent | received
+
+
+class Stats(msgspec.Struct, frozen=True, kw_only=True):
+    """Counters kept with the profile."""
+
+    rejected: int = 0

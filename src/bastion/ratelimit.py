@@ -1,0 +1,309 @@
+"""Token buckets and failure back-off, with bounded memory and no clock inside.
+
+Every call takes ``now``: seconds on a monotonic clock (``time.monotonic()`` in
+the server, a plain number in tests). A ``now`` earlier than one seen before is
+treated as "no time has passed", so a clock that steps back never refills a bucket.
+
+Memory is bounded by ``max_keys``. Entries are kept in least-recently-used order
+and only the oldest end is ever looked at, so no call scans the table:
+
+- :class:`RateLimiter` drops full buckets (a full bucket is the same as an absent
+  one, so dropping it never lets anyone through early). When the table is full and
+  its oldest bucket is still refilling, a *new* key is refused until that bucket is
+  full: under a flood of more than ``max_keys`` distinct keys per refill period the
+  limiter fails closed instead of forgetting a key that is being limited.
+- :class:`FailureBackoff` forgets a key only once its block has ended (which at
+  worst shortens that key's *next* delay, never a current one); when every tracked
+  key is still blocked, a new key is blocked too, for the same reason.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from collections.abc import Hashable
+from typing import Generic, TypeVar
+
+from bastion.errors import ConfigError
+
+K = TypeVar("K", bound=Hashable)
+
+DEFAULT_MAX_KEYS = 100_000
+_HOUSEKEEPING_PER_CALL = 2
+
+
+def _check_positive(name: str, value: float) -> None:
+    if not (math.isfinite(value) and value > 0):
+        raise ConfigError(f"{name} must be a positive finite number")
+
+
+def _check_now(now: float) -> None:
+    if not math.isfinite(now):
+        raise ConfigError("now must be a finite number of seconds")
+
+
+def _check_max_keys(max_keys: int) -> None:
+    if isinstance(max_keys, bool) or not isinstance(max_keys, int) or max_keys < 1:
+        raise ConfigError("max_keys must be a positive integer")
+
+
+class TokenBucket:
+    """One token bucket: ``burst`` tokens at most, refilled at ``rate`` tokens per second.
+
+    It starts full. Raises :class:`ConfigError` for a non-positive or non-finite
+    ``rate`` or ``burst``.
+    """
+
+    __slots__ = ("_tokens", "_updated", "burst", "rate")
+
+    def __init__(self, rate: float, burst: float) -> None:
+        _check_positive("rate", rate)
+        _check_positive("burst", burst)
+        self.rate = float(rate)
+        self.burst = float(burst)
+        self._tokens = self.burst
+        self._updated: float | None = None
+
+    def _refill(self, now: float) -> None:
+        _check_now(now)
+        if self._updated is None:
+            self._updated = now
+            return
+        if now > self._updated:
+            gained = (now - self._updated) * self.rate
+            self._tokens = min(self.burst, self._tokens + gained)
+            self._updated = now
+
+    def tokens(self, now: float) -> float:
+        """The tokens available at ``now``."""
+        self._refill(now)
+        return self._tokens
+
+    def allow(self, now: float, cost: float = 1.0) -> bool:
+        """Take ``cost`` tokens if there are enough and return True; else take none, return False.
+
+        Raises :class:`ConfigError` for a non-positive or non-finite ``cost`` or ``now``.
+        """
+        _check_positive("cost", cost)
+        self._refill(now)
+        if self._tokens >= cost:
+            self._tokens -= cost
+            return True
+        return False
+
+    def retry_after(self, now: float, cost: float = 1.0) -> float:
+        """Seconds until ``cost`` tokens are available (0 if now; ``inf`` if cost > burst).
+
+        Raises :class:`ConfigError` for a non-positive or non-finite ``cost`` or ``now``.
+        """
+        _check_positive("cost", cost)
+        if cost > self.burst:
+            return math.inf
+        self._refill(now)
+        return max(0.0, (cost - self._tokens) / self.rate)
+
+    def is_full(self, now: float) -> bool:
+        """True when the bucket holds ``burst`` tokens at ``now`` (it then equals a new one)."""
+        return self.tokens(now) >= self.burst
+
+    def __repr__(self) -> str:
+        return f"TokenBucket(rate={self.rate}, burst={self.burst}, tokens={self._tokens:.3f})"
+
+
+class RateLimiter(Generic[K]):
+    """Token buckets keyed by device id, address, ``(requester, target)``...
+
+    Every key gets its own bucket of ``burst`` tokens refilled at ``rate`` per
+    second. At most ``max_keys`` buckets are held; see the module docstring for
+    what happens when that many keys are active at once. Raises
+    :class:`ConfigError` for invalid limits.
+    """
+
+    def __init__(self, rate: float, burst: float, *, max_keys: int = DEFAULT_MAX_KEYS) -> None:
+        _check_positive("rate", rate)
+        _check_positive("burst", burst)
+        _check_max_keys(max_keys)
+        self.rate = float(rate)
+        self.burst = float(burst)
+        self.max_keys = max_keys
+        self._buckets: OrderedDict[K, TokenBucket] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._buckets)
+
+    def allow(self, key: K, now: float, cost: float = 1.0) -> bool:
+        """Take ``cost`` tokens from ``key``'s bucket; False means the request is over the limit.
+
+        Also False for a new key while the table is full of buckets that are still
+        refilling (fail closed). Raises :class:`ConfigError` for a bad ``cost`` or ``now``.
+        """
+        _check_positive("cost", cost)
+        _check_now(now)
+        self._housekeep(now)
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            if cost > self.burst or not self._make_room(now):
+                return False
+            bucket = TokenBucket(self.rate, self.burst)
+            self._buckets[key] = bucket
+        else:
+            self._buckets.move_to_end(key)
+        return bucket.allow(now, cost)
+
+    def retry_after(self, key: K, now: float, cost: float = 1.0) -> float:
+        """Seconds until ``allow(key, ..., cost)`` can succeed (0 if it can now; ``inf`` never).
+
+        Does not take tokens. Raises :class:`ConfigError` for a bad ``cost`` or ``now``.
+        """
+        _check_positive("cost", cost)
+        _check_now(now)
+        if cost > self.burst:
+            return math.inf
+        bucket = self._buckets.get(key)
+        if bucket is not None:
+            return bucket.retry_after(now, cost)
+        if len(self._buckets) < self.max_keys:
+            return 0.0
+        oldest = next(iter(self._buckets.values()))
+        return oldest.retry_after(now, oldest.burst)
+
+    def _housekeep(self, now: float) -> None:
+        """Drop up to a fixed number of full buckets from the least-recently-used end."""
+        for _ in range(_HOUSEKEEPING_PER_CALL):
+            if not self._buckets:
+                return
+            key, bucket = next(iter(self._buckets.items()))
+            if not bucket.is_full(now):
+                return
+            del self._buckets[key]
+
+    def _make_room(self, now: float) -> bool:
+        """Make room for one more key; False if only still-limited keys could be dropped."""
+        if len(self._buckets) < self.max_keys:
+            return True
+        key, bucket = next(iter(self._buckets.items()))
+        if not bucket.is_full(now):
+            return False
+        del self._buckets[key]
+        return True
+
+
+class _FailureState:
+    __slots__ = ("blocked_until", "last_failure", "level")
+
+    def __init__(self, level: int, last_failure: float, blocked_until: float) -> None:
+        self.level = level
+        self.last_failure = last_failure
+        self.blocked_until = blocked_until
+
+
+class FailureBackoff(Generic[K]):
+    """Exponential slow-down after repeated failures (sign-in attempts per address or account).
+
+    After the n-th failure in a row the key is blocked for
+    ``min(base_delay * 2 ** (n - 1), max_delay)`` seconds from that failure. Each
+    ``quiet_period`` without a failure lowers n by one (halving the next delay);
+    a success forgets the key. At most ``max_keys`` keys are held (see the module
+    docstring). Raises :class:`ConfigError` for invalid limits.
+
+    A success resets the key it is recorded for. For a key shared by several
+    users, such as an address, an attacker who owns one valid account could sign
+    in with it to reset the address; record successes on account keys only and
+    let address keys decay.
+    """
+
+    def __init__(
+        self,
+        *,
+        base_delay: float = 1.0,
+        max_delay: float = 300.0,
+        quiet_period: float = 900.0,
+        max_keys: int = DEFAULT_MAX_KEYS,
+    ) -> None:
+        _check_positive("base_delay", base_delay)
+        _check_positive("max_delay", max_delay)
+        _check_positive("quiet_period", quiet_period)
+        _check_max_keys(max_keys)
+        if max_delay < base_delay:
+            raise ConfigError("max_delay must not be below base_delay")
+        self.base_delay = float(base_delay)
+        self.max_delay = float(max_delay)
+        self.quiet_period = float(quiet_period)
+        self.max_keys = max_keys
+        # Doubling past this level only reaches max_delay again.
+        self._max_level = 1 + math.ceil(math.log2(self.max_delay / self.base_delay))
+        self._states: OrderedDict[K, _FailureState] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._states)
+
+    def delay_for_level(self, level: int) -> float:
+        """The block, in seconds, that follows the ``level``-th failure in a row."""
+        if level <= 0:
+            return 0.0
+        return min(self.base_delay * 2.0 ** (min(level, self._max_level) - 1), self.max_delay)
+
+    def _decayed_level(self, state: _FailureState, now: float) -> int:
+        quiet = max(0.0, now - state.last_failure)
+        return max(0, state.level - int(quiet // self.quiet_period))
+
+    def record_failure(self, key: K, now: float) -> None:
+        """Count a failure for ``key`` at ``now`` and block it for the next delay.
+
+        When the table is full of keys that are still blocked, the failure cannot
+        be stored; :meth:`blocked_for` then blocks that key anyway (fail closed).
+        Raises :class:`ConfigError` for a bad ``now``.
+        """
+        _check_now(now)
+        self._housekeep(now)
+        state = self._states.get(key)
+        if state is None:
+            if not self._make_room(now):
+                return
+            level = 1
+        else:
+            level = min(self._decayed_level(state, now) + 1, self._max_level)
+            now = max(now, state.last_failure)
+        until = now + self.delay_for_level(level)
+        if state is not None:
+            until = max(until, state.blocked_until)
+        self._states[key] = _FailureState(level, now, until)
+        self._states.move_to_end(key)
+
+    def record_success(self, key: K) -> None:
+        """Forget ``key``'s failures (see the class docstring for shared keys)."""
+        self._states.pop(key, None)
+
+    def blocked_for(self, key: K, now: float) -> float:
+        """Seconds ``key`` must still wait before its next attempt (0.0 when allowed).
+
+        Raises :class:`ConfigError` for a bad ``now``.
+        """
+        _check_now(now)
+        state = self._states.get(key)
+        if state is not None:
+            return max(0.0, state.blocked_until - now)
+        if len(self._states) < self.max_keys:
+            return 0.0
+        oldest = next(iter(self._states.values()))
+        return max(0.0, oldest.blocked_until - now)
+
+    def _housekeep(self, now: float) -> None:
+        """Drop up to a fixed number of fully decayed keys from the oldest end."""
+        for _ in range(_HOUSEKEEPING_PER_CALL):
+            if not self._states:
+                return
+            key, state = next(iter(self._states.items()))
+            if state.blocked_until > now or self._decayed_level(state, now) > 0:
+                return
+            del self._states[key]
+
+    def _make_room(self, now: float) -> bool:
+        """Make room for one more key; False if the oldest key is still blocked."""
+        if len(self._states) < self.max_keys:
+            return True
+        key, state = next(iter(self._states.items()))
+        if state.blocked_until > now:
+            return False
+        del self._states[key]
+        return True

@@ -1,0 +1,1 @@
+"""The Bastion relay server."""

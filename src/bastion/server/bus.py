@@ -1,0 +1,76 @@
+"""The message bus: how a stored envelope reaches the connection of its device.
+
+In-process by default. A clustered deployment puts a bus between nodes with
+the same interface, so the relay core never knows where a device is connected.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from bastion.server.store import QueuedEnvelope
+
+
+@dataclass(frozen=True, slots=True)
+class KeysLow:
+    """The device's one-time key stock fell below the threshold."""
+
+    count: int
+
+
+@dataclass(frozen=True, slots=True)
+class Kick:
+    """Close the device's connection (signed in elsewhere, revoked, disabled)."""
+
+    reason: str
+
+
+BusEvent = QueuedEnvelope | KeysLow | Kick
+Subscriber = Callable[[BusEvent], None]
+
+
+class Bus(Protocol):
+    """Routes events to whichever connection holds a device."""
+
+    def subscribe(self, user: str, device_id: str, subscriber: Subscriber) -> None:
+        """Receive the device's events; replaces an earlier subscriber of that device."""
+        ...
+
+    def unsubscribe(self, user: str, device_id: str, subscriber: Subscriber) -> None:
+        """Stop receiving (no effect if ``subscriber`` was replaced meanwhile)."""
+        ...
+
+    def publish(self, user: str, device_id: str, event: BusEvent) -> None:
+        """Hand an event to the device's subscriber, if it is connected anywhere."""
+        ...
+
+
+class LocalBus:
+    """The in-process bus of a single server node."""
+
+    def __init__(self) -> None:
+        self._subscribers: dict[tuple[str, str], Subscriber] = {}
+
+    def subscribe(self, user: str, device_id: str, subscriber: Subscriber) -> None:
+        """Receive the device's events; the earlier subscriber is told to close."""
+        previous = self._subscribers.get((user, device_id))
+        self._subscribers[(user, device_id)] = subscriber
+        if previous is not None and previous is not subscriber:
+            previous(Kick("signed in on another connection"))
+
+    def unsubscribe(self, user: str, device_id: str, subscriber: Subscriber) -> None:
+        """Stop receiving, unless another connection took over meanwhile."""
+        if self._subscribers.get((user, device_id)) is subscriber:
+            del self._subscribers[(user, device_id)]
+
+    def publish(self, user: str, device_id: str, event: BusEvent) -> None:
+        """Call the subscriber of that device synchronously, if any."""
+        subscriber = self._subscribers.get((user, device_id))
+        if subscriber is not None:
+            subscriber(event)
+
+    def connected(self) -> int:
+        """How many devices are subscribed."""
+        return len(self._subscribers)

@@ -1,0 +1,544 @@
+"""The relay: authenticated WebSocket connections over TLS, and routing between them.
+
+Each connection holds a sans-I/O :class:`~bastion.protocol.auth.ServerSession`.
+The sender of a message is always the connection's authenticated device, never
+a field of a frame. Delivery is cursor-based: a device receives its queue in
+order, live envelopes are pushed as they are stored, and at most
+``delivery_window`` envelopes are unacknowledged at a time (the rest wait in
+the store, not in memory).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from collections.abc import Awaitable, Coroutine
+from typing import Any
+
+from picows import (
+    WSCloseCode,
+    WSFrame,
+    WSListener,
+    WSMsgType,
+    WSTransport,
+    WSUpgradeRequest,
+    ws_create_server,
+)
+
+from bastion.crypto.device import DeviceCertificate, verify_published_key
+from bastion.crypto.signing import verify_ed25519
+from bastion.errors import AuthenticationError, BastionError, ProtocolError
+from bastion.protocol import frames
+from bastion.protocol.auth import ServerSession, register_message
+from bastion.server.bus import Bus, BusEvent, KeysLow, Kick
+from bastion.server.config import ServerConfig
+from bastion.server.store import (
+    AccountRecord,
+    Copy,
+    DeviceMismatchError,
+    DeviceRecord,
+    KeyRecord,
+    QueuedEnvelope,
+    Store,
+    UnknownRecipientError,
+    UsernameTakenError,
+)
+from bastion.server.tls import server_context
+
+log = logging.getLogger("bastion.server")
+
+_FETCH_PAGE = 256
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class RelayServer:
+    """The relay: accepts connections, authenticates devices, stores and routes ciphertext."""
+
+    def __init__(self, config: ServerConfig, store: Store, bus: Bus) -> None:
+        self.config = config
+        self.limits = config.limits
+        self.store = store
+        self.bus = bus
+        self.connections: set[ClientConnection] = set()
+        self._server: asyncio.Server | None = None
+        self._claims: dict[str, tuple[float, float]] = {}
+
+    async def start(self) -> int:
+        """Listen; returns the bound port."""
+        self._server = await ws_create_server(
+            self._accept,
+            self.config.host,
+            self.config.port,
+            ssl=server_context(self.config.data_dir),
+            max_frame_size=self.limits.max_frame_bytes,
+            enable_auto_ping=True,
+            auto_ping_idle_timeout=self.limits.heartbeat_idle_s,
+            auto_ping_reply_timeout=self.limits.heartbeat_reply_s,
+            websocket_handshake_timeout=10,
+            logger_name="server",
+        )
+        sockets = self._server.sockets
+        return int(sockets[0].getsockname()[1]) if sockets else self.config.port
+
+    def _accept(self, request: WSUpgradeRequest) -> ClientConnection:
+        return ClientConnection(self)
+
+    async def stop(self) -> None:
+        """Stop accepting, close every connection, then let the store finish."""
+        if self._server is not None:
+            self._server.close()
+        for conn in list(self.connections):
+            conn.close(WSCloseCode.GOING_AWAY, "server shutting down")
+        if self._server is not None:
+            await self._server.wait_closed()
+        await self.store.close()
+
+    def allow_claim(self, requester: str, now: float) -> bool:
+        """Token bucket on key claims per requesting account."""
+        rate = self.limits.key_claims_per_minute / 60.0
+        burst = float(self.limits.key_claims_burst)
+        tokens, last = self._claims.get(requester, (burst, now))
+        tokens = min(burst, tokens + (now - last) * rate)
+        if tokens < 1.0:
+            self._claims[requester] = (tokens, now)
+            return False
+        self._claims[requester] = (tokens - 1.0, now)
+        return True
+
+
+class ClientConnection(WSListener):
+    """One client's WebSocket connection; holds the sans-I/O session state."""
+
+    def __init__(self, server: RelayServer) -> None:
+        super().__init__()
+        self.server = server
+        self.limits = server.limits
+        self.session = ServerSession(
+            server_name=server.config.server_name,
+            challenge_ttl=self.limits.challenge_ttl_s,
+            max_attempts=self.limits.signin_attempts_per_connection,
+        )
+        self.transport: WSTransport | None = None
+        self.bad_frames = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._closed = False
+        self._paused_reading = False
+        self._signin_timer: asyncio.TimerHandle | None = None
+        self._slow_timer: asyncio.TimerHandle | None = None
+        # delivery state
+        self._cursor = 0
+        self._unacked: set[int] = set()
+        self._catching_up = False
+        self._dirty = False
+        self._synced = False
+        self._receiving = False
+
+    # --- picows callbacks -------------------------------------------------------------------
+
+    def on_ws_connected(self, transport: WSTransport) -> None:
+        self.transport = transport
+        self.server.connections.add(self)
+        loop = asyncio.get_running_loop()
+        self._signin_timer = loop.call_later(
+            self.limits.signin_timeout_s,
+            self.close,
+            WSCloseCode.POLICY_VIOLATION,
+            "sign-in timeout",
+        )
+        self._send(self.session.challenge(time.monotonic(), secrets.token_bytes(32)))
+
+    def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
+        if frame.msg_type is WSMsgType.CLOSE:
+            transport.send_close(frame.get_close_code())
+            transport.disconnect()
+            return
+        if frame.msg_type is not WSMsgType.BINARY or not frame.fin:
+            self._refuse(None, frames_error("bad_frame", "only whole binary frames are accepted"))
+            return
+        self._dispatch(frame.get_payload_as_bytes())
+
+    def on_ws_disconnected(self, transport: WSTransport) -> None:
+        self._closed = True
+        self.server.connections.discard(self)
+        for timer in (self._signin_timer, self._slow_timer):
+            if timer is not None:
+                timer.cancel()
+        if self._receiving and self.session.username and self.session.device_id:
+            self.server.bus.unsubscribe(
+                self.session.username, self.session.device_id, self._on_bus_event
+            )
+        # Running requests are left to finish (an acknowledgement already read must still be
+        # stored); their replies go nowhere because the connection is closed.
+
+    def pause_writing(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self._slow_timer is None:
+            self._slow_timer = loop.call_later(
+                self.limits.slow_reader_grace_s,
+                self.close,
+                WSCloseCode.POLICY_VIOLATION,
+                "not reading",
+            )
+
+    def resume_writing(self) -> None:
+        if self._slow_timer is not None:
+            self._slow_timer.cancel()
+            self._slow_timer = None
+
+    # --- plumbing -----------------------------------------------------------------------------
+
+    def close(self, code: WSCloseCode, reason: str) -> None:
+        """Close the connection with a WebSocket close code."""
+        if self._closed or self.transport is None:
+            return
+        self._closed = True
+        self.transport.send_close(code, reason.encode())
+        self.transport.disconnect()
+
+    def _send(self, frame: frames.Frame) -> None:
+        if self._closed or self.transport is None:
+            return
+        self.transport.send(WSMsgType.BINARY, frames.encode(frame))
+        buffered = self.transport.underlying_transport.get_write_buffer_size()
+        if buffered > self.limits.max_write_buffer_bytes:
+            log.warning("connection.slow_reader", extra={"buffered": buffered})
+            self.close(WSCloseCode.POLICY_VIOLATION, "not reading")
+
+    def _refuse(self, req: int | None, error: frames.Error) -> None:
+        self._send(frames.Error(req=req, code=error.code, message=error.message))
+
+    def _spawn(self, req: int | None, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(self._guard(req, work))
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        if len(self._tasks) >= self.limits.requests_in_flight and self.transport is not None:
+            self.transport.underlying_transport.pause_reading()
+            self._paused_reading = True
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if self._paused_reading and len(self._tasks) < self.limits.requests_in_flight // 2:
+            self._paused_reading = False
+            if self.transport is not None and not self._closed:
+                self.transport.underlying_transport.resume_reading()
+
+    async def _guard(self, req: int | None, work: Awaitable[None]) -> None:
+        try:
+            await work
+        except AuthenticationError as exc:
+            log.info("signin.failed", extra={"reason": str(exc)})
+            self._refuse(req, frames_error("auth_failed", "sign-in failed"))
+            self._rechallenge()
+        except ProtocolError as exc:
+            self._refuse(req, frames_error(exc.code, str(exc)))
+        except BastionError as exc:
+            log.warning("request.failed", extra={"error": type(exc).__name__})
+            self._refuse(req, frames_error("refused", str(exc)))
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("request.crashed")
+            self._refuse(req, frames_error("internal", "the server failed to handle the request"))
+
+    def _rechallenge(self) -> None:
+        if self.session.attempts >= self.limits.signin_attempts_per_connection:
+            self.close(WSCloseCode.POLICY_VIOLATION, "too many sign-in attempts")
+        else:
+            self._send(self.session.challenge(time.monotonic(), secrets.token_bytes(32)))
+
+    # --- dispatch -----------------------------------------------------------------------------
+
+    def _dispatch(self, data: bytes) -> None:
+        try:
+            frame = frames.decode_client_frame(data, max_bytes=self.limits.max_frame_bytes)
+        except ProtocolError as exc:
+            self.bad_frames += 1
+            self._refuse(None, frames_error("bad_frame", str(exc)))
+            if self.bad_frames >= self.limits.bad_frames_before_close:
+                self.close(WSCloseCode.POLICY_VIOLATION, "too many malformed frames")
+            return
+        if isinstance(frame, frames.Register):
+            self._spawn(frame.req, self._register(frame))
+            return
+        if isinstance(frame, frames.SignIn):
+            self._spawn(frame.req, self._signin(frame))
+            return
+        if self.session.username is None:
+            req = None if isinstance(frame, frames.Ack) else frame.req
+            self._refuse(req, frames_error("not_signed_in", "sign in first"))
+            return
+        if isinstance(frame, frames.Send):
+            self._spawn(frame.req, self._relay(frame))
+        elif isinstance(frame, frames.Ack):
+            self._ack(frame.seqs)
+        elif isinstance(frame, frames.QueryKeys):
+            self._spawn(frame.req, self._query_keys(frame))
+        elif isinstance(frame, frames.ClaimKeys):
+            self._spawn(frame.req, self._claim_keys(frame))
+        else:
+            self._spawn(frame.req, self._upload_keys(frame))
+
+    # --- sign-in and registration -------------------------------------------------------------
+
+    async def _register(self, frame: frames.Register) -> None:
+        nonce = self.session.take_nonce(time.monotonic())
+        device = frame.device
+        certificate = DeviceCertificate(
+            username=frame.username,
+            device_id=device.device_id,
+            ed25519=device.ed25519,
+            curve25519=device.curve25519,
+            created_at=device.created_at,
+            signature=device.certificate,
+        )
+        certificate.verify(frame.identity_key)
+        verify_ed25519(
+            device.ed25519,
+            frame.signature,
+            register_message(self.session.server_name, nonce, frame.username, device.device_id),
+        )
+        for key in [*frame.one_time_keys, frame.fallback_key]:
+            verify_published_key(
+                device.ed25519,
+                device.device_id,
+                key.key,
+                key.signature,
+                fallback=key is frame.fallback_key,
+            )
+        now = _now_ms()
+        try:
+            await self.server.store.create_account(
+                AccountRecord(frame.username, frame.identity_key, now),
+                DeviceRecord(
+                    frame.username,
+                    device.device_id,
+                    device.ed25519,
+                    device.curve25519,
+                    device.created_at,
+                    device.certificate,
+                ),
+                [KeyRecord(k.key, k.signature) for k in frame.one_time_keys],
+                KeyRecord(frame.fallback_key.key, frame.fallback_key.signature),
+            )
+        except UsernameTakenError:
+            self._refuse(frame.req, frames_error("username_taken", "that username is taken"))
+            self._send(self.session.challenge(time.monotonic(), secrets.token_bytes(32)))
+            return
+        log.info("account.registered")
+        await self._signed_in(frame.req, frame.username, device.device_id, frame.receive)
+
+    async def _signin(self, frame: frames.SignIn) -> None:
+        nonce = self.session.take_nonce(time.monotonic())
+        device = await self.server.store.get_device(frame.username, frame.device_id)
+        account = await self.server.store.get_account(frame.username)
+        if device is None or account is None or account.disabled:
+            raise AuthenticationError("unknown device or disabled account")
+        self.session.verify_answer(
+            nonce=nonce,
+            username=frame.username,
+            device_id=frame.device_id,
+            device_ed25519=device.ed25519,
+            signature=frame.signature,
+        )
+        log.info("signin.ok")
+        await self._signed_in(frame.req, frame.username, frame.device_id, frame.receive)
+
+    async def _signed_in(self, req: int, username: str, device_id: str, receive: bool) -> None:
+        if self._closed:
+            return
+        if self._signin_timer is not None:
+            self._signin_timer.cancel()
+            self._signin_timer = None
+        self.session.authenticated(username, device_id)
+        count = await self.server.store.count_one_time_keys(username, device_id)
+        self._send(
+            frames.SignedIn(req=req, username=username, device_id=device_id, one_time_keys=count)
+        )
+        if receive:
+            self._receiving = True
+            self.server.bus.subscribe(username, device_id, self._on_bus_event)
+            self._start_catch_up()
+
+    # --- keys ---------------------------------------------------------------------------------
+
+    async def _query_keys(self, frame: frames.QueryKeys) -> None:
+        account = await self.server.store.get_account(frame.user)
+        if account is None:
+            self._refuse(
+                frame.req, frames_error("unknown_user", f"there is no user named {frame.user}")
+            )
+            return
+        devices = await self.server.store.list_devices(frame.user)
+        self._send(
+            frames.KeysResult(
+                req=frame.req,
+                user=frame.user,
+                identity_key=account.identity_key,
+                devices=[
+                    frames.DeviceKeys(
+                        device_id=d.device_id,
+                        ed25519=d.ed25519,
+                        curve25519=d.curve25519,
+                        created_at=d.created_at,
+                        certificate=d.certificate,
+                    )
+                    for d in devices
+                ],
+            )
+        )
+
+    async def _claim_keys(self, frame: frames.ClaimKeys) -> None:
+        requester, _ = self.session.require_signed_in()
+        if not self.server.allow_claim(requester, time.monotonic()):
+            log.info("limit.hit", extra={"limit": "key_claims"})
+            self._refuse(
+                frame.req, frames_error("rate_limited", "too many key claims; wait a minute")
+            )
+            return
+        claimed = await self.server.store.claim_keys(frame.user)
+        self._send(
+            frames.ClaimResult(
+                req=frame.req,
+                user=frame.user,
+                keys=[
+                    frames.ClaimedKey(
+                        device_id=k.device_id, key=k.key, signature=k.signature, fallback=k.fallback
+                    )
+                    for k in claimed
+                ],
+            )
+        )
+        for k in claimed:
+            count = await self.server.store.count_one_time_keys(frame.user, k.device_id)
+            if count < self.limits.one_time_keys_low:
+                self.server.bus.publish(frame.user, k.device_id, KeysLow(count))
+
+    async def _upload_keys(self, frame: frames.UploadKeys) -> None:
+        username, device_id = self.session.require_signed_in()
+        device = await self.server.store.get_device(username, device_id)
+        if device is None:
+            raise AuthenticationError("device no longer exists")
+        for key in frame.one_time_keys:
+            verify_published_key(device.ed25519, device_id, key.key, key.signature, fallback=False)
+        if frame.fallback_key is not None:
+            fb = frame.fallback_key
+            verify_published_key(device.ed25519, device_id, fb.key, fb.signature, fallback=True)
+        current = await self.server.store.count_one_time_keys(username, device_id)
+        if current + len(frame.one_time_keys) > self.limits.one_time_keys_max:
+            self._refuse(frame.req, frames_error("too_many_keys", "one-time key stock is full"))
+            return
+        await self.server.store.add_one_time_keys(
+            username,
+            device_id,
+            [KeyRecord(k.key, k.signature) for k in frame.one_time_keys],
+            None
+            if frame.fallback_key is None
+            else KeyRecord(frame.fallback_key.key, frame.fallback_key.signature),
+        )
+        self._send(frames.Ok(req=frame.req))
+
+    # --- messages -----------------------------------------------------------------------------
+
+    async def _relay(self, frame: frames.Send) -> None:
+        sender, sender_device = self.session.require_signed_in()
+        if frame.to == sender:
+            self._refuse(frame.req, frames_error("bad_recipient", "you cannot message yourself"))
+            return
+        copies = [Copy(c.user, c.device_id, c.kind, c.body) for c in frame.ciphertexts]
+        try:
+            stored = await self.server.store.store_message(
+                sender=sender,
+                sender_device=sender_device,
+                client_msg_id=frame.client_msg_id,
+                recipient=frame.to,
+                server_ts=_now_ms(),
+                copies=copies,
+            )
+        except UnknownRecipientError:
+            self._refuse(
+                frame.req, frames_error("unknown_user", f"there is no user named {frame.to}")
+            )
+            return
+        except DeviceMismatchError as exc:
+            detail = "missing " + ",".join(exc.missing) + "; extra " + ",".join(exc.extra)
+            self._refuse(frame.req, frames_error("device_mismatch", detail[:256]))
+            return
+        self._send(frames.Sent(req=frame.req, server_ts=stored.server_ts))
+        for envelope in stored.envelopes:
+            self.server.bus.publish(envelope.user, envelope.device_id, envelope)
+
+    # --- delivery -----------------------------------------------------------------------------
+
+    def _on_bus_event(self, event: BusEvent) -> None:
+        if isinstance(event, Kick):
+            self.close(WSCloseCode.POLICY_VIOLATION, event.reason)
+        elif isinstance(event, KeysLow):
+            self._send(frames.KeysLow(one_time_keys=event.count))
+        elif self._catching_up or len(self._unacked) >= self.limits.delivery_window:
+            self._dirty = True
+        elif event.seq > self._cursor:
+            self._push(event)
+
+    def _push(self, envelope: QueuedEnvelope) -> None:
+        self._cursor = max(self._cursor, envelope.seq)
+        self._unacked.add(envelope.seq)
+        self._send(
+            frames.Deliver(
+                seq=envelope.seq,
+                sender=envelope.sender,
+                sender_device=envelope.sender_device,
+                server_ts=envelope.server_ts,
+                kind=envelope.kind,
+                body=envelope.body,
+            )
+        )
+
+    def _start_catch_up(self) -> None:
+        if not self._catching_up:
+            self._catching_up = True
+            self._spawn(None, self._catch_up())
+
+    async def _catch_up(self) -> None:
+        username, device_id = self.session.require_signed_in()
+        try:
+            while not self._closed:
+                room = self.limits.delivery_window - len(self._unacked)
+                if room <= 0:
+                    self._dirty = True
+                    return
+                self._dirty = False
+                limit = min(_FETCH_PAGE, room)
+                rows = await self.server.store.fetch_queue(username, device_id, self._cursor, limit)
+                for row in rows:
+                    if row.seq > self._cursor:
+                        self._push(row)
+                if len(rows) < limit and not self._dirty:
+                    if not self._synced:
+                        self._synced = True
+                        self._send(frames.Synced())
+                    return
+        finally:
+            self._catching_up = False
+
+    def _ack(self, seqs: list[int]) -> None:
+        username, device_id = self.session.require_signed_in()
+        if not self._receiving:
+            self._refuse(None, frames_error("not_receiving", "this connection receives nothing"))
+            return
+        self._unacked.difference_update(seqs)
+        self._spawn(None, self._store_ack(username, device_id, seqs))
+        if self._dirty and len(self._unacked) <= self.limits.delivery_window // 2:
+            self._start_catch_up()
+
+    async def _store_ack(self, username: str, device_id: str, seqs: list[int]) -> None:
+        await self.server.store.ack(username, device_id, seqs)
+
+
+def frames_error(code: str, message: str) -> frames.Error:
+    """An error frame with a message cut to the wire limit."""
+    return frames.Error(req=None, code=code, message=message[:256])

@@ -1,0 +1,440 @@
+"""The embedded store: one SQLite file in WAL mode, written by one thread.
+
+Operations queue up for a single database thread, which runs whatever is
+waiting in one transaction (group commit) with ``synchronous=FULL``: every
+operation's result is released only after the commit that made it durable,
+so a sender's acknowledgement survives a crash, and one fsync serves many
+messages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import sqlite3
+import threading
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+from bastion.errors import StorageError
+from bastion.server.store import (
+    AccountRecord,
+    ClaimedKeyRecord,
+    Copy,
+    DeviceMismatchError,
+    DeviceRecord,
+    KeyRecord,
+    QueuedEnvelope,
+    StoredMessage,
+    UnknownRecipientError,
+    UsernameTakenError,
+)
+
+T = TypeVar("T")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS accounts (
+    username TEXT PRIMARY KEY,
+    identity_key BLOB NOT NULL,
+    created_at INTEGER NOT NULL,
+    disabled INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS devices (
+    username TEXT NOT NULL REFERENCES accounts(username),
+    device_id TEXT NOT NULL,
+    ed25519 BLOB NOT NULL,
+    curve25519 BLOB NOT NULL,
+    created_at INTEGER NOT NULL,
+    certificate BLOB NOT NULL,
+    fallback_key BLOB,
+    fallback_signature BLOB,
+    PRIMARY KEY (username, device_id)
+);
+CREATE TABLE IF NOT EXISTS one_time_keys (
+    username TEXT NOT NULL,
+    device_id TEXT NOT NULL,
+    key BLOB NOT NULL,
+    signature BLOB NOT NULL,
+    PRIMARY KEY (username, device_id, key)
+);
+CREATE TABLE IF NOT EXISTS queue (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    username TEXT NOT NULL,
+    device_id TEXT NOT NULL,
+    sender TEXT NOT NULL,
+    sender_device TEXT NOT NULL,
+    server_ts INTEGER NOT NULL,
+    kind INTEGER NOT NULL,
+    body BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS queue_by_device ON queue (username, device_id, seq);
+CREATE TABLE IF NOT EXISTS sent (
+    sender_device TEXT NOT NULL,
+    client_msg_id BLOB NOT NULL,
+    server_ts INTEGER NOT NULL,
+    PRIMARY KEY (sender_device, client_msg_id)
+);
+CREATE INDEX IF NOT EXISTS sent_by_time ON sent (server_ts);
+"""
+
+
+class _Op:
+    __slots__ = ("fn", "future", "loop")
+
+    def __init__(
+        self,
+        fn: Callable[[sqlite3.Connection], Any],
+        loop: asyncio.AbstractEventLoop,
+        future: asyncio.Future[Any],
+    ) -> None:
+        self.fn = fn
+        self.loop = loop
+        self.future = future
+
+
+def _resolve(future: asyncio.Future[Any], ok: bool, value: Any) -> None:
+    if future.done():
+        return
+    if ok:
+        future.set_result(value)
+    else:
+        future.set_exception(value)
+
+
+class SQLiteStore:
+    """:class:`~bastion.server.store.Store` on one SQLite file."""
+
+    def __init__(
+        self, path: Path, *, max_batch: int = 512, sent_retention_ms: int = 7 * 86_400_000
+    ):
+        self._path = path
+        self._max_batch = max_batch
+        self._sent_retention_ms = sent_retention_ms
+        self._queue: queue.SimpleQueue[_Op | None] = queue.SimpleQueue()
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="bastion-sqlite", daemon=True)
+        self._thread.start()
+        self._ready.wait()
+        if self._error is not None:
+            raise StorageError(f"cannot open the database: {self._error}")
+
+    # --- the database thread ---------------------------------------------------------------
+
+    def _open(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute("PRAGMA foreign_keys=ON")
+        conn.executescript(SCHEMA)
+        return conn
+
+    def _run(self) -> None:
+        try:
+            conn = self._open()
+        except sqlite3.Error as exc:
+            self._error = exc
+            self._ready.set()
+            return
+        self._ready.set()
+        stopping = False
+        while not stopping:
+            batch: list[_Op] = []
+            item = self._queue.get()
+            while True:
+                if item is None:
+                    stopping = True
+                    break
+                batch.append(item)
+                if len(batch) >= self._max_batch:
+                    break
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+            if batch:
+                self._run_batch(conn, batch)
+        conn.close()
+
+    def _run_batch(self, conn: sqlite3.Connection, batch: list[_Op]) -> None:
+        results: list[tuple[_Op, bool, Any]] = []
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for op in batch:
+                conn.execute("SAVEPOINT op")
+                try:
+                    value = op.fn(conn)
+                except (StorageError, sqlite3.Error) as exc:
+                    conn.execute("ROLLBACK TO op")
+                    conn.execute("RELEASE op")
+                    error: BaseException = (
+                        exc if isinstance(exc, StorageError) else StorageError(str(exc))
+                    )
+                    results.append((op, False, error))
+                else:
+                    conn.execute("RELEASE op")
+                    results.append((op, True, value))
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            failure = StorageError(f"database commit failed: {exc}")
+            results = [(op, False, failure) for op in batch]
+        for op, ok, value in results:
+            op.loop.call_soon_threadsafe(_resolve, op.future, ok, value)
+
+    async def _call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        if not self._thread.is_alive():
+            raise StorageError("the store is closed")
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+        self._queue.put(_Op(fn, loop, future))
+        return await future
+
+    async def close(self) -> None:
+        """Finish queued work, then close the database."""
+        if self._thread.is_alive():
+            self._queue.put(None)
+            await asyncio.to_thread(self._thread.join)
+
+    # --- accounts and devices ----------------------------------------------------------------
+
+    async def create_account(
+        self,
+        account: AccountRecord,
+        device: DeviceRecord,
+        one_time_keys: Sequence[KeyRecord],
+        fallback_key: KeyRecord,
+    ) -> None:
+        """Create an account with its first device; raises UsernameTakenError."""
+
+        def op(conn: sqlite3.Connection) -> None:
+            try:
+                conn.execute(
+                    "INSERT INTO accounts (username, identity_key, created_at) VALUES (?, ?, ?)",
+                    (account.username, account.identity_key, account.created_at),
+                )
+            except sqlite3.IntegrityError:
+                raise UsernameTakenError("that username is taken") from None
+            _insert_device(conn, device, fallback_key)
+            _insert_keys(conn, device.username, device.device_id, one_time_keys)
+
+        await self._call(op)
+
+    async def get_account(self, username: str) -> AccountRecord | None:
+        """The account, or None."""
+
+        def op(conn: sqlite3.Connection) -> AccountRecord | None:
+            row = conn.execute(
+                "SELECT username, identity_key, created_at, disabled FROM accounts"
+                " WHERE username = ?",
+                (username,),
+            ).fetchone()
+            return None if row is None else AccountRecord(row[0], row[1], row[2], bool(row[3]))
+
+        return await self._call(op)
+
+    async def get_device(self, username: str, device_id: str) -> DeviceRecord | None:
+        """One device, or None."""
+
+        def op(conn: sqlite3.Connection) -> DeviceRecord | None:
+            row = conn.execute(
+                f"SELECT {_DEVICE_COLUMNS} FROM devices WHERE username = ? AND device_id = ?",  # noqa: S608
+                (username, device_id),
+            ).fetchone()
+            return None if row is None else DeviceRecord(*row)
+
+        return await self._call(op)
+
+    async def list_devices(self, username: str) -> list[DeviceRecord]:
+        """All devices of an account."""
+
+        def op(conn: sqlite3.Connection) -> list[DeviceRecord]:
+            return _devices(conn, username)
+
+        return await self._call(op)
+
+    # --- key stock -----------------------------------------------------------------------------
+
+    async def add_one_time_keys(
+        self, username: str, device_id: str, keys: Sequence[KeyRecord], fallback: KeyRecord | None
+    ) -> int:
+        """Add keys (and replace the fallback key); returns the new stock size."""
+
+        def op(conn: sqlite3.Connection) -> int:
+            _insert_keys(conn, username, device_id, keys)
+            if fallback is not None:
+                conn.execute(
+                    "UPDATE devices SET fallback_key = ?, fallback_signature = ?"
+                    " WHERE username = ? AND device_id = ?",
+                    (fallback.key, fallback.signature, username, device_id),
+                )
+            return _count_keys(conn, username, device_id)
+
+        return await self._call(op)
+
+    async def count_one_time_keys(self, username: str, device_id: str) -> int:
+        """The device's stock size."""
+        return await self._call(lambda conn: _count_keys(conn, username, device_id))
+
+    async def claim_keys(self, username: str) -> list[ClaimedKeyRecord]:
+        """Take one key per device, atomically; the fallback key when the stock is empty."""
+
+        def op(conn: sqlite3.Connection) -> list[ClaimedKeyRecord]:
+            claimed: list[ClaimedKeyRecord] = []
+            rows = conn.execute(
+                "SELECT device_id, fallback_key, fallback_signature FROM devices"
+                " WHERE username = ? ORDER BY device_id",
+                (username,),
+            ).fetchall()
+            for device_id, fallback_key, fallback_signature in rows:
+                row = conn.execute(
+                    "DELETE FROM one_time_keys WHERE rowid = (SELECT rowid FROM one_time_keys"
+                    " WHERE username = ? AND device_id = ? LIMIT 1) RETURNING key, signature",
+                    (username, device_id),
+                ).fetchone()
+                if row is not None:
+                    claimed.append(ClaimedKeyRecord(device_id, row[0], row[1], False))
+                elif fallback_key is not None:
+                    claimed.append(
+                        ClaimedKeyRecord(device_id, fallback_key, fallback_signature, True)
+                    )
+            return claimed
+
+        return await self._call(op)
+
+    # --- messages ------------------------------------------------------------------------------
+
+    async def store_message(
+        self,
+        *,
+        sender: str,
+        sender_device: str,
+        client_msg_id: bytes,
+        recipient: str,
+        server_ts: int,
+        copies: Sequence[Copy],
+    ) -> StoredMessage:
+        """Queue the copies durably, once per (sender device, client message id)."""
+
+        def op(conn: sqlite3.Connection) -> StoredMessage:
+            row = conn.execute(
+                "SELECT server_ts FROM sent WHERE sender_device = ? AND client_msg_id = ?",
+                (sender_device, client_msg_id),
+            ).fetchone()
+            if row is not None:
+                return StoredMessage(row[0], [])
+            recipient_devices = _devices(conn, recipient)
+            if not recipient_devices:
+                raise UnknownRecipientError(f"there is no user named {recipient}")
+            expected = {(recipient, d.device_id) for d in recipient_devices}
+            expected |= {
+                (sender, d.device_id)
+                for d in _devices(conn, sender)
+                if d.device_id != sender_device
+            }
+            given = [(c.user, c.device_id) for c in copies]
+            if len(set(given)) != len(given) or set(given) != expected:
+                missing = sorted(f"{u}/{d}" for u, d in expected - set(given))
+                extra = sorted(f"{u}/{d}" for u, d in set(given) - expected)
+                raise DeviceMismatchError(missing, extra)
+            conn.execute(
+                "INSERT INTO sent (sender_device, client_msg_id, server_ts) VALUES (?, ?, ?)",
+                (sender_device, client_msg_id, server_ts),
+            )
+            envelopes = []
+            for c in copies:
+                cursor = conn.execute(
+                    "INSERT INTO queue (username, device_id, sender, sender_device, server_ts,"
+                    " kind, body) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (c.user, c.device_id, sender, sender_device, server_ts, c.kind, c.body),
+                )
+                seq = cursor.lastrowid
+                if seq is None:
+                    raise StorageError("queue insert returned no sequence number")
+                envelopes.append(
+                    QueuedEnvelope(
+                        seq, c.user, c.device_id, sender, sender_device, server_ts, c.kind, c.body
+                    )
+                )
+            conn.execute(
+                "DELETE FROM sent WHERE server_ts < ?", (server_ts - self._sent_retention_ms,)
+            )
+            return StoredMessage(server_ts, envelopes)
+
+        return await self._call(op)
+
+    async def fetch_queue(
+        self, username: str, device_id: str, after_seq: int, limit: int
+    ) -> list[QueuedEnvelope]:
+        """Queued envelopes after ``after_seq``, oldest first."""
+
+        def op(conn: sqlite3.Connection) -> list[QueuedEnvelope]:
+            rows = conn.execute(
+                "SELECT seq, username, device_id, sender, sender_device, server_ts, kind, body"
+                " FROM queue WHERE username = ? AND device_id = ? AND seq > ?"
+                " ORDER BY seq LIMIT ?",
+                (username, device_id, after_seq, limit),
+            ).fetchall()
+            return [QueuedEnvelope(*row) for row in rows]
+
+        return await self._call(op)
+
+    async def ack(self, username: str, device_id: str, seqs: Sequence[int]) -> int:
+        """Delete acknowledged envelopes of that device."""
+
+        def op(conn: sqlite3.Connection) -> int:
+            cursor = conn.executemany(
+                "DELETE FROM queue WHERE seq = ? AND username = ? AND device_id = ?",
+                [(seq, username, device_id) for seq in seqs],
+            )
+            return cursor.rowcount
+
+        return await self._call(op)
+
+
+_DEVICE_COLUMNS = "username, device_id, ed25519, curve25519, created_at, certificate"
+
+
+def _devices(conn: sqlite3.Connection, username: str) -> list[DeviceRecord]:
+    rows = conn.execute(
+        f"SELECT {_DEVICE_COLUMNS} FROM devices WHERE username = ? ORDER BY device_id",  # noqa: S608
+        (username,),
+    ).fetchall()
+    return [DeviceRecord(*row) for row in rows]
+
+
+def _insert_device(conn: sqlite3.Connection, device: DeviceRecord, fallback: KeyRecord) -> None:
+    conn.execute(
+        f"INSERT INTO devices ({_DEVICE_COLUMNS}, fallback_key, fallback_signature)"  # noqa: S608
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            device.username,
+            device.device_id,
+            device.ed25519,
+            device.curve25519,
+            device.created_at,
+            device.certificate,
+            fallback.key,
+            fallback.signature,
+        ),
+    )
+
+
+def _insert_keys(
+    conn: sqlite3.Connection, username: str, device_id: str, keys: Sequence[KeyRecord]
+) -> None:
+    conn.executemany(
+        "INSERT OR IGNORE INTO one_time_keys (username, device_id, key, signature)"
+        " VALUES (?, ?, ?, ?)",
+        [(username, device_id, k.key, k.signature) for k in keys],
+    )
+
+
+def _count_keys(conn: sqlite3.Connection, username: str, device_id: str) -> int:
+    row = conn.execute(
+        "SELECT count(*) FROM one_time_keys WHERE username = ? AND device_id = ?",
+        (username, device_id),
+    ).fetchone()
+    return int(row[0])

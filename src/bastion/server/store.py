@@ -1,0 +1,182 @@
+"""The server's storage interface and the records that cross it.
+
+The relay core depends only on :class:`Store`; SQLite (the embedded default)
+and other databases implement it. The server stores public keys, signed key
+stocks, and ciphertext queues: never a plaintext, a password or a private key.
+
+Contract for implementations: ``store_message`` calls from one sender device
+take effect in call order (per-conversation order depends on it), and a call
+returns only once its effects are durable.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from bastion.errors import StorageError
+
+
+class UsernameTakenError(StorageError):
+    """Registration named a username that already exists."""
+
+
+class DeviceMismatchError(StorageError):
+    """A message did not carry exactly one ciphertext per current device."""
+
+    def __init__(self, missing: Sequence[str], extra: Sequence[str]) -> None:
+        super().__init__("the message does not match the recipients' current devices")
+        self.missing = list(missing)
+        self.extra = list(extra)
+
+
+@dataclass(frozen=True, slots=True)
+class AccountRecord:
+    """An account as the server knows it: a name and a public identity key."""
+
+    username: str
+    identity_key: bytes
+    created_at: int
+    disabled: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceRecord:
+    """A device's public keys and the account key's certificate over them."""
+
+    username: str
+    device_id: str
+    ed25519: bytes
+    curve25519: bytes
+    created_at: int
+    certificate: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class KeyRecord:
+    """A published Curve25519 key with its device signature."""
+
+    key: bytes
+    signature: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimedKeyRecord:
+    """A key claimed from one device's stock."""
+
+    device_id: str
+    key: bytes
+    signature: bytes
+    fallback: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Copy:
+    """One ciphertext of a message, for one device."""
+
+    user: str
+    device_id: str
+    kind: int
+    body: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class QueuedEnvelope:
+    """A ciphertext waiting in a device's queue until the device acknowledges it."""
+
+    seq: int
+    user: str
+    device_id: str
+    sender: str
+    sender_device: str
+    server_ts: int
+    kind: int
+    body: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class StoredMessage:
+    """The outcome of storing a message: when it was accepted and what was queued.
+
+    ``envelopes`` is empty when the same client message id had already been stored
+    (an idempotent retry); ``server_ts`` is then the original acceptance time.
+    """
+
+    server_ts: int
+    envelopes: list[QueuedEnvelope]
+
+
+class Store(Protocol):
+    """Everything the relay keeps between restarts."""
+
+    async def create_account(
+        self,
+        account: AccountRecord,
+        device: DeviceRecord,
+        one_time_keys: Sequence[KeyRecord],
+        fallback_key: KeyRecord,
+    ) -> None:
+        """Create an account with its first device; raises :class:`UsernameTakenError`."""
+        ...
+
+    async def get_account(self, username: str) -> AccountRecord | None:
+        """The account, or None."""
+        ...
+
+    async def get_device(self, username: str, device_id: str) -> DeviceRecord | None:
+        """One device of an account, or None."""
+        ...
+
+    async def list_devices(self, username: str) -> list[DeviceRecord]:
+        """All current devices of an account (empty if there is no such account)."""
+        ...
+
+    async def add_one_time_keys(
+        self, username: str, device_id: str, keys: Sequence[KeyRecord], fallback: KeyRecord | None
+    ) -> int:
+        """Add keys to a device's stock (and replace its fallback key); returns the stock size."""
+        ...
+
+    async def count_one_time_keys(self, username: str, device_id: str) -> int:
+        """How many one-time keys the device has in stock."""
+        ...
+
+    async def claim_keys(self, username: str) -> list[ClaimedKeyRecord]:
+        """Atomically take one one-time key per device (the fallback key if none is left)."""
+        ...
+
+    async def store_message(
+        self,
+        *,
+        sender: str,
+        sender_device: str,
+        client_msg_id: bytes,
+        recipient: str,
+        server_ts: int,
+        copies: Sequence[Copy],
+    ) -> StoredMessage:
+        """Queue one ciphertext per device, durably, once per (sender device, client id).
+
+        Raises :class:`DeviceMismatchError` unless ``copies`` name exactly the
+        recipient's devices and the sender's other devices.
+        """
+        ...
+
+    async def fetch_queue(
+        self, username: str, device_id: str, after_seq: int, limit: int
+    ) -> list[QueuedEnvelope]:
+        """Queued envelopes of a device with ``seq > after_seq``, oldest first."""
+        ...
+
+    async def ack(self, username: str, device_id: str, seqs: Sequence[int]) -> int:
+        """Delete acknowledged envelopes of that device; returns how many were deleted."""
+        ...
+
+    async def close(self) -> None:
+        """Finish pending work and release the database."""
+        ...
+
+
+class UnknownRecipientError(StorageError):
+    """A message named a user who does not exist."""
