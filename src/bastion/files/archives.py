@@ -204,11 +204,12 @@ def tar_members(stream: BinaryIO, budget: ArchiveBudget) -> Iterator[Member]:
             yield Member(name=info.name, data=data)
 
 
-_DECOMPRESSORS = {
-    ContentType.GZIP: gzip.GzipFile,
-    ContentType.BZIP2: bz2.BZ2File,
-    ContentType.XZ: lzma.LZMAFile,
-}
+def _open_compressed(stream: BinaryIO, kind: ContentType) -> IO[bytes]:
+    if kind is ContentType.GZIP:
+        return gzip.GzipFile(fileobj=stream, mode="rb")
+    if kind is ContentType.BZIP2:
+        return bz2.BZ2File(stream, mode="rb")
+    return lzma.LZMAFile(stream, mode="rb")
 
 
 def decompress(
@@ -219,9 +220,8 @@ def decompress(
     Raises :class:`ArchiveRefused` for a broken limit, or one of
     :data:`PARSE_ERRORS` for damaged data.
     """
-    opener = _DECOMPRESSORS[kind]
     budget.count_member()
-    with opener(fileobj=stream, mode="rb") as unpacked:
+    with _open_compressed(stream, kind) as unpacked:
         return _read_bounded(unpacked, budget, compressed_size=compressed_size, declared=None)
 
 

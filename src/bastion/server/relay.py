@@ -59,6 +59,8 @@ def _now_ms() -> int:
 class RelayServer:
     """The relay: accepts connections, authenticates devices, stores and routes ciphertext."""
 
+    connection_class: type[ClientConnection]
+
     def __init__(self, config: ServerConfig, store: Store, bus: Bus) -> None:
         self.config = config
         self.limits = config.limits
@@ -67,6 +69,7 @@ class RelayServer:
         self.connections: set[ClientConnection] = set()
         self._server: asyncio.Server | None = None
         self._claims: dict[str, tuple[float, float]] = {}
+        self.connection_class = ClientConnection
 
     async def start(self) -> int:
         """Listen; returns the bound port."""
@@ -86,7 +89,7 @@ class RelayServer:
         return int(sockets[0].getsockname()[1]) if sockets else self.config.port
 
     def _accept(self, request: WSUpgradeRequest) -> ClientConnection:
-        return ClientConnection(self)
+        return self.connection_class(self)
 
     async def stop(self) -> None:
         """Stop accepting, close every connection, then let the store finish."""

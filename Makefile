@@ -1,0 +1,45 @@
+# Two commands for a fresh machine:
+#   make serve   set up and start a server on 127.0.0.1:8443 (data in ./var)
+#   make test    set up and run formatting, lint, type checks and the whole test suite
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+HOST ?= 127.0.0.1
+PORT ?= 8443
+DATA ?= var
+
+.PHONY: serve test check lint typecheck pytest test-slow bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e .
+	touch $@
+
+$(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $@
+
+serve: $(VENV)/.installed
+	$(BIN)/bastion server run --data $(DATA) --host $(HOST) --port $(PORT)
+
+test: $(VENV)/.installed-dev
+	$(BIN)/ruff format --check src tests bench
+	$(BIN)/ruff check src tests bench
+	$(BIN)/mypy --strict
+	$(BIN)/pytest
+
+lint: $(VENV)/.installed-dev
+	$(BIN)/ruff format src tests bench
+	$(BIN)/ruff check --fix src tests bench
+
+test-slow: $(VENV)/.installed-dev
+	$(BIN)/pytest -m slow
+
+bench: $(VENV)/.installed-dev
+	$(BIN)/python bench/relay.py
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis
