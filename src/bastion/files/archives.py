@@ -20,7 +20,7 @@ import zipfile
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import IO, BinaryIO
+from typing import BinaryIO, Protocol
 
 from bastion.errors import ConfigError, SecurityError
 from bastion.files.content_type import ContentType
@@ -97,8 +97,12 @@ class Member:
     data: bytes
 
 
+class _Readable(Protocol):
+    def read(self, size: int = ..., /) -> bytes: ...
+
+
 def _read_bounded(
-    stream: IO[bytes], budget: ArchiveBudget, *, compressed_size: int | None, declared: int | None
+    stream: _Readable, budget: ArchiveBudget, *, compressed_size: int | None, declared: int | None
 ) -> bytes:
     limits = budget.limits
     parts: list[bytes] = []
@@ -204,7 +208,9 @@ def tar_members(stream: BinaryIO, budget: ArchiveBudget) -> Iterator[Member]:
             yield Member(name=info.name, data=data)
 
 
-def _open_compressed(stream: BinaryIO, kind: ContentType) -> IO[bytes]:
+def _open_compressed(
+    stream: BinaryIO, kind: ContentType
+) -> gzip.GzipFile | bz2.BZ2File | lzma.LZMAFile:
     if kind is ContentType.GZIP:
         return gzip.GzipFile(fileobj=stream, mode="rb")
     if kind is ContentType.BZIP2:

@@ -23,6 +23,10 @@ class Limits:
     heartbeat_reply_s: float = 15.0
     key_claims_per_minute: float = 30.0
     key_claims_burst: int = 30
+    key_claims_per_target_per_hour: float = 20.0
+    key_claims_per_target_burst: int = 5
+    signin_backoff_base_s: float = 1.0
+    signin_backoff_max_s: float = 300.0
     one_time_keys_low: int = 20
     one_time_keys_max: int = 200
 

@@ -32,6 +32,7 @@ from bastion.crypto.signing import verify_ed25519
 from bastion.errors import AuthenticationError, BastionError, ProtocolError
 from bastion.protocol import frames
 from bastion.protocol.auth import ServerSession, register_message
+from bastion.ratelimit import FailureBackoff, RateLimiter
 from bastion.server.bus import Bus, BusEvent, KeysLow, Kick
 from bastion.server.config import ServerConfig
 from bastion.server.store import (
@@ -68,8 +69,20 @@ class RelayServer:
         self.bus = bus
         self.connections: set[ClientConnection] = set()
         self._server: asyncio.Server | None = None
-        self._claims: dict[str, tuple[float, float]] = {}
+        limits = self.limits
         self.connection_class = ClientConnection
+        self.claims_by_requester: RateLimiter[str] = RateLimiter(
+            limits.key_claims_per_minute / 60.0, limits.key_claims_burst
+        )
+        self.claims_by_pair: RateLimiter[tuple[str, str]] = RateLimiter(
+            limits.key_claims_per_target_per_hour / 3600.0, limits.key_claims_per_target_burst
+        )
+        self.signin_failures_by_address: FailureBackoff[str] = FailureBackoff(
+            base_delay=limits.signin_backoff_base_s, max_delay=limits.signin_backoff_max_s
+        )
+        self.signin_failures_by_account: FailureBackoff[str] = FailureBackoff(
+            base_delay=limits.signin_backoff_base_s, max_delay=limits.signin_backoff_max_s
+        )
 
     async def start(self) -> int:
         """Listen; returns the bound port."""
@@ -101,17 +114,29 @@ class RelayServer:
             await self._server.wait_closed()
         await self.store.close()
 
-    def allow_claim(self, requester: str, now: float) -> bool:
-        """Token bucket on key claims per requesting account."""
-        rate = self.limits.key_claims_per_minute / 60.0
-        burst = float(self.limits.key_claims_burst)
-        tokens, last = self._claims.get(requester, (burst, now))
-        tokens = min(burst, tokens + (now - last) * rate)
-        if tokens < 1.0:
-            self._claims[requester] = (tokens, now)
-            return False
-        self._claims[requester] = (tokens - 1.0, now)
-        return True
+    def allow_claim(self, requester: str, target: str, now: float) -> bool:
+        """Token buckets on key claims per requester and per (requester, target) pair.
+
+        The pair limit is what stops one account from draining another's
+        one-time keys to force fallback-key sessions (Prekey Pogo).
+        """
+        if requester == target:
+            return self.claims_by_requester.allow(requester, now)
+        return self.claims_by_pair.allow(
+            (requester, target), now
+        ) and self.claims_by_requester.allow(requester, now)
+
+    def signin_wait(self, address: str, username: str, now: float) -> float:
+        """Seconds a sign-in from this address for this account must wait (0: go ahead)."""
+        return max(
+            self.signin_failures_by_address.blocked_for(address, now),
+            self.signin_failures_by_account.blocked_for(username, now),
+        )
+
+    def signin_failed(self, address: str, username: str, now: float) -> None:
+        """Count a failed sign-in against the address and the account."""
+        self.signin_failures_by_address.record_failure(address, now)
+        self.signin_failures_by_account.record_failure(username, now)
 
 
 class ClientConnection(WSListener):
@@ -127,6 +152,7 @@ class ClientConnection(WSListener):
             max_attempts=self.limits.signin_attempts_per_connection,
         )
         self.transport: WSTransport | None = None
+        self.address = "unknown"
         self.bad_frames = 0
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
@@ -145,6 +171,8 @@ class ClientConnection(WSListener):
 
     def on_ws_connected(self, transport: WSTransport) -> None:
         self.transport = transport
+        peer = transport.underlying_transport.get_extra_info("peername")
+        self.address = str(peer[0]) if peer else "unknown"
         self.server.connections.add(self)
         loop = asyncio.get_running_loop()
         self._signin_timer = loop.call_later(
@@ -336,18 +364,34 @@ class ClientConnection(WSListener):
         await self._signed_in(frame.req, frame.username, device.device_id, frame.receive)
 
     async def _signin(self, frame: frames.SignIn) -> None:
-        nonce = self.session.take_nonce(time.monotonic())
+        now = time.monotonic()
+        wait = self.server.signin_wait(self.address, frame.username, now)
+        if wait > 0:
+            log.info("limit.hit", extra={"limit": "signin_backoff"})
+            self._refuse(
+                frame.req,
+                frames_error(
+                    "rate_limited", f"too many failed sign-ins; try again in {wait:.0f} s"
+                ),
+            )
+            self._rechallenge()
+            return
+        nonce = self.session.take_nonce(now)
         device = await self.server.store.get_device(frame.username, frame.device_id)
         account = await self.server.store.get_account(frame.username)
-        if device is None or account is None or account.disabled:
-            raise AuthenticationError("unknown device or disabled account")
-        self.session.verify_answer(
-            nonce=nonce,
-            username=frame.username,
-            device_id=frame.device_id,
-            device_ed25519=device.ed25519,
-            signature=frame.signature,
-        )
+        try:
+            if device is None or account is None or account.disabled:
+                raise AuthenticationError("unknown device or disabled account")
+            self.session.verify_answer(
+                nonce=nonce,
+                username=frame.username,
+                device_id=frame.device_id,
+                device_ed25519=device.ed25519,
+                signature=frame.signature,
+            )
+        except AuthenticationError:
+            self.server.signin_failed(self.address, frame.username, time.monotonic())
+            raise
         log.info("signin.ok")
         await self._signed_in(frame.req, frame.username, frame.device_id, frame.receive)
 
@@ -397,7 +441,7 @@ class ClientConnection(WSListener):
 
     async def _claim_keys(self, frame: frames.ClaimKeys) -> None:
         requester, _ = self.session.require_signed_in()
-        if not self.server.allow_claim(requester, time.monotonic()):
+        if not self.server.allow_claim(requester, frame.user, time.monotonic()):
             log.info("limit.hit", extra={"limit": "key_claims"})
             self._refuse(
                 frame.req, frames_error("rate_limited", "too many key claims; wait a minute")
