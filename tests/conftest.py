@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import signal
@@ -30,9 +31,7 @@ def free_port() -> int:
 class ServerProcess:
     """``bastion server run`` in a child process, with its data folder and logs."""
 
-    def __init__(
-        self, data_dir: Path, port: int, *, script: list[str] | None = None
-    ) -> None:
+    def __init__(self, data_dir: Path, port: int, *, script: list[str] | None = None) -> None:
         self.data_dir = data_dir
         self.port = port
         self.url = f"wss://127.0.0.1:{port}"
@@ -48,9 +47,7 @@ class ServerProcess:
         args = [*command, "--data", str(self.data_dir), "--port", str(self.port)]
         env = {**os.environ, "BASTION_LOG_LEVEL": "DEBUG", "PYTHONUNBUFFERED": "1"}
         log = self.log_path.open("ab")
-        self.proc = subprocess.Popen(
-            args, stdout=subprocess.PIPE, stderr=log, env=env, cwd=REPO
-        )
+        self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=log, env=env, cwd=REPO)
         log.close()
         assert self.proc.stdout is not None
         deadline = time.monotonic() + wait_s
@@ -64,7 +61,7 @@ class ServerProcess:
                 chunk = os.read(self.proc.stdout.fileno(), 4096)
                 out += chunk
         self.stdout = out
-        line = [x for x in out.decode().splitlines() if x.startswith("certificate ")][0]
+        line = next(x for x in out.decode().splitlines() if x.startswith("certificate "))
         self.fingerprint = line.split(" ", 1)[1]
 
     def log_text(self) -> str:
@@ -151,10 +148,8 @@ class Profiles:
 
     async def close(self) -> None:
         for client in self.clients:
-            try:
+            with contextlib.suppress(Exception):
                 await client.close()
-            except Exception:  # noqa: BLE001 - best effort at teardown
-                pass
 
 
 @pytest.fixture
