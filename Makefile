@@ -41,5 +41,13 @@ test-slow: $(VENV)/.installed-dev
 bench: $(VENV)/.installed-dev
 	$(BIN)/python bench/relay.py
 
+# Coverage-guided fuzzing of the decoders for FUZZ_SECONDS (default 60); crashes land in fuzz/.
+.PHONY: fuzz
+fuzz: $(VENV)/.installed-dev
+	$(BIN)/python -m pip install --quiet -e '.[fuzz]'
+	mkdir -p fuzz/corpus
+	$(BIN)/python fuzz/fuzz_decoders.py -max_total_time=$${FUZZ_SECONDS:-60} \
+		-artifact_prefix=fuzz/ fuzz/corpus
+
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis

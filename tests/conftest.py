@@ -86,7 +86,7 @@ class ServerProcess:
         self._drain()
 
     def _drain(self) -> None:
-        if self.proc is not None and self.proc.stdout is not None:
+        if self.proc is not None and self.proc.stdout is not None and not self.proc.stdout.closed:
             self.stdout += self.proc.stdout.read() or b""
             self.proc.stdout.close()
 

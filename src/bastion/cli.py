@@ -22,7 +22,14 @@ from typing import Any
 import platformdirs
 
 from bastion import __version__
-from bastion.client.client import Client, Event, MessageEvent, WarningEvent
+from bastion.client.client import (
+    Client,
+    DevicesChangedEvent,
+    Event,
+    KeyChangedEvent,
+    MessageEvent,
+    WarningEvent,
+)
 from bastion.client.records import HistoryRecord
 from bastion.errors import BastionError, KeyChangedError, ServerRefusedError
 
@@ -57,6 +64,16 @@ def event_json(event: Event) -> dict[str, Any]:
     """The ``--json`` form of any event."""
     if isinstance(event, MessageEvent):
         return message_json(event.record, event.verified)
+    if isinstance(event, KeyChangedEvent):
+        return {"type": "key_changed", "user": event.user, "at": iso(event.at)}
+    if isinstance(event, DevicesChangedEvent):
+        return {
+            "type": "devices_changed",
+            "user": event.user,
+            "added": list(event.added),
+            "removed": list(event.removed),
+            "at": iso(event.at),
+        }
     return {
         "type": "warning",
         "reason": event.reason,
@@ -70,14 +87,28 @@ def print_event(event: Event, as_json: bool) -> None:
     """Print an event for a person or, with ``as_json``, for a program."""
     if as_json:
         print(json.dumps(event_json(event)), flush=True)
-    elif isinstance(event, WarningEvent):
-        print(
-            f"warning: a message claiming to be from {event.sender} was rejected: {event.reason}",
-            file=sys.stderr,
-            flush=True,
-        )
-    else:
+    elif isinstance(event, MessageEvent):
         print(format_message(event.record), flush=True)
+    else:
+        print(f"warning: {describe_notice(event)}", file=sys.stderr, flush=True)
+
+
+def describe_notice(event: WarningEvent | KeyChangedEvent | DevicesChangedEvent) -> str:
+    """A sentence about a warning or notice."""
+    if isinstance(event, KeyChangedEvent):
+        return (
+            f"{event.user}'s account key has changed; their messages wait until you decide. "
+            f"Compare safety numbers (bastion verify {event.user}), then run "
+            f"'bastion trust {event.user} --accept-new-key' if it is really them."
+        )
+    if isinstance(event, DevicesChangedEvent):
+        parts = []
+        if event.added:
+            parts.append("added " + ", ".join(event.added))
+        if event.removed:
+            parts.append("removed " + ", ".join(event.removed))
+        return f"{event.user}'s devices changed: " + "; ".join(parts)
+    return f"a message claiming to be from {event.sender} was rejected: {event.reason}"
 
 
 def format_message(record: HistoryRecord) -> str:
@@ -145,6 +176,7 @@ async def cmd_register(args: argparse.Namespace) -> int:
         username=args.username,
         server_url=args.server,
         fingerprint=args.fingerprint,
+        invite=args.invite,
     )
     try:
         account = client.account
@@ -263,7 +295,14 @@ async def cmd_whoami(args: argparse.Namespace) -> int:
 def cmd_server_run(args: argparse.Namespace) -> int:
     from bastion.server.main import run  # noqa: PLC0415 - clients need not load the server
 
-    run(Path(args.data), args.host, args.port)
+    run(
+        Path(args.data),
+        args.host,
+        args.port,
+        config=Path(args.config) if args.config else None,
+        db=args.db,
+        bus=args.bus,
+    )
     return 0
 
 
@@ -295,6 +334,16 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--data", required=True, help="data folder (created if missing)")
     run.add_argument("--host", default="127.0.0.1")
     run.add_argument("--port", type=int, default=8443)
+    run.add_argument("--config", help="config file (default: bastion.toml in the data folder)")
+    run.add_argument(
+        "--db",
+        help="postgresql://USER@HOST/DB[?schema=NAME] shared by every node"
+        " (default: SQLite in the data folder)",
+    )
+    run.add_argument(
+        "--bus",
+        help="redis://HOST:PORT/N linking the nodes of a cluster (default: this process only)",
+    )
     run.set_defaults(sync=cmd_server_run)
     fp = server_sub.add_parser("fingerprint", help="print the server certificate's fingerprint")
     fp.add_argument("--data", required=True)
@@ -304,6 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
     reg.add_argument("username")
     reg.add_argument("--server", required=True, help="wss://HOST:PORT")
     reg.add_argument("--fingerprint", help="the server certificate's SHA256:... fingerprint")
+    reg.add_argument("--invite", help="an invite code, for servers that require one")
     reg.set_defaults(run=cmd_register)
 
     send = sub.add_parser("send", parents=[common], help="send a message")
@@ -320,6 +370,13 @@ def build_parser() -> argparse.ArgumentParser:
     history.set_defaults(run=cmd_history)
     whoami = sub.add_parser("whoami", parents=[common], help="show this profile's account")
     whoami.set_defaults(run=cmd_whoami)
+
+    from bastion import cli_identity  # noqa: PLC0415 - keeps the two command sets apart
+
+    cli_identity.add_commands(sub, common)
+    from bastion import admin_cli  # noqa: PLC0415 - operator commands live apart
+
+    admin_cli.add_commands(sub)
     return parser
 
 

@@ -200,8 +200,8 @@ class _FailureState:
 class FailureBackoff(Generic[K]):
     """Exponential slow-down after repeated failures (sign-in attempts per address or account).
 
-    After the n-th failure in a row the key is blocked for
-    ``min(base_delay * 2 ** (n - 1), max_delay)`` seconds from that failure. Each
+    After the n-th failure in a row (past ``free_failures``, default none) the key
+    is blocked for ``min(base_delay * 2 ** (n - 1), max_delay)`` seconds from that failure. Each
     ``quiet_period`` without a failure lowers n by one (halving the next delay);
     a success forgets the key. At most ``max_keys`` keys are held (see the module
     docstring). Raises :class:`ConfigError` for invalid limits.
@@ -219,8 +219,11 @@ class FailureBackoff(Generic[K]):
         max_delay: float = 300.0,
         quiet_period: float = 900.0,
         max_keys: int = DEFAULT_MAX_KEYS,
+        free_failures: int = 0,
     ) -> None:
         _check_positive("base_delay", base_delay)
+        if free_failures < 0:
+            raise ConfigError("free_failures must not be negative")
         _check_positive("max_delay", max_delay)
         _check_positive("quiet_period", quiet_period)
         _check_max_keys(max_keys)
@@ -230,18 +233,24 @@ class FailureBackoff(Generic[K]):
         self.max_delay = float(max_delay)
         self.quiet_period = float(quiet_period)
         self.max_keys = max_keys
+        self.free_failures = free_failures
         # Doubling past this level only reaches max_delay again.
-        self._max_level = 1 + math.ceil(math.log2(self.max_delay / self.base_delay))
+        self._max_level = free_failures + 1 + math.ceil(math.log2(self.max_delay / self.base_delay))
         self._states: OrderedDict[K, _FailureState] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._states)
 
     def delay_for_level(self, level: int) -> float:
-        """The block, in seconds, that follows the ``level``-th failure in a row."""
-        if level <= 0:
+        """The block, in seconds, that follows the ``level``-th failure in a row.
+
+        The first ``free_failures`` failures cost nothing (a mistyped or stale
+        credential should not lock anyone out); the blocks double after that.
+        """
+        steps = min(level, self._max_level) - self.free_failures
+        if steps <= 0:
             return 0.0
-        return min(self.base_delay * 2.0 ** (min(level, self._max_level) - 1), self.max_delay)
+        return min(self.base_delay * 2.0 ** (steps - 1), self.max_delay)
 
     def _decayed_level(self, state: _FailureState, now: float) -> int:
         quiet = max(0.0, now - state.last_failure)

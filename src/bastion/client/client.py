@@ -8,6 +8,7 @@ fails any check becomes a :class:`WarningEvent`, never a message.
 
 from __future__ import annotations
 
+import hashlib
 import re
 import secrets
 import time
@@ -44,11 +45,21 @@ from bastion.protocol.auth import register_message, signin_message
 USERNAME_RE = re.compile(frames.USERNAME_PATTERN)
 ONE_TIME_KEY_TARGET = 40
 ONE_TIME_KEY_LOW = 15
+TRANSIENT_ERRORS = frozenset({"disconnected", "timeout", "unreachable", "rate_limited", "internal"})
 
 
 def now_ms() -> int:
     """Wall-clock milliseconds since the epoch."""
     return time.time_ns() // 1_000_000
+
+
+def _envelope_key(deliver: frames.Deliver) -> str:
+    """What identifies a redelivery: the queue position and the exact ciphertext.
+
+    The body's hash is part of it so a reused position (a server database restored
+    from a backup) can never make a different message look like a duplicate.
+    """
+    return f"{deliver.seq}:{hashlib.sha256(deliver.body).hexdigest()[:32]}"
 
 
 def check_username(username: str) -> str:
@@ -79,7 +90,25 @@ class WarningEvent:
     at: int
 
 
-Event = MessageEvent | WarningEvent
+@dataclass(frozen=True, slots=True)
+class KeyChangedEvent:
+    """A contact's account key is not the pinned one; their messages wait until you decide."""
+
+    user: str
+    at: int
+
+
+@dataclass(frozen=True, slots=True)
+class DevicesChangedEvent:
+    """A user's set of certified devices changed since we last looked."""
+
+    user: str
+    added: tuple[str, ...]
+    removed: tuple[str, ...]
+    at: int
+
+
+Event = MessageEvent | WarningEvent | KeyChangedEvent | DevicesChangedEvent
 
 
 class Client:
@@ -89,6 +118,8 @@ class Client:
         self.profile = profile
         self.account = account
         self.conn: ServerConnection | None = None
+        self.notices: list[Event] = []
+        self.failed: list[HistoryRecord] = []
 
     # --- opening and registering ------------------------------------------------------------
 
@@ -111,6 +142,7 @@ class Client:
         username: str,
         server_url: str,
         fingerprint: str | None = None,
+        invite: str | None = None,
     ) -> Client:
         """Create an account and its first device on a server, and a profile for it.
 
@@ -125,7 +157,9 @@ class Client:
             challenge = conn.challenge
             profile = Profile.create(path, passphrase)
             try:
-                client = await cls._register_on(conn, profile, username, server_url, challenge)
+                client = await cls._register_on(
+                    conn, profile, username, server_url, challenge, invite=invite
+                )
             except BaseException:
                 profile.close()
                 for name in ("profile.db", "profile.json"):
@@ -143,9 +177,40 @@ class Client:
         username: str,
         server_url: str,
         challenge: frames.Challenge,
+        *,
+        invite: str | None = None,
     ) -> Client:
-        identity = AccountIdentity.generate()
-        device = OlmDevice.create()
+        return await cls.enroll(
+            conn,
+            profile,
+            identity=AccountIdentity.generate(),
+            device=OlmDevice.create(),
+            username=username,
+            server_url=server_url,
+            challenge=challenge,
+            new_account=True,
+            invite=invite,
+        )
+
+    @classmethod
+    async def enroll(
+        cls,
+        conn: ServerConnection,
+        profile: Profile,
+        *,
+        identity: AccountIdentity,
+        device: OlmDevice,
+        username: str,
+        server_url: str,
+        challenge: frames.Challenge,
+        new_account: bool,
+        invite: str | None = None,
+    ) -> Client:
+        """Certify ``device`` under the account key, save the profile, and register it.
+
+        With ``new_account`` the account is created; otherwise the device joins
+        the existing account (after linking or importing).
+        """
         created = now_ms()
         cert = DeviceCertificate.issue(
             identity,
@@ -174,31 +239,51 @@ class Client:
                 "contact:" + username,
                 ContactRecord(user=username, identity_key=identity.public_bytes, trust="self"),
             )
+        keys = frames.DeviceKeys(
+            device_id=device.device_id,
+            ed25519=device.ed25519,
+            curve25519=device.curve25519,
+            created_at=created,
+            certificate=cert.signature,
+        )
+        signature = device.sign(
+            register_message(challenge.server_name, challenge.nonce, username, device.device_id)
+        )
+        signed_otks = [frames.SignedKey(key=k.key, signature=k.signature) for k in otks]
+        signed_fallback = frames.SignedKey(key=fallback.key, signature=fallback.signature)
         req = conn.next_req()
-        await conn.request(
-            frames.Register(
+        frame: frames.Register | frames.AddDevice
+        if new_account:
+            frame = frames.Register(
                 req=req,
                 username=username,
                 identity_key=identity.public_bytes,
-                device=frames.DeviceKeys(
-                    device_id=device.device_id,
-                    ed25519=device.ed25519,
-                    curve25519=device.curve25519,
-                    created_at=created,
-                    certificate=cert.signature,
-                ),
-                signature=device.sign(
-                    register_message(
-                        challenge.server_name, challenge.nonce, username, device.device_id
-                    )
-                ),
-                one_time_keys=[frames.SignedKey(key=k.key, signature=k.signature) for k in otks],
-                fallback_key=frames.SignedKey(key=fallback.key, signature=fallback.signature),
+                device=keys,
+                signature=signature,
+                one_time_keys=signed_otks,
+                fallback_key=signed_fallback,
                 receive=False,
-            ),
-            req,
-        )
+                invite=invite,
+            )
+        else:
+            frame = frames.AddDevice(
+                req=req,
+                username=username,
+                device=keys,
+                signature=signature,
+                one_time_keys=signed_otks,
+                fallback_key=signed_fallback,
+                receive=False,
+            )
+        await conn.request(frame, req)
         return cls(profile, account)
+
+    def identity(self) -> AccountIdentity:
+        """The account identity key (private), from the encrypted profile."""
+        raw = self.profile.get("identity", bytes)
+        if raw is None:
+            raise ProfileError("the profile holds no account key")
+        return AccountIdentity.from_private_bytes(raw)
 
     # --- connection ---------------------------------------------------------------------------
 
@@ -207,6 +292,12 @@ class Client:
         conn = await ServerConnection.open(self.account.server_url, pin=self.account.fingerprint)
         try:
             challenge = conn.challenge
+            if challenge.version != frames.PROTOCOL_VERSION:
+                raise ServerRefusedError(
+                    "version",
+                    f"the server speaks protocol version {challenge.version}; "
+                    f"this client speaks {frames.PROTOCOL_VERSION}",
+                )
             if challenge.server_name != self.account.server_name:
                 raise UntrustedServerError(
                     f"the server calls itself {challenge.server_name!r}, not "
@@ -237,7 +328,7 @@ class Client:
         self.conn = conn
         if isinstance(reply, frames.SignedIn) and reply.one_time_keys < ONE_TIME_KEY_LOW:
             await self.top_up_keys(reply.one_time_keys)
-        await self.flush_outbox()
+        self.failed = await self.flush_outbox()
 
     async def close(self) -> None:
         """Disconnect (if connected) and close the profile."""
@@ -325,11 +416,21 @@ class Client:
                     created_at=d.created_at,
                 )
             )
-        record = (
-            ContactRecord(user=user, identity_key=reply.identity_key, devices=devices)
-            if pinned is None
-            else msgspec.structs.replace(pinned, devices=devices)
-        )
+        if pinned is None:
+            record = ContactRecord(user=user, identity_key=reply.identity_key, devices=devices)
+        else:
+            record = msgspec.structs.replace(pinned, devices=devices)
+            before = {d.device_id for d in pinned.devices}
+            after = {d.device_id for d in devices}
+            if pinned.devices and before != after:
+                self.notices.append(
+                    DevicesChangedEvent(
+                        user=user,
+                        added=tuple(sorted(after - before)),
+                        removed=tuple(sorted(before - after)),
+                        at=now_ms(),
+                    )
+                )
         with self.profile.transaction():
             self.profile.put("contact:" + user, record)
         return devices
@@ -461,6 +562,10 @@ class Client:
                     )
                 )
             frame = frames.Send(req=0, client_msg_id=message_id, to=to, ciphertexts=ciphertexts)
+            if len(frames.encode(frame)) > frames.MAX_FRAME_BYTES:
+                raise ValueError(
+                    "the message is too long to send to this many devices; split it up"
+                )
             record = HistoryRecord(
                 id=message_id,
                 sender=me,
@@ -486,25 +591,38 @@ class Client:
             self.profile.sent(record.id)
         return sent
 
-    async def flush_outbox(self) -> None:
-        """Resend messages that were encrypted but not acknowledged (same id: stored once)."""
+    async def flush_outbox(self) -> list[HistoryRecord]:
+        """Resend messages encrypted but not yet acknowledged (same id: stored once).
+
+        A message the server refuses for good (the recipient's devices or account
+        changed meanwhile) is marked failed, never re-encrypted to new keys behind
+        the user's back; those records are returned so a front end can say so.
+        """
         conn = self._connection()
+        failed = []
         for raw in self.profile.outgoing():
             frame = msgspec.msgpack.decode(raw, type=frames.Send)
             req = conn.next_req()
-            reply = await conn.request(msgspec.structs.replace(frame, req=req), req)
-            records = [
-                r
-                for r in self.profile.history(
-                    direct_conversation(self.account.username, frame.to), HistoryRecord
-                )
-                if r.id == frame.client_msg_id
-            ]
-            if records:
-                self._mark_sent(records[0], reply)
+            record = self.profile.message(frame.client_msg_id, HistoryRecord)
+            try:
+                reply = await conn.request(msgspec.structs.replace(frame, req=req), req)
+            except ServerRefusedError as exc:
+                if exc.code in TRANSIENT_ERRORS:
+                    raise
+                with self.profile.transaction():
+                    self.profile.sent(frame.client_msg_id)
+                    if record is not None:
+                        record = msgspec.structs.replace(record, state="failed")
+                        self.profile.update_message(record.id, record)
+                if record is not None:
+                    failed.append(record)
+                continue
+            if record is not None:
+                self._mark_sent(record, reply)
             else:
                 with self.profile.transaction():
                     self.profile.sent(frame.client_msg_id)
+        return failed
 
     # --- receiving ----------------------------------------------------------------------------
 
@@ -528,23 +646,33 @@ class Client:
             if isinstance(item, frames.KeysLow):
                 await self.top_up_keys(item.one_time_keys)
                 continue
+            if isinstance(item, frames.LinkPush):
+                continue  # only the linking flow reads these
             event = await self.process(item)
-            conn.send(frames.Ack(seqs=[item.seq]))
+            if not isinstance(event, KeyChangedEvent):
+                conn.send(frames.Ack(seqs=[item.seq]))
+            while self.notices:
+                yield self.notices.pop(0)
             if event is not None:
                 yield event
 
     async def process(self, deliver: frames.Deliver) -> Event | None:
         """Decrypt and check one envelope; store it if it passes. None for a duplicate."""
-        if self.profile.seen("env", str(deliver.seq)):
+        envelope = _envelope_key(deliver)
+        if self.profile.seen("env", envelope):
             return None
         try:
             sender_device = await self._sender_device(deliver.sender, deliver.sender_device)
             with self.profile.transaction():
                 return self._accept(deliver, sender_device)
-        except (RejectedMessageError, AuthenticationError, KeyChangedError) as exc:
+        except KeyChangedError:
+            # Not acknowledged and not marked seen: it waits on the server until the
+            # user accepts or refuses the new key.
+            return KeyChangedEvent(user=deliver.sender, at=deliver.server_ts)
+        except (RejectedMessageError, AuthenticationError) as exc:
             reason = exc.reason if isinstance(exc, RejectedMessageError) else str(exc)
             with self.profile.transaction():
-                self.profile.mark_seen("env", str(deliver.seq))
+                self.profile.mark_seen("env", envelope)
                 stats = self.profile.get("stats", Stats) or Stats()
                 self.profile.put("stats", Stats(rejected=stats.rejected + 1))
             return WarningEvent(
@@ -562,7 +690,9 @@ class Client:
         if device_id not in known:
             try:
                 known = {d.device_id: d for d in await self.devices_of(user)}
-            except ServerRefusedError:
+            except ServerRefusedError as exc:
+                if exc.code in TRANSIENT_ERRORS:
+                    raise  # not acknowledged: it is delivered again on the next connection
                 raise RejectedMessageError("sender is unknown to the server") from None
         if device_id not in known:
             raise RejectedMessageError("sender device has no valid certificate")
@@ -619,7 +749,7 @@ class Client:
         )
         if account_changed:
             self.profile.put("device", device.pickle(self.profile.pickle_key))
-        self.profile.mark_seen("env", str(deliver.seq))
+        self.profile.mark_seen("env", _envelope_key(deliver))
         self.profile.mark_seen("msg", replay_key)
         self.profile.add_message(payload.conversation, payload.message_id, record)
         contact = self.contact(peer)

@@ -219,13 +219,17 @@ class Profile:
     # --- history ------------------------------------------------------------------------------
 
     def add_message(self, conversation: str, message_id: bytes, record: Any) -> bool:
-        """Append to a conversation's history; False if that message id is already there."""
+        """Append to a conversation's history; False if that message id is already there.
+
+        The record is sealed to both its conversation and its id, so a row moved
+        to another conversation does not open there.
+        """
         conv = self.tag("conv", conversation)
         tag = self.tag("msg", message_id)
         try:
             self._conn.execute(
                 "INSERT INTO messages (conv, tag, value) VALUES (?, ?, ?)",
-                (conv, tag, self._seal(record, tag)),
+                (conv, tag, self._seal(record, conv + tag)),
             )
         except sqlite3.IntegrityError:
             return False
@@ -234,9 +238,21 @@ class Profile:
     def update_message(self, message_id: bytes, record: Any) -> None:
         """Replace the stored record of a message (its delivery state changed)."""
         tag = self.tag("msg", message_id)
+        row = self._conn.execute("SELECT conv FROM messages WHERE tag = ?", (tag,)).fetchone()
+        if row is None:
+            return
         self._conn.execute(
-            "UPDATE messages SET value = ? WHERE tag = ?", (self._seal(record, tag), tag)
+            "UPDATE messages SET value = ? WHERE tag = ?",
+            (self._seal(record, bytes(row[0]) + tag), tag),
         )
+
+    def message(self, message_id: bytes, kind: type[T]) -> T | None:
+        """One history record by message id, or None."""
+        tag = self.tag("msg", message_id)
+        row = self._conn.execute(
+            "SELECT conv, value FROM messages WHERE tag = ?", (tag,)
+        ).fetchone()
+        return None if row is None else self._open(row[1], bytes(row[0]) + tag, kind)
 
     def history(self, conversation: str, kind: type[T], *, limit: int = 1000) -> list[T]:
         """The last ``limit`` records of a conversation, oldest first."""
@@ -245,7 +261,7 @@ class Profile:
             "SELECT tag, value FROM messages WHERE conv = ? ORDER BY seq DESC LIMIT ?",
             (conv, limit),
         ).fetchall()
-        return [self._open(value, bytes(tag), kind) for tag, value in reversed(rows)]
+        return [self._open(value, conv + bytes(tag), kind) for tag, value in reversed(rows)]
 
     # --- outbox -------------------------------------------------------------------------------
 

@@ -47,7 +47,7 @@ class HistoryRecord(msgspec.Struct, frozen=True, kw_only=True):
     sent_at: int
     server_ts: int
     direction: str  # in | out
-    state: str  # pending | sent | received
+    state: str  # pending | sent | received | failed
 
 
 class Stats(msgspec.Struct, frozen=True, kw_only=True):

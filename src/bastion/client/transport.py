@@ -23,7 +23,7 @@ from bastion.tlsprofile import fingerprint, pinning_client_context
 
 log = logging.getLogger("bastion.client")
 
-Incoming = frames.Deliver | frames.KeysLow | frames.Synced
+Incoming = frames.Deliver | frames.KeysLow | frames.Synced | frames.LinkPush
 
 
 @dataclass
@@ -50,9 +50,9 @@ class _Listener(WSListener):
             self.conn.fail(
                 UntrustedServerError(
                     f"the server's certificate changed: expected {pin}, got {seen}. "
-                    "If the operator replaced it, get the new fingerprint from them and "
-                    "run the command again with --fingerprint; otherwise someone may be "
-                    "intercepting the connection."
+                    "Someone may be intercepting the connection. If the operator really "
+                    "replaced the certificate, confirm the new fingerprint with them by "
+                    "another channel before trusting it (register takes it as --fingerprint)."
                 )
             )
             transport.disconnect()
@@ -146,7 +146,7 @@ class ServerConnection:
                 loop = asyncio.get_running_loop()
                 self._challenge = loop.create_future()
             self._challenge.set_result(frame)
-        elif isinstance(frame, frames.Deliver | frames.KeysLow | frames.Synced):
+        elif isinstance(frame, frames.Deliver | frames.KeysLow | frames.Synced | frames.LinkPush):
             self.incoming.put_nowait(frame)
         else:
             req = frame.req

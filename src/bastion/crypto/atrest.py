@@ -34,9 +34,15 @@ class KdfParams:
     lanes: int = 4
 
     def check(self) -> None:
-        """Refuse parameters too weak to protect a passphrase (raises ProfileError)."""
+        """Refuse parameters too weak to protect a passphrase, or absurdly costly ones.
+
+        The upper bounds stop an edited profile header from making unlocking
+        allocate gigabytes or run for hours. Raises ProfileError.
+        """
         if self.memory_kib < 19 * 1024 or self.iterations < 2 or not 1 <= self.lanes <= 16:
             raise ProfileError("key derivation parameters are below the safe minimum")
+        if self.memory_kib > 4 * 1024 * 1024 or self.iterations > 64:
+            raise ProfileError("key derivation parameters are beyond the supported maximum")
 
 
 def derive_master_key(passphrase: str, salt: bytes, params: KdfParams) -> bytes:

@@ -19,6 +19,7 @@ DEVICE_ID_CONTEXT = "bastion/v1/device-id"
 CERTIFICATE_CONTEXT = "bastion/v1/device-certificate"
 ONE_TIME_KEY_CONTEXT = "bastion/v1/one-time-key"
 FALLBACK_KEY_CONTEXT = "bastion/v1/fallback-key"
+REVOCATION_CONTEXT = "bastion/v1/device-revocation"
 
 
 def device_id_for(ed25519: bytes, curve25519: bytes) -> str:
@@ -76,3 +77,17 @@ def verify_published_key(
     """Check a published key's signature by its device; raises :class:`AuthenticationError`."""
     context = FALLBACK_KEY_CONTEXT if fallback else ONE_TIME_KEY_CONTEXT
     verify_signed(device_ed25519, signature, context, [device_id, key])
+
+
+def sign_revocation(
+    identity: AccountIdentity, username: str, device_id: str, revoked_at: int
+) -> bytes:
+    """The account key's signature revoking a device."""
+    return identity.sign(REVOCATION_CONTEXT, [username, device_id, revoked_at])
+
+
+def verify_revocation(
+    identity_key: bytes, signature: bytes, username: str, device_id: str, revoked_at: int
+) -> None:
+    """Check a revocation; raises :class:`AuthenticationError`."""
+    verify_signed(identity_key, signature, REVOCATION_CONTEXT, [username, device_id, revoked_at])

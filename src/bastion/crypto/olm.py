@@ -171,6 +171,8 @@ class OlmSession:
 
     def decrypt(self, kind: int, body: bytes) -> bytes:
         """Decrypt a message; raises :class:`AuthenticationError` if it fails."""
+        if kind not in (PRE_KEY, NORMAL):
+            raise AuthenticationError("unknown Olm message kind")
         try:
             return self._session.decrypt(vodozemac.AnyOlmMessage.from_parts(kind, body))
         except (vodozemac.DecodeException, vodozemac.OlmDecryptionException):

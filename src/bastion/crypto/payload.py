@@ -26,7 +26,7 @@ class Payload(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=T
     """What a sender says, bound to who says it and to whom."""
 
     v: Annotated[int, Meta(ge=1, le=1)] = 1
-    kind: Annotated[str, Meta(pattern=r"^[a-z_]{1,32}$")]
+    kind: Annotated[str, Meta(pattern=r"^[a-z_]{1,32}\Z")]
     sender: Username
     sender_device: DeviceId
     recipient: Username
@@ -96,6 +96,8 @@ def open_signed(
         raise RejectedMessageError("sender inside the message does not match its session")
     if payload.to != me or payload.to_device != my_device:
         raise RejectedMessageError("message was addressed to another device")
+    if payload.recipient == payload.sender:
+        raise RejectedMessageError("message names its sender as its recipient")
     if me not in (sender, payload.recipient):
         raise RejectedMessageError("message was meant for another user")
     if payload.conversation != direct_conversation(payload.sender, payload.recipient):

@@ -21,10 +21,10 @@ MAX_DEVICES_PER_SEND: Final = 64
 MAX_KEYS_PER_UPLOAD: Final = 100
 MAX_ACKS_PER_FRAME: Final = 1024
 
-USERNAME_PATTERN: Final = r"^[a-z0-9._-]{3,32}$"
+USERNAME_PATTERN: Final = r"^[a-z0-9._-]{3,32}\Z"
 
 Username = Annotated[str, Meta(pattern=USERNAME_PATTERN)]
-DeviceId = Annotated[str, Meta(pattern=r"^[a-z2-7]{16}$")]
+DeviceId = Annotated[str, Meta(pattern=r"^[a-z2-7]{16}\Z")]
 Key32 = Annotated[bytes, Meta(min_length=32, max_length=32)]
 Signature = Annotated[bytes, Meta(min_length=64, max_length=64)]
 Nonce = Annotated[bytes, Meta(min_length=32, max_length=32)]
@@ -34,8 +34,9 @@ Seq = Annotated[int, Meta(ge=0, le=2**63 - 1)]
 Millis = Annotated[int, Meta(ge=0, le=2**53)]
 Body = Annotated[bytes, Meta(max_length=MAX_BODY_BYTES)]
 ShortText = Annotated[str, Meta(max_length=256)]
-ErrorCode = Annotated[str, Meta(pattern=r"^[a-z_]{1,32}$")]
+ErrorCode = Annotated[str, Meta(pattern=r"^[a-z_]{1,32}\Z")]
 OlmKind = Annotated[int, Meta(ge=0, le=1)]
+InviteCode = Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]{8,64}\Z")]
 
 
 class Frame(msgspec.Struct, tag_field="type", forbid_unknown_fields=True, kw_only=True):
@@ -98,6 +99,7 @@ class Register(Frame, tag="register"):
     one_time_keys: Annotated[list[SignedKey], Meta(max_length=MAX_KEYS_PER_UPLOAD)]
     fallback_key: SignedKey
     receive: bool = True
+    invite: InviteCode | None = None
 
 
 class SignIn(Frame, tag="signin"):
@@ -141,6 +143,53 @@ class Send(Frame, tag="send"):
     ciphertexts: Annotated[
         list[DeviceCiphertext], Meta(min_length=1, max_length=MAX_DEVICES_PER_SEND)
     ]
+
+
+LinkBlob = Annotated[bytes, Meta(min_length=28, max_length=4096)]
+
+
+class LinkOpen(Frame, tag="link_open"):
+    """A signed-in device opens a one-time link slot (the hash of a code it shows the user)."""
+
+    req: RequestId
+    slot: Key32
+
+
+class LinkJoin(Frame, tag="link_join"):
+    """A new device, not signed in, answers a slot with its keys sealed under the code."""
+
+    req: RequestId
+    slot: Key32
+    blob: LinkBlob
+
+
+class LinkAnswer(Frame, tag="link_answer"):
+    """The existing device answers the new one (account key and certificate, sealed)."""
+
+    req: RequestId
+    slot: Key32
+    blob: LinkBlob
+
+
+class AddDevice(Frame, tag="add_device"):
+    """A linked or imported device joins its account; signs the connection's challenge."""
+
+    req: RequestId
+    username: Username
+    device: DeviceKeys
+    signature: Signature
+    one_time_keys: Annotated[list[SignedKey], Meta(max_length=MAX_KEYS_PER_UPLOAD)]
+    fallback_key: SignedKey
+    receive: bool = True
+
+
+class RevokeDevice(Frame, tag="revoke_device"):
+    """Remove a device from the account, signed by the account identity key."""
+
+    req: RequestId
+    device_id: DeviceId
+    revoked_at: Millis
+    signature: Signature
 
 
 class Ack(Frame, tag="ack"):
@@ -229,9 +278,39 @@ class Synced(Frame, tag="synced"):
     """Everything that was queued for this device when it signed in has been delivered."""
 
 
-ClientFrame = Register | SignIn | QueryKeys | ClaimKeys | UploadKeys | Send | Ack
+class LinkPush(Frame, tag="link_push"):
+    """A sealed link message from the other side of a slot."""
+
+    slot: Key32
+    blob: LinkBlob
+
+
+ClientFrame = (
+    Register
+    | SignIn
+    | QueryKeys
+    | ClaimKeys
+    | UploadKeys
+    | Send
+    | Ack
+    | LinkOpen
+    | LinkJoin
+    | LinkAnswer
+    | AddDevice
+    | RevokeDevice
+)
 ServerFrame = (
-    Challenge | SignedIn | Ok | Error | KeysResult | ClaimResult | Sent | Deliver | KeysLow | Synced
+    Challenge
+    | SignedIn
+    | Ok
+    | Error
+    | KeysResult
+    | ClaimResult
+    | Sent
+    | Deliver
+    | KeysLow
+    | Synced
+    | LinkPush
 )
 
 _encoder = msgspec.msgpack.Encoder()
@@ -264,5 +343,5 @@ def _decode(decoder: msgspec.msgpack.Decoder[T], data: bytes, max_bytes: int) ->
         return decoder.decode(data)
     except msgspec.ValidationError as exc:
         raise FrameError(f"invalid frame: {exc}") from None
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
         raise FrameError(f"undecodable frame: {exc}") from None

@@ -43,38 +43,77 @@ key) is what closes the third.
 
 from __future__ import annotations
 
-import hashlib
-import hmac
-import json
 import os
-import re
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO, Final
+from typing import Final
 
-from bastion.crypto.signing import AccountIdentity, Part, signing_input, verify_signed
-from bastion.errors import AuthenticationError, ConfigError, StateError, StorageError
+from bastion.crypto.signing import AccountIdentity
+from bastion.errors import StateError, StorageError
+from bastion.server.audit_record import (
+    CHECKPOINT_CONTEXT,
+    CHECKPOINT_EVENT,
+    GENESIS_HASH,
+    HEAD_NAME,
+    LOG_NAME,
+    MAX_FIELD_NAME_CHARS,
+    MAX_FIELD_STR_CHARS,
+    MAX_FIELDS,
+    MAX_RECORD_BYTES,
+    RECORD_CONTEXT,
+    RECOVERED_EVENT,
+    TIME_PATTERN,
+    AuditRecord,
+    AuditRecordError,
+    AuditRefusedError,
+    FieldValue,
+    check_fields,
+    check_own_hash,
+    checkpoint_parts,
+    parse_record,
+    record_hash,
+)
+from bastion.server.audit_verify import VerifyReport, read_records, verify_log
 
 try:
     import fcntl
 except ImportError:  # pragma: no cover - not POSIX
     fcntl = None  # type: ignore[assignment]
 
-RECORD_CONTEXT: Final = "bastion/v1/audit-record"
-CHECKPOINT_CONTEXT: Final = "bastion/v1/audit-checkpoint"
-LOG_NAME: Final = "audit.log"
-HEAD_NAME: Final = "audit.head"
-CHECKPOINT_EVENT: Final = "audit.checkpoint"
-RECOVERED_EVENT: Final = "audit.recovered"
-GENESIS_HASH: Final = "0" * 64
+__all__ = [
+    "CHECKPOINT_CONTEXT",
+    "CHECKPOINT_EVENT",
+    "EVENTS",
+    "GENESIS_HASH",
+    "HEAD_NAME",
+    "LOG_NAME",
+    "MAX_FIELDS",
+    "MAX_FIELD_NAME_CHARS",
+    "MAX_FIELD_STR_CHARS",
+    "MAX_RECORD_BYTES",
+    "RECORD_CONTEXT",
+    "RECOVERED_EVENT",
+    "AuditLog",
+    "AuditRecord",
+    "AuditRecordError",
+    "AuditRefusedError",
+    "FieldValue",
+    "VerifyReport",
+    "check_fields",
+    "parse_record",
+    "read_records",
+    "record_hash",
+    "verify_log",
+]
 
 EVENTS: Final = frozenset(
     [
         "server.started",
         "server.stopped",
         "registration",
+        "account.registered",
+        "registration.refused",
         "signin.ok",
         "signin.failed",
         "device.added",
@@ -88,88 +127,6 @@ EVENTS: Final = frozenset(
 )
 """The events callers may append; the log itself writes the ``audit.*`` ones."""
 
-MAX_FIELDS: Final = 16
-MAX_FIELD_NAME_CHARS: Final = 32
-MAX_FIELD_STR_CHARS: Final = 256
-MAX_RECORD_BYTES: Final = 32 * 1024
-_INT64 = 2**63
-_FIELD_NAME = re.compile(r"[a-z][a-z0-9_]{0,31}\Z")  # MAX_FIELD_NAME_CHARS
-_EVENT_NAME = re.compile(r"[a-z][a-z0-9_]{0,31}(\.[a-z][a-z0-9_]{0,31}){0,2}\Z")
-_HEX64 = re.compile(r"[0-9a-f]{64}\Z")
-_HEX128 = re.compile(r"[0-9a-f]{128}\Z")
-_TIME = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z\Z")
-_RECORD_KEYS = ("seq", "time", "event", "fields", "prev", "hash")
-
-FieldValue = str | int | bool
-
-
-class AuditRefusedError(StorageError):
-    """The audit log refused an event: unknown name, or a field that could carry content."""
-
-
-@dataclass(frozen=True, slots=True)
-class AuditRecord:
-    """One line of the audit log."""
-
-    seq: int
-    time: str
-    event: str
-    fields: Mapping[str, FieldValue]
-    prev: str
-    hash: str
-
-    @property
-    def is_checkpoint(self) -> bool:
-        """True for a signed checkpoint record."""
-        return self.event == CHECKPOINT_EVENT
-
-    def to_line(self) -> bytes:
-        """The record as one JSON line, newline included."""
-        body = {key: getattr(self, key) for key in _RECORD_KEYS}
-        body["fields"] = dict(self.fields)
-        text = json.dumps(body, ensure_ascii=False, separators=(",", ":"))
-        return text.encode() + b"\n"
-
-
-@dataclass(frozen=True, slots=True)
-class VerifyReport:
-    """The outcome of :func:`verify_log`; ``reason`` is one line, empty when ``ok``."""
-
-    ok: bool
-    records_checked: int
-    checkpoints_checked: int = 0
-    signed_through_seq: int = 0
-    signed_through_hash: str = ""
-    first_bad_seq: int | None = None
-    first_bad_line: int | None = None
-    reason: str = ""
-
-    @property
-    def unsigned_tail(self) -> int:
-        """Records after the last valid checkpoint: not protected by a signature yet."""
-        return self.records_checked - self.signed_through_seq
-
-
-def record_hash(
-    seq: int, time: str, event: str, fields: Mapping[str, FieldValue], prev: str
-) -> str:
-    """The hex SHA-256 that chains a record with this content to the log."""
-    parts: list[Part] = [seq, time, event, len(fields)]
-    for name in sorted(fields):
-        value = fields[name]
-        if isinstance(value, bool):
-            parts += [name, "b", int(value)]
-        elif isinstance(value, int):
-            parts += [name, "i", value]
-        else:
-            parts += [name, "s", value]
-    parts.append(bytes.fromhex(prev))
-    return hashlib.sha256(signing_input(RECORD_CONTEXT, parts)).hexdigest()
-
-
-def _checkpoint_parts(seq: int, time: str, covers_seq: int, covers_hash: str) -> list[Part]:
-    return [seq, time, covers_seq, bytes.fromhex(covers_hash)]
-
 
 def _iso_time(now: float) -> str:
     try:
@@ -177,113 +134,9 @@ def _iso_time(now: float) -> str:
     except (ValueError, OverflowError, OSError):
         raise AuditRefusedError("now is not a representable time") from None
     text = moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
-    if not _TIME.match(text):
+    if not TIME_PATTERN.match(text):
         raise AuditRefusedError("now is not a representable time")
     return text
-
-
-def check_fields(fields: Mapping[str, object]) -> dict[str, FieldValue]:
-    """Return ``fields`` if every name and value is acceptable audit metadata.
-
-    Names are short lower-case identifiers; values are bool, 64-bit int, or a
-    printable str of at most :data:`MAX_FIELD_STR_CHARS` characters (no control,
-    format or line-separator characters). Raises :class:`AuditRefusedError`
-    for anything else: bytes, floats, nested containers, long text.
-    """
-    if len(fields) > MAX_FIELDS:
-        raise AuditRefusedError(f"at most {MAX_FIELDS} fields per audit record")
-    checked: dict[str, FieldValue] = {}
-    for name, value in fields.items():
-        if not isinstance(name, str) or not _FIELD_NAME.match(name):
-            raise AuditRefusedError("audit field names are short lower-case identifiers")
-        if isinstance(value, bool):
-            checked[name] = value
-        elif isinstance(value, int):
-            if not -_INT64 <= value < _INT64:
-                raise AuditRefusedError(f"audit field {name!r} is out of the 64-bit range")
-            checked[name] = value
-        elif isinstance(value, str):
-            if len(value) > MAX_FIELD_STR_CHARS:
-                raise AuditRefusedError(f"audit field {name!r} is longer than allowed")
-            if not value.isprintable():
-                raise AuditRefusedError(f"audit field {name!r} holds unprintable characters")
-            checked[name] = value
-        else:
-            raise AuditRefusedError(
-                f"audit field {name!r} must be str, int or bool, not {type(value).__name__}"
-            )
-    return checked
-
-
-class AuditRecordError(StorageError):
-    """A line of the log or head file is not a well-formed, correctly signed record."""
-
-
-def _reject_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
-    result = dict(pairs)
-    if len(result) != len(pairs):
-        raise AuditRecordError("duplicate key")
-    return result
-
-
-def parse_record(line: bytes) -> AuditRecord:
-    """Decode one log line (without its newline) into an :class:`AuditRecord`.
-
-    Checks the shape only, not the chain. Raises :class:`AuditRecordError`
-    naming what is wrong.
-    """
-    if len(line) > MAX_RECORD_BYTES:
-        raise AuditRecordError("line too long")
-    try:
-        data = json.loads(line.decode(), object_pairs_hook=_reject_duplicates)
-    except (ValueError, RecursionError):
-        raise AuditRecordError("not valid JSON") from None
-    if not isinstance(data, dict) or tuple(data) != _RECORD_KEYS:
-        raise AuditRecordError("wrong keys")
-    seq, time, event, fields, prev, digest = (data[key] for key in _RECORD_KEYS)
-    if isinstance(seq, bool) or not isinstance(seq, int) or not 1 <= seq < _INT64:
-        raise AuditRecordError("bad seq")
-    if not isinstance(time, str) or not _TIME.match(time):
-        raise AuditRecordError("bad time")
-    if not isinstance(event, str) or not _EVENT_NAME.match(event):
-        raise AuditRecordError("bad event name")
-    if not isinstance(fields, dict):
-        raise AuditRecordError("bad fields")
-    try:
-        checked = check_fields(fields)
-    except AuditRefusedError:
-        raise AuditRecordError("bad fields") from None
-    for value in (prev, digest):
-        if not isinstance(value, str) or not _HEX64.match(value):
-            raise AuditRecordError("bad hash")
-    return AuditRecord(seq, time, event, checked, prev, digest)
-
-
-def _check_checkpoint(record: AuditRecord, public_key: bytes) -> None:
-    """Raise :class:`AuditRecordError` unless ``record`` is a validly signed checkpoint."""
-    covers_seq = record.fields.get("covers_seq")
-    signature = record.fields.get("signature")
-    if (
-        set(record.fields) != {"covers_seq", "signature"}
-        or not isinstance(covers_seq, int)
-        or isinstance(covers_seq, bool)
-        or covers_seq != record.seq - 1
-        or not isinstance(signature, str)
-        or not _HEX128.match(signature)
-    ):
-        raise AuditRecordError("malformed checkpoint")
-    parts = _checkpoint_parts(record.seq, record.time, covers_seq, record.prev)
-    try:
-        verify_signed(public_key, bytes.fromhex(signature), CHECKPOINT_CONTEXT, parts)
-    except AuthenticationError:
-        raise AuditRecordError(
-            "checkpoint signature does not verify (wrong key or forged)"
-        ) from None
-
-
-def _check_own_hash(record: AuditRecord) -> bool:
-    expected = record_hash(record.seq, record.time, record.event, record.fields, record.prev)
-    return hmac.compare_digest(expected, record.hash)
 
 
 def _open_private(path: Path, flags: int) -> int:
@@ -391,7 +244,7 @@ class AuditLog:
         except AuditRecordError as exc:
             raise StorageError(f"the last audit record is damaged ({exc}); run verify") from None
         if last is not None:
-            if not _check_own_hash(last):
+            if not check_own_hash(last):
                 raise StorageError("the last audit record does not match its hash; run verify")
             self._seq, self._hash, self._last_time = last.seq, last.hash, last.time
             self._since_checkpoint = 0 if last.is_checkpoint else 1
@@ -501,7 +354,7 @@ class AuditLog:
         seq = self._seq + 1
         covers_seq, covers_hash = self._seq, self._hash
         signature = self._key.sign(
-            CHECKPOINT_CONTEXT, _checkpoint_parts(seq, time, covers_seq, covers_hash)
+            CHECKPOINT_CONTEXT, checkpoint_parts(seq, time, covers_seq, covers_hash)
         )
         fields: dict[str, FieldValue] = {"covers_seq": covers_seq, "signature": signature.hex()}
         record = self._append(CHECKPOINT_EVENT, time, fields)
@@ -544,167 +397,58 @@ class AuditLog:
             raise StorageError(f"cannot write the audit head: {exc.strerror}") from None
 
 
-def _lines(handle: IO[bytes]) -> Iterator[tuple[bytes, bool]]:
-    """Lines without their newline, each with whether it was complete and short enough."""
-    while True:
-        line = handle.readline(MAX_RECORD_BYTES + 1)
-        if not line:
-            return
-        if line.endswith(b"\n"):
-            yield line[:-1], True
-        else:
-            yield line, False
-            if len(line) > MAX_RECORD_BYTES:
-                return
+AUDIT_DIR: Final = "audit"
+AUDIT_KEY_FILE: Final = "audit.key"
+AUDIT_PUBLIC_FILE: Final = "audit.pub"
 
 
-def read_records(directory: Path | str) -> Iterator[AuditRecord]:
-    """Yield the records of the log in ``directory`` in file order, without verifying.
+def ensure_audit_key(data_dir: Path) -> AccountIdentity:
+    """The server audit key in ``data_dir``, generated (mode 0600) on first use.
 
-    For display (``bastion admin audit show``); use :func:`verify_log` to check
-    them. Raises :class:`StorageError` for an unreadable file or malformed line.
+    The public half is written beside it as hex for verifiers. Raises
+    :class:`StorageError` if the key file cannot be written or is damaged.
     """
-    path = Path(directory) / LOG_NAME
+    path = data_dir / AUDIT_KEY_FILE
     try:
-        handle = path.open("rb")
-    except FileNotFoundError:
-        return
+        if not path.exists():
+            key = AccountIdentity.generate()
+            fd = _open_private(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+            try:
+                _write_all(fd, key.private_bytes())
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        raw = path.read_bytes()
     except OSError as exc:
-        raise StorageError(f"cannot read the audit log: {exc.strerror}") from None
-    with handle:
-        for number, (line, complete) in enumerate(_lines(handle), start=1):
-            if not complete:
-                raise StorageError(f"line {number}: unfinished or overlong audit record")
-            try:
-                yield parse_record(line)
-            except AuditRecordError as exc:
-                raise StorageError(f"line {number}: not an audit record: {exc}") from None
+        raise StorageError(f"cannot use the audit key: {exc.strerror}") from None
+    if len(raw) != 32:
+        raise StorageError("the audit key file is damaged")
+    key = AccountIdentity.from_private_bytes(raw)
+    public = data_dir / AUDIT_PUBLIC_FILE
+    if not public.exists():
+        public.write_text(key.public_bytes.hex() + "\n")
+    return key
 
 
-def verify_log(
-    directory: Path | str,
-    public_key: bytes,
-    *,
-    known_checkpoint: tuple[int, str] | None = None,
-) -> VerifyReport:
-    """Check the chain, every checkpoint signature and the head file of the log in ``directory``.
+def audit_public_key(data_dir: Path) -> bytes:
+    """The audit public key of the server in ``data_dir``.
 
-    ``known_checkpoint`` is a ``(signed_through_seq, signed_through_hash)``
-    pair from an earlier report, kept where the server cannot write; the log
-    must still contain that exact record. Problems in the log are reported, not
-    raised; raises :class:`ConfigError` for a malformed ``known_checkpoint`` and
-    :class:`StorageError` when a file exists but cannot be read.
+    Taken from the private key file when present (``audit.pub`` could have been
+    swapped together with a forged log), else from ``audit.pub``. Raises
+    :class:`StorageError` if neither is usable.
     """
-    if known_checkpoint is not None:
-        seq, digest = known_checkpoint
-        if isinstance(seq, bool) or not isinstance(seq, int) or seq < 1:
-            raise ConfigError("the known checkpoint's seq must be a positive integer")
-        if not isinstance(digest, str) or not _HEX64.match(digest):
-            raise ConfigError("the known checkpoint's hash must be 64 lower-case hex digits")
-    return _Verifier(Path(directory), public_key, known_checkpoint).run()
-
-
-class _Verifier:
-    def __init__(self, directory: Path, public_key: bytes, known: tuple[int, str] | None) -> None:
-        self.directory = directory
-        self.public_key = public_key
-        # (seq, hash, what) of records the log must contain: the head, a witness.
-        self.pending: list[tuple[int, str, str]] = [] if known is None else [(*known, "known")]
-        self.records = 0
-        self.checkpoints = 0
-        self.signed_through = 0
-        self.signed_hash = ""
-        self.last_hash = GENESIS_HASH
-
-    def report(
-        self, reason: str = "", line: int | None = None, seq: int | None = None
-    ) -> VerifyReport:
-        return VerifyReport(
-            ok=not reason,
-            records_checked=self.records,
-            checkpoints_checked=self.checkpoints,
-            signed_through_seq=self.signed_through,
-            signed_through_hash=self.signed_hash,
-            first_bad_seq=seq,
-            first_bad_line=line,
-            reason=reason,
-        )
-
-    def load_head(self) -> str:
-        """Read and check the head file; return a problem, or "" if it is fine or absent."""
-        try:
-            raw = (self.directory / HEAD_NAME).read_bytes()
-        except FileNotFoundError:
-            return ""
-        except OSError as exc:
-            raise StorageError(f"cannot read the audit head: {exc.strerror}") from None
-        try:
-            if not raw.endswith(b"\n"):
-                raise AuditRecordError("unfinished")
-            head = parse_record(raw[:-1])
-            if not head.is_checkpoint:
-                raise AuditRecordError("not a checkpoint")
-            if not _check_own_hash(head):
-                raise AuditRecordError("does not match its hash")
-            _check_checkpoint(head, self.public_key)
-        except AuditRecordError as exc:
-            return f"the head file is not a valid signed checkpoint: {exc}"
-        self.pending.append((head.seq, head.hash, "head"))
-        return ""
-
-    def run(self) -> VerifyReport:
-        problem = self.load_head()
-        if problem:
-            return self.report(problem)
-        try:
-            handle = (self.directory / LOG_NAME).open("rb")
-        except FileNotFoundError:
-            return self.finish()
-        except OSError as exc:
-            raise StorageError(f"cannot read the audit log: {exc.strerror}") from None
-        with handle:
-            for number, (line, complete) in enumerate(_lines(handle), start=1):
-                bad = self.check_line(line, complete, number)
-                if bad is not None:
-                    return bad
-        return self.finish()
-
-    def check_line(self, line: bytes, complete: bool, number: int) -> VerifyReport | None:
-        if not complete:
-            return self.report(f"line {number}: unfinished or overlong record", number)
-        try:
-            record = parse_record(line)
-        except AuditRecordError as exc:
-            return self.report(f"line {number}: not an audit record ({exc})", number)
-        where = f"line {number}: seq {record.seq}"
-        if record.seq != self.records + 1:
-            reason = f"{where} where {self.records + 1} was expected (deleted, inserted or moved)"
-            return self.report(reason, number, record.seq)
-        if not hmac.compare_digest(record.prev, self.last_hash):
-            return self.report(f"{where} does not chain to the record before", number, record.seq)
-        if not _check_own_hash(record):
-            return self.report(f"{where} does not match its hash (edited)", number, record.seq)
-        if record.is_checkpoint:
-            try:
-                _check_checkpoint(record, self.public_key)
-            except AuditRecordError as exc:
-                return self.report(f"{where}: {exc}", number, record.seq)
-            self.checkpoints += 1
-            self.signed_through, self.signed_hash = record.seq, record.hash
-        for target in [t for t in self.pending if t[0] == record.seq]:
-            if not hmac.compare_digest(target[1], record.hash):
-                return self.report(f"{where} differs from the {target[2]} checkpoint", number)
-            self.pending.remove(target)
-        self.records += 1
-        self.last_hash = record.hash
-        return None
-
-    def finish(self) -> VerifyReport:
-        for seq, _, what in self.pending:
-            reason = f"the log ends at seq {self.records} before the {what} checkpoint at seq {seq}"
-            if what == "head":
-                reason += ": records were cut from the end"
-            return self.report(reason, seq=self.records + 1)
-        if self.checkpoints and not (self.directory / HEAD_NAME).exists():
-            return self.report("the head file is missing although the log holds checkpoints")
-        return self.report()
+    try:
+        raw = (data_dir / AUDIT_KEY_FILE).read_bytes()
+    except FileNotFoundError:
+        raw = b""
+    except OSError as exc:
+        raise StorageError(f"cannot read the audit key: {exc.strerror}") from None
+    if len(raw) == 32:
+        return AccountIdentity.from_private_bytes(raw).public_bytes
+    try:
+        public = bytes.fromhex((data_dir / AUDIT_PUBLIC_FILE).read_text().strip())
+    except (OSError, ValueError):
+        raise StorageError(f"no audit key in {data_dir}") from None
+    if len(public) != 32:
+        raise StorageError("the audit public key file is damaged")
+    return public

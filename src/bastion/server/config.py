@@ -1,9 +1,23 @@
-"""Server settings and limits, with safe defaults."""
+"""Server settings and limits, with safe defaults, and the optional ``bastion.toml``.
+
+The config file holds one ``[limits]`` table whose keys are the field names of
+:class:`Limits`; docs/limits.md lists them. Unknown keys and wrong types are
+refused with a :class:`~bastion.errors.ConfigError` that names the key.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from bastion.errors import ConfigError
+
+CONFIG_FILE = "bastion.toml"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -27,8 +41,20 @@ class Limits:
     key_claims_per_target_burst: int = 5
     signin_backoff_base_s: float = 1.0
     signin_backoff_max_s: float = 300.0
-    one_time_keys_low: int = 20
+    signin_free_failures: int = 5
+    one_time_keys_low: int = 15
     one_time_keys_max: int = 200
+    messages_per_second: float = 100.0
+    messages_burst: int = 1000
+    registrations_per_address_per_hour: float = 60.0
+    registrations_per_address_burst: int = 200
+    connections_per_address: int = 512
+    max_devices_per_account: int = 10
+    offline_queue_max: int = 10_000
+    tls_handshake_timeout_s: float = 10.0
+    websocket_open_timeout_s: float = 10.0
+    admin_poll_s: float = 1.0
+    shutdown_grace_s: float = 2.0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -40,3 +66,56 @@ class ServerConfig:
     port: int = 8443
     server_name: str = ""
     limits: Limits = field(default_factory=Limits)
+
+
+_SECTIONS = frozenset({"limits"})
+_MAY_BE_ZERO = frozenset({"signin_free_failures"})
+
+
+def parse_config(data: bytes | str, *, source: str = CONFIG_FILE) -> Limits:
+    """Parse the text of a config file into :class:`Limits` (defaults for absent keys).
+
+    Raises :class:`ConfigError` naming the file and key for invalid TOML, an
+    unknown table or key, a wrong type, or a limit that is not a positive number.
+    """
+    try:
+        raw = msgspec.toml.decode(data)
+    except msgspec.DecodeError as exc:
+        raise ConfigError(f"{source}: not valid TOML: {exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{source}: not valid TOML: the file is not UTF-8 text") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a table at the top level")
+    for name in raw:
+        if name not in _SECTIONS:
+            raise ConfigError(f"{source}: unknown setting {name!r} (expected a [limits] table)")
+    table: Any = raw.get("limits", {})
+    if not isinstance(table, dict):
+        raise ConfigError(f"{source}: 'limits' must be a table")
+    known = {f.name: f for f in dataclasses.fields(Limits)}
+    for name in table:
+        if name not in known:
+            raise ConfigError(f"{source}: unknown limit 'limits.{name}'")
+    for name, value in table.items():
+        expected = known[name].type
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{source}: 'limits.{name}' must be a number")
+        if expected in ("int", int) and not isinstance(value, int):
+            raise ConfigError(f"{source}: 'limits.{name}' must be a whole number")
+        if name in _MAY_BE_ZERO and value == 0:
+            continue
+        if not (math.isfinite(value) and value > 0):
+            raise ConfigError(f"{source}: 'limits.{name}' must be a positive number")
+    try:
+        return msgspec.convert(table, Limits)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+
+
+def load_config(path: Path) -> Limits:
+    """Read and parse a config file; raises :class:`ConfigError` if unreadable or invalid."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read the config file {path.name}: {exc.strerror}") from None
+    return parse_config(data, source=path.name)

@@ -11,6 +11,7 @@ the store, not in memory).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
 import time
@@ -27,19 +28,21 @@ from picows import (
     ws_create_server,
 )
 
-from bastion.crypto.device import DeviceCertificate, verify_published_key
-from bastion.crypto.signing import verify_ed25519
+from bastion.crypto.device import verify_published_key
 from bastion.errors import AuthenticationError, BastionError, ProtocolError
 from bastion.protocol import frames
-from bastion.protocol.auth import ServerSession, register_message
+from bastion.protocol.auth import ServerSession
 from bastion.ratelimit import FailureBackoff, RateLimiter
+from bastion.server import devices
+from bastion.server.admin import Policy
+from bastion.server.admin_watch import AdminChannel
+from bastion.server.audit import AuditLog
 from bastion.server.bus import Bus, BusEvent, KeysLow, Kick
 from bastion.server.config import ServerConfig
 from bastion.server.store import (
     AccountRecord,
     Copy,
     DeviceMismatchError,
-    DeviceRecord,
     KeyRecord,
     QueuedEnvelope,
     Store,
@@ -71,6 +74,9 @@ class RelayServer:
         self._server: asyncio.Server | None = None
         limits = self.limits
         self.connection_class = ClientConnection
+        self.link_slots = devices.LinkSlots()
+        self.keys_low_notified: set[tuple[str, str]] = set()
+        self.all_closed = asyncio.Event()
         self.claims_by_requester: RateLimiter[str] = RateLimiter(
             limits.key_claims_per_minute / 60.0, limits.key_claims_burst
         )
@@ -78,11 +84,28 @@ class RelayServer:
             limits.key_claims_per_target_per_hour / 3600.0, limits.key_claims_per_target_burst
         )
         self.signin_failures_by_address: FailureBackoff[str] = FailureBackoff(
-            base_delay=limits.signin_backoff_base_s, max_delay=limits.signin_backoff_max_s
+            base_delay=limits.signin_backoff_base_s,
+            max_delay=limits.signin_backoff_max_s,
+            free_failures=limits.signin_free_failures,
         )
-        self.signin_failures_by_account: FailureBackoff[str] = FailureBackoff(
-            base_delay=limits.signin_backoff_base_s, max_delay=limits.signin_backoff_max_s
+        # Keyed by (address, account): failures from elsewhere never lock the owner out.
+        self.signin_failures_by_account: FailureBackoff[tuple[str, str]] = FailureBackoff(
+            base_delay=limits.signin_backoff_base_s,
+            max_delay=limits.signin_backoff_max_s,
+            free_failures=limits.signin_free_failures,
         )
+        self.messages_by_device: RateLimiter[tuple[str, str]] = RateLimiter(
+            limits.messages_per_second, limits.messages_burst
+        )
+        self.registrations_by_address: RateLimiter[str] = RateLimiter(
+            limits.registrations_per_address_per_hour / 3600.0,
+            limits.registrations_per_address_burst,
+        )
+        self.connections_by_address: dict[str, int] = {}
+        # One audit record per limit and key per minute: a flood must not flood the log.
+        self._limit_audits: RateLimiter[tuple[str, str]] = RateLimiter(1 / 60.0, 1)
+        self.audit: AuditLog | None = None
+        self.admin: AdminChannel | None = None
 
     async def start(self) -> int:
         """Listen; returns the bound port."""
@@ -95,8 +118,9 @@ class RelayServer:
             enable_auto_ping=True,
             auto_ping_idle_timeout=self.limits.heartbeat_idle_s,
             auto_ping_reply_timeout=self.limits.heartbeat_reply_s,
-            websocket_handshake_timeout=10,
+            websocket_handshake_timeout=self.limits.websocket_open_timeout_s,
             logger_name="server",
+            ssl_handshake_timeout=self.limits.tls_handshake_timeout_s,
         )
         sockets = self._server.sockets
         return int(sockets[0].getsockname()[1]) if sockets else self.config.port
@@ -110,9 +134,22 @@ class RelayServer:
             self._server.close()
         for conn in list(self.connections):
             conn.close(WSCloseCode.GOING_AWAY, "server shutting down")
+        # Clients get a moment to answer the close; one that does not is cut off,
+        # so a stuck peer can never hold the shutdown (and the store) hostage.
+        if self.connections:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.all_closed.wait(), self.limits.shutdown_grace_s)
+        for conn in list(self.connections):
+            conn.abort()
         if self._server is not None:
-            await self._server.wait_closed()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._server.wait_closed(), self.limits.shutdown_grace_s)
         await self.store.close()
+
+    def resync(self) -> None:
+        """Re-read every receiving connection's queue from the store (after a bus outage)."""
+        for conn in list(self.connections):
+            conn.rewind(0)
 
     def allow_claim(self, requester: str, target: str, now: float) -> bool:
         """Token buckets on key claims per requester and per (requester, target) pair.
@@ -130,13 +167,56 @@ class RelayServer:
         """Seconds a sign-in from this address for this account must wait (0: go ahead)."""
         return max(
             self.signin_failures_by_address.blocked_for(address, now),
-            self.signin_failures_by_account.blocked_for(username, now),
+            self.signin_failures_by_account.blocked_for((address, username), now),
         )
 
     def signin_failed(self, address: str, username: str, now: float) -> None:
         """Count a failed sign-in against the address and the account."""
         self.signin_failures_by_address.record_failure(address, now)
-        self.signin_failures_by_account.record_failure(username, now)
+        self.signin_failures_by_account.record_failure((address, username), now)
+
+    @property
+    def policy(self) -> Policy:
+        """The organisation policy as of the last admin poll (defaults without one)."""
+        return self.admin.policy if self.admin is not None else Policy()
+
+    def audit_event(self, event: str, **fields: object) -> None:
+        """Append a security event to the audit log, if one is open; failures are logged."""
+        if self.audit is None:
+            return
+        try:
+            self.audit.append(event, time.time(), **fields)
+        except BastionError as exc:
+            log.error("audit.failed", extra={"error": type(exc).__name__})
+
+    def limit_hit(self, limit: str, key: str) -> None:
+        """Log a limit that refused a request, and audit it at most once a minute per key."""
+        log.info("limit.hit", extra={"limit": limit})
+        if self._limit_audits.allow((limit, key), time.monotonic()):
+            self.audit_event("limit.hit", limit=limit, key=key[:200])
+
+    def admit(self, address: str) -> bool:
+        """Count a new connection from ``address``; False if it already has the maximum."""
+        count = self.connections_by_address.get(address, 0)
+        if count >= self.limits.connections_per_address:
+            return False
+        self.connections_by_address[address] = count + 1
+        return True
+
+    def release(self, address: str) -> None:
+        """Forget a connection counted by :meth:`admit`."""
+        count = self.connections_by_address.get(address, 0) - 1
+        if count > 0:
+            self.connections_by_address[address] = count
+        else:
+            self.connections_by_address.pop(address, None)
+
+    def sign_out_user(self, username: str, reason: str) -> int:
+        """Close every connection of ``username`` on this node; returns how many."""
+        closing = [c for c in self.connections if c.session.username == username]
+        for conn in closing:
+            conn.close(WSCloseCode.POLICY_VIOLATION, reason)
+        return len(closing)
 
 
 class ClientConnection(WSListener):
@@ -156,6 +236,7 @@ class ClientConnection(WSListener):
         self.bad_frames = 0
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
+        self._admitted = False
         self._paused_reading = False
         self._signin_timer: asyncio.TimerHandle | None = None
         self._slow_timer: asyncio.TimerHandle | None = None
@@ -166,6 +247,7 @@ class ClientConnection(WSListener):
         self._dirty = False
         self._synced = False
         self._receiving = False
+        self._acks_to_store: list[int] = []
 
     # --- picows callbacks -------------------------------------------------------------------
 
@@ -174,6 +256,11 @@ class ClientConnection(WSListener):
         peer = transport.underlying_transport.get_extra_info("peername")
         self.address = str(peer[0]) if peer else "unknown"
         self.server.connections.add(self)
+        if not self.server.admit(self.address):
+            self.server.limit_hit("connections_per_address", self.address)
+            self.close(WSCloseCode.TRY_AGAIN_LATER, "too many connections from your address")
+            return
+        self._admitted = True
         loop = asyncio.get_running_loop()
         self._signin_timer = loop.call_later(
             self.limits.signin_timeout_s,
@@ -189,13 +276,18 @@ class ClientConnection(WSListener):
             transport.disconnect()
             return
         if frame.msg_type is not WSMsgType.BINARY or not frame.fin:
-            self._refuse(None, frames_error("bad_frame", "only whole binary frames are accepted"))
+            self._bad_frame("only whole binary frames are accepted")
             return
         self._dispatch(frame.get_payload_as_bytes())
 
     def on_ws_disconnected(self, transport: WSTransport) -> None:
         self._closed = True
         self.server.connections.discard(self)
+        if not self.server.connections:
+            self.server.all_closed.set()
+        if self._admitted:
+            self._admitted = False
+            self.server.release(self.address)
         for timer in (self._signin_timer, self._slow_timer):
             if timer is not None:
                 timer.cancel()
@@ -231,6 +323,12 @@ class ClientConnection(WSListener):
         self.transport.send_close(code, reason.encode())
         self.transport.disconnect()
 
+    def abort(self) -> None:
+        """Drop the connection at once, without waiting for the peer."""
+        self._closed = True
+        if self.transport is not None:
+            self.transport.disconnect(graceful=False)
+
     def _send(self, frame: frames.Frame) -> None:
         if self._closed or self.transport is None:
             return
@@ -239,6 +337,18 @@ class ClientConnection(WSListener):
         if buffered > self.limits.max_write_buffer_bytes:
             log.warning("connection.slow_reader", extra={"buffered": buffered})
             self.close(WSCloseCode.POLICY_VIOLATION, "not reading")
+
+    def send_frame(self, frame: frames.Frame) -> None:
+        """Send a frame to this client (no-op once closed)."""
+        self._send(frame)
+
+    def refuse(self, req: int | None, code: str, message: str) -> None:
+        """Answer a request with an error frame."""
+        self._refuse(req, frames_error(code, message))
+
+    async def signed_in(self, req: int, username: str, device_id: str, receive: bool) -> None:
+        """Bind the connection to a device and start delivery."""
+        await self._signed_in(req, username, device_id, receive)
 
     def _refuse(self, req: int | None, error: frames.Error) -> None:
         self._send(frames.Error(req=req, code=error.code, message=error.message))
@@ -284,20 +394,29 @@ class ClientConnection(WSListener):
 
     # --- dispatch -----------------------------------------------------------------------------
 
+    def _bad_frame(self, reason: str) -> None:
+        self.bad_frames += 1
+        self._refuse(None, frames_error("bad_frame", reason))
+        if self.bad_frames >= self.limits.bad_frames_before_close:
+            self.close(WSCloseCode.POLICY_VIOLATION, "too many malformed frames")
+
     def _dispatch(self, data: bytes) -> None:
         try:
             frame = frames.decode_client_frame(data, max_bytes=self.limits.max_frame_bytes)
         except ProtocolError as exc:
-            self.bad_frames += 1
-            self._refuse(None, frames_error("bad_frame", str(exc)))
-            if self.bad_frames >= self.limits.bad_frames_before_close:
-                self.close(WSCloseCode.POLICY_VIOLATION, "too many malformed frames")
+            self._bad_frame(str(exc))
             return
         if isinstance(frame, frames.Register):
             self._spawn(frame.req, self._register(frame))
             return
         if isinstance(frame, frames.SignIn):
             self._spawn(frame.req, self._signin(frame))
+            return
+        if isinstance(frame, frames.AddDevice):
+            self._spawn(frame.req, devices.add_device(self, frame))
+            return
+        if isinstance(frame, frames.LinkJoin):
+            self._spawn(frame.req, devices.link_join(self, frame))
             return
         if self.session.username is None:
             req = None if isinstance(frame, frames.Ack) else frame.req
@@ -311,69 +430,105 @@ class ClientConnection(WSListener):
             self._spawn(frame.req, self._query_keys(frame))
         elif isinstance(frame, frames.ClaimKeys):
             self._spawn(frame.req, self._claim_keys(frame))
-        else:
+        elif isinstance(frame, frames.LinkOpen):
+            self._spawn(frame.req, devices.link_open(self, frame))
+        elif isinstance(frame, frames.LinkAnswer):
+            self._spawn(frame.req, devices.link_answer(self, frame))
+        elif isinstance(frame, frames.RevokeDevice):
+            self._spawn(frame.req, devices.revoke_device(self, frame))
+        elif isinstance(frame, frames.UploadKeys):
             self._spawn(frame.req, self._upload_keys(frame))
 
     # --- sign-in and registration -------------------------------------------------------------
 
+    def _may_register(self, frame: frames.Register) -> bool:
+        """Registration policy and the per-address limit; refuses and returns False if not."""
+        mode = self.server.policy.registration
+        if mode == "closed":
+            code, message = "registration_closed", "this server does not accept new accounts"
+        elif mode == "invite" and frame.invite is None:
+            code, message = "invite_required", "this server accepts new accounts by invite only"
+        elif not self.server.registrations_by_address.allow(self.address, time.monotonic()):
+            self.server.limit_hit("registrations_per_address", self.address)
+            code, message = "rate_limited", "too many registrations from your address; try later"
+        else:
+            return True
+        if code != "rate_limited":
+            self.server.audit_event(
+                "registration.refused", reason=code, user=frame.username, address=self.address
+            )
+        self._refuse(frame.req, frames_error(code, message))
+        return False
+
+    async def _take_invite(self, frame: frames.Register) -> bool:
+        """Under an invite-only policy, take one use of the frame's invite code."""
+        if self.server.policy.registration != "invite":
+            return True
+        admin = self.server.admin
+        if frame.invite is not None and admin is not None and await admin.use_invite(frame.invite):
+            return True
+        self.server.audit_event(
+            "registration.refused", reason="bad_invite", user=frame.username, address=self.address
+        )
+        self._refuse(
+            frame.req, frames_error("bad_invite", "the invite code is unknown, used up or expired")
+        )
+        self._rechallenge()
+        return False
+
     async def _register(self, frame: frames.Register) -> None:
+        if not self._may_register(frame):
+            return
         nonce = self.session.take_nonce(time.monotonic())
         device = frame.device
-        certificate = DeviceCertificate(
+        record = devices.verify_new_device(
+            server_name=self.session.server_name,
+            nonce=nonce,
             username=frame.username,
-            device_id=device.device_id,
-            ed25519=device.ed25519,
-            curve25519=device.curve25519,
-            created_at=device.created_at,
-            signature=device.certificate,
+            identity_key=frame.identity_key,
+            device=device,
+            signature=frame.signature,
+            one_time_keys=frame.one_time_keys,
+            fallback_key=frame.fallback_key,
         )
-        certificate.verify(frame.identity_key)
-        verify_ed25519(
-            device.ed25519,
-            frame.signature,
-            register_message(self.session.server_name, nonce, frame.username, device.device_id),
-        )
-        for key in [*frame.one_time_keys, frame.fallback_key]:
-            verify_published_key(
-                device.ed25519,
-                device.device_id,
-                key.key,
-                key.signature,
-                fallback=key is frame.fallback_key,
-            )
+        if not await self._take_invite(frame):
+            return
         now = _now_ms()
         try:
             await self.server.store.create_account(
                 AccountRecord(frame.username, frame.identity_key, now),
-                DeviceRecord(
-                    frame.username,
-                    device.device_id,
-                    device.ed25519,
-                    device.curve25519,
-                    device.created_at,
-                    device.certificate,
-                ),
+                record,
                 [KeyRecord(k.key, k.signature) for k in frame.one_time_keys],
                 KeyRecord(frame.fallback_key.key, frame.fallback_key.signature),
             )
         except UsernameTakenError:
+            if frame.invite is not None and self.server.admin is not None:
+                await self.server.admin.return_invite(frame.invite)
             self._refuse(frame.req, frames_error("username_taken", "that username is taken"))
             self._send(self.session.challenge(time.monotonic(), secrets.token_bytes(32)))
             return
         log.info("account.registered")
+        self.server.audit_event(
+            "account.registered",
+            user=frame.username,
+            device=device.device_id,
+            address=self.address,
+            invited=frame.invite is not None,
+        )
         await self._signed_in(frame.req, frame.username, device.device_id, frame.receive)
 
     async def _signin(self, frame: frames.SignIn) -> None:
         now = time.monotonic()
         wait = self.server.signin_wait(self.address, frame.username, now)
         if wait > 0:
-            log.info("limit.hit", extra={"limit": "signin_backoff"})
+            self.server.limit_hit("signin_backoff", f"{self.address} {frame.username}")
             self._refuse(
                 frame.req,
                 frames_error(
                     "rate_limited", f"too many failed sign-ins; try again in {wait:.0f} s"
                 ),
             )
+            self.session.attempts += 1  # waiting it out still spends this connection's tries
             self._rechallenge()
             return
         nonce = self.session.take_nonce(now)
@@ -389,10 +544,17 @@ class ClientConnection(WSListener):
                 device_ed25519=device.ed25519,
                 signature=frame.signature,
             )
-        except AuthenticationError:
+        except AuthenticationError as exc:
             self.server.signin_failed(self.address, frame.username, time.monotonic())
+            self.server.audit_event(
+                "signin.failed", user=frame.username, address=self.address, reason=str(exc)[:200]
+            )
             raise
+        self.server.signin_failures_by_account.record_success((self.address, frame.username))
         log.info("signin.ok")
+        self.server.audit_event(
+            "signin.ok", user=frame.username, device=frame.device_id, address=self.address
+        )
         await self._signed_in(frame.req, frame.username, frame.device_id, frame.receive)
 
     async def _signed_in(self, req: int, username: str, device_id: str, receive: bool) -> None:
@@ -461,8 +623,12 @@ class ClientConnection(WSListener):
             )
         )
         for k in claimed:
+            device = (frame.user, k.device_id)
+            if device in self.server.keys_low_notified:
+                continue  # told once; the next notice waits until the device uploads
             count = await self.server.store.count_one_time_keys(frame.user, k.device_id)
             if count < self.limits.one_time_keys_low:
+                self.server.keys_low_notified.add(device)
                 self.server.bus.publish(frame.user, k.device_id, KeysLow(count))
 
     async def _upload_keys(self, frame: frames.UploadKeys) -> None:
@@ -479,6 +645,7 @@ class ClientConnection(WSListener):
         if current + len(frame.one_time_keys) > self.limits.one_time_keys_max:
             self._refuse(frame.req, frames_error("too_many_keys", "one-time key stock is full"))
             return
+        self.server.keys_low_notified.discard((username, device_id))
         await self.server.store.add_one_time_keys(
             username,
             device_id,
@@ -495,6 +662,17 @@ class ClientConnection(WSListener):
         sender, sender_device = self.session.require_signed_in()
         if frame.to == sender:
             self._refuse(frame.req, frames_error("bad_recipient", "you cannot message yourself"))
+            return
+        if not self.server.messages_by_device.allow((sender, sender_device), time.monotonic()):
+            self.server.limit_hit("messages_per_device", f"{sender}/{sender_device}")
+            self._refuse(frame.req, frames_error("rate_limited", "sending too fast; slow down"))
+            return
+        if await self.server.store.count_queued(frame.to) >= self.limits.offline_queue_max:
+            self.server.limit_hit("offline_queue", frame.to)
+            self._refuse(
+                frame.req,
+                frames_error("queue_full", f"{frame.to} has too many undelivered messages"),
+            )
             return
         copies = [Copy(c.user, c.device_id, c.kind, c.body) for c in frame.ciphertexts]
         try:
@@ -526,10 +704,26 @@ class ClientConnection(WSListener):
             self.close(WSCloseCode.POLICY_VIOLATION, event.reason)
         elif isinstance(event, KeysLow):
             self._send(frames.KeysLow(one_time_keys=event.count))
+        elif event.seq <= self._cursor and event.seq not in self._unacked:
+            # Overtaken by a later envelope (stored through another node or another
+            # database connection): re-read from just before it rather than skip it.
+            self.rewind(event.seq - 1)
         elif self._catching_up or len(self._unacked) >= self.limits.delivery_window:
             self._dirty = True
         elif event.seq > self._cursor:
             self._push(event)
+
+    def rewind(self, after_seq: int) -> None:
+        """Re-read this device's queue from the store after ``after_seq``.
+
+        Envelopes still unacknowledged on this connection are not sent again; one
+        acknowledged but not yet deleted may be (the client drops it by message id).
+        """
+        if not self._receiving or self._closed:
+            return
+        self._cursor = min(self._cursor, after_seq)
+        self._dirty = True
+        self._start_catch_up()
 
     def _push(self, envelope: QueuedEnvelope) -> None:
         self._cursor = max(self._cursor, envelope.seq)
@@ -562,7 +756,9 @@ class ClientConnection(WSListener):
                 limit = min(_FETCH_PAGE, room)
                 rows = await self.server.store.fetch_queue(username, device_id, self._cursor, limit)
                 for row in rows:
-                    if row.seq > self._cursor:
+                    if row.seq in self._unacked:
+                        self._cursor = max(self._cursor, row.seq)
+                    elif row.seq > self._cursor:
                         self._push(row)
                 if len(rows) < limit and not self._dirty:
                     if not self._synced:
@@ -578,9 +774,17 @@ class ClientConnection(WSListener):
             self._refuse(None, frames_error("not_receiving", "this connection receives nothing"))
             return
         self._unacked.difference_update(seqs)
-        self._spawn(None, self._store_ack(username, device_id, seqs))
+        # Acknowledgements that arrive in one read are deleted in one store call.
+        if not self._acks_to_store:
+            asyncio.get_running_loop().call_soon(self._flush_acks, username, device_id)
+        self._acks_to_store.extend(seqs)
         if self._dirty and len(self._unacked) <= self.limits.delivery_window // 2:
             self._start_catch_up()
+
+    def _flush_acks(self, username: str, device_id: str) -> None:
+        seqs, self._acks_to_store = self._acks_to_store, []
+        if seqs:
+            self._spawn(None, self._store_ack(username, device_id, seqs))
 
     async def _store_ack(self, username: str, device_id: str, seqs: list[int]) -> None:
         await self.server.store.ack(username, device_id, seqs)

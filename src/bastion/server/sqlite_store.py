@@ -24,6 +24,7 @@ from bastion.server.store import (
     Copy,
     DeviceMismatchError,
     DeviceRecord,
+    DeviceRefusedError,
     KeyRecord,
     QueuedEnvelope,
     StoredMessage,
@@ -76,6 +77,10 @@ CREATE TABLE IF NOT EXISTS sent (
     PRIMARY KEY (sender_device, client_msg_id)
 );
 CREATE INDEX IF NOT EXISTS sent_by_time ON sent (server_ts);
+CREATE TABLE IF NOT EXISTS revoked_devices (
+    device_id TEXT PRIMARY KEY,
+    username TEXT NOT NULL
+);
 """
 
 
@@ -255,6 +260,54 @@ class SQLiteStore:
 
         return await self._call(op)
 
+    async def add_device(
+        self,
+        device: DeviceRecord,
+        one_time_keys: Sequence[KeyRecord],
+        fallback_key: KeyRecord,
+        *,
+        max_devices: int,
+    ) -> None:
+        """Add a certified device to an existing account (see the Store protocol)."""
+
+        def op(conn: sqlite3.Connection) -> None:
+            revoked = conn.execute(
+                "SELECT 1 FROM revoked_devices WHERE device_id = ?", (device.device_id,)
+            ).fetchone()
+            if revoked is not None:
+                raise DeviceRefusedError("that device was revoked")
+            if len(_devices(conn, device.username)) >= max_devices:
+                raise DeviceRefusedError(f"an account can have at most {max_devices} devices")
+            try:
+                _insert_device(conn, device, fallback_key)
+            except sqlite3.IntegrityError:
+                raise DeviceRefusedError("that device is already part of the account") from None
+            _insert_keys(conn, device.username, device.device_id, one_time_keys)
+
+        await self._call(op)
+
+    async def revoke_device(self, username: str, device_id: str) -> bool:
+        """Remove a device, its keys and its queue; remember the id as revoked."""
+
+        def op(conn: sqlite3.Connection) -> bool:
+            removed = conn.execute(
+                "DELETE FROM devices WHERE username = ? AND device_id = ?", (username, device_id)
+            ).rowcount
+            conn.execute(
+                "DELETE FROM one_time_keys WHERE username = ? AND device_id = ?",
+                (username, device_id),
+            )
+            conn.execute(
+                "DELETE FROM queue WHERE username = ? AND device_id = ?", (username, device_id)
+            )
+            conn.execute(
+                "INSERT OR IGNORE INTO revoked_devices (device_id, username) VALUES (?, ?)",
+                (device_id, username),
+            )
+            return removed > 0
+
+        return await self._call(op)
+
     # --- key stock -----------------------------------------------------------------------------
 
     async def add_one_time_keys(
@@ -390,6 +443,15 @@ class SQLiteStore:
                 [(seq, username, device_id) for seq in seqs],
             )
             return cursor.rowcount
+
+        return await self._call(op)
+
+    async def count_queued(self, username: str) -> int:
+        """How many envelopes wait for any device of ``username``."""
+
+        def op(conn: sqlite3.Connection) -> int:
+            row = conn.execute("SELECT count(*) FROM queue WHERE username = ?", (username,))
+            return int(row.fetchone()[0])
 
         return await self._call(op)
 

@@ -177,6 +177,33 @@ class Store(Protocol):
         """Finish pending work and release the database."""
         ...
 
+    async def add_device(
+        self,
+        device: DeviceRecord,
+        one_time_keys: Sequence[KeyRecord],
+        fallback_key: KeyRecord,
+        *,
+        max_devices: int,
+    ) -> None:
+        """Add a certified device to an existing account.
+
+        Raises :class:`DeviceRefusedError` if the id was revoked, already exists,
+        or the account has ``max_devices`` devices.
+        """
+        ...
+
+    async def revoke_device(self, username: str, device_id: str) -> bool:
+        """Remove a device with its keys and queue, and remember its id as revoked."""
+        ...
+
+    async def count_queued(self, username: str) -> int:
+        """How many envelopes wait, over all devices of ``username`` (0 for no such user)."""
+        ...
+
 
 class UnknownRecipientError(StorageError):
     """A message named a user who does not exist."""
+
+
+class DeviceRefusedError(StorageError):
+    """A device could not be added (revoked before, already present, or too many)."""

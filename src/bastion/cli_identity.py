@@ -1,0 +1,214 @@
+"""Commands about identity: verification, trust, devices, linking, export and import."""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import os
+import sys
+from pathlib import Path
+
+from bastion.cli import passphrase, profile_dir, with_client
+from bastion.client import devices, trust
+from bastion.client.client import Client
+from bastion.crypto.safety import render_qr_text, save_qr_png
+from bastion.errors import BastionError
+
+
+async def cmd_verify(args: argparse.Namespace) -> int:
+    async def work(client: Client) -> int:
+        number = await trust.safety_number_with(client, args.user)
+        contact = client.contact(args.user)
+        state = contact.trust if contact is not None else "unverified"
+        if args.qr:
+            save_qr_png(number.qr_payload(), Path(args.qr))
+        if args.mark_verified:
+            trust.mark_verified(client, args.user, number)
+            state = "verified"
+        if args.json:
+            print(
+                json.dumps(
+                    {
+                        "type": "safety_number",
+                        "user": args.user,
+                        "safety_number": " ".join(number.groups),
+                        "trust": state,
+                    }
+                )
+            )
+            return 0
+        print(f"Safety number with {args.user} (compare it with theirs, in person or by call):")
+        print(str(number))
+        if not args.qr:
+            print(render_qr_text(number.qr_payload()))
+        print(f"{args.user} is {state}.")
+        if state != "verified":
+            print(f"If the numbers match: bastion verify {args.user} --mark-verified")
+        return 0
+
+    return await with_client(args, work)
+
+
+async def cmd_trust(args: argparse.Namespace) -> int:
+    async def work(client: Client) -> int:
+        if not args.accept_new_key:
+            raise BastionError("say what to do: --accept-new-key")
+        contact = trust.accept_new_key(client, args.user)
+        print(
+            f"accepted {args.user}'s new account key; they are {contact.trust} until you "
+            f"compare safety numbers again (bastion verify {args.user})"
+        )
+        return 0
+
+    return await with_client(args, work, connect=False)
+
+
+async def cmd_devices_list(args: argparse.Namespace) -> int:
+    async def work(client: Client) -> int:
+        listed = await devices.list_devices(client)
+        for d in listed:
+            mine = d.device_id == client.account.device_id
+            if args.json:
+                print(
+                    json.dumps(
+                        {
+                            "type": "device",
+                            "device": d.device_id,
+                            "created_at": d.created_at,
+                            "this_device": mine,
+                        }
+                    )
+                )
+            else:
+                print(f"{d.device_id}{'  (this device)' if mine else ''}")
+        return 0
+
+    return await with_client(args, work)
+
+
+async def cmd_devices_link(args: argparse.Namespace) -> int:
+    async def work(client: Client) -> int:
+        def show(code: str) -> None:
+            if args.json:
+                print(json.dumps({"type": "link_code", "code": code}), flush=True)
+            else:
+                print("On the new machine, run:", flush=True)
+                print(
+                    f"  bastion link {code} --server {client.account.server_url} "
+                    f"--fingerprint {client.account.fingerprint}",
+                    flush=True,
+                )
+                print("The code works once, for 10 minutes. Waiting...", flush=True)
+
+        linked = await devices.offer_link(client, show)
+        if args.json:
+            print(json.dumps({"type": "linked", "device": linked.device_id}))
+        else:
+            print(f"linked device {linked.device_id}")
+        return 0
+
+    return await with_client(args, work, receive=False)
+
+
+async def cmd_devices_revoke(args: argparse.Namespace) -> int:
+    async def work(client: Client) -> int:
+        await devices.revoke_device(client, args.device)
+        print(f"revoked {args.device}")
+        return 0
+
+    return await with_client(args, work)
+
+
+async def cmd_link(args: argparse.Namespace) -> int:
+    client = await devices.join_with_code(
+        profile_dir(args),
+        passphrase(confirm=True),
+        code=args.code,
+        server_url=args.server,
+        fingerprint=args.fingerprint,
+    )
+    try:
+        print(f"linked as {client.account.username} (device {client.account.device_id})")
+    finally:
+        await client.close()
+    return 0
+
+
+def export_passphrase(*, confirm: bool) -> str:
+    """The export passphrase from BASTION_EXPORT_PASSPHRASE or a prompt."""
+    env = os.environ.get("BASTION_EXPORT_PASSPHRASE")
+    if env:
+        return env
+    if not sys.stdin.isatty():
+        raise BastionError("no export passphrase: set BASTION_EXPORT_PASSPHRASE")
+    first = getpass.getpass("Export passphrase: ")
+    if confirm and getpass.getpass("Repeat: ") != first:
+        raise BastionError("the passphrases do not match")
+    return first
+
+
+async def cmd_export(args: argparse.Namespace) -> int:
+    async def work(client: Client) -> int:
+        devices.export_account(client, Path(args.file), export_passphrase(confirm=True))
+        print(f"account exported to {args.file}; keep it as safe as the passphrase")
+        return 0
+
+    return await with_client(args, work, connect=False)
+
+
+async def cmd_import(args: argparse.Namespace) -> int:
+    client = await devices.import_account(
+        Path(args.file),
+        export_passphrase(confirm=False),
+        profile_dir(args),
+        passphrase(confirm=True),
+    )
+    try:
+        print(f"imported {client.account.username} as new device {client.account.device_id}")
+    finally:
+        await client.close()
+    return 0
+
+
+def add_commands(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser
+) -> None:
+    """Register the identity commands on the main parser."""
+    verify = sub.add_parser("verify", parents=[common], help="show the safety number with a user")
+    verify.add_argument("user")
+    verify.add_argument("--qr", metavar="FILE", help="write the QR code as a PNG file")
+    verify.add_argument(
+        "--mark-verified", action="store_true", help="mark verified after comparing"
+    )
+    verify.set_defaults(run=cmd_verify)
+
+    trust_cmd = sub.add_parser("trust", parents=[common], help="decide about a changed key")
+    trust_cmd.add_argument("user")
+    trust_cmd.add_argument("--accept-new-key", action="store_true")
+    trust_cmd.set_defaults(run=cmd_trust)
+
+    devices_cmd = sub.add_parser("devices", help="this account's devices")
+    devices_sub = devices_cmd.add_subparsers(dest="devices_command", required=True)
+    listing = devices_sub.add_parser("list", parents=[common], help="list devices")
+    listing.set_defaults(run=cmd_devices_list)
+    link = devices_sub.add_parser("link", parents=[common], help="link a new device")
+    link.set_defaults(run=cmd_devices_link)
+    revoke = devices_sub.add_parser("revoke", parents=[common], help="revoke a device")
+    revoke.add_argument("device")
+    revoke.set_defaults(run=cmd_devices_revoke)
+
+    join = sub.add_parser("link", parents=[common], help="join an account with a link code")
+    join.add_argument("code")
+    join.add_argument("--server", required=True)
+    join.add_argument("--fingerprint")
+    join.set_defaults(run=cmd_link)
+
+    account = sub.add_parser("account", help="export or import the account")
+    account_sub = account.add_subparsers(dest="account_command", required=True)
+    exp = account_sub.add_parser("export", parents=[common], help="write an encrypted export")
+    exp.add_argument("file")
+    exp.set_defaults(run=cmd_export)
+    imp = account_sub.add_parser("import", parents=[common], help="restore on this machine")
+    imp.add_argument("file")
+    imp.set_defaults(run=cmd_import)

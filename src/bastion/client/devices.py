@@ -1,0 +1,262 @@
+"""Several devices per account: list, link through a one-time code, revoke, export, import.
+
+Linking: the existing device opens a slot and shows a code; the new device
+sends its keys sealed under the code; the existing device answers with the
+account key sealed likewise; the new device certifies itself and joins. The
+server only pairs the two connections (see :mod:`bastion.crypto.linking`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import msgspec
+
+from bastion.client.client import Client, check_username, now_ms
+from bastion.client.profile import Profile
+from bastion.client.records import DeviceEntry
+from bastion.client.transport import ServerConnection, _Closed
+from bastion.crypto import linking
+from bastion.crypto.atrest import SALT_BYTES, KdfParams, SecretBox, derive_master_key
+from bastion.crypto.device import device_id_for, sign_revocation
+from bastion.crypto.olm import OlmDevice
+from bastion.crypto.signing import AccountIdentity
+from bastion.errors import AuthenticationError, ProfileError, ServerRefusedError, StateError
+from bastion.protocol import frames
+
+LINK_WAIT_S = 600.0
+EXPORT_AAD = b"bastion/v1/account-export"
+
+
+@dataclass(frozen=True, slots=True)
+class LinkedDevice:
+    """The device that joined through a link."""
+
+    device_id: str
+
+
+async def list_devices(client: Client) -> list[DeviceEntry]:
+    """This account's certified devices, as the server lists them and the account key signs."""
+    return await client.devices_of(client.account.username)
+
+
+async def offer_link(
+    client: Client,
+    show_code: Callable[[str], Awaitable[None] | None],
+    *,
+    wait_s: float = LINK_WAIT_S,
+) -> LinkedDevice:
+    """Open a link slot, show the code, and hand the account key to the device that answers.
+
+    ``client`` must be connected. Raises ServerRefusedError or TimeoutError.
+    """
+    conn = client._connection()
+    code = linking.new_code()
+    slot, key = linking.slot_and_key(linking.parse_code(code))
+    req = conn.next_req()
+    await conn.request(frames.LinkOpen(req=req, slot=slot), req)
+    shown = show_code(code)
+    if shown is not None:
+        await shown
+    push = await asyncio.wait_for(_next_link_push(conn, slot), wait_s)
+    request = linking.open_request(key, slot, push.blob)
+    grant = linking.LinkGrant(
+        username=client.account.username,
+        identity_private=client.identity().private_bytes(),
+        server_name=client.account.server_name,
+    )
+    req = conn.next_req()
+    await conn.request(
+        frames.LinkAnswer(req=req, slot=slot, blob=linking.seal_grant(key, slot, grant)), req
+    )
+    return LinkedDevice(device_id_for(request.ed25519, request.curve25519))
+
+
+async def _next_link_push(conn: ServerConnection, slot: bytes) -> frames.LinkPush:
+    while True:
+        item = await conn.incoming.get()
+        if isinstance(item, _Closed):
+            raise ServerRefusedError("disconnected", item.reason)
+        if isinstance(item, frames.LinkPush) and item.slot == slot:
+            return item
+
+
+async def join_with_code(
+    path: Path,
+    passphrase: str,
+    *,
+    code: str,
+    server_url: str,
+    fingerprint: str | None = None,
+    wait_s: float = 60.0,
+) -> Client:
+    """Link this machine as a new device of the account that shows ``code``.
+
+    Raises ValueError for a mistyped code, ServerRefusedError if the code is
+    unknown or expired, AuthenticationError if the answer was not sealed with it.
+    """
+    slot, key = linking.slot_and_key(linking.parse_code(code))
+    device = OlmDevice.create()
+    conn = await ServerConnection.open(server_url, pin=fingerprint)
+    try:
+        blob = linking.seal_request(
+            key,
+            slot,
+            linking.LinkRequest(
+                ed25519=device.ed25519, curve25519=device.curve25519, created_at=now_ms()
+            ),
+        )
+        req = conn.next_req()
+        await conn.request(frames.LinkJoin(req=req, slot=slot, blob=blob), req)
+        push = await asyncio.wait_for(_next_link_push(conn, slot), wait_s)
+        grant = linking.open_grant(key, slot, push.blob)
+        check_username(grant.username)
+        challenge = conn.challenge
+        if grant.server_name != challenge.server_name:
+            raise AuthenticationError("the other device belongs to another server")
+        profile = Profile.create(path, passphrase)
+        try:
+            return await Client.enroll(
+                conn,
+                profile,
+                identity=AccountIdentity.from_private_bytes(grant.identity_private),
+                device=device,
+                username=grant.username,
+                server_url=server_url,
+                challenge=challenge,
+                new_account=False,
+            )
+        except BaseException:
+            profile.close()
+            for name in ("profile.db", "profile.json"):
+                (path / name).unlink(missing_ok=True)
+            raise
+    finally:
+        await conn.aclose()
+
+
+async def revoke_device(client: Client, device_id: str) -> None:
+    """Revoke another device of this account with the account key's signature."""
+    if device_id == client.account.device_id:
+        raise StateError("revoke this device from another device of the account")
+    conn = client._connection()
+    revoked_at = now_ms()
+    signature = sign_revocation(client.identity(), client.account.username, device_id, revoked_at)
+    req = conn.next_req()
+    await conn.request(
+        frames.RevokeDevice(
+            req=req, device_id=device_id, revoked_at=revoked_at, signature=signature
+        ),
+        req,
+    )
+
+
+class AccountExport(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """What an export file carries (sealed): the account and how to reach its server."""
+
+    username: str
+    identity_private: bytes
+    server_url: str
+    fingerprint: str
+    server_name: str
+
+    def __repr__(self) -> str:
+        return f"AccountExport({self.username}, <redacted>)"
+
+
+def export_account(client: Client, file: Path, passphrase: str) -> None:
+    """Write the account key and server pins to ``file``, sealed under ``passphrase``.
+
+    The file is created with mode 0600 and never overwrites an existing one.
+    """
+    if not passphrase:
+        raise ProfileError("an export needs a passphrase")
+    params = KdfParams()
+    salt = os.urandom(SALT_BYTES)
+    box = SecretBox(derive_master_key(passphrase, salt, params))
+    account = client.account
+    sealed = box.seal(
+        msgspec.msgpack.encode(
+            AccountExport(
+                username=account.username,
+                identity_private=client.identity().private_bytes(),
+                server_url=account.server_url,
+                fingerprint=account.fingerprint,
+                server_name=account.server_name,
+            )
+        ),
+        EXPORT_AAD,
+    )
+    document = {
+        "bastion_account_export": 1,
+        "kdf": {
+            "algorithm": "argon2id",
+            "memory_kib": params.memory_kib,
+            "iterations": params.iterations,
+            "lanes": params.lanes,
+        },
+        "salt": base64.b64encode(salt).decode(),
+        "sealed": base64.b64encode(sealed).decode(),
+    }
+    fd = os.open(file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(document, f, indent=2)
+
+
+def read_export(file: Path, passphrase: str) -> AccountExport:
+    """Open an export file; raises :class:`ProfileError` if damaged or the passphrase is wrong."""
+    try:
+        document = json.loads(file.read_text())
+        if document.get("bastion_account_export") != 1:
+            raise ProfileError(f"{file} is not an account export")
+        kdf = document["kdf"]
+        params = KdfParams(
+            memory_kib=int(kdf["memory_kib"]),
+            iterations=int(kdf["iterations"]),
+            lanes=int(kdf["lanes"]),
+        )
+        salt = base64.b64decode(document["salt"])
+        sealed = base64.b64decode(document["sealed"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        raise ProfileError(f"{file} is not a readable account export") from None
+    box = SecretBox(derive_master_key(passphrase, salt, params))
+    try:
+        raw = box.open(sealed, EXPORT_AAD)
+    except ProfileError:
+        raise ProfileError("wrong passphrase for this export, or the file was altered") from None
+    return msgspec.msgpack.decode(raw, type=AccountExport)
+
+
+async def import_account(file: Path, export_passphrase: str, path: Path, passphrase: str) -> Client:
+    """Restore an account from an export onto this machine, as a new device."""
+    exported = read_export(file, export_passphrase)
+    conn = await ServerConnection.open(exported.server_url, pin=exported.fingerprint)
+    try:
+        challenge = conn.challenge
+        if challenge.server_name != exported.server_name:
+            raise AuthenticationError("the server's name differs from the exported one")
+        profile = Profile.create(path, passphrase)
+        try:
+            return await Client.enroll(
+                conn,
+                profile,
+                identity=AccountIdentity.from_private_bytes(exported.identity_private),
+                device=OlmDevice.create(),
+                username=exported.username,
+                server_url=exported.server_url,
+                challenge=challenge,
+                new_account=False,
+            )
+        except BaseException:
+            profile.close()
+            for name in ("profile.db", "profile.json"):
+                (path / name).unlink(missing_ok=True)
+            raise
+    finally:
+        await conn.aclose()

@@ -1,0 +1,124 @@
+"""Linking a new device through an existing one, with a one-time code.
+
+The existing device shows a code of 128 random bits. Both sides derive from it
+a *slot* (the only thing the server sees, to pair them) and a sealing key. The
+new device sends its public keys sealed under that key; the existing device
+answers with the account identity key and a certificate for the new device,
+sealed likewise. Without the code the server can neither read the answer nor
+substitute its own keys: AES-GCM under the code-derived key authenticates both
+directions, and each direction has its own associated data.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+
+import msgspec
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from bastion.crypto.signing import signing_input
+from bastion.errors import AuthenticationError
+
+CODE_BYTES = 16
+SLOT_CONTEXT = "bastion/v1/link-slot"
+KEY_CONTEXT = "bastion/v1/link-key"
+REQUEST_CONTEXT = "bastion/v1/link-request"
+GRANT_CONTEXT = "bastion/v1/link-grant"
+NONCE_BYTES = 12
+
+
+class LinkRequest(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """The new device's public keys."""
+
+    ed25519: bytes
+    curve25519: bytes
+    created_at: int
+
+
+class LinkGrant(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """What the existing device hands over: the account name and its identity key.
+
+    The new device then certifies its own keys with the account key.
+    """
+
+    username: str
+    identity_private: bytes
+    server_name: str
+
+    def __repr__(self) -> str:
+        return f"LinkGrant({self.username}, <redacted>)"
+
+
+def new_code() -> str:
+    """A fresh one-time code, as the user reads it (e.g. ``ABCD-EFGH-...``)."""
+    text = base64.b32encode(os.urandom(CODE_BYTES)).decode().rstrip("=")
+    return "-".join(text[i : i + 4] for i in range(0, len(text), 4))
+
+
+def parse_code(text: str) -> bytes:
+    """The code's bytes; raises ValueError with a sentence if it was mistyped."""
+    cleaned = text.replace("-", "").replace(" ", "").upper()
+    problem = "that link code is not valid; copy it again from the other device"
+    try:
+        raw = base64.b32decode(cleaned + "=" * (-len(cleaned) % 8))
+    except ValueError:
+        raise ValueError(problem) from None
+    if len(raw) != CODE_BYTES:
+        raise ValueError(problem)
+    return raw
+
+
+def _derive(code: bytes, context: str) -> bytes:
+    return HKDF(
+        algorithm=hashes.SHA256(), length=32, salt=None, info=signing_input(context, [])
+    ).derive(code)
+
+
+def slot_and_key(code: bytes) -> tuple[bytes, bytes]:
+    """(slot shown to the server, sealing key kept by the devices)."""
+    return _derive(code, SLOT_CONTEXT), _derive(code, KEY_CONTEXT)
+
+
+def _seal(key: bytes, context: str, slot: bytes, value: msgspec.Struct) -> bytes:
+    nonce = os.urandom(NONCE_BYTES)
+    aad = signing_input(context, [slot])
+    return nonce + AESGCM(key).encrypt(nonce, msgspec.msgpack.encode(value), aad)
+
+
+def _open(key: bytes, context: str, slot: bytes, blob: bytes) -> bytes:
+    try:
+        return AESGCM(key).decrypt(
+            blob[:NONCE_BYTES], blob[NONCE_BYTES:], signing_input(context, [slot])
+        )
+    except (InvalidTag, ValueError):
+        raise AuthenticationError("the link message was not sealed with this code") from None
+
+
+def seal_request(key: bytes, slot: bytes, request: LinkRequest) -> bytes:
+    """Seal the new device's keys."""
+    return _seal(key, REQUEST_CONTEXT, slot, request)
+
+
+def open_request(key: bytes, slot: bytes, blob: bytes) -> LinkRequest:
+    """Open and check a request; raises :class:`AuthenticationError`."""
+    try:
+        return msgspec.msgpack.decode(_open(key, REQUEST_CONTEXT, slot, blob), type=LinkRequest)
+    except msgspec.MsgspecError:
+        raise AuthenticationError("malformed link request") from None
+
+
+def seal_grant(key: bytes, slot: bytes, grant: LinkGrant) -> bytes:
+    """Seal the account key and certificate for the new device."""
+    return _seal(key, GRANT_CONTEXT, slot, grant)
+
+
+def open_grant(key: bytes, slot: bytes, blob: bytes) -> LinkGrant:
+    """Open and check a grant; raises :class:`AuthenticationError`."""
+    try:
+        return msgspec.msgpack.decode(_open(key, GRANT_CONTEXT, slot, blob), type=LinkGrant)
+    except msgspec.MsgspecError:
+        raise AuthenticationError("malformed link grant") from None

@@ -1,0 +1,283 @@
+"""Operator state kept beside the relay's data: policy, invites, disabled users, admin events.
+
+It lives in the server's SQLite file, in tables of its own, so ``bastion admin``
+works the same on a stopped or a running server: a command writes its change
+and an ``admin_events`` row in one transaction; a running server polls that
+table about once a second (``Limits.admin_poll_s``), applies each event (a
+disabled user is signed out everywhere) and writes it to the audit log. A
+stopped server catches up on its next start. Nothing here needs a socket or a
+second secret, and a change is durable before the command returns.
+
+Invite codes are stored only as SHA-256 hashes, so reading the database does
+not hand out codes that still work.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final, Literal
+
+from bastion.errors import ConfigError, StorageError
+from bastion.server.sqlite_store import SCHEMA as STORE_SCHEMA
+
+DB_FILE: Final = "bastion.db"
+REGISTRATION_MODES: Final = ("open", "invite", "closed")
+MAX_INVITE_USES: Final = 10_000
+MAX_FILE_MB: Final = 100_000
+
+ADMIN_SCHEMA = """
+CREATE TABLE IF NOT EXISTS policy (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS invites (
+    code_hash BLOB PRIMARY KEY,
+    uses_left INTEGER NOT NULL,
+    expires_at INTEGER NOT NULL,
+    created_at INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS admin_events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    at INTEGER NOT NULL,
+    action TEXT NOT NULL,
+    target TEXT NOT NULL,
+    handled INTEGER NOT NULL DEFAULT 0
+);
+"""
+
+Registration = Literal["open", "invite", "closed"]
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """The organisation's policy: who may register, and whether files may be sent."""
+
+    registration: Registration = "open"
+    file_transfer: bool = True
+    max_file_mb: int = 100
+
+    def as_dict(self) -> dict[str, str | int | bool]:
+        """The policy as plain values (for ``--json`` and the audit log)."""
+        return {
+            "registration": self.registration,
+            "file_transfer": self.file_transfer,
+            "max_file_mb": self.max_file_mb,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class UserSummary:
+    """What ``bastion admin users list`` shows about an account."""
+
+    username: str
+    created_at: int
+    disabled: bool
+    devices: int
+
+
+@dataclass(frozen=True, slots=True)
+class AdminEvent:
+    """A change made by an operator that the running server must apply and audit."""
+
+    id: int
+    at: int
+    action: str
+    target: str
+
+
+def parse_setting(text: str) -> tuple[str, str]:
+    """Check a ``KEY=VALUE`` policy setting; returns the key and the stored value.
+
+    Raises :class:`ConfigError` for an unknown key or a value it does not take.
+    """
+    key, sep, value = text.partition("=")
+    key, value = key.strip(), value.strip()
+    if not sep:
+        raise ConfigError("a policy setting is written KEY=VALUE")
+    if key == "registration":
+        if value not in REGISTRATION_MODES:
+            raise ConfigError("registration must be open, invite or closed")
+        return key, value
+    if key == "file_transfer":
+        if value not in ("on", "off"):
+            raise ConfigError("file_transfer must be on or off")
+        return key, value
+    if key == "max_file_mb":
+        if not value.isdigit() or not 1 <= int(value) <= MAX_FILE_MB:
+            raise ConfigError(f"max_file_mb must be a whole number from 1 to {MAX_FILE_MB}")
+        return key, str(int(value))
+    raise ConfigError(f"unknown policy setting {key!r} (registration, file_transfer, max_file_mb)")
+
+
+def _policy_from_rows(rows: dict[str, str]) -> Policy:
+    registration = rows.get("registration", "open")
+    mode: Registration = "open"
+    if registration == "invite":
+        mode = "invite"
+    elif registration != "open":
+        mode = "closed"  # anything unexpected fails closed
+    return Policy(
+        registration=mode,
+        file_transfer=rows.get("file_transfer", "on") == "on",
+        max_file_mb=int(rows.get("max_file_mb", "100")),
+    )
+
+
+def invite_hash(code: str) -> bytes:
+    """What the database keeps of an invite code."""
+    return hashlib.sha256(b"bastion/v1/invite\x00" + code.encode()).digest()
+
+
+class AdminDB:
+    """Synchronous access to the operator tables of one server's database.
+
+    Opening creates the tables if needed; raises :class:`ConfigError` if the
+    data folder does not exist and :class:`StorageError` if the database
+    cannot be opened.
+    """
+
+    def __init__(self, data_dir: Path) -> None:
+        if not data_dir.is_dir():
+            raise ConfigError(f"there is no server data folder at {data_dir}")
+        try:
+            self._conn = sqlite3.connect(data_dir / DB_FILE, isolation_level=None, timeout=10)
+            self._conn.execute("PRAGMA journal_mode=WAL")
+            self._conn.execute("PRAGMA synchronous=FULL")
+            self._conn.executescript(STORE_SCHEMA + ADMIN_SCHEMA)
+        except sqlite3.Error as exc:
+            raise StorageError(f"cannot open the server database: {exc}") from None
+
+    def close(self) -> None:
+        """Close the database connection."""
+        self._conn.close()
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        try:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._conn
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            self._conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            raise StorageError(f"the server database refused the change: {exc}") from None
+
+    def _event(self, conn: sqlite3.Connection, now_ms: int, action: str, target: str) -> None:
+        conn.execute(
+            "INSERT INTO admin_events (at, action, target) VALUES (?, ?, ?)",
+            (now_ms, action, target),
+        )
+
+    # --- policy ------------------------------------------------------------------------------
+
+    def policy(self) -> Policy:
+        """The current policy (defaults for settings never set)."""
+        try:
+            rows = dict(self._conn.execute("SELECT key, value FROM policy").fetchall())
+        except sqlite3.Error as exc:
+            raise StorageError(f"cannot read the policy: {exc}") from None
+        return _policy_from_rows(rows)
+
+    def set_policy(self, setting: str, *, now_ms: int) -> Policy:
+        """Apply one ``KEY=VALUE`` setting; returns the new policy.
+
+        Raises :class:`ConfigError` for an invalid setting.
+        """
+        key, value = parse_setting(setting)
+        with self._transaction() as conn:
+            conn.execute(
+                "INSERT INTO policy (key, value) VALUES (?, ?)"
+                " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                (key, value),
+            )
+            self._event(conn, now_ms, "policy.set", f"{key}={value}")
+        return self.policy()
+
+    # --- users -------------------------------------------------------------------------------
+
+    def users(self) -> list[UserSummary]:
+        """Every account, by name."""
+        rows = self._conn.execute(
+            "SELECT a.username, a.created_at, a.disabled,"
+            " (SELECT count(*) FROM devices d WHERE d.username = a.username)"
+            " FROM accounts a ORDER BY a.username"
+        ).fetchall()
+        return [UserSummary(r[0], r[1], bool(r[2]), r[3]) for r in rows]
+
+    def set_disabled(self, username: str, disabled: bool, *, now_ms: int) -> None:
+        """Disable or enable an account; raises :class:`ConfigError` if there is none."""
+        with self._transaction() as conn:
+            cursor = conn.execute(
+                "UPDATE accounts SET disabled = ? WHERE username = ?", (int(disabled), username)
+            )
+            if cursor.rowcount != 1:
+                raise ConfigError(f"there is no user named {username!r}")
+            self._event(conn, now_ms, "user.disabled" if disabled else "user.enabled", username)
+
+    # --- invites -----------------------------------------------------------------------------
+
+    def create_invite(self, *, uses: int, expires_at_ms: int, now_ms: int) -> str:
+        """A new invite code good for ``uses`` registrations until ``expires_at_ms``.
+
+        Raises :class:`ConfigError` for a use count out of range or an expiry in the past.
+        """
+        if not 1 <= uses <= MAX_INVITE_USES:
+            raise ConfigError(f"uses must be from 1 to {MAX_INVITE_USES}")
+        if expires_at_ms <= now_ms:
+            raise ConfigError("the invite must expire in the future")
+        code = secrets.token_urlsafe(18)
+        with self._transaction() as conn:
+            conn.execute(
+                "INSERT INTO invites (code_hash, uses_left, expires_at, created_at)"
+                " VALUES (?, ?, ?, ?)",
+                (invite_hash(code), uses, expires_at_ms, now_ms),
+            )
+            self._event(conn, now_ms, "invite.created", f"uses={uses}")
+        return code
+
+    def use_invite(self, code: str, *, now_ms: int) -> bool:
+        """Take one use of an invite; False if it is unknown, used up or expired."""
+        with self._transaction() as conn:
+            row = conn.execute(
+                "UPDATE invites SET uses_left = uses_left - 1"
+                " WHERE code_hash = ? AND uses_left > 0 AND expires_at > ? RETURNING uses_left",
+                (invite_hash(code), now_ms),
+            ).fetchone()
+        return row is not None
+
+    def return_invite(self, code: str) -> None:
+        """Give back a use taken by a registration that then failed."""
+        with self._transaction() as conn:
+            conn.execute(
+                "UPDATE invites SET uses_left = uses_left + 1 WHERE code_hash = ?",
+                (invite_hash(code),),
+            )
+
+    # --- events for the running server -------------------------------------------------------
+
+    def pending_events(self, limit: int = 256) -> list[AdminEvent]:
+        """Admin events not yet applied and audited by the server, oldest first."""
+        try:
+            rows = self._conn.execute(
+                "SELECT id, at, action, target FROM admin_events WHERE handled = 0"
+                " ORDER BY id LIMIT ?",
+                (limit,),
+            ).fetchall()
+        except sqlite3.Error as exc:
+            raise StorageError(f"cannot read admin events: {exc}") from None
+        return [AdminEvent(*row) for row in rows]
+
+    def mark_handled(self, ids: list[int]) -> None:
+        """Record that these events were applied and audited."""
+        with self._transaction() as conn:
+            conn.executemany(
+                "UPDATE admin_events SET handled = 1 WHERE id = ?", [(i,) for i in ids]
+            )

@@ -1,0 +1,427 @@
+"""The clustered bus: Redis pub/sub between server nodes.
+
+Routing uses **one channel per connected device**. A node subscribes to the
+channel of each device connected to it; publishing to a device is one
+``PUBLISH``, and Redis itself knows which nodes listen. This was chosen over a
+device-to-node table because a node that dies (kill -9, power loss) leaves
+nothing stale behind: its subscriptions vanish with its Redis connection, with
+no expiry to tune and no cleanup to run.
+
+*One connection per device, cluster-wide.* When a device subscribes, the node
+takes a claim number from a Redis counter for that device and publishes the
+claim on the device's channel; a node holding the device under a lower claim
+number kicks that connection. Claims are ordered by the counter, not by
+arrival, so a device that hops from node A to B and back to A is never kicked
+by B's stale claim.
+
+*Failure.* ``publish`` never blocks: events for devices on this node are handed
+over directly; the rest go to an outbox that one task sends in pipelines. When
+Redis is unreachable, local delivery goes on, remote events are dropped, and
+the node retries with backoff. On reconnect it re-subscribes and re-claims its
+devices, and tells every node (itself included) to call its reconnect listeners:
+the relays re-read the queues of their connections from the database, which is
+where every dropped event is still waiting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import msgspec
+import redis.asyncio as redis
+from redis.asyncio.client import PubSub
+from redis.exceptions import RedisError
+
+from bastion.server.bus import BusEvent, KeysLow, Kick, Subscriber
+from bastion.server.store import QueuedEnvelope
+
+log = logging.getLogger("bastion.server.bus")
+
+DeviceKey = tuple[str, str]
+
+
+class _Deliver(msgspec.Struct, tag="e", array_like=True):
+    seq: int
+    user: str
+    device_id: str
+    sender: str
+    sender_device: str
+    server_ts: int
+    kind: int
+    body: bytes
+
+
+class _KeysLow(msgspec.Struct, tag="l", array_like=True):
+    count: int
+
+
+class _Kick(msgspec.Struct, tag="x", array_like=True):
+    reason: str
+
+
+class _Claim(msgspec.Struct, tag="c", array_like=True):
+    node: str
+    claim: int
+
+
+class _Resync(msgspec.Struct, tag="r", array_like=True):
+    node: str
+
+
+_Wire = _Deliver | _KeysLow | _Kick | _Claim | _Resync
+_decoder = msgspec.msgpack.Decoder(_Wire)
+_encoder = msgspec.msgpack.Encoder()
+
+
+def _to_wire(event: BusEvent) -> _Wire:
+    if isinstance(event, QueuedEnvelope):
+        return _Deliver(
+            event.seq,
+            event.user,
+            event.device_id,
+            event.sender,
+            event.sender_device,
+            event.server_ts,
+            event.kind,
+            event.body,
+        )
+    if isinstance(event, KeysLow):
+        return _KeysLow(event.count)
+    return _Kick(event.reason)
+
+
+def _from_wire(message: _Deliver | _KeysLow | _Kick) -> BusEvent:
+    if isinstance(message, _Deliver):
+        return QueuedEnvelope(
+            message.seq,
+            message.user,
+            message.device_id,
+            message.sender,
+            message.sender_device,
+            message.server_ts,
+            message.kind,
+            message.body,
+        )
+    if isinstance(message, _KeysLow):
+        return KeysLow(message.count)
+    return Kick(message.reason)
+
+
+@dataclass(slots=True)
+class _LocalDevice:
+    subscriber: Subscriber
+    claim: int | None = None  # None until this node's claim number arrived
+    highest_rival: int = 0  # the highest rival claim seen while ours was pending
+
+
+@dataclass(frozen=True, slots=True)
+class _Command:
+    kind: str  # "publish", "subscribe", "unsubscribe", "claim", "barrier"
+    channel: bytes
+    payload: bytes = b""
+    device: DeviceKey | None = None
+    entry: _LocalDevice | None = None  # the subscription a claim is for
+
+
+class RedisBus:
+    """:class:`~bastion.server.bus.Bus` across server nodes through Redis pub/sub."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        prefix: str = "bastion",
+        max_outbox: int = 100_000,
+        max_pipeline: int = 512,
+        retry_min_s: float = 0.1,
+        retry_max_s: float = 2.0,
+    ) -> None:
+        self.node_id = secrets.token_hex(8)
+        self._prefix = prefix.encode()
+        self._everyone = self._prefix + b":all"
+        self._redis = redis.Redis.from_url(
+            url, socket_connect_timeout=2.0, socket_keepalive=True, health_check_interval=5
+        )
+        self._max_outbox = max_outbox
+        self._max_pipeline = max_pipeline
+        self._retry_min_s = retry_min_s
+        self._retry_max_s = retry_max_s
+        self._local: dict[DeviceKey, _LocalDevice] = {}
+        self._by_channel: dict[bytes, DeviceKey] = {}
+        self._outbox: deque[_Command] = deque()
+        self._outbox_ready = asyncio.Event()
+        self._listeners: list[Callable[[], None]] = []
+        self._barriers: dict[bytes, asyncio.Future[None]] = {}
+        self._task: asyncio.Task[None] | None = None
+        self._online = asyncio.Event()
+        self.connected = False
+        self.dropped = 0
+
+    # --- lifecycle --------------------------------------------------------------------------
+
+    async def start(self, *, wait_s: float = 5.0) -> bool:
+        """Start the link to Redis; returns whether it came up within ``wait_s``.
+
+        The node serves its own devices either way; the link keeps retrying.
+        """
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run())
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._online.wait(), wait_s)
+        return self.connected
+
+    async def close(self) -> None:
+        """Stop the link and release the Redis connections."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        await self._redis.aclose()
+
+    async def flush(self) -> None:
+        """Wait until Redis has processed everything handed to the bus so far.
+
+        Returns at once while Redis is unreachable (then nothing is pending: the
+        link redoes subscriptions when it comes back).
+        """
+        if not self.connected:
+            return
+        token = secrets.token_hex(8).encode()
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._barriers[token] = future
+        self._enqueue(_Command("barrier", b"", token))
+        await future
+
+    def add_reconnect_listener(self, listener: Callable[[], None]) -> None:
+        """Call ``listener`` each time the link to Redis is restored after a loss."""
+        self._listeners.append(listener)
+
+    # --- the Bus interface --------------------------------------------------------------------
+
+    def subscribe(self, user: str, device_id: str, subscriber: Subscriber) -> None:
+        """Receive the device's events; its connection anywhere else is told to close."""
+        key = (user, device_id)
+        previous = self._local.get(key)
+        entry = _LocalDevice(subscriber)
+        self._local[key] = entry
+        if previous is not None and previous.subscriber is not subscriber:
+            previous.subscriber(Kick("signed in on another connection"))
+        channel = self._channel(key)
+        self._by_channel[channel] = key
+        self._enqueue(_Command("subscribe", channel, device=key))
+        self._enqueue(_Command("claim", channel, device=key, entry=entry))
+
+    def unsubscribe(self, user: str, device_id: str, subscriber: Subscriber) -> None:
+        """Stop receiving, unless another connection took over meanwhile."""
+        key = (user, device_id)
+        entry = self._local.get(key)
+        if entry is not None and entry.subscriber is subscriber:
+            self._forget(key)
+
+    def publish(self, user: str, device_id: str, event: BusEvent) -> None:
+        """Hand the event to the device's connection on this node or on any other; never waits."""
+        entry = self._local.get((user, device_id))
+        if entry is not None:
+            entry.subscriber(event)
+            return
+        if not self.connected:
+            self.dropped += 1  # still in the database; the device catches up from there
+            return
+        payload = _encoder.encode(_to_wire(event))
+        self._enqueue(_Command("publish", self._channel((user, device_id)), payload))
+
+    def connected_devices(self) -> int:
+        """How many devices are subscribed on this node."""
+        return len(self._local)
+
+    # --- internals ------------------------------------------------------------------------------
+
+    def _channel(self, key: DeviceKey) -> bytes:
+        user, device_id = key
+        return b"%s:dev:%d:%s:%s" % (self._prefix, len(user), user.encode(), device_id.encode())
+
+    def _enqueue(self, command: _Command) -> None:
+        if len(self._outbox) >= self._max_outbox:
+            self.dropped += 1
+            log.warning("bus.outbox_full")
+            return
+        self._outbox.append(command)
+        self._outbox_ready.set()
+
+    def _forget(self, key: DeviceKey) -> None:
+        del self._local[key]
+        channel = self._channel(key)
+        self._by_channel.pop(channel, None)
+        self._enqueue(_Command("unsubscribe", channel, device=key))
+
+    async def _run(self) -> None:
+        delay = self._retry_min_s
+        first = True
+        while True:
+            pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
+            try:
+                await self._resume(pubsub, first=first)
+                first = False
+                delay = self._retry_min_s
+                await self._serve(pubsub)
+            except (RedisError, OSError) as exc:
+                if self.connected:
+                    log.warning("bus.disconnected", extra={"error": type(exc).__name__})
+            finally:
+                self.connected = False
+                for future in self._barriers.values():
+                    if not future.done():
+                        future.set_result(None)
+                self._barriers.clear()
+                with contextlib.suppress(RedisError, OSError):
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, self._retry_max_s)
+
+    async def _resume(self, pubsub: PubSub, *, first: bool) -> None:
+        """(Re)connect: subscribe every local device, drop stale commands, claim again."""
+        await self._redis.ping()
+        await pubsub.subscribe(self._everyone)
+        # Commands queued while offline are stale: subscriptions and claims are redone
+        # below for the devices connected now, and lost events are re-read from the store.
+        self._outbox.clear()
+        if self._by_channel:
+            await pubsub.subscribe(*self._by_channel)
+        for key in list(self._local):
+            entry = self._local[key]
+            entry.claim = None
+            self._enqueue(_Command("claim", self._channel(key), device=key, entry=entry))
+        self.connected = True
+        self._online.set()
+        if first and not self.dropped:
+            return
+        # Events for devices on this node and events this node dropped for other nodes
+        # may both be missing: every node re-reads its connections' queues.
+        log.info("bus.reconnected")
+        await self._redis.publish(self._everyone, _encoder.encode(_Resync(self.node_id)))
+        self._notify_listeners()
+
+    def _notify_listeners(self) -> None:
+        for listener in self._listeners:
+            try:
+                listener()
+            except Exception:
+                log.exception("bus.listener_failed")
+
+    async def _serve(self, pubsub: PubSub) -> None:
+        reader = asyncio.get_running_loop().create_task(self._read(pubsub))
+        writer = asyncio.get_running_loop().create_task(self._write(pubsub))
+        try:
+            done, _ = await asyncio.wait({reader, writer}, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                task.result()
+        finally:
+            for task in (reader, writer):
+                task.cancel()
+            await asyncio.gather(reader, writer, return_exceptions=True)
+
+    async def _write(self, pubsub: PubSub) -> None:
+        while True:
+            if not self._outbox:
+                self._outbox_ready.clear()
+                await self._outbox_ready.wait()
+                continue
+            command = self._outbox.popleft()
+            if command.kind == "subscribe":
+                if command.channel in self._by_channel:
+                    await pubsub.subscribe(command.channel)
+            elif command.kind == "unsubscribe":
+                if command.channel not in self._by_channel:
+                    await pubsub.unsubscribe(command.channel)
+            elif command.kind == "claim":
+                await self._claim(command)
+            elif command.kind == "barrier":
+                # Commands on the subscriber connection run in order: the pong proves
+                # every earlier SUBSCRIBE was processed.
+                await pubsub.ping(command.payload)
+            else:
+                await self._publish_batch(command)
+
+    async def _publish_batch(self, first: _Command) -> None:
+        batch = [first]
+        while len(batch) < self._max_pipeline and self._outbox:
+            if self._outbox[0].kind != "publish":
+                break
+            batch.append(self._outbox.popleft())
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for command in batch:
+                pipe.publish(command.channel, command.payload)
+            await pipe.execute()
+
+    async def _claim(self, command: _Command) -> None:
+        key, entry = command.device, command.entry
+        if key is None or entry is None or self._local.get(key) is not entry:
+            return  # replaced or gone meanwhile; a newer claim is queued if needed
+        number = int(await self._redis.hincrby(self._prefix + b":claims", command.channel, 1))
+        if self._local.get(key) is not entry:
+            return
+        entry.claim = number
+        if entry.highest_rival > number:
+            self._kick(key, entry)
+            return
+        claim = _Claim(self.node_id, number)
+        await self._redis.publish(command.channel, _encoder.encode(claim))
+
+    def _on_broadcast(self, data: bytes) -> None:
+        try:
+            wire = _decoder.decode(data)
+        except msgspec.DecodeError:
+            log.warning("bus.bad_message")
+            return
+        if isinstance(wire, _Resync) and wire.node != self.node_id:
+            self._notify_listeners()
+
+    def _kick(self, key: DeviceKey, entry: _LocalDevice) -> None:
+        self._forget(key)
+        entry.subscriber(Kick("signed in on another connection"))
+
+    async def _read(self, pubsub: PubSub) -> None:
+        while True:
+            message = await pubsub.get_message(timeout=None)
+            if message is None:
+                continue
+            if message.get("type") == "pong":
+                barrier = self._barriers.pop(message["data"], None)
+                if barrier is not None and not barrier.done():
+                    barrier.set_result(None)
+                continue
+            if message.get("type") != "message":
+                continue
+            if message["channel"] == self._everyone:
+                self._on_broadcast(message["data"])
+                continue
+            key = self._by_channel.get(message["channel"])
+            entry = None if key is None else self._local.get(key)
+            if key is None or entry is None:
+                continue
+            try:
+                wire = _decoder.decode(message["data"])
+            except msgspec.DecodeError:
+                log.warning("bus.bad_message")
+                continue
+            if isinstance(wire, _Resync):
+                continue
+            if isinstance(wire, _Claim):
+                if wire.node == self.node_id:
+                    continue
+                if entry.claim is None:
+                    entry.highest_rival = max(entry.highest_rival, wire.claim)
+                elif wire.claim > entry.claim:
+                    self._kick(key, entry)
+                continue
+            try:
+                entry.subscriber(_from_wire(wire))
+            except Exception:
+                log.exception("bus.subscriber_failed")
