@@ -302,6 +302,7 @@ def cmd_server_run(args: argparse.Namespace) -> int:
         config=Path(args.config) if args.config else None,
         db=args.db,
         bus=args.bus,
+        metrics_port=args.metrics_port,
     )
     return 0
 
@@ -335,6 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--host", default="127.0.0.1")
     run.add_argument("--port", type=int, default=8443)
     run.add_argument("--config", help="config file (default: bastion.toml in the data folder)")
+    run.add_argument("--metrics-port", type=int, help="serve /metrics on 127.0.0.1:PORT")
     run.add_argument(
         "--db",
         help="postgresql://USER@HOST/DB[?schema=NAME] shared by every node"

@@ -275,6 +275,13 @@ class AdminDB:
             raise StorageError(f"cannot read admin events: {exc}") from None
         return [AdminEvent(*row) for row in rows]
 
+    def queue_depth(self) -> int:
+        """Envelopes waiting in all device queues (for the metrics gauge)."""
+        try:
+            return int(self._conn.execute("SELECT count(*) FROM queue").fetchone()[0])
+        except sqlite3.Error as exc:
+            raise StorageError(f"cannot count the queue: {exc}") from None
+
     def mark_handled(self, ids: list[int]) -> None:
         """Record that these events were applied and audited."""
         with self._transaction() as conn:

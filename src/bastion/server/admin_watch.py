@@ -60,6 +60,7 @@ class AdminChannel:
         self._db = self._executor.submit(AdminDB, data_dir).result()
         self.poll_s = poll_s
         self.policy = self._executor.submit(self._db.policy).result()
+        self.queue_depth = 0
 
     async def _call(self, fn: Callable[[], T]) -> T:
         return await asyncio.wrap_future(self._executor.submit(fn))
@@ -76,6 +77,7 @@ class AdminChannel:
     async def poll_once(self, audit: AuditLog | None, sign_out: SignOut) -> list[AdminEvent]:
         """Reload the policy, sign out newly disabled users, audit the events."""
         self.policy = await self._call(self._db.policy)
+        self.queue_depth = await self._call(self._db.queue_depth)
         events = await self._call(self._db.pending_events)
         for event in events:
             if event.action == "user.disabled":
@@ -90,12 +92,23 @@ class AdminChannel:
             await self._call(lambda: self._db.mark_handled([e.id for e in events]))
         return events
 
-    async def run(self, audit: AuditLog | None, sign_out: SignOut) -> None:
-        """Poll until cancelled; a failed poll is logged and retried."""
+    async def run(
+        self, audit: AuditLog | None, sign_out: SignOut, *, checkpoint_s: float = 60.0
+    ) -> None:
+        """Poll until cancelled; a failed poll is logged and retried.
+
+        Also syncs the audit log each poll and signs a checkpoint every
+        ``checkpoint_s`` seconds when records were added, so a running server's
+        log is never long without a signature.
+        """
+        last_checkpoint = time.monotonic()
         while True:
             try:
                 await self.poll_once(audit, sign_out)
                 if audit is not None:
+                    if time.monotonic() - last_checkpoint >= checkpoint_s:
+                        last_checkpoint = time.monotonic()
+                        audit.checkpoint(time.time())
                     await self._call(audit.flush)
             except BastionError as exc:
                 log.error("admin.poll_failed", extra={"error": type(exc).__name__})

@@ -19,6 +19,7 @@ from bastion.server.audit import AUDIT_DIR, AuditLog, ensure_audit_key
 from bastion.server.bus import Bus, LocalBus
 from bastion.server.config import CONFIG_FILE, Limits, ServerConfig, load_config
 from bastion.server.logs import JsonFormatter
+from bastion.server.metrics import RelayMetrics
 from bastion.server.relay import RelayServer
 from bastion.server.sqlite_store import SQLiteStore
 from bastion.server.store import Store
@@ -61,6 +62,7 @@ async def serve(
     config: Path | None = None,
     db: str | None = None,
     bus: str | None = None,
+    metrics_port: int | None = None,
 ) -> None:
     """Run the relay until SIGTERM or SIGINT, then shut down gracefully.
 
@@ -103,6 +105,10 @@ async def serve(
     admin = AdminChannel(data_dir, poll_s=limits.admin_poll_s)
     server.admin = admin
     await admin.poll_once(audit, server.sign_out_user)
+    if metrics_port is not None:
+        server.metrics = RelayMetrics()
+        server.metrics.watch(lambda: len(server.connections), lambda: admin.queue_depth)
+        server.metrics.serve(metrics_port)
     audit.append("server.started", time.time())
     audit.flush()
     bound = await server.start()
@@ -139,6 +145,7 @@ def run(
     config: Path | None = None,
     db: str | None = None,
     bus: str | None = None,
+    metrics_port: int | None = None,
 ) -> None:
     """Blocking entry point used by ``bastion server run``."""
     handler = logging.StreamHandler(sys.stderr)
@@ -151,6 +158,10 @@ def run(
     try:
         import uvloop  # noqa: PLC0415 - optional speed-up where available
 
-        uvloop.run(serve(data_dir, host, port, config=config, db=db, bus=bus))
+        uvloop.run(
+            serve(data_dir, host, port, config=config, db=db, bus=bus, metrics_port=metrics_port)
+        )
     except ImportError:
-        asyncio.run(serve(data_dir, host, port, config=config, db=db, bus=bus))
+        asyncio.run(
+            serve(data_dir, host, port, config=config, db=db, bus=bus, metrics_port=metrics_port)
+        )

@@ -39,6 +39,7 @@ from bastion.server.admin_watch import AdminChannel
 from bastion.server.audit import AuditLog
 from bastion.server.bus import Bus, BusEvent, KeysLow, Kick
 from bastion.server.config import ServerConfig
+from bastion.server.metrics import RelayMetrics
 from bastion.server.store import (
     AccountRecord,
     Copy,
@@ -106,6 +107,7 @@ class RelayServer:
         self._limit_audits: RateLimiter[tuple[str, str]] = RateLimiter(1 / 60.0, 1)
         self.audit: AuditLog | None = None
         self.admin: AdminChannel | None = None
+        self.metrics: RelayMetrics | None = None
 
     async def start(self) -> int:
         """Listen; returns the bound port."""
@@ -192,6 +194,8 @@ class RelayServer:
     def limit_hit(self, limit: str, key: str) -> None:
         """Log a limit that refused a request, and audit it at most once a minute per key."""
         log.info("limit.hit", extra={"limit": limit})
+        if self.metrics is not None:
+            self.metrics.limit_hits.labels(limit).inc()
         if self._limit_audits.allow((limit, key), time.monotonic()):
             self.audit_event("limit.hit", limit=limit, key=key[:200])
 
@@ -322,6 +326,13 @@ class ClientConnection(WSListener):
         self._closed = True
         self.transport.send_close(code, reason.encode())
         self.transport.disconnect()
+        # A graceful disconnect waits for the buffer to drain; a peer that never
+        # reads would keep its socket and buffer forever, so it gets a deadline.
+        asyncio.get_running_loop().call_later(self.limits.shutdown_grace_s, self._abort_if_open)
+
+    def _abort_if_open(self) -> None:
+        if self.transport is not None and not self.transport.is_disconnected:
+            self.transport.disconnect(graceful=False)
 
     def abort(self) -> None:
         """Drop the connection at once, without waiting for the peer."""
@@ -351,6 +362,8 @@ class ClientConnection(WSListener):
         await self._signed_in(req, username, device_id, receive)
 
     def _refuse(self, req: int | None, error: frames.Error) -> None:
+        if self.server.metrics is not None:
+            self.server.metrics.errors.labels(error.code).inc()
         self._send(frames.Error(req=req, code=error.code, message=error.message))
 
     def _spawn(self, req: int | None, work: Coroutine[Any, Any, None]) -> None:
@@ -369,8 +382,12 @@ class ClientConnection(WSListener):
                 self.transport.underlying_transport.resume_reading()
 
     async def _guard(self, req: int | None, work: Awaitable[None]) -> None:
+        started = time.perf_counter()
         try:
             await work
+            if self.server.metrics is not None:
+                request = getattr(work, "__name__", "request").lstrip("_")
+                self.server.metrics.latency.labels(request).observe(time.perf_counter() - started)
         except AuthenticationError as exc:
             log.info("signin.failed", extra={"reason": str(exc)})
             self._refuse(req, frames_error("auth_failed", "sign-in failed"))
@@ -694,6 +711,8 @@ class ClientConnection(WSListener):
             self._refuse(frame.req, frames_error("device_mismatch", detail[:256]))
             return
         self._send(frames.Sent(req=frame.req, server_ts=stored.server_ts))
+        if self.server.metrics is not None:
+            self.server.metrics.messages.inc()
         for envelope in stored.envelopes:
             self.server.bus.publish(envelope.user, envelope.device_id, envelope)
 

@@ -1,0 +1,310 @@
+"""The Bus contract, run against LocalBus and RedisBus, and RedisBus across nodes.
+
+A "cluster" here is two bus instances: for LocalBus both are the same object
+(one node); for RedisBus they are two nodes on a real Redis, with a channel
+prefix of their own so that parallel runs never meet. The outage test starts
+its own ``redis-server`` on a free port and never touches the machine's Redis.
+RedisBus tests are skipped, with the reason, when Redis is unreachable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import shutil
+import subprocess
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import redis.asyncio as redis
+from redis.exceptions import RedisError
+
+from bastion.server.bus import Bus, BusEvent, KeysLow, Kick, LocalBus
+from bastion.server.redis_bus import RedisBus
+from bastion.server.store import QueuedEnvelope
+from tests.conftest import free_port
+
+REDIS_URL = os.environ.get("BASTION_TEST_REDIS", "redis://127.0.0.1:6379/0")
+
+
+async def redis_or_skip(url: str = REDIS_URL) -> None:
+    """Skip the test unless Redis answers at ``url``."""
+    client = redis.Redis.from_url(url, socket_connect_timeout=2)
+    try:
+        await client.ping()
+    except (RedisError, OSError) as exc:
+        pytest.skip(f"Redis is not reachable at {url}: {type(exc).__name__}")
+    finally:
+        await client.aclose()
+
+
+class RedisProcess:
+    """A private ``redis-server`` on a free port, which a test may stop and restart."""
+
+    def __init__(self, workdir: Path) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            pytest.skip("redis-server is not installed")
+        self.binary = binary
+        self.workdir = workdir
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        """Start on the same port as before and wait until it answers."""
+        self.proc = subprocess.Popen(
+            [
+                self.binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.workdir),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while True:
+            probe = subprocess.run(
+                ["redis-cli", "-p", str(self.port), "ping"], capture_output=True, check=False
+            )
+            if probe.stdout.strip() == b"PONG":
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError("redis-server did not start")
+            time.sleep(0.05)
+
+    def kill(self) -> None:
+        """Stop it hard (every client connection drops)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[RedisProcess]:
+    server = RedisProcess(tmp_path)
+    server.start()
+    yield server
+    server.kill()
+
+
+@dataclass
+class Inbox:
+    """A subscriber that records what it is handed."""
+
+    events: list[BusEvent] = field(default_factory=list)
+
+    def __call__(self, event: BusEvent) -> None:
+        self.events.append(event)
+
+    def kicked(self) -> bool:
+        return any(isinstance(e, Kick) for e in self.events)
+
+    def envelopes(self) -> list[QueuedEnvelope]:
+        return [e for e in self.events if isinstance(e, QueuedEnvelope)]
+
+
+async def until(condition: Callable[[], bool], within_s: float = 5.0) -> None:
+    deadline = time.monotonic() + within_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out waiting for the bus")
+        await asyncio.sleep(0.01)
+
+
+@dataclass
+class Cluster:
+    """Two nodes and a way to wait until what was handed to them reached everyone."""
+
+    a: Bus
+    b: Bus
+
+    async def settle(self) -> None:
+        for bus in (self.a, self.b):
+            if isinstance(bus, RedisBus):
+                await bus.flush()
+
+
+def envelope(seq: int, body: bytes = b"ciphertext") -> QueuedEnvelope:
+    return QueuedEnvelope(seq, "bob", "b1", "alice", "a1", 1234, 1, body)
+
+
+@pytest.fixture(params=["local", "redis"])
+async def cluster(request: pytest.FixtureRequest) -> AsyncIterator[Cluster]:
+    if request.param == "local":
+        bus = LocalBus()
+        yield Cluster(bus, bus)
+        return
+    await redis_or_skip()
+    prefix = f"bastion-test-{secrets.token_hex(6)}"
+    nodes = [RedisBus(REDIS_URL, prefix=prefix) for _ in range(2)]
+    for node in nodes:
+        assert await node.start()
+    yield Cluster(nodes[0], nodes[1])
+    for node in nodes:
+        await node.close()
+
+
+async def test_an_event_reaches_the_devices_subscriber_wherever_it_is(cluster: Cluster) -> None:
+    inbox = Inbox()
+    cluster.b.subscribe("bob", "b1", inbox)
+    await cluster.settle()
+    sent: list[BusEvent] = [envelope(7, bytes(range(256))), KeysLow(3), envelope(9)]
+    for event in sent:
+        cluster.a.publish("bob", "b1", event)
+    await until(lambda: len(inbox.events) == 3)
+    assert inbox.events == sent
+    cluster.a.publish("bob", "b2", envelope(10))  # nobody holds b2: dropped, no error
+    cluster.a.publish("carol", "b1", envelope(11))
+    await cluster.settle()
+    await asyncio.sleep(0.05)
+    assert len(inbox.events) == 3
+
+
+async def test_events_from_one_node_arrive_in_publish_order(cluster: Cluster) -> None:
+    inbox = Inbox()
+    cluster.b.subscribe("bob", "b1", inbox)
+    await cluster.settle()
+    for seq in range(1, 1001):
+        cluster.a.publish("bob", "b1", envelope(seq))
+    await until(lambda: len(inbox.events) == 1000)
+    assert [e.seq for e in inbox.envelopes()] == list(range(1, 1001))
+
+
+async def test_a_new_subscriber_anywhere_kicks_the_old_one(cluster: Cluster) -> None:
+    old, new = Inbox(), Inbox()
+    cluster.a.subscribe("bob", "b1", old)
+    await cluster.settle()
+    cluster.b.subscribe("bob", "b1", new)
+    await cluster.settle()
+    await until(old.kicked)
+    cluster.a.publish("bob", "b1", envelope(1))
+    cluster.b.publish("bob", "b1", envelope(2))
+    await until(lambda: len(new.envelopes()) == 2)
+    assert not new.kicked()
+    assert old.envelopes() == []
+
+
+async def test_a_device_moving_back_and_forth_keeps_only_its_latest_connection(
+    cluster: Cluster,
+) -> None:
+    first, second, third = Inbox(), Inbox(), Inbox()
+    cluster.a.subscribe("bob", "b1", first)
+    await cluster.settle()
+    cluster.b.subscribe("bob", "b1", second)
+    await cluster.settle()
+    await until(first.kicked)
+    cluster.a.subscribe("bob", "b1", third)
+    await cluster.settle()
+    await until(second.kicked)
+    await asyncio.sleep(0.1)
+    await cluster.settle()
+    assert not third.kicked()
+    cluster.b.publish("bob", "b1", envelope(5))
+    await until(lambda: len(third.envelopes()) == 1)
+
+
+async def test_unsubscribe_stops_delivery_but_not_for_a_newer_subscriber(
+    cluster: Cluster,
+) -> None:
+    old, new = Inbox(), Inbox()
+    cluster.b.subscribe("bob", "b1", old)
+    cluster.b.subscribe("bob", "b1", new)
+    cluster.b.unsubscribe("bob", "b1", old)  # replaced already: no effect
+    await cluster.settle()
+    cluster.a.publish("bob", "b1", envelope(1))
+    await until(lambda: len(new.envelopes()) == 1)
+    cluster.b.unsubscribe("bob", "b1", new)
+    await cluster.settle()
+    cluster.a.publish("bob", "b1", envelope(2))
+    await cluster.settle()
+    await asyncio.sleep(0.05)
+    assert [e.seq for e in new.envelopes()] == [1]
+    assert old.envelopes() == []
+
+
+async def test_publish_never_waits_even_when_redis_is_unreachable() -> None:
+    bus = RedisBus(f"redis://127.0.0.1:{free_port()}/0", retry_min_s=0.05)
+    assert await bus.start(wait_s=0.2) is False
+    local = Inbox()
+    bus.subscribe("bob", "b1", local)
+    started = time.perf_counter()
+    for seq in range(10_000):
+        bus.publish("carol", "c1", envelope(seq))
+    bus.publish("bob", "b1", envelope(1))
+    assert time.perf_counter() - started < 1.0
+    assert [e.seq for e in local.envelopes()] == [1]
+    assert bus.dropped == 10_000
+    await bus.close()
+
+
+async def test_after_a_redis_restart_nodes_resubscribe_and_are_told_to_resync(
+    private_redis: RedisProcess,
+) -> None:
+    prefix = "bastion-test"
+    a = RedisBus(private_redis.url, prefix=prefix, retry_min_s=0.05, retry_max_s=0.2)
+    b = RedisBus(private_redis.url, prefix=prefix, retry_min_s=0.05, retry_max_s=0.2)
+    resyncs = {"a": 0, "b": 0}
+    a.add_reconnect_listener(lambda: resyncs.__setitem__("a", resyncs["a"] + 1))
+    b.add_reconnect_listener(lambda: resyncs.__setitem__("b", resyncs["b"] + 1))
+    try:
+        assert await a.start()
+        assert await b.start()
+        on_b, on_a = Inbox(), Inbox()
+        b.subscribe("bob", "b1", on_b)
+        a.subscribe("alice", "a1", on_a)
+        await b.flush()
+        private_redis.kill()
+        await until(lambda: not a.connected and not b.connected)
+        a.publish("alice", "a1", envelope(1))  # local devices keep being served
+        assert [e.seq for e in on_a.envelopes()] == [1]
+        a.publish("bob", "b1", envelope(2))  # lost with Redis; the store still has it
+        private_redis.start()
+        await until(lambda: a.connected and b.connected and resyncs["a"] > 0 and resyncs["b"] > 0)
+        await a.flush()
+        await b.flush()
+        a.publish("bob", "b1", envelope(3))
+        await until(lambda: len(on_b.envelopes()) == 1)
+        assert [e.seq for e in on_b.envelopes()] == [3]
+        # The device claims were renewed: a new connection on A still kicks the one on B.
+        a.subscribe("bob", "b1", Inbox())
+        await until(on_b.kicked)
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_garbage_on_a_device_channel_is_ignored() -> None:
+    await redis_or_skip()
+    prefix = f"bastion-test-{secrets.token_hex(6)}"
+    a, b = RedisBus(REDIS_URL, prefix=prefix), RedisBus(REDIS_URL, prefix=prefix)
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        await a.start()
+        await b.start()
+        inbox = Inbox()
+        b.subscribe("bob", "b1", inbox)
+        await b.flush()
+        channels = await client.pubsub_channels(f"{prefix}:*")
+        assert channels
+        for channel in channels:
+            await client.publish(channel, b"\xc1not msgpack")
+        a.publish("bob", "b1", envelope(4))
+        await until(lambda: len(inbox.envelopes()) == 1)
+        assert not inbox.kicked()
+    finally:
+        await client.aclose()
+        await a.close()
+        await b.close()

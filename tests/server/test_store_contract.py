@@ -1,0 +1,463 @@
+"""The Store contract, run against every implementation: SQLite and PostgreSQL.
+
+PostgreSQL tests use a fresh schema per test (dropped afterwards), so parallel
+and repeated runs never meet. They are skipped, with the reason, when no
+PostgreSQL answers at ``BASTION_TEST_POSTGRES`` (default: 127.0.0.1:5432/test).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from bastion.errors import StorageError
+from bastion.server.migrations import Migration, bundled_migrations, migrate
+from bastion.server.pg_store import PgStore, split_dsn
+from bastion.server.sqlite_store import SQLiteStore
+from bastion.server.store import (
+    AccountRecord,
+    Copy,
+    DeviceMismatchError,
+    DeviceRecord,
+    DeviceRefusedError,
+    KeyRecord,
+    Store,
+    UnknownRecipientError,
+    UsernameTakenError,
+)
+
+POSTGRES_URL = os.environ.get("BASTION_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
+
+Opener = Callable[[], Awaitable[Store]]
+
+
+async def postgres_or_skip() -> None:
+    """Skip the test unless PostgreSQL answers at POSTGRES_URL."""
+    try:
+        conn = await asyncpg.connect(POSTGRES_URL, timeout=3)
+    except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
+        pytest.skip(f"PostgreSQL is not reachable at {POSTGRES_URL}: {type(exc).__name__}")
+    await conn.close()
+
+
+async def drop_schema(schema: str) -> None:
+    """Remove a test schema and everything in it."""
+    conn = await asyncpg.connect(POSTGRES_URL)
+    try:
+        await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+    finally:
+        await conn.close()
+
+
+def fresh_schema() -> str:
+    """A schema name no other run uses."""
+    return f"bastion_test_{secrets.token_hex(6)}"
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+async def opener(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Opener]:
+    """Opens stores on one database; every store opened is closed at the end."""
+    opened: list[Store] = []
+    schema = fresh_schema()
+    if request.param == "postgres":
+        await postgres_or_skip()
+
+    async def open_store() -> Store:
+        store: Store
+        if request.param == "sqlite":
+            store = SQLiteStore(tmp_path / "bastion.db")
+        else:
+            store = await PgStore.connect(f"{POSTGRES_URL}?schema={schema}")
+        opened.append(store)
+        return store
+
+    yield open_store
+    for store in opened:
+        await store.close()
+    if request.param == "postgres":
+        await drop_schema(schema)
+
+
+@pytest.fixture
+async def store(opener: Opener) -> Store:
+    return await opener()
+
+
+def key(n: int) -> KeyRecord:
+    return KeyRecord(b"key-%03d" % n + bytes(25), b"sig-%03d" % n + bytes(57))
+
+
+def device(user: str, device_id: str) -> DeviceRecord:
+    return DeviceRecord(user, device_id, b"e" * 32, b"c" * 32, 1000, b"cert" * 16)
+
+
+async def make_user(
+    store: Store, user: str, *devices: str, keys: int = 3, fallback: int = 900
+) -> None:
+    first, *more = devices or ("d1",)
+    await store.create_account(
+        AccountRecord(user, b"i" * 32, 1000),
+        device(user, first),
+        [key(n) for n in range(keys)],
+        key(fallback),
+    )
+    for extra in more:
+        await store.add_device(
+            device(user, extra), [key(n) for n in range(keys)], key(fallback), max_devices=10
+        )
+
+
+def copies_for(body: bytes, *targets: tuple[str, str]) -> list[Copy]:
+    return [Copy(user, dev, 0, body) for user, dev in targets]
+
+
+async def send(store: Store, body: bytes, *, msg_id: bytes | None = None, ts: int = 5000) -> int:
+    """alice/a1 -> bob/b1; returns the envelope's sequence number."""
+    stored = await store.store_message(
+        sender="alice",
+        sender_device="a1",
+        client_msg_id=msg_id or secrets.token_bytes(16),
+        recipient="bob",
+        server_ts=ts,
+        copies=copies_for(body, ("bob", "b1")),
+    )
+    return stored.envelopes[0].seq
+
+
+# --- accounts and devices --------------------------------------------------------------------
+
+
+async def test_accounts_and_devices_round_trip(store: Store) -> None:
+    await make_user(store, "alice", "a2", "a1")
+    account = await store.get_account("alice")
+    assert account == AccountRecord("alice", b"i" * 32, 1000, False)
+    assert await store.get_account("nobody") is None
+    assert await store.get_device("alice", "a1") == device("alice", "a1")
+    assert await store.get_device("alice", "zz") is None
+    assert [d.device_id for d in await store.list_devices("alice")] == ["a1", "a2"]
+    assert await store.list_devices("nobody") == []
+
+
+async def test_a_taken_username_is_refused_and_nothing_changes(store: Store) -> None:
+    await make_user(store, "alice", "a1")
+    with pytest.raises(UsernameTakenError):
+        await store.create_account(
+            AccountRecord("alice", b"X" * 32, 2000), device("alice", "a9"), [], key(1)
+        )
+    assert (await store.get_account("alice")) == AccountRecord("alice", b"i" * 32, 1000, False)
+    assert [d.device_id for d in await store.list_devices("alice")] == ["a1"]
+
+
+async def test_adding_devices_is_bounded_and_revoked_ids_never_return(store: Store) -> None:
+    await make_user(store, "alice", "a1")
+    with pytest.raises(DeviceRefusedError):
+        await store.add_device(device("alice", "a1"), [], key(1), max_devices=10)
+    await store.add_device(device("alice", "a2"), [], key(1), max_devices=2)
+    with pytest.raises(DeviceRefusedError):
+        await store.add_device(device("alice", "a3"), [], key(1), max_devices=2)
+    with pytest.raises(DeviceRefusedError):
+        await store.add_device(device("ghost", "g1"), [], key(1), max_devices=2)
+    await make_user(store, "bob", "b1")
+    await store.store_message(
+        sender="bob",
+        sender_device="b1",
+        client_msg_id=b"m",
+        recipient="alice",
+        server_ts=1,
+        copies=copies_for(b"x", ("alice", "a1"), ("alice", "a2")),
+    )
+    assert await store.revoke_device("alice", "a2") is True
+    assert await store.revoke_device("alice", "a2") is False
+    assert await store.fetch_queue("alice", "a2", 0, 10) == []
+    assert await store.count_one_time_keys("alice", "a2") == 0
+    assert len(await store.fetch_queue("alice", "a1", 0, 10)) == 1
+    with pytest.raises(DeviceRefusedError):
+        await store.add_device(device("alice", "a2"), [], key(1), max_devices=10)
+
+
+# --- key stock -------------------------------------------------------------------------------
+
+
+async def test_key_stock_counts_ignores_duplicates_and_claims_fallback_last(store: Store) -> None:
+    await make_user(store, "bob", "b1", "b2", keys=1)
+    assert await store.add_one_time_keys("bob", "b1", [key(0), key(5)], None) == 2
+    assert await store.count_one_time_keys("bob", "b1") == 2
+    first = await store.claim_keys("bob")
+    assert [(k.device_id, k.fallback) for k in first] == [("b1", False), ("b2", False)]
+    second = await store.claim_keys("bob")
+    assert [(k.device_id, k.fallback) for k in second] == [("b1", False), ("b2", True)]
+    assert second[1].key == key(900).key
+    assert {first[0].key, second[0].key} == {key(0).key, key(5).key}
+    await store.add_one_time_keys("bob", "b2", [], key(901))
+    third = await store.claim_keys("bob")
+    assert [(k.fallback, k.key) for k in third] == [(True, key(900).key), (True, key(901).key)]
+    assert await store.claim_keys("nobody") == []
+
+
+async def test_concurrent_claims_never_hand_out_a_key_twice(opener: Opener) -> None:
+    stores = [await opener() for _ in range(2)]
+    await make_user(stores[0], "bob", "b1", keys=30)
+    results = await asyncio.gather(*(stores[i % 2].claim_keys("bob") for i in range(50)))
+    one_time = [r[0].key for r in results if not r[0].fallback]
+    assert len(one_time) == 30
+    assert len(set(one_time)) == 30
+    assert all(r[0].key == key(900).key for r in results if r[0].fallback)
+    assert await stores[0].count_one_time_keys("bob", "b1") == 0
+
+
+# --- messages --------------------------------------------------------------------------------
+
+
+async def test_a_message_is_queued_once_per_device_and_retries_are_idempotent(
+    store: Store,
+) -> None:
+    await make_user(store, "alice", "a1", "a2")
+    await make_user(store, "bob", "b1", "b2")
+    targets = [("bob", "b1"), ("bob", "b2"), ("alice", "a2")]
+    stored = await store.store_message(
+        sender="alice",
+        sender_device="a1",
+        client_msg_id=b"id-1",
+        recipient="bob",
+        server_ts=7000,
+        copies=copies_for(b"hello", *targets),
+    )
+    assert stored.server_ts == 7000
+    assert [(e.user, e.device_id) for e in stored.envelopes] == targets
+    assert len({e.seq for e in stored.envelopes}) == 3
+    again = await store.store_message(
+        sender="alice",
+        sender_device="a1",
+        client_msg_id=b"id-1",
+        recipient="bob",
+        server_ts=9000,
+        copies=copies_for(b"hello", *targets),
+    )
+    assert again.server_ts == 7000
+    assert again.envelopes == []
+    queued = await store.fetch_queue("bob", "b1", 0, 10)
+    assert [(q.sender, q.sender_device, q.server_ts, q.body) for q in queued] == [
+        ("alice", "a1", 7000, b"hello")
+    ]
+
+
+async def test_wrong_device_sets_and_unknown_recipients_store_nothing(store: Store) -> None:
+    await make_user(store, "alice", "a1", "a2")
+    await make_user(store, "bob", "b1", "b2")
+    cases = [
+        [("bob", "b1"), ("alice", "a2")],  # missing bob/b2
+        [("bob", "b1"), ("bob", "b2")],  # missing the sender's other device
+        [("bob", "b1"), ("bob", "b2"), ("alice", "a2"), ("bob", "b9")],  # extra
+        [("bob", "b1"), ("bob", "b1"), ("bob", "b2"), ("alice", "a2")],  # duplicate
+        [("bob", "b1"), ("bob", "b2"), ("alice", "a2"), ("alice", "a1")],  # to itself
+    ]
+    for targets in cases:
+        with pytest.raises(DeviceMismatchError) as caught:
+            await store.store_message(
+                sender="alice",
+                sender_device="a1",
+                client_msg_id=b"same-id",
+                recipient="bob",
+                server_ts=1,
+                copies=copies_for(b"x", *targets),
+            )
+        assert caught.value.missing or caught.value.extra or len(set(targets)) < len(targets)
+    with pytest.raises(DeviceMismatchError) as caught:
+        await store.store_message(
+            sender="alice",
+            sender_device="a1",
+            client_msg_id=b"same-id",
+            recipient="bob",
+            server_ts=1,
+            copies=copies_for(b"x", ("bob", "b1")),
+        )
+    assert caught.value.missing == ["alice/a2", "bob/b2"]
+    with pytest.raises(UnknownRecipientError):
+        await store.store_message(
+            sender="alice",
+            sender_device="a1",
+            client_msg_id=b"other",
+            recipient="carol",
+            server_ts=1,
+            copies=copies_for(b"x", ("carol", "c1"), ("alice", "a2")),
+        )
+    for user, dev in [("bob", "b1"), ("bob", "b2"), ("alice", "a2")]:
+        assert await store.fetch_queue(user, dev, 0, 10) == []
+    # The refused id was not remembered: a corrected retry is stored.
+    stored = await store.store_message(
+        sender="alice",
+        sender_device="a1",
+        client_msg_id=b"same-id",
+        recipient="bob",
+        server_ts=2,
+        copies=copies_for(b"x", ("bob", "b1"), ("bob", "b2"), ("alice", "a2")),
+    )
+    assert len(stored.envelopes) == 3
+
+
+async def test_fetch_pages_in_order_and_ack_deletes_only_that_devices_envelopes(
+    store: Store,
+) -> None:
+    await make_user(store, "alice", "a1")
+    await make_user(store, "bob", "b1")
+    await make_user(store, "carol", "c1")
+    seqs = [await send(store, b"m%d" % i) for i in range(5)]
+    assert seqs == sorted(seqs)
+    page = await store.fetch_queue("bob", "b1", 0, 3)
+    assert [q.body for q in page] == [b"m0", b"m1", b"m2"]
+    rest = await store.fetch_queue("bob", "b1", page[-1].seq, 10)
+    assert [q.body for q in rest] == [b"m3", b"m4"]
+    assert await store.ack("carol", "c1", seqs) == 0
+    assert await store.ack("bob", "b1", [seqs[0], seqs[2], 10**12]) == 2
+    assert [q.body for q in await store.fetch_queue("bob", "b1", 0, 10)] == [b"m1", b"m3", b"m4"]
+    assert await store.count_queued("bob") == 3
+    assert await store.count_queued("carol") == 0
+    assert await store.count_queued("nobody") == 0
+
+
+async def test_calls_from_one_sender_device_take_effect_in_call_order(store: Store) -> None:
+    await make_user(store, "alice", "a1")
+    await make_user(store, "bob", "b1")
+    await asyncio.gather(*(send(store, b"%04d" % i) for i in range(300)))
+    queued = await store.fetch_queue("bob", "b1", 0, 1000)
+    assert [q.body for q in queued] == [b"%04d" % i for i in range(300)]
+
+
+async def test_a_cursor_reader_never_skips_a_message_from_concurrent_senders(
+    opener: Opener,
+) -> None:
+    """Sequence order must be commit order per device, or cursor-based delivery loses some."""
+    writers = [await opener() for _ in range(2)]
+    reader = await opener()
+    await make_user(writers[0], "bob", "b1")
+    senders = [f"s{i}" for i in range(8)]
+    for name in senders:
+        await make_user(writers[0], name, f"{name}-d")
+    done = asyncio.Event()
+
+    async def sender(index: int, name: str) -> None:
+        for n in range(40):
+            await writers[index % 2].store_message(
+                sender=name,
+                sender_device=f"{name}-d",
+                client_msg_id=b"%d" % n,
+                recipient="bob",
+                server_ts=n,
+                copies=copies_for(f"{name}:{n}".encode(), ("bob", "b1")),
+            )
+
+    seen: list[bytes] = []
+
+    async def read() -> None:
+        cursor = 0
+        while True:
+            finished = done.is_set()
+            rows = await reader.fetch_queue("bob", "b1", cursor, 1000)
+            seen.extend(r.body for r in rows)
+            cursor = rows[-1].seq if rows else cursor
+            if finished and not rows:
+                return
+            await asyncio.sleep(0)
+
+    reading = asyncio.create_task(read())
+    await asyncio.gather(*(sender(i, name) for i, name in enumerate(senders)))
+    done.set()
+    await reading
+    assert len(seen) == len(set(seen)) == 8 * 40
+
+
+async def test_a_new_store_on_the_same_database_sees_every_acknowledged_write(
+    opener: Opener,
+) -> None:
+    first = await opener()
+    await make_user(first, "alice", "a1")
+    await make_user(first, "bob", "b1", keys=4)
+    seqs = [await send(first, b"m%d" % i, msg_id=b"id%d" % i) for i in range(3)]
+    await first.ack("bob", "b1", [seqs[0]])
+    await first.claim_keys("bob")
+    await first.close()
+    second = await opener()
+    assert (await second.get_account("alice")) is not None
+    assert await second.count_one_time_keys("bob", "b1") == 3
+    assert [q.body for q in await second.fetch_queue("bob", "b1", 0, 10)] == [b"m1", b"m2"]
+    retry = await second.store_message(
+        sender="alice",
+        sender_device="a1",
+        client_msg_id=b"id2",
+        recipient="bob",
+        server_ts=99_999,
+        copies=copies_for(b"m2", ("bob", "b1")),
+    )
+    assert retry.envelopes == []
+    assert retry.server_ts == 5000
+    assert await send(second, b"later") > seqs[-1]
+
+
+async def test_a_closed_store_refuses_work(store: Store) -> None:
+    await store.close()
+    with pytest.raises(StorageError):
+        await store.get_account("alice")
+
+
+# --- PostgreSQL only: URLs, migrations, an unreachable database ------------------------------
+
+
+def test_database_urls_name_a_schema_or_use_the_default() -> None:
+    assert split_dsn("postgresql://u@h:5/db") == ("postgresql://u@h:5/db", "bastion")
+    assert split_dsn("postgresql://u@h/db?schema=node_a&sslmode=require") == (
+        "postgresql://u@h/db?sslmode=require",
+        "node_a",
+    )
+    for bad in [
+        "sqlite:///x.db",
+        "postgresql://h/db?schema=Robert');DROP",
+        "postgresql://h/d?schema=",
+    ]:
+        with pytest.raises(StorageError):
+            split_dsn(bad)
+
+
+async def test_migrations_apply_once_and_refuse_a_newer_database() -> None:
+    await postgres_or_skip()
+    schema = fresh_schema()
+    conn = await asyncpg.connect(POSTGRES_URL)
+    try:
+        assert await migrate(conn, schema) == [m.version for m in bundled_migrations()]
+        assert await migrate(conn, schema) == []
+        future = [*bundled_migrations(), Migration(9999, "9999_future.sql", "SELECT 1")]
+        assert await migrate(conn, schema, future) == [9999]
+        with pytest.raises(StorageError, match="newer"):
+            await migrate(conn, schema)
+    finally:
+        await conn.close()
+        await drop_schema(schema)
+
+
+async def test_concurrent_node_starts_migrate_exactly_once() -> None:
+    await postgres_or_skip()
+    schema = fresh_schema()
+    try:
+        stores = await asyncio.gather(
+            *(PgStore.connect(f"{POSTGRES_URL}?schema={schema}") for _ in range(3))
+        )
+        for s in stores:
+            await s.close()
+        conn = await asyncpg.connect(POSTGRES_URL)
+        try:
+            rows = await conn.fetch(f'SELECT version FROM "{schema}".schema_migrations')
+        finally:
+            await conn.close()
+        assert [r[0] for r in rows] == [m.version for m in bundled_migrations()]
+    finally:
+        await drop_schema(schema)
+
+
+async def test_an_unreachable_database_is_a_storage_error() -> None:
+    with pytest.raises(StorageError, match="cannot open the database"):
+        await PgStore.connect("postgresql://postgres@127.0.0.1:1/test")

@@ -1,0 +1,242 @@
+"""Two real server processes sharing one PostgreSQL database and one Redis.
+
+Each test gets its own PostgreSQL schema (dropped afterwards) and its own
+``redis-server`` on a free port, so it can kill and restart Redis without
+touching anything else. Both nodes share one certificate and server name,
+as nodes behind one load balancer must; where a test needs a client to move
+between nodes, it connects through a small TCP forwarder written here (TLS
+stays end to end between client and node).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+import sys
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from bastion.client.client import Client, MessageEvent
+from bastion.errors import BastionError
+from bastion.server.tls import CERT_FILE, KEY_FILE
+from tests.conftest import PASSPHRASE, ServerProcess, free_port
+from tests.helpers import next_events, texts
+from tests.server.test_bus_contract import RedisProcess
+from tests.server.test_store_contract import (
+    POSTGRES_URL,
+    drop_schema,
+    fresh_schema,
+    postgres_or_skip,
+)
+
+pytestmark = pytest.mark.network
+
+
+class TcpForwarder:
+    """A load balancer in miniature: each connection goes to the first backend that answers."""
+
+    def __init__(self, backends: list[int]) -> None:
+        self.backends = backends
+        self.port = free_port()
+        self.url = f"wss://127.0.0.1:{self.port}"
+        self._server: asyncio.Server | None = None
+        self._pipes: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", self.port)
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for task in list(self._pipes):
+            task.cancel()
+        await asyncio.gather(*self._pipes, return_exceptions=True)
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        for port in self.backends:
+            try:
+                up_reader, up_writer = await asyncio.open_connection("127.0.0.1", port)
+                break
+            except OSError:
+                continue
+        else:
+            writer.close()
+            return
+        for src, dst in ((reader, up_writer), (up_reader, writer)):
+            task = asyncio.get_running_loop().create_task(self._pipe(src, dst))
+            self._pipes.add(task)
+            task.add_done_callback(self._pipes.discard)
+
+    @staticmethod
+    async def _pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+        try:
+            while data := await src.read(65536):
+                dst.write(data)
+                await dst.drain()
+        except OSError:
+            pass
+        finally:
+            dst.close()
+
+
+@dataclass
+class Cluster:
+    a: ServerProcess
+    b: ServerProcess
+    redis: RedisProcess
+    root: Path
+
+    async def register(self, username: str, url: str) -> Client:
+        return await Client.register(
+            self.root / "profiles" / username,
+            PASSPHRASE,
+            username=username,
+            server_url=url,
+            fingerprint=self.a.fingerprint,
+        )
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[RedisProcess]:
+    redis_dir = tmp_path / "redis"
+    redis_dir.mkdir()
+    server = RedisProcess(redis_dir)
+    server.start()
+    yield server
+    server.kill()
+
+
+@pytest.fixture
+async def cluster(tmp_path: Path, private_redis: RedisProcess) -> AsyncIterator[Cluster]:
+    await postgres_or_skip()
+    schema = fresh_schema()
+    command = [
+        sys.executable,
+        "-m",
+        "bastion",
+        "server",
+        "run",
+        "--db",
+        f"{POSTGRES_URL}?schema={schema}",
+        "--bus",
+        private_redis.url,
+    ]
+    a = ServerProcess(tmp_path / "node-a", free_port(), script=command)
+    b = ServerProcess(tmp_path / "node-b", free_port(), script=command)
+    try:
+        a.start()
+        b.data_dir.mkdir(mode=0o700)
+        for name in (CERT_FILE, KEY_FILE, "server-name"):
+            shutil.copy2(a.data_dir / name, b.data_dir / name)
+        b.start()
+        assert a.fingerprint == b.fingerprint
+        yield Cluster(a, b, private_redis, tmp_path)
+    finally:
+        for node in (a, b):
+            # ServerProcess.kill() cannot run twice (its second drain reads a closed pipe).
+            if node.proc is not None and node.proc.poll() is None:
+                node.kill()
+        await drop_schema(schema)
+
+
+async def test_a_message_sent_on_one_node_is_delivered_live_on_the_other(
+    cluster: Cluster,
+) -> None:
+    alice = await cluster.register("alice", cluster.a.url)
+    bob = await cluster.register("bob", cluster.b.url)
+    try:
+        await alice.connect(receive=False)
+        await bob.connect()
+        assert texts([e async for e in bob.receive(until_synced=True)]) == []
+        for n in range(5):
+            await alice.send_text("bob", f"live {n}")
+        assert texts(await next_events(bob, 5)) == [f"live {n}" for n in range(5)]
+        await bob.send_text("alice", "and back")
+        await alice.close()
+        alice = Client.open(cluster.root / "profiles" / "alice", PASSPHRASE)
+        await alice.connect()
+        assert texts([e async for e in alice.receive(until_synced=True)]) == ["and back"]
+    finally:
+        await alice.close()
+        await bob.close()
+
+
+async def test_killing_the_receivers_node_loses_and_repeats_nothing(cluster: Cluster) -> None:
+    balancer = TcpForwarder([cluster.a.port, cluster.b.port])
+    await balancer.start()
+    alice = await cluster.register("alice", cluster.b.url)
+    bob = await cluster.register("bob", balancer.url)  # lands on node A while it lives
+    total = 60
+    shown: list[str] = []
+    reconnects = 0
+
+    async def bob_reads() -> None:
+        nonlocal reconnects
+        while True:
+            async for event in bob.receive():
+                if isinstance(event, MessageEvent):
+                    shown.append(event.record.text)
+                    if len(shown) >= total:
+                        return
+            # The node went away: reconnect through the balancer, as `bastion listen` would.
+            reconnects += 1
+            if bob.conn is not None:
+                await bob.conn.aclose()
+            for _ in range(50):
+                try:
+                    await bob.connect()
+                    break
+                except (BastionError, OSError):  # not up yet: try again
+                    await asyncio.sleep(0.1)
+
+    try:
+        await alice.connect(receive=False)
+        await bob.connect()
+        reading = asyncio.create_task(bob_reads())
+        sent: list[str] = []
+        for n in range(total):
+            await alice.send_text("bob", f"stream {n}")  # returns once the server acknowledged
+            sent.append(f"stream {n}")
+            if n == total // 3:
+                cluster.a.kill()
+            await asyncio.sleep(0.01)
+        await asyncio.wait_for(reading, 30)
+        assert reconnects >= 1
+        assert shown == sent
+        assert [r.text for r in bob.history("alice")] == sent
+    finally:
+        await alice.close()
+        await bob.close()
+        await balancer.close()
+
+
+async def test_after_a_redis_restart_nodes_catch_up_from_the_database(cluster: Cluster) -> None:
+    alice = await cluster.register("alice", cluster.a.url)
+    bob = await cluster.register("bob", cluster.b.url)
+    try:
+        await alice.connect(receive=False)
+        await bob.connect()
+        assert texts([e async for e in bob.receive(until_synced=True)]) == []
+        await alice.send_text("bob", "before")
+        assert texts(await next_events(bob, 1)) == ["before"]
+        bob_connection = bob.conn
+
+        cluster.redis.kill()
+        await asyncio.sleep(0.3)
+        during = [f"during {n}" for n in range(5)]
+        for text in during:
+            await alice.send_text("bob", text)  # stored in PostgreSQL; the live hop is lost
+        cluster.redis.start()
+        assert texts(await next_events(bob, 5, wait_s=20)) == during
+        await alice.send_text("bob", "after")
+        assert texts(await next_events(bob, 1)) == ["after"]
+        assert bob.conn is bob_connection  # caught up without reconnecting
+    finally:
+        with contextlib.suppress(Exception):
+            await alice.close()
+        with contextlib.suppress(Exception):
+            await bob.close()
