@@ -155,16 +155,10 @@ class Client:
         conn = await ServerConnection.open(server_url, pin=fingerprint)
         try:
             challenge = conn.challenge
-            profile = Profile.create(path, passphrase)
-            try:
+            with Profile.provisional(path, passphrase) as profile:
                 client = await cls._register_on(
                     conn, profile, username, server_url, challenge, invite=invite
                 )
-            except BaseException:
-                profile.close()
-                for name in ("profile.db", "profile.json"):
-                    (path / name).unlink(missing_ok=True)
-                raise
         finally:
             await conn.aclose()
         return client

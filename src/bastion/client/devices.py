@@ -120,8 +120,7 @@ async def join_with_code(
         challenge = conn.challenge
         if grant.server_name != challenge.server_name:
             raise AuthenticationError("the other device belongs to another server")
-        profile = Profile.create(path, passphrase)
-        try:
+        with Profile.provisional(path, passphrase) as profile:
             return await Client.enroll(
                 conn,
                 profile,
@@ -132,11 +131,6 @@ async def join_with_code(
                 challenge=challenge,
                 new_account=False,
             )
-        except BaseException:
-            profile.close()
-            for name in ("profile.db", "profile.json"):
-                (path / name).unlink(missing_ok=True)
-            raise
     finally:
         await conn.aclose()
 
@@ -241,8 +235,7 @@ async def import_account(file: Path, export_passphrase: str, path: Path, passphr
         challenge = conn.challenge
         if challenge.server_name != exported.server_name:
             raise AuthenticationError("the server's name differs from the exported one")
-        profile = Profile.create(path, passphrase)
-        try:
+        with Profile.provisional(path, passphrase) as profile:
             return await Client.enroll(
                 conn,
                 profile,
@@ -253,10 +246,5 @@ async def import_account(file: Path, export_passphrase: str, path: Path, passphr
                 challenge=challenge,
                 new_account=False,
             )
-        except BaseException:
-            profile.close()
-            for name in ("profile.db", "profile.json"):
-                (path / name).unlink(missing_ok=True)
-            raise
     finally:
         await conn.aclose()

@@ -136,6 +136,19 @@ class Profile:
         """Close the database."""
         self._conn.close()
 
+    @classmethod
+    @contextmanager
+    def provisional(cls, path: Path, passphrase: str) -> Iterator[Profile]:
+        """Create a profile that is removed again if the block fails (e.g. registration refused)."""
+        profile = cls.create(path, passphrase)
+        try:
+            yield profile
+        except BaseException:
+            profile.close()
+            for name in (DB_FILE, HEADER_FILE):
+                (path / name).unlink(missing_ok=True)
+            raise
+
     @contextmanager
     def transaction(self) -> Iterator[None]:
         """Run the block atomically: everything it wrote is kept, or nothing."""
