@@ -41,7 +41,7 @@ class _Listener(WSListener):
         der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
         if der is None:
             self.conn.fail(UntrustedServerError("the server did not present a certificate"))
-            transport.disconnect()
+            transport.disconnect(graceful=False)
             return
         seen = fingerprint(der)
         self.conn.fingerprint = seen
@@ -55,7 +55,7 @@ class _Listener(WSListener):
                     "another channel before trusting it (register takes it as --fingerprint)."
                 )
             )
-            transport.disconnect()
+            transport.disconnect(graceful=False)
 
     def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
         if frame.msg_type is WSMsgType.CLOSE:
