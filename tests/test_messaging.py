@@ -113,6 +113,7 @@ async def test_idempotent_send_is_stored_once(profiles: Profiles) -> None:
     frame, _ = alice._encrypt(
         record.id,
         "bob",
+        "text",
         "first",
         [("bob", d) for d in await alice.devices_of("bob")],
     )

@@ -26,6 +26,7 @@ from bastion.client.client import (
     Client,
     DevicesChangedEvent,
     Event,
+    FeatureEvent,
     KeyChangedEvent,
     MessageEvent,
     WarningEvent,
@@ -64,6 +65,8 @@ def event_json(event: Event) -> dict[str, Any]:
     """The ``--json`` form of any event."""
     if isinstance(event, MessageEvent):
         return message_json(event.record, event.verified)
+    if isinstance(event, FeatureEvent):
+        return event.to_json()
     if isinstance(event, KeyChangedEvent):
         return {"type": "key_changed", "user": event.user, "at": iso(event.at)}
     if isinstance(event, DevicesChangedEvent):
@@ -89,12 +92,18 @@ def print_event(event: Event, as_json: bool) -> None:
         print(json.dumps(event_json(event)), flush=True)
     elif isinstance(event, MessageEvent):
         print(format_message(event.record), flush=True)
+    elif isinstance(event, FeatureEvent):
+        print(event.describe(), flush=True)
     else:
         print(f"warning: {describe_notice(event)}", file=sys.stderr, flush=True)
 
 
-def describe_notice(event: WarningEvent | KeyChangedEvent | DevicesChangedEvent) -> str:
+def describe_notice(
+    event: WarningEvent | KeyChangedEvent | DevicesChangedEvent | FeatureEvent,
+) -> str:
     """A sentence about a warning or notice."""
+    if isinstance(event, FeatureEvent):
+        return event.describe()
     if isinstance(event, KeyChangedEvent):
         return (
             f"{event.user}'s account key has changed; their messages wait until you decide. "

@@ -12,9 +12,10 @@ import hashlib
 import re
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import msgspec
 
@@ -108,7 +109,24 @@ class DevicesChangedEvent:
     at: int
 
 
-Event = MessageEvent | WarningEvent | KeyChangedEvent | DevicesChangedEvent
+class FeatureEvent:
+    """Base of the events that features built on the core report (see ``payload_handlers``).
+
+    Each kind says how a front end shows it: as one JSON object, and as a sentence.
+    """
+
+    def to_json(self) -> dict[str, Any]:
+        """The ``--json`` form: a dict with a ``type`` key."""
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        """One sentence for a person."""
+        raise NotImplementedError
+
+
+Event = MessageEvent | WarningEvent | KeyChangedEvent | DevicesChangedEvent | FeatureEvent
+PayloadHandler = Callable[[Payload, DeviceEntry, frames.Deliver], "Event | None"]
+PushHandler = Callable[[frames.Frame], Awaitable["Event | None"]]
 
 
 class Client:
@@ -120,6 +138,10 @@ class Client:
         self.conn: ServerConnection | None = None
         self.notices: list[Event] = []
         self.failed: list[HistoryRecord] = []
+        # Extension points for features built on the core (verification, contacts, files,
+        # groups): handlers of checked payloads by kind, and of server pushes by frame type.
+        self.payload_handlers: dict[str, PayloadHandler] = {}
+        self.push_handlers: dict[type[frames.Frame], PushHandler] = {}
 
     # --- opening and registering ------------------------------------------------------------
 
@@ -469,13 +491,24 @@ class Client:
         Returns once the server has stored it durably. Raises ValueError for bad
         input, KeyChangedError if ``to``'s account key changed, ServerRefusedError.
         """
-        check_username(to)
-        if to == self.account.username:
-            raise ValueError("you cannot send a message to yourself")
         if not text:
             raise ValueError("the message is empty")
         if len(text) > 16_000:
             raise ValueError("the message is longer than 16,000 characters")
+        return await self.send_payload(to, "text", text)
+
+    async def send_payload(
+        self, to: str, kind: str, body: str, *, history: bool = True
+    ) -> HistoryRecord:
+        """Encrypt a signed payload of ``kind`` to every device of ``to`` and our others.
+
+        ``text`` payloads go into the history; other kinds (verification steps,
+        contact notes, file offers...) are handled by whoever registered a
+        handler for that kind on the receiving side. Raises like :meth:`send_text`.
+        """
+        check_username(to)
+        if to == self.account.username:
+            raise ValueError("you cannot send a message to yourself")
         contact = self.contact(to)
         if contact is not None and contact.trust == "changed":
             raise KeyChangedError(to)
@@ -494,8 +527,10 @@ class Client:
             frame, record = self._encrypt(
                 message_id,
                 to,
-                text,
+                kind,
+                body,
                 [(to, d) for d in theirs] + [(self.account.username, d) for d in mine],
+                history=history,
             )
             conn = self._connection()
             req = conn.next_req()
@@ -512,8 +547,11 @@ class Client:
         self,
         message_id: bytes,
         to: str,
+        kind: str,
         text: str,
         targets: list[tuple[str, DeviceEntry]],
+        *,
+        history: bool = True,
     ) -> tuple[frames.Send, HistoryRecord]:
         me = self.account.username
         sent_at = now_ms()
@@ -530,7 +568,7 @@ class Client:
                 session = OlmSession.from_pickle(sessions[0][1], self.profile.pickle_key)
                 plaintext = seal(
                     Payload(
-                        kind="text",
+                        kind=kind,
                         sender=me,
                         sender_device=self.account.device_id,
                         recipient=to,
@@ -543,7 +581,7 @@ class Client:
                     ),
                     device.sign,
                 )
-                kind, body = session.encrypt(plaintext)
+                olm_kind, body = session.encrypt(plaintext)
                 self.profile.save_session(
                     target.curve25519,
                     session.session_id,
@@ -552,7 +590,7 @@ class Client:
                 )
                 ciphertexts.append(
                     frames.DeviceCiphertext(
-                        user=user, device_id=target.device_id, kind=kind, body=body
+                        user=user, device_id=target.device_id, kind=olm_kind, body=body
                     )
                 )
             frame = frames.Send(req=0, client_msg_id=message_id, to=to, ciphertexts=ciphertexts)
@@ -572,7 +610,7 @@ class Client:
                 direction="out",
                 state="pending",
             )
-            if not self.profile.add_message(conversation, message_id, record):
+            if history and not self.profile.add_message(conversation, message_id, record):
                 self.profile.update_message(message_id, record)
             self.profile.queue_outgoing(message_id, frames.encode(frame))
         return frame, record
@@ -642,6 +680,12 @@ class Client:
                 continue
             if isinstance(item, frames.LinkPush):
                 continue  # only the linking flow reads these
+            if not isinstance(item, frames.Deliver):
+                push = self.push_handlers.get(type(item))
+                notice = await push(item) if push is not None else None
+                if notice is not None:
+                    yield notice
+                continue
             event = await self.process(item)
             if not isinstance(event, KeyChangedEvent):
                 conn.send(frames.Ack(seqs=[item.seq]))
@@ -692,7 +736,7 @@ class Client:
             raise RejectedMessageError("sender device has no valid certificate")
         return known[device_id]
 
-    def _accept(self, deliver: frames.Deliver, sender: DeviceEntry) -> Event:
+    def _accept(self, deliver: frames.Deliver, sender: DeviceEntry) -> Event | None:
         device = self._device()
         account_changed = False
         plaintext: bytes | None = None
@@ -724,6 +768,11 @@ class Client:
         replay_key = payload.sender + "\0" + payload.message_id.hex()
         if self.profile.seen("msg", replay_key):
             raise RejectedMessageError("replayed message")
+        handler = None
+        if payload.kind != "text":
+            handler = self.payload_handlers.get(payload.kind)
+            if handler is None:
+                raise RejectedMessageError(f"unknown message kind {payload.kind!r}")
         outgoing = payload.sender == me
         peer = payload.recipient if outgoing else payload.sender
         record = HistoryRecord(
@@ -745,6 +794,9 @@ class Client:
             self.profile.put("device", device.pickle(self.profile.pickle_key))
         self.profile.mark_seen("env", _envelope_key(deliver))
         self.profile.mark_seen("msg", replay_key)
+        if handler is not None:
+            # Everything was checked; the handler may write to the profile (same transaction).
+            return handler(payload, sender, deliver)
         self.profile.add_message(payload.conversation, payload.message_id, record)
         contact = self.contact(peer)
         return MessageEvent(

@@ -23,7 +23,7 @@ from bastion.tlsprofile import fingerprint, pinning_client_context
 
 log = logging.getLogger("bastion.client")
 
-Incoming = frames.Deliver | frames.KeysLow | frames.Synced | frames.LinkPush
+Incoming = frames.ServerFrame
 
 
 @dataclass
@@ -146,7 +146,8 @@ class ServerConnection:
                 loop = asyncio.get_running_loop()
                 self._challenge = loop.create_future()
             self._challenge.set_result(frame)
-        elif isinstance(frame, frames.Deliver | frames.KeysLow | frames.Synced | frames.LinkPush):
+        elif not hasattr(frame, "req"):
+            # Frames without a request id are pushes: deliveries, notices, link messages.
             self.incoming.put_nowait(frame)
         else:
             req = frame.req

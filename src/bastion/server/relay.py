@@ -33,7 +33,7 @@ from bastion.errors import AuthenticationError, BastionError, ProtocolError
 from bastion.protocol import frames
 from bastion.protocol.auth import ServerSession
 from bastion.ratelimit import FailureBackoff, RateLimiter
-from bastion.server import devices
+from bastion.server import devices, handlers
 from bastion.server.admin import Policy
 from bastion.server.admin_watch import AdminChannel
 from bastion.server.audit import AuditLog
@@ -435,6 +435,10 @@ class ClientConnection(WSListener):
         if isinstance(frame, frames.LinkJoin):
             self._spawn(frame.req, devices.link_join(self, frame))
             return
+        early = handlers.BEFORE_SIGNIN.get(type(frame))
+        if early is not None:
+            self._spawn(getattr(frame, "req", None), early(self, frame))
+            return
         if self.session.username is None:
             req = None if isinstance(frame, frames.Ack) else frame.req
             self._refuse(req, frames_error("not_signed_in", "sign in first"))
@@ -455,6 +459,13 @@ class ClientConnection(WSListener):
             self._spawn(frame.req, devices.revoke_device(self, frame))
         elif isinstance(frame, frames.UploadKeys):
             self._spawn(frame.req, self._upload_keys(frame))
+        else:
+            handler = handlers.SIGNED_IN.get(type(frame))
+            req = getattr(frame, "req", None)
+            if handler is None:
+                self._refuse(req, frames_error("bad_frame", "this server does not handle that"))
+            else:
+                self._spawn(req, handler(self, frame))
 
     # --- sign-in and registration -------------------------------------------------------------
 
