@@ -142,6 +142,9 @@ class Client:
         # groups): handlers of checked payloads by kind, and of server pushes by frame type.
         self.payload_handlers: dict[str, PayloadHandler] = {}
         self.push_handlers: dict[type[frames.Frame], PushHandler] = {}
+        from bastion.client import features  # noqa: PLC0415 - features import this module
+
+        features.install(self)
 
     # --- opening and registering ------------------------------------------------------------
 

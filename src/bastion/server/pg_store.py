@@ -151,6 +151,10 @@ class PgStore:
             await asyncio.gather(*list(self._lane_tasks), return_exceptions=True)
         await self._pool.close()
 
+    def connection(self) -> contextlib.AbstractAsyncContextManager[Connection]:
+        """A pooled connection, for features that keep their own tables (migrations add them)."""
+        return self._connection()
+
     @contextlib.asynccontextmanager
     async def _connection(self) -> AsyncIterator[Connection]:
         if self._closed:

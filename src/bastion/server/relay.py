@@ -34,6 +34,7 @@ from bastion.protocol import frames
 from bastion.protocol.auth import ServerSession
 from bastion.ratelimit import FailureBackoff, RateLimiter
 from bastion.server import devices, handlers
+from bastion.server import features as _features  # noqa: F401 - registers feature handlers
 from bastion.server.admin import Policy
 from bastion.server.admin_watch import AdminChannel
 from bastion.server.audit import AuditLog
@@ -78,6 +79,8 @@ class RelayServer:
         self.link_slots = devices.LinkSlots()
         self.keys_low_notified: set[tuple[str, str]] = set()
         self.all_closed = asyncio.Event()
+        # State that features built on the relay keep per server (their stores, caches).
+        self.extensions: dict[str, object] = {}
         self.claims_by_requester: RateLimiter[str] = RateLimiter(
             limits.key_claims_per_minute / 60.0, limits.key_claims_burst
         )

@@ -197,6 +197,23 @@ class SQLiteStore:
         self._queue.put(_Op(fn, loop, future))
         return await future
 
+    async def run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``fn`` on the database thread inside the next group commit.
+
+        For features that keep their own tables: ``fn`` must raise only
+        StorageError (or sqlite3.Error) and is durable once this returns.
+        """
+        return await self._call(fn)
+
+    async def ensure_tables(self, statements: Sequence[str]) -> None:
+        """Create a feature's tables and indexes (``CREATE ... IF NOT EXISTS`` statements)."""
+
+        def op(conn: sqlite3.Connection) -> None:
+            for statement in statements:
+                conn.execute(statement)
+
+        await self._call(op)
+
     async def close(self) -> None:
         """Finish queued work, then close the database."""
         if self._thread.is_alive():

@@ -1,0 +1,16 @@
+"""Installs every client feature (payload kinds and push handlers) on a new Client.
+
+Adding a feature means adding its ``install`` call here.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from bastion.client.client import Client
+
+
+def install(client: Client) -> None:
+    """Register each feature's handlers on ``client``."""
+    del client  # no feature modules yet

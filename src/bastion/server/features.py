@@ -1,0 +1,6 @@
+"""Imports every feature module that registers frame handlers (see :mod:`handlers`).
+
+The relay imports this module once; adding a feature means adding its import here.
+"""
+
+from __future__ import annotations
