@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import getpass
 import json
 import os
@@ -10,13 +12,44 @@ import sys
 from pathlib import Path
 
 from bastion.cli import passphrase, profile_dir, with_client
-from bastion.client import devices, trust
+from bastion.client import devices, trust, verification
 from bastion.client.client import Client
 from bastion.crypto.safety import render_qr_text, save_qr_png
 from bastion.errors import BastionError
 
 
+async def cmd_verify_sas(args: argparse.Namespace) -> int:
+    if not sys.stdin.isatty():
+        raise BastionError("interactive verification needs a terminal to confirm the codes")
+
+    async def work(client: Client) -> int:
+        async def pump() -> None:
+            async for _ in client.receive():
+                pass  # verification steps are handled as they arrive
+
+        async def compare(codes: verification.SasCodes) -> bool:
+            print(f"Compare with what {args.user} sees:\n{codes}", flush=True)
+            answer = await asyncio.to_thread(input, "Do they match exactly? [y/N] ")
+            return answer.strip().lower() in ("y", "yes")
+
+        print(f"Waiting for {args.user} (they run: bastion verify {client.account.username} --sas)")
+        pumping = asyncio.create_task(pump())
+        try:
+            await verification.verify_interactively(client, args.user, compare)
+        finally:
+            pumping.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await pumping
+        print(f"{args.user} is verified.")
+        return 0
+
+    return await with_client(args, work, receive=True)
+
+
 async def cmd_verify(args: argparse.Namespace) -> int:
+    if args.sas:
+        return await cmd_verify_sas(args)
+
     async def work(client: Client) -> int:
         number = await trust.safety_number_with(client, args.user)
         contact = client.contact(args.user)
@@ -180,6 +213,9 @@ def add_commands(
     verify.add_argument("--qr", metavar="FILE", help="write the QR code as a PNG file")
     verify.add_argument(
         "--mark-verified", action="store_true", help="mark verified after comparing"
+    )
+    verify.add_argument(
+        "--sas", action="store_true", help="compare emoji interactively with the other device"
     )
     verify.set_defaults(run=cmd_verify)
 

@@ -127,6 +127,7 @@ class FeatureEvent:
 Event = MessageEvent | WarningEvent | KeyChangedEvent | DevicesChangedEvent | FeatureEvent
 PayloadHandler = Callable[[Payload, DeviceEntry, frames.Deliver], "Event | None"]
 PushHandler = Callable[[frames.Frame], Awaitable["Event | None"]]
+DeliverHandler = Callable[[frames.Deliver], Awaitable["Event | None"]]
 
 
 class Client:
@@ -142,6 +143,9 @@ class Client:
         # groups): handlers of checked payloads by kind, and of server pushes by frame type.
         self.payload_handlers: dict[str, PayloadHandler] = {}
         self.push_handlers: dict[type[frames.Frame], PushHandler] = {}
+        # Envelopes that are not Olm messages (``Deliver.kind`` beyond 0 and 1), by kind.
+        self.deliver_handlers: dict[int, DeliverHandler] = {}
+        self.extensions: dict[str, object] = {}  # per-client state of features
         from bastion.client import features  # noqa: PLC0415 - features import this module
 
         features.install(self)
@@ -702,6 +706,10 @@ class Client:
         envelope = _envelope_key(deliver)
         if self.profile.seen("env", envelope):
             return None
+        if deliver.kind not in {0, 1}:
+            special = self.deliver_handlers.get(deliver.kind)
+            if special is not None:
+                return await special(deliver)
         try:
             sender_device = await self._sender_device(deliver.sender, deliver.sender_device)
             with self.profile.transaction():

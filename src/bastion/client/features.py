@@ -13,4 +13,6 @@ if TYPE_CHECKING:
 
 def install(client: Client) -> None:
     """Register each feature's handlers on ``client``."""
-    del client  # no feature modules yet
+    from bastion.client import verification  # noqa: PLC0415 - features import the client
+
+    verification.install(client)

@@ -26,7 +26,7 @@ class Payload(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=T
     """What a sender says, bound to who says it and to whom."""
 
     v: Annotated[int, Meta(ge=1, le=1)] = 1
-    kind: Annotated[str, Meta(pattern=r"^[a-z_]{1,32}\Z")]
+    kind: Annotated[str, Meta(pattern=r"^[a-z_]{1,16}(\.[a-z_]{1,16})?\Z")]
     sender: Username
     sender_device: DeviceId
     recipient: Username
