@@ -198,3 +198,39 @@ async def test_export_and_import_make_a_new_device_of_the_same_account(
     await bob.send_text("alice", "hello both")
     await imported.connect()
     assert texts(await drain(imported)) == ["hello both"]
+
+
+async def test_queued_message_is_never_re_encrypted_to_a_new_key(
+    profiles: Profiles, server: ServerProcess, tmp_path: Path
+) -> None:
+    alice = await profiles.online("alice", receive=False)
+    await profiles.register("bob")
+    await alice.send_text("bob", "hello")
+    # A message encrypted for bob's current device sits in alice's outbox, unsent.
+    old_devices = await alice.devices_of("bob")
+    record = alice.history("bob")[-1]
+    frame, _ = alice._encrypt(
+        b"q" * 16, "bob", "text", "for the old bob", [("bob", d) for d in old_devices]
+    )
+    await alice.close()
+
+    server.stop()
+    replace_account_on_server(server, "bob")
+    server.start()
+    new_bob = await Client.register(
+        tmp_path / "bob-reinstalled",
+        PASSPHRASE,
+        username="bob",
+        server_url=server.url,
+        fingerprint=server.fingerprint,
+    )
+    profiles.clients.append(new_bob)
+
+    alice = await profiles.online("alice", receive=False)
+    assert [r.text for r in alice.failed] == ["for the old bob"]
+    assert alice.profile.outgoing() == []
+    states = {r.text: r.state for r in alice.history("bob")}
+    assert states == {"hello": "sent", "for the old bob": "failed"}
+    await new_bob.connect()
+    assert texts(await drain(new_bob)) == []
+    del frame, record

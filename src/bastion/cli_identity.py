@@ -126,12 +126,13 @@ async def cmd_devices_link(args: argparse.Namespace) -> int:
             if args.json:
                 print(json.dumps({"type": "link_code", "code": code}), flush=True)
             else:
-                print("On the new machine, run:", flush=True)
-                print(
-                    f"  bastion link {code} --server {client.account.server_url} "
-                    f"--fingerprint {client.account.fingerprint}",
-                    flush=True,
+                command = (
+                    f"bastion link {code} --server {client.account.server_url} "
+                    f"--fingerprint {client.account.fingerprint}"
                 )
+                print("On the new machine, run (or scan the code below):", flush=True)
+                print(f"  {command}", flush=True)
+                print(render_qr_text(command.encode()), flush=True)
                 print("The code works once, for 10 minutes. Waiting...", flush=True)
 
         linked = await devices.offer_link(client, show)
