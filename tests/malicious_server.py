@@ -21,6 +21,7 @@ that tampers with what it delivers, as chosen by the environment.
   (well formed, with a certificate signed by a key the server holds instead of
   the account's) and a signed one-time key for it to every key claim.
 - ``ghost-sender``: deliver an envelope as if the sender's ghost device sent it.
+- ``forge-policy``: flip a bit of the signature on the signed policy.
 - ``record``: change nothing (recording follows ``BASTION_TEST_RECORD`` alone).
 
 ``BASTION_TEST_TAMPER_ONLY``: comma-separated 1-based numbers of the deliveries
@@ -60,7 +61,16 @@ TAMPER_ENV = "BASTION_TEST_TAMPER"
 ONLY_ENV = "BASTION_TEST_TAMPER_ONLY"
 RECORD_ENV = "BASTION_TEST_RECORD"
 MODES = frozenset(
-    {"rewrite-sender", "flip-byte", "replay", "redirect", "ghost-device", "ghost-sender", "record"}
+    {
+        "rewrite-sender",
+        "flip-byte",
+        "replay",
+        "redirect",
+        "ghost-device",
+        "ghost-sender",
+        "forge-policy",
+        "record",
+    }
 )
 # Sequence numbers of injected deliveries: far above anything the store hands out.
 INJECTED_SEQ_BASE = 2**62
@@ -155,6 +165,9 @@ class TamperingConnection(ClientConnection):
     def _send(self, frame: frames.Frame) -> None:
         if self.ghost is not None:
             frame = self._add_ghost(frame, self.ghost)
+        if "forge-policy" in self.plan.modes and isinstance(frame, frames.PolicyInfo):
+            forged = bytes([frame.signature[0] ^ 1]) + frame.signature[1:]
+            frame = msgspec.structs.replace(frame, signature=forged)
         if not self._closed and self.transport is not None:
             self._record("out", frames.encode(frame))
         super()._send(frame)

@@ -11,8 +11,10 @@ import os
 import sys
 from pathlib import Path
 
+import msgspec
+
 from bastion.cli import passphrase, profile_dir, with_client
-from bastion.client import devices, trust, verification
+from bastion.client import devices, policy, trust, verification
 from bastion.client.client import Client
 from bastion.crypto.safety import render_qr_text, save_qr_png
 from bastion.errors import BastionError
@@ -169,6 +171,37 @@ async def cmd_link(args: argparse.Namespace) -> int:
     return 0
 
 
+async def cmd_server_info(args: argparse.Namespace) -> int:
+    async def work(client: Client) -> int:
+        document = policy.current(client)
+        key = policy.pinned_key(client)
+        if document is None or key is None:
+            raise BastionError("the server sent no policy")
+        account = client.account
+        info = {
+            "type": "server_info",
+            "server": account.server_url,
+            "name": account.server_name,
+            "fingerprint": account.fingerprint,
+            "policy_key": policy.key_fingerprint(key),
+            "policy": msgspec.to_builtins(document),
+        }
+        if args.json:
+            print(json.dumps(info))
+            return 0
+        print(f"server {account.server_url} ({account.server_name})")
+        print(f"certificate {account.fingerprint}")
+        print(f"policy key {info['policy_key']} (pinned; checked on every connection)")
+        print(
+            f"policy version {document.version}: registration {document.registration}, "
+            f"file transfer {'on' if document.file_transfer else 'off'}, "
+            f"files up to {document.max_file_mb} MB"
+        )
+        return 0
+
+    return await with_client(args, work)
+
+
 def export_passphrase(*, confirm: bool) -> str:
     """The export passphrase from BASTION_EXPORT_PASSPHRASE or a prompt."""
     env = os.environ.get("BASTION_EXPORT_PASSPHRASE")
@@ -240,6 +273,11 @@ def add_commands(
     join.add_argument("--server", required=True)
     join.add_argument("--fingerprint")
     join.set_defaults(run=cmd_link)
+
+    info = sub.add_parser(
+        "server-info", parents=[common], help="the server's pins and its signed policy"
+    )
+    info.set_defaults(run=cmd_server_info)
 
     account = sub.add_parser("account", help="export or import the account")
     account_sub = account.add_subparsers(dest="account_command", required=True)

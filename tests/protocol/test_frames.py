@@ -136,6 +136,7 @@ CLIENT_FRAMES: list[frames.Frame] = [
     frames.RevokeDevice(
         req=12, device_id=OTHER_DEVICE, revoked_at=1_700_000_000_000, signature=SIG
     ),
+    frames.GetPolicy(req=13),
 ]
 SERVER_FRAMES: list[frames.Frame] = [
     frames.Challenge(version=1, server_name="bastion.test", nonce=KEY, expires_in=60),
@@ -160,6 +161,7 @@ SERVER_FRAMES: list[frames.Frame] = [
     frames.KeysLow(one_time_keys=3),
     frames.Synced(),
     frames.LinkPush(slot=KEY, blob=b"\x04" * 100),
+    frames.PolicyInfo(req=14, key=KEY, document=b"\x05" * 40, signature=SIG),
 ]
 
 

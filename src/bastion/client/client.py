@@ -146,6 +146,8 @@ class Client:
         # Envelopes that are not Olm messages (``Deliver.kind`` beyond 0 and 1), by kind.
         self.deliver_handlers: dict[int, DeliverHandler] = {}
         self.extensions: dict[str, object] = {}  # per-client state of features
+        # Checks every feature runs right after sign-in (a failure closes the connection).
+        self.connect_hooks: list[Callable[[Client], Awaitable[None]]] = []
         from bastion.client import features  # noqa: PLC0415 - features import this module
 
         features.install(self)
@@ -349,6 +351,13 @@ class Client:
             await conn.aclose()
             raise
         self.conn = conn
+        try:
+            for hook in self.connect_hooks:
+                await hook(self)
+        except BaseException:
+            self.conn = None
+            await conn.aclose()
+            raise
         if isinstance(reply, frames.SignedIn) and reply.one_time_keys < ONE_TIME_KEY_LOW:
             await self.top_up_keys(reply.one_time_keys)
         self.failed = await self.flush_outbox()

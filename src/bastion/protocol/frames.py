@@ -285,8 +285,27 @@ class LinkPush(Frame, tag="link_push"):
     blob: LinkBlob
 
 
+# --- signed organisation policy ---------------------------------------------------------------
+
+
+class GetPolicy(Frame, tag="get_policy"):
+    """Ask for the server's signed policy (allowed before sign-in)."""
+
+    req: RequestId
+
+
+class PolicyInfo(Frame, tag="policy"):
+    """The policy document, the key that signed it, and the signature."""
+
+    req: RequestId
+    key: Key32
+    document: Annotated[bytes, Meta(max_length=4096)]
+    signature: Signature
+
+
 ClientFrame = (
-    Register
+    GetPolicy
+    | Register
     | SignIn
     | QueryKeys
     | ClaimKeys
@@ -300,7 +319,8 @@ ClientFrame = (
     | RevokeDevice
 )
 ServerFrame = (
-    Challenge
+    PolicyInfo
+    | Challenge
     | SignedIn
     | Ok
     | Error

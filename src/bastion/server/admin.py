@@ -61,10 +61,12 @@ class Policy:
     registration: Registration = "open"
     file_transfer: bool = True
     max_file_mb: int = 100
+    version: int = 1  # raised by every change; clients refuse an older signed policy
 
     def as_dict(self) -> dict[str, str | int | bool]:
         """The policy as plain values (for ``--json`` and the audit log)."""
         return {
+            "version": self.version,
             "registration": self.registration,
             "file_transfer": self.file_transfer,
             "max_file_mb": self.max_file_mb,
@@ -115,6 +117,9 @@ def parse_setting(text: str) -> tuple[str, str]:
     raise ConfigError(f"unknown policy setting {key!r} (registration, file_transfer, max_file_mb)")
 
 
+VERSION_KEY = "_version"
+
+
 def _policy_from_rows(rows: dict[str, str]) -> Policy:
     registration = rows.get("registration", "open")
     mode: Registration = "open"
@@ -126,6 +131,7 @@ def _policy_from_rows(rows: dict[str, str]) -> Policy:
         registration=mode,
         file_transfer=rows.get("file_transfer", "on") == "on",
         max_file_mb=int(rows.get("max_file_mb", "100")),
+        version=int(rows.get(VERSION_KEY, "1")),
     )
 
 
@@ -197,6 +203,11 @@ class AdminDB:
                 "INSERT INTO policy (key, value) VALUES (?, ?)"
                 " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
                 (key, value),
+            )
+            conn.execute(
+                "INSERT INTO policy (key, value) VALUES (?, '2')"
+                " ON CONFLICT (key) DO UPDATE SET value = CAST(value AS INTEGER) + 1",
+                (VERSION_KEY,),
             )
             self._event(conn, now_ms, "policy.set", f"{key}={value}")
         return self.policy()

@@ -4,3 +4,5 @@ The relay imports this module once; adding a feature means adding its import her
 """
 
 from __future__ import annotations
+
+from bastion.server import policy  # noqa: F401 - signed organisation policy
