@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -66,6 +69,18 @@ async def test_linked_device_gets_messages_and_sent_copies_then_is_revoked(
     with pytest.raises(ServerRefusedError) as refused:
         await alice2.connect()
     assert refused.value.code == "auth_failed"
+
+    audit = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "bastion", "admin", "--data", str(profiles.server.data_dir),
+         "audit", "show", "--json"],
+        capture_output=True, text=True, check=True, timeout=60,
+    )  # fmt: skip
+    events = [json.loads(line) for line in audit.stdout.splitlines()]
+    added = [e for e in events if e["event"] == "device.added"]
+    revoked = [e for e in events if e["event"] == "device.revoked"]
+    assert [e["fields"]["device"] for e in added] == [alice2.account.device_id]
+    assert [e["fields"]["device"] for e in revoked] == [alice2.account.device_id]
 
     await bob.send_text("alice", "only one device now")
     notices = [e for e in bob.notices if isinstance(e, DevicesChangedEvent)]

@@ -184,6 +184,9 @@ async def add_device(conn: ClientConnection, frame: frames.AddDevice) -> None:
     except DeviceRefusedError as exc:
         conn.refuse(frame.req, "device_refused", str(exc))
         return
+    conn.server.audit_event(
+        "device.added", user=frame.username, device=record.device_id, address=conn.address
+    )
     await conn.signed_in(frame.req, frame.username, record.device_id, frame.receive)
 
 
@@ -206,4 +209,5 @@ async def revoke_device(conn: ClientConnection, frame: frames.RevokeDevice) -> N
         conn.refuse(frame.req, "unknown_device", "the account has no such device")
         return
     conn.server.bus.publish(username, frame.device_id, Kick("device revoked"))
+    conn.server.audit_event("device.revoked", user=username, device=frame.device_id, by=device_id)
     conn.send_frame(frames.Ok(req=frame.req))
