@@ -45,6 +45,7 @@ async def test_linked_device_gets_messages_and_sent_copies_then_is_revoked(
 ) -> None:
     bob = await profiles.online("bob", receive=False)
     alice1 = await profiles.online("alice", receive=False)
+    await profiles.befriend("alice", "bob")
     alice2 = await link_second_device(profiles, "alice", "alice-laptop")
     assert alice2.account.username == "alice"
     listed = {d.device_id for d in await devices.list_devices(alice1)}
@@ -76,9 +77,9 @@ async def test_linked_device_gets_messages_and_sent_copies_then_is_revoked(
          "audit", "show", "--json"],
         capture_output=True, text=True, check=True, timeout=60,
     )  # fmt: skip
-    events = [json.loads(line) for line in audit.stdout.splitlines()]
-    added = [e for e in events if e["event"] == "device.added"]
-    revoked = [e for e in events if e["event"] == "device.revoked"]
+    records = [json.loads(line) for line in audit.stdout.splitlines()]
+    added = [r for r in records if r["event"] == "device.added"]
+    revoked = [r for r in records if r["event"] == "device.revoked"]
     assert [e["fields"]["device"] for e in added] == [alice2.account.device_id]
     assert [e["fields"]["device"] for e in revoked] == [alice2.account.device_id]
 
@@ -115,6 +116,7 @@ async def test_safety_numbers_match_and_verification_shows_on_messages(
 ) -> None:
     alice = await profiles.online("alice", receive=False)
     bob = await profiles.online("bob")
+    await profiles.befriend("alice", "bob")
     ab = await trust.safety_number_with(alice, "bob")
     ba = await trust.safety_number_with(bob, "alice")
     assert ab.digits == ba.digits
@@ -140,6 +142,7 @@ async def test_changed_account_key_blocks_sending_until_accepted(
 ) -> None:
     alice = await profiles.online("alice", receive=False)
     bob = await profiles.online("bob", receive=False)
+    await profiles.befriend("alice", "bob")
     await alice.send_text("bob", "before")
     number = await trust.safety_number_with(bob, "alice")
     trust.mark_verified(bob, "alice", number)
@@ -195,6 +198,7 @@ async def test_export_and_import_make_a_new_device_of_the_same_account(
 ) -> None:
     alice = await profiles.online("alice", receive=False)
     bob = await profiles.online("bob", receive=False)
+    await profiles.befriend("alice", "bob")
     export = tmp_path / "alice.export"
     devices.export_account(alice, export, "export secret")
     assert export.stat().st_mode & 0o777 == 0o600
@@ -220,6 +224,7 @@ async def test_queued_message_is_never_re_encrypted_to_a_new_key(
 ) -> None:
     alice = await profiles.online("alice", receive=False)
     await profiles.register("bob")
+    await profiles.befriend("alice", "bob")
     await alice.send_text("bob", "hello")
     # A message encrypted for bob's current device sits in alice's outbox, unsent.
     old_devices = await alice.devices_of("bob")
