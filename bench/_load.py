@@ -30,11 +30,12 @@ import msgspec
 from picows import WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
 
 from _crypto import measure, sample_ciphertext_bytes
-from _report import BenchmarkError, LoadConfig, LoadReport, ModeResult
+from _report import BenchmarkError, IdleResult, LoadConfig, LoadReport, ModeResult
+from _servers import postgres_pids
 from bastion.crypto.device import DeviceCertificate
 from bastion.crypto.olm import NORMAL, OlmDevice
 from bastion.crypto.signing import AccountIdentity
-from bastion.errors import FrameError, ServerRefusedError, UntrustedServerError
+from bastion.errors import BastionError, FrameError, ServerRefusedError, UntrustedServerError
 from bastion.protocol import frames
 from bastion.protocol.auth import register_message
 from bastion.tlsprofile import fingerprint, pinning_client_context
@@ -42,6 +43,8 @@ from bastion.tlsprofile import fingerprint, pinning_client_context
 # sender index, message counter, scheduled send time (monotonic ns)
 HEADER = struct.Struct(">IIq")
 ONE_TIME_KEYS = 20
+IDLE_ONE_TIME_KEYS = 2  # idle accounts only hold a connection; fewer keys register faster
+IDLE_SETTLE_S = 2.0
 REGISTER_CONCURRENCY = 16
 MAX_REQ = 2**31 - 1
 _NS = 1_000_000_000
@@ -52,11 +55,24 @@ _CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 def process_cpu_s(pid: int) -> float:
-    """User plus system CPU seconds of a process, all threads included."""
-    with open(f"/proc/{pid}/stat") as f:
-        text = f.read()
+    """User plus system CPU seconds of a process, all threads included (0 if it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            text = f.read()
+    except OSError:
+        return 0.0
     fields = text[text.rindex(")") + 2 :].split()
     return (int(fields[11]) + int(fields[12])) / _CLK_TCK  # utime and stime
+
+
+def processes_cpu_s(pids: list[int]) -> float:
+    """CPU seconds of several processes together."""
+    return sum(process_cpu_s(pid) for pid in pids)
+
+
+def processes_memory_mb(pids: list[int], field: str = "VmRSS") -> float:
+    """A memory figure of several processes, added up."""
+    return sum(process_memory_mb(pid, field) for pid in pids)
 
 
 def process_memory_mb(pid: int, field: str = "VmRSS") -> float:
@@ -85,6 +101,7 @@ class _Snapshot:
     at_ns: int
     received: int
     server_cpu_s: float
+    backend_cpu_s: float
     load_cpu_s: float
     core_busy_s: float
 
@@ -141,12 +158,16 @@ class Peer(WSListener):
         elif isinstance(message, frames.Challenge):
             if not self.challenge.done():
                 self.challenge.set_result(message)
-        elif isinstance(message, frames.SignedIn | frames.Ok | frames.Error):
-            future = self.replies.pop(message.req, None) if message.req is not None else None
+        elif (req := getattr(message, "req", None)) is not None or isinstance(
+            message, frames.Error
+        ):
+            future = self.replies.pop(req, None) if req is not None else None
             if future is not None and not future.done():
                 future.set_result(message)
             elif isinstance(message, frames.Error):
                 self.run.errors += 1
+                codes = self.run.error_codes
+                codes[message.code] = codes.get(message.code, 0) + 1
 
     def on_ws_disconnected(self, transport: WSTransport) -> None:
         self.closed = True
@@ -205,6 +226,7 @@ class LoadRun:
         self.id_prefix = secrets.token_bytes(8)
         self.senders: list[Peer] = []
         self.receivers: list[Peer] = []
+        self.idle: list[Peer] = []
         self.errors = 0
         self.disconnects = 0
         self._reset()
@@ -218,33 +240,99 @@ class LoadRun:
         self.sent_in_window = 0
         self.latencies_ns: list[int] = []
         self.errors = 0
+        self.error_codes: dict[str, int] = {}
 
     # --- setup -------------------------------------------------------------------------------
 
     async def register_all(self) -> float:
-        """Register every sender and receiver account; returns the seconds it took."""
+        """Register every sender and receiver account; returns the seconds it took.
+
+        Senders connect to ``sender_url``, receivers to ``receiver_url`` (in a
+        cluster, two different nodes: every message crosses the bus).
+        """
         started = time.perf_counter()
-        pairs = self.config.pairs
+        cfg = self.config
+        pairs = max(cfg.pairs, cfg.open_pairs)
         self.senders = [Peer(self, i, f"sender{i:05d}") for i in range(pairs)]
         self.receivers = [Peer(self, i, f"receiver{i:05d}") for i in range(pairs)]
         for sender, receiver in zip(self.senders, self.receivers, strict=True):
             sender.partner = receiver
         gate = asyncio.Semaphore(REGISTER_CONCURRENCY)
 
-        async def one(peer: Peer, receive: bool) -> None:
+        async def one(peer: Peer, url: str, receive: bool) -> None:
             async with gate:
-                await self._register(peer, receive=receive)
+                await self._register(peer, url, receive=receive, keys=ONE_TIME_KEYS)
 
-        jobs = [one(p, False) for p in self.senders] + [one(p, True) for p in self.receivers]
-        await asyncio.wait_for(asyncio.gather(*jobs), 60 + 2 * pairs)
+        jobs = [one(p, cfg.sender_url, False) for p in self.senders]
+        jobs += [one(p, cfg.receiver_url, True) for p in self.receivers]
+        await asyncio.wait_for(asyncio.gather(*jobs), 60 + 0.2 * pairs)
+
+        async def befriend(sender: Peer, receiver: Peer) -> None:
+            async with gate:
+                req = sender.new_req()
+                request = frames.ContactAction(req=req, user=receiver.username, action="request")
+                await sender.request(request, req, wait_s=30)
+                req = receiver.new_req()
+                accept = frames.ContactAction(req=req, user=sender.username, action="accept")
+                await receiver.request(accept, req, wait_s=30)
+
+        # Messages flow only between accepted contacts: each pair becomes one first.
+        pairs_ = zip(self.senders, self.receivers, strict=True)
+        await asyncio.wait_for(
+            asyncio.gather(*(befriend(s, r) for s, r in pairs_)), 60 + 0.1 * pairs
+        )
         return time.perf_counter() - started
 
-    async def _register(self, peer: Peer, *, receive: bool) -> None:
+    async def idle_connections(self) -> IdleResult:
+        """Register ``idle`` more receiving accounts on the sender node and hold them open.
+
+        The server's RSS growth over them, divided by their number, is the memory
+        one idle connection costs (an upper bound: it includes the account's
+        registration and the allocator's slack).
+        """
+        cfg = self.config
+        pid = cfg.server_pids[0]
+        idle = [Peer(self, -1, f"idle{i:06d}") for i in range(cfg.idle)]
+        self.idle = idle
+        before = process_memory_mb(pid)
+        started = time.perf_counter()
+        self.errors = 0
+        self.disconnects = 0
+        gate = asyncio.Semaphore(REGISTER_CONCURRENCY)
+        failures = 0
+
+        async def one(peer: Peer) -> None:
+            nonlocal failures
+            async with gate:
+                try:
+                    await self._register(
+                        peer, cfg.sender_url, receive=True, keys=IDLE_ONE_TIME_KEYS
+                    )
+                except (BastionError, OSError, TimeoutError):
+                    failures += 1
+
+        await asyncio.wait_for(asyncio.gather(*(one(p) for p in idle)), 60 + 0.05 * cfg.idle)
+        seconds = time.perf_counter() - started
+        await asyncio.sleep(IDLE_SETTLE_S)
+        after = process_memory_mb(pid)
+        held = sum(1 for p in idle if p.transport is not None and not p.closed)
+        per_connection_kib = (after - before) * 1024 / held if held else 0.0
+        return IdleResult(
+            connections=held,
+            seconds=seconds,
+            rss_before_mb=before,
+            rss_after_mb=after,
+            kib_per_connection=per_connection_kib,
+            connections_per_gib=1024 * 1024 / per_connection_kib if per_connection_kib > 0 else 0,
+            errors=failures + self.errors + self.disconnects,
+        )
+
+    async def _register(self, peer: Peer, url: str, *, receive: bool, keys: int) -> None:
         factory: Callable[[], Peer] = lambda: peer  # noqa: E731
         await asyncio.wait_for(
             ws_connect(
                 factory,
-                self.config.url,
+                url,
                 ssl_context=pinning_client_context(),
                 max_frame_size=frames.MAX_FRAME_BYTES,
                 logger_name="bench",
@@ -262,7 +350,7 @@ class LoadRun:
             curve25519=device.curve25519,
             created_at=created,
         )
-        one_time_keys = device.new_one_time_keys(ONE_TIME_KEYS)
+        one_time_keys = device.new_one_time_keys(keys)
         fallback = device.new_fallback_key()
         req = peer.new_req()
         reply = await peer.request(
@@ -353,13 +441,13 @@ class LoadRun:
         self.window_start_ns = start + int(cfg.warmup * _NS)
         self.window_end_ns = self.window_start_ns + int(cfg.seconds * _NS)
         self.refill_until_ns = self.window_end_ns
-        for sender in self.senders:
+        for sender in self.senders[: cfg.pairs]:
             for _ in range(cfg.window):
                 self.send_message(sender, time.monotonic_ns())
         first, last = await self._snapshots()
         self.refill_until_ns = 0
         await self._drain()
-        return self._result("closed", f"window {cfg.window}/pair", first, last)
+        return self._result("closed", f"W={cfg.window}, {cfg.pairs} pairs", first, last)
 
     async def open_loop(self) -> ModeResult:
         """A fixed total rate; latency counts from the scheduled time (no coordinated omission)."""
@@ -372,7 +460,7 @@ class LoadRun:
         self.window_end_ns = self.window_start_ns + int(cfg.seconds * _NS)
         hard_stop = start + int((2 * (cfg.warmup + cfg.seconds) + 5) * _NS)
         snapshots = asyncio.get_running_loop().create_task(self._snapshots())
-        senders = self.senders
+        senders = self.senders[: cfg.open_pairs]
         n = 0
         while n < total:
             now = time.monotonic_ns()
@@ -388,7 +476,7 @@ class LoadRun:
                 self.sent_in_window += 1
         first, last = await snapshots
         await self._drain()
-        return self._result("open", f"{rate:.0f} msg/s offered", first, last)
+        return self._result("open", f"{rate:.0f}/s, {len(senders)} pairs", first, last)
 
     async def _snapshots(self) -> tuple[_Snapshot, _Snapshot]:
         first = await self._snapshot_at(self.window_start_ns)
@@ -402,10 +490,17 @@ class LoadRun:
         return _Snapshot(
             at_ns=time.monotonic_ns(),
             received=self.received_total,
-            server_cpu_s=process_cpu_s(self.config.server_pid),
+            server_cpu_s=processes_cpu_s(self.config.server_pids),
+            backend_cpu_s=self._backend_cpu_s(),
             load_cpu_s=time.process_time(),
             core_busy_s=core_busy_s(self.config.server_cpu),
         )
+
+    def _backend_cpu_s(self) -> float:
+        """CPU seconds of Redis and every PostgreSQL process (cluster runs only)."""
+        if self.config.redis_pid is None:
+            return 0.0
+        return processes_cpu_s([self.config.redis_pid, *postgres_pids()])
 
     async def _drain(self) -> None:
         deadline = time.monotonic() + self.config.drain_s
@@ -420,6 +515,7 @@ class LoadRun:
         delivered = last.received - first.received
         latencies = sorted(self.latencies_ns)
         server_cpu = last.server_cpu_s - first.server_cpu_s
+        backend_cpu = last.backend_cpu_s - first.backend_cpu_s
         others = max(0.0, last.core_busy_s - first.core_busy_s - server_cpu)
         return ModeResult(
             mode=mode,
@@ -434,16 +530,22 @@ class LoadRun:
             max_ms=latencies[-1] / 1e6 if latencies else 0.0,
             missing=max(0, self.sent_in_window - len(latencies)),
             errors=self.errors + self.disconnects,
+            error_codes=dict(self.error_codes),
             server_cpu_us_per_msg=server_cpu / delivered * 1e6 if delivered else 0.0,
             server_cpu_util=server_cpu / elapsed if elapsed > 0 else 0.0,
-            server_rss_mb=process_memory_mb(self.config.server_pid),
+            server_rss_mb=processes_memory_mb(self.config.server_pids),
             load_cpu_util=(last.load_cpu_s - first.load_cpu_s) / elapsed if elapsed > 0 else 0.0,
             others_on_server_core=others / elapsed if elapsed > 0 else 0.0,
+            backend_cpu_us_per_msg=(
+                backend_cpu / delivered * 1e6
+                if delivered and self.config.redis_pid is not None
+                else None
+            ),
         )
 
     async def close(self) -> None:
         """Close every connection."""
-        for peer in [*self.senders, *self.receivers]:
+        for peer in [*self.senders, *self.receivers, *self.idle]:
             if peer.transport is not None and not peer.closed:
                 peer.transport.send_close(WSCloseCode.OK)
                 peer.transport.disconnect()
@@ -473,17 +575,19 @@ async def run(config: LoadConfig) -> LoadReport:
                 results.append(await load.open_loop())
             else:
                 raise BenchmarkError(f"unknown mode {mode!r}")
-        peak = process_memory_mb(config.server_pid, "VmHWM")
+        peak = processes_memory_mb(config.server_pids, "VmHWM")
+        idle = await load.idle_connections() if config.idle > 0 else None
     finally:
         await load.close()
     crypto = measure(seconds=config.crypto_seconds) if config.crypto_seconds > 0 else None
     return LoadReport(
-        accounts=2 * config.pairs,
+        accounts=2 * max(config.pairs, config.open_pairs) + config.idle,
         register_s=register_s,
         body_bytes=body_bytes,
         modes=results,
         crypto=crypto,
         server_peak_rss_mb=peak,
+        idle=idle,
     )
 
 

@@ -7,6 +7,7 @@ import os
 import select
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -15,7 +16,9 @@ from pathlib import Path
 
 import pytest
 
+from bastion.client import contacts
 from bastion.client.client import Client
+from bastion.errors import ProfileError
 
 PASSPHRASE = "correct horse battery staple"
 REPO = Path(__file__).resolve().parent.parent
@@ -145,6 +148,41 @@ class Profiles:
             client = await self.register(username)
         await client.connect(receive=receive)
         return client
+
+    async def befriend(self, a: str, b: str) -> None:
+        """Make ``a`` and ``b`` accepted contacts (strangers cannot message each other).
+
+        Uses each user's latest open client (registering the user if needed); a
+        client that is not connected is connected for this and disconnected after.
+        """
+        first, first_temporary = await self._usable(a)
+        second, second_temporary = await self._usable(b)
+        try:
+            await contacts.request(first, b, notify=False)
+            await contacts.act(second, a, "accept")
+        finally:
+            for client, temporary in ((first, first_temporary), (second, second_temporary)):
+                if temporary and client.conn is not None:
+                    await client.conn.aclose()
+                    client.conn = None
+
+    async def _usable(self, username: str) -> tuple[Client, bool]:
+        """The user's latest open client, and whether it was connected just now."""
+        for client in reversed(self.clients):
+            if client.account.username != username:
+                continue
+            try:
+                client.profile.get("account", bytes)
+            except sqlite3.ProgrammingError:
+                continue  # closed
+            except ProfileError:
+                pass
+            if client.conn is not None:
+                return client, False
+            await client.connect(receive=False)
+            return client, True
+        client = await self.online(username, receive=False)
+        return client, True
 
     async def close(self) -> None:
         for client in self.clients:

@@ -121,6 +121,8 @@ async def test_server_cannot_pass_off_a_message_as_from_someone_else(
     bob = await profiles.online("bob")
     carol = await profiles.online("carol", receive=False)
     alice = await profiles.online("alice")
+    await profiles.befriend("carol", "bob")
+    await profiles.befriend("alice", "bob")
     await carol.send_text("bob", "hello from carol")  # bob now has a session with carol
     assert texts(await next_events(bob, 1)) == ["hello from carol"]
     warm_up = await meet(alice, bob) if established else []
@@ -144,6 +146,7 @@ async def test_flipped_ciphertext_byte_is_rejected(relay: LyingRelay, establishe
     profiles = relay.start("flip-byte", only=(tampered,))
     bob = await profiles.online("bob")
     alice = await profiles.online("alice")
+    await profiles.befriend("alice", "bob")
     warm_up = await meet(alice, bob) if established else []
     for text in ["before", "tampered in transit", "after"]:
         await alice.send_text("bob", text)
@@ -164,6 +167,7 @@ async def test_replayed_ciphertext_is_shown_once(relay: LyingRelay, established:
     profiles = relay.start("replay", only=(tampered,))
     bob = await profiles.online("bob")
     alice = await profiles.online("alice")
+    await profiles.befriend("alice", "bob")
     warm_up = await meet(alice, bob) if established else []
     sent = ["first", "second", "third"]
     for text in sent:
@@ -191,6 +195,8 @@ async def test_ciphertext_redirected_to_a_third_user_is_rejected(relay: LyingRel
     bob = await profiles.online("bob")
     carol = await profiles.online("carol")
     alice = await profiles.online("alice", receive=False)
+    await profiles.befriend("alice", "bob")
+    await profiles.befriend("alice", "carol")
     await alice.send_text("bob", "hello bob")
     await alice.send_text("bob", "for bob's eyes only")
 
@@ -217,6 +223,7 @@ async def test_server_cannot_add_a_device_to_an_account(relay: LyingRelay) -> No
     profiles = relay.start("ghost-device")
     bob = await profiles.online("bob")
     alice = await profiles.online("alice", receive=False)
+    await profiles.befriend("alice", "bob")
     await alice.send_text("bob", "only bob's real device may read this")
 
     assert texts(await next_events(bob, 1)) == ["only bob's real device may read this"]
@@ -252,6 +259,7 @@ async def test_message_from_uncertified_device_is_rejected(relay: LyingRelay) ->
     profiles = relay.start("ghost-device", "ghost-sender", only=(2,))
     bob = await profiles.online("bob")
     alice = await profiles.online("alice", receive=False)
+    await profiles.befriend("alice", "bob")
     for text in ["before", "from a device alice never had", "after"]:
         await alice.send_text("bob", text)
 

@@ -118,6 +118,7 @@ async def test_canary_is_nowhere_but_in_the_clients(
     server, profiles = recorded
     alice = await profiles.online("alice")
     bob = await profiles.online("bob")
+    await profiles.befriend("alice", "bob")
     to_bob, to_alice = new_canary(), new_canary()
     await alice.send_text("bob", f"the word is {to_bob}")
     [got] = await next_events(bob, 1)

@@ -53,6 +53,19 @@ def register(server: ServerProcess, name: str, root: Path) -> Path:
     return profile
 
 
+def befriend(a: Path, a_name: str, b: Path, b_name: str) -> None:
+    """``a`` asks ``b`` with a note; ``b`` sees the request in the inbox and accepts."""
+    bastion("contacts", "add", b_name, "--note", "it's me", "--profile", str(a))
+    inbox = bastion("inbox", "--json", "--profile", str(b)).stdout.splitlines()
+    [request] = [json.loads(line) for line in inbox]
+    assert (request["type"], request["from"], request["note"]) == (
+        "contact_request",
+        a_name,
+        "it's me",
+    )
+    bastion("contacts", "accept", a_name, "--profile", str(b))
+
+
 def test_fingerprint_command_prints_only_the_fingerprint(server: ServerProcess) -> None:
     out = bastion("server", "fingerprint", "--data", str(server.data_dir)).stdout
     assert re.fullmatch(r"SHA256:[0-9a-f]{64}\n", out)
@@ -63,6 +76,7 @@ def test_fingerprint_command_prints_only_the_fingerprint(server: ServerProcess) 
 def test_register_send_inbox_history_json(server: ServerProcess, tmp_path: Path) -> None:
     alice = register(server, "alice", tmp_path)
     bob = register(server, "bob", tmp_path)
+    befriend(alice, "alice", bob, "bob")
 
     sent = bastion("send", "bob", "hello from the cli", "--profile", str(alice), "--json")
     assert json.loads(sent.stdout)["type"] == "sent"
@@ -95,6 +109,7 @@ def test_listen_prints_live_messages_and_exits_cleanly_on_sigint(
 ) -> None:
     alice = register(server, "alice", tmp_path)
     bob = register(server, "bob", tmp_path)
+    befriend(alice, "alice", bob, "bob")
     env = {k: v for k, v in os.environ.items() if not k.startswith("BASTION_")}
     env["BASTION_PASSPHRASE"] = PASSPHRASE
     listener = subprocess.Popen(
@@ -108,8 +123,9 @@ def test_listen_prints_live_messages_and_exits_cleanly_on_sigint(
         time.sleep(1.5)  # let it sign in; messages sent earlier would be delivered anyway
         bastion("send", "bob", "live one", "--profile", str(alice))
         assert listener.stdout is not None
-        line = listener.stdout.readline()
-        assert json.loads(line)["text"] == "live one"
+        lines = iter(listener.stdout.readline, "")
+        event = next(e for e in map(json.loads, lines) if e["type"] != "presence")
+        assert event["text"] == "live one"
         listener.send_signal(signal.SIGINT)
         assert listener.wait(timeout=10) == 0
     finally:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from bastion.client import contacts
 from bastion.client.client import Client, MessageEvent
 from bastion.errors import BastionError
 from bastion.server.tls import CERT_FILE, KEY_FILE
@@ -100,6 +101,12 @@ class Cluster:
         )
 
 
+async def befriend(a: Client, b: Client) -> None:
+    """Make two connected clients accepted contacts (strangers cannot message each other)."""
+    await contacts.request(a, b.account.username, notify=False)
+    await contacts.act(b, a.account.username, "accept")
+
+
 @pytest.fixture
 def private_redis(tmp_path: Path) -> Iterator[RedisProcess]:
     redis_dir = tmp_path / "redis"
@@ -130,7 +137,7 @@ async def cluster(tmp_path: Path, private_redis: RedisProcess) -> AsyncIterator[
     try:
         a.start()
         b.data_dir.mkdir(mode=0o700)
-        for name in (CERT_FILE, KEY_FILE, "server-name"):
+        for name in (CERT_FILE, KEY_FILE, "server-name", "policy.key"):
             shutil.copy2(a.data_dir / name, b.data_dir / name)
         b.start()
         assert a.fingerprint == b.fingerprint
@@ -151,6 +158,7 @@ async def test_a_message_sent_on_one_node_is_delivered_live_on_the_other(
     try:
         await alice.connect(receive=False)
         await bob.connect()
+        await befriend(alice, bob)
         assert texts([e async for e in bob.receive(until_synced=True)]) == []
         for n in range(5):
             await alice.send_text("bob", f"live {n}")
@@ -196,6 +204,7 @@ async def test_killing_the_receivers_node_loses_and_repeats_nothing(cluster: Clu
     try:
         await alice.connect(receive=False)
         await bob.connect()
+        await befriend(alice, bob)
         reading = asyncio.create_task(bob_reads())
         sent: list[str] = []
         for n in range(total):
@@ -220,6 +229,7 @@ async def test_after_a_redis_restart_nodes_catch_up_from_the_database(cluster: C
     try:
         await alice.connect(receive=False)
         await bob.connect()
+        await befriend(alice, bob)
         assert texts([e async for e in bob.receive(until_synced=True)]) == []
         await alice.send_text("bob", "before")
         assert texts(await next_events(bob, 1)) == ["before"]

@@ -25,6 +25,7 @@ async def test_acknowledged_messages_survive_kill_9(
 ) -> None:
     alice = await profiles.online("alice", receive=False)
     await profiles.register("bob")
+    await profiles.befriend("alice", "bob")
     sent = [f"durable {i}" for i in range(5)]
     for text in sent:
         record = await alice.send_text("bob", text)
@@ -49,6 +50,7 @@ async def test_received_messages_are_not_shown_again_after_kill_9(
 ) -> None:
     alice = await profiles.online("alice", receive=False)
     bob = await profiles.online("bob")
+    await profiles.befriend("alice", "bob")
     sent = ["one", "two", "three"]
     for text in sent:
         await alice.send_text("bob", text)
@@ -71,6 +73,7 @@ async def test_sigterm_restart_keeps_twenty_queued_messages_in_order(
 ) -> None:
     alice = await profiles.online("alice", receive=False)
     await profiles.register("bob")
+    await profiles.befriend("alice", "bob")
     sent = [f"queued {i:02d}" for i in range(20)]
     for text in sent:
         await alice.send_text("bob", text)
@@ -90,6 +93,7 @@ async def test_sigterm_stops_cleanly_with_clients_connected(
 ) -> None:
     alice = await profiles.online("alice")
     bob = await profiles.online("bob")
+    await profiles.befriend("alice", "bob")
     await alice.send_text("bob", "still there?")
     assert texts(await next_events(bob, 1)) == ["still there?"]
 

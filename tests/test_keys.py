@@ -75,6 +75,7 @@ async def test_stock_is_topped_up_when_it_runs_low(
 
     # Fresh keys work: a new contact starts a session and bob reads the message.
     alice = await profiles.online("alice", receive=False)
+    await profiles.befriend("alice", "bob")
     await alice.send_text("bob", "after the top-up")
 
 
@@ -87,6 +88,7 @@ async def test_exhausted_stock_falls_back_to_the_signed_fallback_key(
     profiles: Profiles, server: ServerProcess
 ) -> None:
     await profiles.register("bob")
+    await profiles.befriend("alice", "bob")
     with sqlite3.connect(server.data_dir / "bastion.db") as db:
         db.execute("DELETE FROM one_time_keys WHERE username = 'bob'")
     alice = await profiles.online("alice", receive=False)

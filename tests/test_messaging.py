@@ -15,6 +15,7 @@ pytestmark = pytest.mark.network
 async def test_two_users_exchange_messages_both_ways(profiles: Profiles) -> None:
     alice = await profiles.online("alice", receive=False)
     bob = await profiles.online("bob")
+    await profiles.befriend("alice", "bob")
     assert texts(await drain(bob)) == []
 
     await alice.send_text("bob", "hello bob")
@@ -35,6 +36,7 @@ async def test_two_users_exchange_messages_both_ways(profiles: Profiles) -> None
 async def test_offline_user_gets_everything_in_order_once(profiles: Profiles) -> None:
     alice = await profiles.online("alice", receive=False)
     await profiles.register("bob")
+    await profiles.befriend("alice", "bob")
     sent = [f"message {i}" for i in range(30)]
     for text in sent:
         await alice.send_text("bob", text)
@@ -54,6 +56,7 @@ async def test_unacknowledged_messages_are_redelivered_and_shown_once(
 ) -> None:
     alice = await profiles.online("alice", receive=False)
     await profiles.register("bob")
+    await profiles.befriend("alice", "bob")
     await alice.send_text("bob", "are you there")
 
     bob = await profiles.online("bob")
@@ -107,6 +110,7 @@ async def test_sending_to_unknown_user_is_refused(profiles: Profiles) -> None:
 async def test_idempotent_send_is_stored_once(profiles: Profiles) -> None:
     alice = await profiles.online("alice", receive=False)
     await profiles.register("bob")
+    await profiles.befriend("alice", "bob")
     await alice.send_text("bob", "first")
     # Simulate a lost acknowledgement: queue the encrypted frame again and flush it twice.
     record = alice.history("bob")[-1]

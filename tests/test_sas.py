@@ -53,6 +53,7 @@ def answering(
 async def pair(profiles: Profiles) -> tuple[Client, Client]:
     alice = await profiles.online("alice")
     bob = await profiles.online("bob")
+    await profiles.befriend("alice", "bob")
     return alice, bob
 
 
@@ -169,6 +170,7 @@ async def test_verification_is_bound_to_the_key_pinned_at_the_start(profiles: Pr
 async def test_cli_verify_sas_in_a_terminal(profiles: Profiles) -> None:
     await profiles.register("alice")
     bob = await profiles.online("bob")
+    await profiles.befriend("alice", "bob")
     primary, secondary = pty.openpty()
     env = {k: v for k, v in os.environ.items() if not k.startswith("BASTION_")}
     env["BASTION_PASSPHRASE"] = "correct horse battery staple"

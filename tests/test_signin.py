@@ -27,6 +27,7 @@ from bastion.protocol import frames
 from bastion.protocol.auth import register_message, signin_message
 from bastion.server.config import Limits
 from tests.conftest import PASSPHRASE, Profiles, ServerProcess
+from tests.helpers import drain, next_events, texts
 from tests.malicious_server import RECORD_ENV, SCRIPT, TAMPER_ENV, read_record
 
 pytestmark = pytest.mark.network
@@ -530,3 +531,38 @@ async def test_server_with_another_name_is_refused(
     finally:
         await alice.close()
     assert sum(isinstance(f, frames.SignIn) for f in frames_received(tmp_path)) == signins_before
+
+
+async def test_sign_in_brute_force_is_slowed_down_and_honest_sessions_carry_on(
+    server: ServerProcess, raw: RawClients, profiles: Profiles
+) -> None:
+    alice = await register_raw(server, "alice")
+    bob = await profiles.online("bob", receive=False)
+    carol = await profiles.online("carol")
+    await profiles.befriend("bob", "carol")
+    assert texts(await drain(carol)) == []
+    wrong_key = OlmDevice.create()
+
+    def guess(ch: frames.Challenge, req: int) -> frames.SignIn:
+        return signin_frame(ch, req, username="alice", device_id=alice.device_id, signer=wrong_key)
+
+    codes = []
+    waits = []
+    for _ in range(Limits().signin_free_failures + 3):
+        conn = await raw.connect()
+        challenge = await conn.fresh_challenge()
+        req = conn.next_req()
+        with pytest.raises(ServerRefusedError) as refused:
+            await conn.request(guess(challenge, req), req)
+        codes.append(refused.value.code)
+        if refused.value.code == "rate_limited":
+            waits.append(refused.value.message)
+        await conn.aclose()
+    free = Limits().signin_free_failures
+    assert codes[:free] == ["auth_failed"] * free
+    assert "rate_limited" in codes[free:]
+    assert all("try again in" in w for w in waits)
+
+    # Sessions signed in before the attack are untouched.
+    await bob.send_text("carol", "still here")
+    assert texts(await next_events(carol, 1)) == ["still here"]

@@ -210,6 +210,13 @@ async def cmd_register(args: argparse.Namespace) -> int:
 
 
 async def cmd_send(args: argparse.Namespace) -> int:
+    if args.group is not None:
+        from bastion import cli_groups  # noqa: PLC0415 - group commands live apart
+
+        return await cli_groups.send_to_group(args)
+    if args.user is None or args.text is None:
+        raise BastionError("usage: bastion send USER TEXT (or --group GROUP TEXT)")
+
     async def work(client: Client) -> int:
         record = await client.send_text(args.user, args.text)
         if args.json:
@@ -248,6 +255,10 @@ async def cmd_listen(args: argparse.Namespace) -> int:
             async for event in client.receive():
                 print_event(event, args.json)
 
+        from bastion.client import presence  # noqa: PLC0415 - a feature of the client
+
+        for snapshot in await presence.watch(client):
+            print_event(snapshot, args.json)
         pump_task = asyncio.create_task(pump())
         stop_task = asyncio.create_task(stop.wait())
         done, _ = await asyncio.wait({pump_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
@@ -368,8 +379,9 @@ def build_parser() -> argparse.ArgumentParser:
     reg.set_defaults(run=cmd_register)
 
     send = sub.add_parser("send", parents=[common], help="send a message")
-    send.add_argument("user")
-    send.add_argument("text")
+    send.add_argument("user", nargs="?")
+    send.add_argument("text", nargs="?")
+    send.add_argument("--group", help="send TEXT to this group (id or name) instead")
     send.set_defaults(run=cmd_send)
 
     inbox = sub.add_parser("inbox", parents=[common], help="receive what is waiting, then exit")
@@ -385,6 +397,18 @@ def build_parser() -> argparse.ArgumentParser:
     from bastion import cli_identity  # noqa: PLC0415 - keeps the two command sets apart
 
     cli_identity.add_commands(sub, common)
+    from bastion import cli_contacts  # noqa: PLC0415 - contact commands live apart
+
+    cli_contacts.add_commands(sub, common)
+    from bastion import cli_files  # noqa: PLC0415 - file commands live apart
+
+    cli_files.add_commands(sub, common)
+    from bastion import cli_groups  # noqa: PLC0415 - group commands live apart
+
+    cli_groups.add_commands(sub, common)
+    from bastion.tui import command as chat_command  # noqa: PLC0415 - Textual loads on use
+
+    chat_command.add_commands(sub, common)
     from bastion import admin_cli  # noqa: PLC0415 - operator commands live apart
 
     admin_cli.add_commands(sub)

@@ -156,13 +156,16 @@ def test_policy_show_and_set_on_a_stopped_server(tmp_path: Path) -> None:
     shown = json.loads(_ok(admin(data, "policy", "show", "--json")))
     assert shown == {
         "type": "policy",
+        "version": 1,
         "registration": "open",
         "file_transfer": True,
         "max_file_mb": 100,
     }
     _ok(admin(data, "policy", "set", "file_transfer=off"))
     _ok(admin(data, "policy", "set", "max_file_mb=25"))
+    # Every change raises the version that clients check against rollback.
     assert _ok(admin(data, "policy", "show")).splitlines() == [
+        "version=3",
         "registration=open",
         "file_transfer=off",
         "max_file_mb=25",

@@ -30,6 +30,7 @@ async def stopped_server(tmp_path: Path, servers: ConfiguredServers) -> ServerPr
     try:
         alice = await profiles.online("alice", receive=False)
         bob = await profiles.online("bob")
+        await profiles.befriend("alice", "bob")
         await alice.send_text("bob", SECRET_TEXT)
         await drain(bob)
         await bob.close()

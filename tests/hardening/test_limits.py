@@ -43,6 +43,8 @@ async def test_message_flood_from_one_device_is_limited_while_others_get_through
         flooder = await profiles.online("flooder", receive=False)
         honest = await profiles.online("honest", receive=False)
         victim = await profiles.online("victim")
+        await profiles.befriend("flooder", "victim")
+        await profiles.befriend("honest", "victim")
         await drain(victim)
         codes = []
         for i in range(12):
@@ -70,6 +72,7 @@ async def test_full_offline_queue_tells_the_sender(
     try:
         alice = await profiles.online("alice", receive=False)
         await profiles.register("bob")
+        await profiles.befriend("alice", "bob")
         for i in range(3):
             await alice.send_text("bob", f"message {i}")
         with pytest.raises(ServerRefusedError) as caught:

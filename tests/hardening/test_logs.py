@@ -36,6 +36,7 @@ def test_debug_records_keep_identifiers() -> None:
 async def test_every_line_a_real_server_writes_is_a_json_object(profiles: Profiles) -> None:
     alice = await profiles.online("alice", receive=False)
     await profiles.register("bob")
+    await profiles.befriend("alice", "bob")
     await alice.send_text("bob", "a secret about the merger")
     lines = profiles.server.log_text().splitlines()
     assert lines

@@ -48,6 +48,7 @@ async def test_metrics_count_connections_messages_limits_and_errors(tmp_path: Pa
     try:
         alice = await profiles.online("alice", receive=False)
         bob = await profiles.online("bob")
+        await profiles.befriend("alice", "bob")
         await drain(bob)
         for text in ("one", "two"):
             await alice.send_text("bob", text)

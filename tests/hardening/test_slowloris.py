@@ -146,6 +146,7 @@ async def test_client_that_stops_reading_is_cut_off_and_its_buffer_freed(
     try:
         sender = await profiles.online("sender", receive=False)
         reader = await profiles.online("reader")
+        await profiles.befriend("sender", "reader")
         await drain(reader)
         transport = _pause(reader)
         sock = transport.get_extra_info("socket")

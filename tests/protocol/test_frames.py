@@ -137,6 +137,22 @@ CLIENT_FRAMES: list[frames.Frame] = [
         req=12, device_id=OTHER_DEVICE, revoked_at=1_700_000_000_000, signature=SIG
     ),
     frames.GetPolicy(req=13),
+    # files
+    frames.BlobBegin(req=30, size=2**40, sha256=KEY, recipients=["bob"]),
+    frames.BlobChunk(req=31, blob_id="0123456789abcdef" * 2, offset=0, data=b"\x06" * 65536),
+    frames.BlobEnd(req=32, blob_id="0123456789abcdef" * 2),
+    frames.BlobGet(req=33, blob_id="0123456789abcdef" * 2, offset=65536),
+    frames.BlobDone(req=34, blob_id="0123456789abcdef" * 2),
+    # contacts and presence
+    frames.ContactAction(req=40, user="bob", action="request"),
+    frames.ContactList(req=41),
+    frames.PresenceWatch(req=42),
+    frames.PresenceVisibility(req=43, invisible=True),
+    # groups
+    frames.GroupPost(req=50, change=b"\x08" * 200),
+    frames.GroupFetch(req=51, group_id=KEY, after_seq=-1),
+    frames.GroupFetch(req=52, group_id=KEY, after_seq=7),
+    frames.GroupSend(req=53, group_id=KEY, client_msg_id=bytes(16), ciphertext=b"\x09" * 120),
 ]
 SERVER_FRAMES: list[frames.Frame] = [
     frames.Challenge(version=1, server_name="bastion.test", nonce=KEY, expires_in=60),
@@ -162,6 +178,24 @@ SERVER_FRAMES: list[frames.Frame] = [
     frames.Synced(),
     frames.LinkPush(slot=KEY, blob=b"\x04" * 100),
     frames.PolicyInfo(req=14, key=KEY, document=b"\x05" * 40, signature=SIG),
+    # files
+    frames.BlobStarted(req=30, blob_id="0123456789abcdef" * 2),
+    frames.BlobData(
+        req=33, blob_id="0123456789abcdef" * 2, offset=65536, size=70000, data=b"\x07" * 4464
+    ),
+    # contacts and presence
+    frames.ContactResult(req=40, user="bob", state="pending_out"),
+    frames.ContactListResult(
+        req=41, contacts=[frames.ContactEntry(user="bob", state="accepted", online=True)]
+    ),
+    frames.ContactChanged(user="bob", state="none", at=1_700_000_000_000),
+    frames.PresenceChanged(user="bob", online=False, at=1_700_000_000_000),
+    # groups
+    frames.GroupPosted(req=50, seq=3, members=["alice", "bob"]),
+    frames.GroupChain(
+        req=51, group_id=KEY, changes=[b"\x08" * 200, b"\x0a" * 90], more=True, members=["bob"]
+    ),
+    frames.GroupSent(req=53, server_ts=1_700_000_000_123, members=["alice", "bob", "carol"]),
 ]
 
 
@@ -313,6 +347,20 @@ REFUSED_CLIENT: dict[str, Any] = {
     "invite too short": {
         **msgspec.to_builtins(CLIENT_FRAMES[0], builtin_types=(bytes,)),
         "invite": "short",
+    },
+    "group id 31 bytes": {"type": "group_fetch", "req": 1, "group_id": KEY[:31], "after_seq": -1},
+    "group fetch before -1": {"type": "group_fetch", "req": 1, "group_id": KEY, "after_seq": -2},
+    "empty group change": {"type": "group_post", "req": 1, "change": b""},
+    "oversize group change": {
+        "type": "group_post",
+        "req": 1,
+        "change": b"x" * (frames.MAX_GROUP_CHANGE_BYTES + 1),
+    },
+    "group send without message id": {
+        "type": "group_send",
+        "req": 1,
+        "group_id": KEY,
+        "ciphertext": b"x",
     },
     "too many one-time keys": {
         "type": "upload_keys",
@@ -504,6 +552,15 @@ client_frames: st.SearchStrategy[frames.Frame] = st.one_of(
     st.builds(
         frames.RevokeDevice, req=reqs, device_id=device_ids, revoked_at=millis, signature=sigs
     ),
+    st.builds(frames.GroupPost, req=reqs, change=st.binary(min_size=1, max_size=300)),
+    st.builds(frames.GroupFetch, req=reqs, group_id=key32, after_seq=st.integers(-1, 2**63 - 1)),
+    st.builds(
+        frames.GroupSend,
+        req=reqs,
+        group_id=key32,
+        client_msg_id=st.binary(min_size=16, max_size=16),
+        ciphertext=bodies,
+    ),
 )
 server_frames: st.SearchStrategy[frames.Frame] = st.one_of(
     st.builds(
@@ -558,6 +615,18 @@ server_frames: st.SearchStrategy[frames.Frame] = st.one_of(
     st.builds(frames.KeysLow, one_time_keys=int64),
     st.just(frames.Synced()),
     st.builds(frames.LinkPush, slot=key32, blob=link_blobs),
+    st.builds(frames.GroupPosted, req=reqs, seq=seqs, members=st.lists(usernames, max_size=4)),
+    st.builds(
+        frames.GroupChain,
+        req=reqs,
+        group_id=key32,
+        changes=st.lists(st.binary(min_size=1, max_size=100), max_size=4),
+        more=st.booleans(),
+        members=st.lists(usernames, max_size=4),
+    ),
+    st.builds(
+        frames.GroupSent, req=reqs, server_ts=millis, members=st.lists(usernames, max_size=4)
+    ),
 )
 
 

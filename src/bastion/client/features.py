@@ -19,3 +19,13 @@ def install(client: Client) -> None:
     from bastion.client import policy  # noqa: PLC0415 - features import the client
 
     policy.install(client)
+    from bastion.client import files  # noqa: PLC0415 - features import the client
+
+    files.install(client)
+    from bastion.client import groups  # noqa: PLC0415 - features import the client
+
+    groups.install(client)
+    from bastion.client import contacts, presence  # noqa: PLC0415 - features import the client
+
+    contacts.install(client)
+    presence.install(client)

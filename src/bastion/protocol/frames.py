@@ -7,7 +7,7 @@ size bound raises :class:`~bastion.errors.FrameError` and nothing else.
 
 from __future__ import annotations
 
-from typing import Annotated, Final, TypeVar
+from typing import Annotated, Final, Literal, TypeVar
 
 import msgspec
 from msgspec import Meta
@@ -36,6 +36,8 @@ Body = Annotated[bytes, Meta(max_length=MAX_BODY_BYTES)]
 ShortText = Annotated[str, Meta(max_length=256)]
 ErrorCode = Annotated[str, Meta(pattern=r"^[a-z_]{1,32}\Z")]
 OlmKind = Annotated[int, Meta(ge=0, le=1)]
+GROUP_KIND: Final = 2  # Deliver.kind of a group item: the body is an encoded GroupItem
+DeliverKind = Annotated[int, Meta(ge=0, le=GROUP_KIND)]
 InviteCode = Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]{8,64}\Z")]
 
 
@@ -264,7 +266,7 @@ class Deliver(Frame, tag="deliver"):
     sender: Username
     sender_device: DeviceId
     server_ts: Millis
-    kind: OlmKind
+    kind: DeliverKind
     body: Body
 
 
@@ -283,6 +285,239 @@ class LinkPush(Frame, tag="link_push"):
 
     slot: Key32
     blob: LinkBlob
+
+
+# --- files: encrypted blobs (see server/blobs.py) ---------------------------------------------
+
+MAX_BLOB_CHUNK_BYTES: Final = 64 * 1024
+MAX_BLOB_BYTES: Final = 2**40
+MAX_BLOB_RECIPIENTS: Final = 64
+BlobId = Annotated[str, Meta(pattern=r"^[0-9a-f]{32}\Z")]
+BlobSize = Annotated[int, Meta(ge=0, le=MAX_BLOB_BYTES)]
+BlobChunkData = Annotated[bytes, Meta(max_length=MAX_BLOB_CHUNK_BYTES)]
+
+
+class BlobBegin(Frame, tag="blob_begin"):
+    """Start uploading a ciphertext blob of ``size`` bytes that ``recipients`` may download."""
+
+    req: RequestId
+    size: BlobSize
+    sha256: Key32
+    recipients: Annotated[list[Username], Meta(min_length=1, max_length=MAX_BLOB_RECIPIENTS)]
+
+
+class BlobChunk(Frame, tag="blob_chunk"):
+    """The next piece of an upload; ``offset`` must be where the previous piece ended."""
+
+    req: RequestId
+    blob_id: BlobId
+    offset: BlobSize
+    data: BlobChunkData
+
+
+class BlobEnd(Frame, tag="blob_end"):
+    """Finish an upload; the server checks size and SHA-256 and makes the blob available."""
+
+    req: RequestId
+    blob_id: BlobId
+
+
+class BlobGet(Frame, tag="blob_get"):
+    """Read up to 64 KiB of a blob from ``offset`` (downloads resume from any offset)."""
+
+    req: RequestId
+    blob_id: BlobId
+    offset: BlobSize
+
+
+class BlobDone(Frame, tag="blob_done"):
+    """The caller has the whole blob; once every recipient says so, the server deletes it."""
+
+    req: RequestId
+    blob_id: BlobId
+
+
+class BlobStarted(Frame, tag="blob_started"):
+    """An upload was accepted; send its chunks under ``blob_id``."""
+
+    req: RequestId
+    blob_id: BlobId
+
+
+class BlobData(Frame, tag="blob_data"):
+    """A piece of a blob read from ``offset``; ``size`` is the whole blob's size."""
+
+    req: RequestId
+    blob_id: BlobId
+    offset: BlobSize
+    size: BlobSize
+    data: BlobChunkData
+
+
+# --- groups (group chats with signed membership) ---------------------------------------------
+
+MAX_GROUP_MEMBERS: Final = 1000
+MAX_GROUP_CHANGE_BYTES: Final = 192 * 1024
+GroupChangeBytes = Annotated[bytes, Meta(min_length=1, max_length=MAX_GROUP_CHANGE_BYTES)]
+GroupMembers = Annotated[list[Username], Meta(max_length=MAX_GROUP_MEMBERS)]
+
+
+class GroupPost(Frame, tag="group_post"):
+    """Append one signed change (an encoded ``GroupChange``) to a group's chain."""
+
+    req: RequestId
+    change: GroupChangeBytes
+
+
+class GroupFetch(Frame, tag="group_fetch"):
+    """Ask for a group's changes with a sequence number above ``after_seq`` (-1: all)."""
+
+    req: RequestId
+    group_id: Key32
+    after_seq: Annotated[int, Meta(ge=-1, le=2**63 - 1)] = -1
+
+
+class GroupSend(Frame, tag="group_send"):
+    """One Megolm ciphertext for every member device of a group (the server fans it out)."""
+
+    req: RequestId
+    group_id: Key32
+    client_msg_id: MessageId
+    ciphertext: Body
+
+
+class GroupPosted(Frame, tag="group_posted"):
+    """A change was appended; ``members`` is who the server now delivers to."""
+
+    req: RequestId
+    seq: Seq
+    members: GroupMembers
+
+
+class GroupChain(Frame, tag="group_chain"):
+    """Changes of a group, oldest first; ``more`` when the rest needs another fetch."""
+
+    req: RequestId
+    group_id: Key32
+    changes: Annotated[list[GroupChangeBytes], Meta(max_length=256)]
+    more: bool
+    members: GroupMembers
+
+
+class GroupSent(Frame, tag="group_sent"):
+    """A group message is durable; ``members`` is who the server fans it out to."""
+
+    req: RequestId
+    server_ts: Millis
+    members: GroupMembers
+
+
+class GroupItem(msgspec.Struct, tag_field="item", forbid_unknown_fields=True, kw_only=True):
+    """Base of what a ``Deliver`` of kind ``GROUP_KIND`` carries (encoded as its body)."""
+
+
+class GroupMessageItem(GroupItem, tag="message"):
+    """A group message: the Megolm ciphertext as the sender posted it."""
+
+    group_id: Key32
+    ciphertext: Body
+
+
+class GroupChangeItem(GroupItem, tag="change"):
+    """A notice that a group's chain grew to ``seq``: fetch and check the new changes."""
+
+    group_id: Key32
+    seq: Seq
+
+
+GroupItems = GroupMessageItem | GroupChangeItem
+_item_decoder: msgspec.msgpack.Decoder[GroupItems] = msgspec.msgpack.Decoder(GroupItems)
+
+
+def encode_item(item: GroupItem) -> bytes:
+    """Encode a group item (the body of a ``Deliver`` of kind ``GROUP_KIND``)."""
+    return msgspec.msgpack.encode(item)
+
+
+def decode_item(data: bytes) -> GroupItems:
+    """Decode a group item; raises :class:`FrameError` on anything invalid."""
+    try:
+        return _item_decoder.decode(data)
+    except (msgspec.ValidationError, msgspec.DecodeError, UnicodeDecodeError) as exc:
+        raise FrameError(f"invalid group item: {exc}") from None
+
+
+# --- contacts and presence (see server/contacts.py) -----------------------------------------
+
+MAX_CONTACTS: Final = 1000
+ContactActionName = Literal["request", "accept", "decline", "remove", "block", "unblock"]
+ContactState = Literal["none", "pending_out", "pending_in", "accepted", "blocked"]
+
+
+class ContactEntry(Record):
+    """One row of a contact list as the server holds it (``online`` only for accepted ones)."""
+
+    user: Username
+    state: ContactState
+    online: bool = False
+
+
+class ContactAction(Frame, tag="contact_action"):
+    """Request, accept, decline, remove, block or unblock ``user`` as a contact."""
+
+    req: RequestId
+    user: Username
+    action: ContactActionName
+
+
+class ContactList(Frame, tag="contact_list"):
+    """Ask for this account's contact list as the server holds it."""
+
+    req: RequestId
+
+
+class PresenceWatch(Frame, tag="presence_watch"):
+    """Send this connection contact and presence pushes; answered with a snapshot."""
+
+    req: RequestId
+
+
+class PresenceVisibility(Frame, tag="presence_visibility"):
+    """Show this account offline to everyone while connected (invisible), or not."""
+
+    req: RequestId
+    invisible: bool
+
+
+class ContactResult(Frame, tag="contact_result"):
+    """The state of ``user`` as seen by the caller after a contact action."""
+
+    req: RequestId
+    user: Username
+    state: ContactState
+
+
+class ContactListResult(Frame, tag="contact_list_result"):
+    """The caller's contacts, each with its state (and whether it is online, if accepted)."""
+
+    req: RequestId
+    contacts: Annotated[list[ContactEntry], Meta(max_length=MAX_CONTACTS)]
+
+
+class ContactChanged(Frame, tag="contact_changed"):
+    """Push: the caller's relation to ``user`` changed (a request, an acceptance, a removal)."""
+
+    user: Username
+    state: ContactState
+    at: Millis
+
+
+class PresenceChanged(Frame, tag="presence_changed"):
+    """Push: an accepted contact came online or went offline."""
+
+    user: Username
+    online: bool
+    at: Millis
 
 
 # --- signed organisation policy ---------------------------------------------------------------
@@ -317,6 +552,18 @@ ClientFrame = (
     | LinkAnswer
     | AddDevice
     | RevokeDevice
+    | BlobBegin
+    | BlobChunk
+    | BlobEnd
+    | BlobGet
+    | BlobDone
+    | GroupPost
+    | GroupFetch
+    | GroupSend
+    | ContactAction
+    | ContactList
+    | PresenceWatch
+    | PresenceVisibility
 )
 ServerFrame = (
     PolicyInfo
@@ -331,6 +578,15 @@ ServerFrame = (
     | KeysLow
     | Synced
     | LinkPush
+    | BlobStarted
+    | BlobData
+    | GroupPosted
+    | GroupChain
+    | GroupSent
+    | ContactResult
+    | ContactListResult
+    | ContactChanged
+    | PresenceChanged
 )
 
 _encoder = msgspec.msgpack.Encoder()

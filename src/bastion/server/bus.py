@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
+from bastion.protocol import frames
 from bastion.server.store import QueuedEnvelope
 
 
@@ -27,7 +28,15 @@ class Kick:
     reason: str
 
 
-BusEvent = QueuedEnvelope | KeysLow | Kick
+@dataclass(frozen=True, slots=True)
+class Push:
+    """A server push frame for the device, sent only if its connection asked for ``topic``."""
+
+    topic: str
+    frame: frames.Frame
+
+
+BusEvent = QueuedEnvelope | KeysLow | Kick | Push
 Subscriber = Callable[[BusEvent], None]
 
 

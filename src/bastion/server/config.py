@@ -55,6 +55,19 @@ class Limits:
     websocket_open_timeout_s: float = 10.0
     admin_poll_s: float = 1.0
     shutdown_grace_s: float = 2.0
+    contact_requests_per_sender_per_day: float = 50.0
+    contact_requests_per_sender_burst: int = 20
+    contact_requests_per_recipient_per_hour: float = 20.0
+    contact_requests_per_recipient_burst: int = 10
+    contact_requests_pending_max: int = 50
+    contacts_max: int = 1000
+    group_max_members: int = 1000
+    group_creations_per_hour: float = 30.0
+    group_creations_burst: int = 10
+    blob_quota_mb: int = 2048
+    blob_expiry_days: float = 7.0
+    blob_upload_ttl_s: float = 86_400.0
+    blob_sweep_s: float = 3600.0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

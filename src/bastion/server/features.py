@@ -5,4 +5,9 @@ The relay imports this module once; adding a feature means adding its import her
 
 from __future__ import annotations
 
-from bastion.server import policy  # noqa: F401 - signed organisation policy
+from bastion.server import (
+    blobs,  # noqa: F401 - file transfer
+    contacts,  # noqa: F401 - contacts and presence
+    groups,  # noqa: F401 - group chats
+    policy,  # noqa: F401 - signed organisation policy
+)

@@ -20,6 +20,7 @@ from bastion.server.bus import Bus, LocalBus
 from bastion.server.config import CONFIG_FILE, Limits, ServerConfig, load_config
 from bastion.server.logs import JsonFormatter
 from bastion.server.metrics import RelayMetrics
+from bastion.server.policy import ensure_policy_key
 from bastion.server.relay import RelayServer
 from bastion.server.sqlite_store import SQLiteStore
 from bastion.server.store import Store
@@ -33,6 +34,7 @@ def prepare_data_dir(data_dir: Path, host: str, port: int) -> str:
     """Create the data directory, certificate and server name if missing; returns the name."""
     data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     ensure_certificate(data_dir, [host], now=datetime.datetime.now(datetime.UTC))
+    ensure_policy_key(data_dir)
     name_path = data_dir / NAME_FILE
     if not name_path.exists():
         name_path.write_text(f"{host}:{port}\n")

@@ -38,7 +38,8 @@ import redis.asyncio as redis
 from redis.asyncio.client import PubSub
 from redis.exceptions import RedisError
 
-from bastion.server.bus import BusEvent, KeysLow, Kick, Subscriber
+from bastion.protocol import frames
+from bastion.server.bus import BusEvent, KeysLow, Kick, Push, Subscriber
 from bastion.server.store import QueuedEnvelope
 
 log = logging.getLogger("bastion.server.bus")
@@ -65,6 +66,11 @@ class _Kick(msgspec.Struct, tag="x", array_like=True):
     reason: str
 
 
+class _Push(msgspec.Struct, tag="p", array_like=True):
+    topic: str
+    frame: bytes
+
+
 class _Claim(msgspec.Struct, tag="c", array_like=True):
     node: str
     claim: int
@@ -74,7 +80,7 @@ class _Resync(msgspec.Struct, tag="r", array_like=True):
     node: str
 
 
-_Wire = _Deliver | _KeysLow | _Kick | _Claim | _Resync
+_Wire = _Deliver | _KeysLow | _Kick | _Push | _Claim | _Resync
 _decoder = msgspec.msgpack.Decoder(_Wire)
 _encoder = msgspec.msgpack.Encoder()
 
@@ -93,10 +99,12 @@ def _to_wire(event: BusEvent) -> _Wire:
         )
     if isinstance(event, KeysLow):
         return _KeysLow(event.count)
+    if isinstance(event, Push):
+        return _Push(event.topic, frames.encode(event.frame))
     return _Kick(event.reason)
 
 
-def _from_wire(message: _Deliver | _KeysLow | _Kick) -> BusEvent:
+def _from_wire(message: _Deliver | _KeysLow | _Kick | _Push) -> BusEvent:
     if isinstance(message, _Deliver):
         return QueuedEnvelope(
             message.seq,
@@ -110,6 +118,8 @@ def _from_wire(message: _Deliver | _KeysLow | _Kick) -> BusEvent:
         )
     if isinstance(message, _KeysLow):
         return KeysLow(message.count)
+    if isinstance(message, _Push):
+        return Push(message.topic, frames.decode_server_frame(message.frame))
     return Kick(message.reason)
 
 

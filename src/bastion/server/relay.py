@@ -33,12 +33,12 @@ from bastion.errors import AuthenticationError, BastionError, ProtocolError
 from bastion.protocol import frames
 from bastion.protocol.auth import ServerSession
 from bastion.ratelimit import FailureBackoff, RateLimiter
-from bastion.server import devices, handlers
+from bastion.server import contacts, devices, handlers
 from bastion.server import features as _features  # noqa: F401 - registers feature handlers
 from bastion.server.admin import Policy
 from bastion.server.admin_watch import AdminChannel
 from bastion.server.audit import AuditLog
-from bastion.server.bus import Bus, BusEvent, KeysLow, Kick
+from bastion.server.bus import Bus, BusEvent, KeysLow, Kick, Push
 from bastion.server.config import ServerConfig
 from bastion.server.metrics import RelayMetrics
 from bastion.server.store import (
@@ -255,6 +255,8 @@ class ClientConnection(WSListener):
         self._synced = False
         self._receiving = False
         self._acks_to_store: list[int] = []
+        # Push topics this connection asked for (features: contacts and presence).
+        self.topics: set[str] = set()
 
     # --- picows callbacks -------------------------------------------------------------------
 
@@ -302,6 +304,7 @@ class ClientConnection(WSListener):
             self.server.bus.unsubscribe(
                 self.session.username, self.session.device_id, self._on_bus_event
             )
+            self._spawn(None, contacts.device_offline(self))
         # Running requests are left to finish (an acknowledgement already read must still be
         # stored); their replies go nowhere because the connection is closed.
 
@@ -602,6 +605,7 @@ class ClientConnection(WSListener):
         if receive:
             self._receiving = True
             self.server.bus.subscribe(username, device_id, self._on_bus_event)
+            self._spawn(None, contacts.device_online(self))
             self._start_catch_up()
 
     # --- keys ---------------------------------------------------------------------------------
@@ -698,6 +702,9 @@ class ClientConnection(WSListener):
             self.server.limit_hit("messages_per_device", f"{sender}/{sender_device}")
             self._refuse(frame.req, frames_error("rate_limited", "sending too fast; slow down"))
             return
+        if not await contacts.check_may_send(self.server, sender, frame.to, frame.client_msg_id):
+            self._send(frames.Sent(req=frame.req, server_ts=_now_ms()))  # dropped: blocked
+            return
         if await self.server.store.count_queued(frame.to) >= self.limits.offline_queue_max:
             self.server.limit_hit("offline_queue", frame.to)
             self._refuse(
@@ -735,6 +742,9 @@ class ClientConnection(WSListener):
     def _on_bus_event(self, event: BusEvent) -> None:
         if isinstance(event, Kick):
             self.close(WSCloseCode.POLICY_VIOLATION, event.reason)
+        elif isinstance(event, Push):
+            if event.topic in self.topics:
+                self._send(event.frame)
         elif isinstance(event, KeysLow):
             self._send(frames.KeysLow(one_time_keys=event.count))
         elif event.seq <= self._cursor and event.seq not in self._unacked:

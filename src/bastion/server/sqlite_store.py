@@ -4,7 +4,16 @@ Operations queue up for a single database thread, which runs whatever is
 waiting in one transaction (group commit) with ``synchronous=FULL``: every
 operation's result is released only after the commit that made it durable,
 so a sender's acknowledgement survives a crash, and one fsync serves many
-messages.
+messages. A batch runs optimistically, without a savepoint per operation; if
+one operation fails, the whole transaction is rolled back and the batch runs
+again with each operation isolated, so a failed operation never leaves a
+partial write and never takes the others down with it.
+
+The device ids of recently messaged accounts are cached on the database thread
+for the recipient check of every message. The cache is exact: triggers on the
+``devices`` table drop an account's entry on any insert, delete or update made
+through this connection, the whole cache is dropped after any rollback, and
+after a commit by another connection (``PRAGMA data_version``).
 """
 
 from __future__ import annotations
@@ -33,6 +42,17 @@ from bastion.server.store import (
 )
 
 T = TypeVar("T")
+
+_DEVICE_CACHE_MAX = 100_000
+_DEVICE_TRIGGERS = (
+    "CREATE TEMP TRIGGER IF NOT EXISTS device_added AFTER INSERT ON main.devices"
+    " BEGIN SELECT bastion_devices_changed(NEW.username); END",
+    "CREATE TEMP TRIGGER IF NOT EXISTS device_removed AFTER DELETE ON main.devices"
+    " BEGIN SELECT bastion_devices_changed(OLD.username); END",
+    "CREATE TEMP TRIGGER IF NOT EXISTS device_changed AFTER UPDATE OF username, device_id"
+    " ON main.devices BEGIN SELECT bastion_devices_changed(OLD.username),"
+    " bastion_devices_changed(NEW.username); END",
+)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS accounts (
@@ -98,24 +118,35 @@ class _Op:
         self.future = future
 
 
-def _resolve(future: asyncio.Future[Any], ok: bool, value: Any) -> None:
-    if future.done():
-        return
-    if ok:
-        future.set_result(value)
-    else:
-        future.set_exception(value)
+def _resolve(results: list[tuple[asyncio.Future[Any], bool, Any]]) -> None:
+    for future, ok, value in results:
+        if future.done():
+            continue
+        if ok:
+            future.set_result(value)
+        else:
+            future.set_exception(value)
 
 
 class SQLiteStore:
     """:class:`~bastion.server.store.Store` on one SQLite file."""
 
     def __init__(
-        self, path: Path, *, max_batch: int = 512, sent_retention_ms: int = 7 * 86_400_000
+        self,
+        path: Path,
+        *,
+        max_batch: int = 512,
+        sent_retention_ms: int = 7 * 86_400_000,
+        prune_every_ms: int = 60_000,
     ):
         self._path = path
         self._max_batch = max_batch
         self._sent_retention_ms = sent_retention_ms
+        self._prune_every_ms = prune_every_ms
+        self._last_prune_ms = 0
+        # Database thread only: username -> device ids, and the last data_version seen.
+        self._device_ids: dict[str, tuple[str, ...]] = {}
+        self._data_version = -1
         self._queue: queue.SimpleQueue[_Op | None] = queue.SimpleQueue()
         self._ready = threading.Event()
         self._error: BaseException | None = None
@@ -133,7 +164,31 @@ class SQLiteStore:
         conn.execute("PRAGMA synchronous=FULL")
         conn.execute("PRAGMA foreign_keys=ON")
         conn.executescript(SCHEMA)
+        conn.create_function("bastion_devices_changed", 1, self._forget_devices)
+        for trigger in _DEVICE_TRIGGERS:
+            conn.execute(trigger)
         return conn
+
+    def _forget_devices(self, username: object) -> None:
+        if isinstance(username, str):
+            self._device_ids.pop(username, None)
+
+    def _device_ids_of(self, conn: sqlite3.Connection, username: str) -> tuple[str, ...]:
+        """The account's device ids, from the cache when it holds them (database thread)."""
+        cached = self._device_ids.get(username)
+        if cached is not None:
+            return cached
+        ids = tuple(
+            row[0]
+            for row in conn.execute(
+                "SELECT device_id FROM devices WHERE username = ? ORDER BY device_id", (username,)
+            )
+        )
+        if ids:  # unknown names are not cached: a flood of them must not fill the cache
+            if len(self._device_ids) >= _DEVICE_CACHE_MAX:
+                del self._device_ids[next(iter(self._device_ids))]
+            self._device_ids[username] = ids
+        return ids
 
     def _run(self) -> None:
         try:
@@ -163,31 +218,75 @@ class SQLiteStore:
         conn.close()
 
     def _run_batch(self, conn: sqlite3.Connection, batch: list[_Op]) -> None:
-        results: list[tuple[_Op, bool, Any]] = []
+        results: list[tuple[_Op, bool, Any]] | None
         try:
-            conn.execute("BEGIN IMMEDIATE")
-            for op in batch:
-                conn.execute("SAVEPOINT op")
-                try:
-                    value = op.fn(conn)
-                except (StorageError, sqlite3.Error) as exc:
-                    conn.execute("ROLLBACK TO op")
-                    conn.execute("RELEASE op")
-                    error: BaseException = (
-                        exc if isinstance(exc, StorageError) else StorageError(str(exc))
-                    )
-                    results.append((op, False, error))
-                else:
-                    conn.execute("RELEASE op")
-                    results.append((op, True, value))
+            self._begin(conn)
+            results = self._run_optimistic(conn, batch)
+            if results is None:
+                # One operation failed: undo the whole batch and run it again, each
+                # operation in its own savepoint.
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                self._device_ids.clear()
+                self._begin(conn)
+                results = self._run_isolated(conn, batch)
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
+            self._device_ids.clear()
             failure = StorageError(f"database commit failed: {exc}")
             results = [(op, False, failure) for op in batch]
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], bool, Any]]] = {}
         for op, ok, value in results:
-            op.loop.call_soon_threadsafe(_resolve, op.future, ok, value)
+            by_loop.setdefault(op.loop, []).append((op.future, ok, value))
+        for loop, outcomes in by_loop.items():  # one wake-up per loop, not one per operation
+            loop.call_soon_threadsafe(_resolve, outcomes)
+
+    def _begin(self, conn: sqlite3.Connection) -> None:
+        conn.execute("BEGIN IMMEDIATE")
+        # Another connection (``bastion admin``) may have changed devices since the last batch;
+        # with the write lock held, nothing else commits until this batch does.
+        version = conn.execute("PRAGMA data_version").fetchone()[0]
+        if version != self._data_version:
+            self._data_version = version
+            self._device_ids.clear()
+
+    @staticmethod
+    def _run_optimistic(
+        conn: sqlite3.Connection, batch: list[_Op]
+    ) -> list[tuple[_Op, bool, Any]] | None:
+        """Every operation's result, or None as soon as one fails (the batch is then undone)."""
+        results: list[tuple[_Op, bool, Any]] = []
+        for op in batch:
+            try:
+                value = op.fn(conn)
+            except (StorageError, sqlite3.Error):
+                return None
+            results.append((op, True, value))
+        return results
+
+    def _run_isolated(
+        self, conn: sqlite3.Connection, batch: list[_Op]
+    ) -> list[tuple[_Op, bool, Any]]:
+        """Each operation in a savepoint: a failed one is undone alone and reported."""
+        results: list[tuple[_Op, bool, Any]] = []
+        for op in batch:
+            conn.execute("SAVEPOINT op")
+            try:
+                value = op.fn(conn)
+            except (StorageError, sqlite3.Error) as exc:
+                conn.execute("ROLLBACK TO op")
+                conn.execute("RELEASE op")
+                self._device_ids.clear()
+                error: BaseException = (
+                    exc if isinstance(exc, StorageError) else StorageError(str(exc))
+                )
+                results.append((op, False, error))
+            else:
+                conn.execute("RELEASE op")
+                results.append((op, True, value))
+        return results
 
     async def _call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         if not self._thread.is_alive():
@@ -201,7 +300,9 @@ class SQLiteStore:
         """Run ``fn`` on the database thread inside the next group commit.
 
         For features that keep their own tables: ``fn`` must raise only
-        StorageError (or sqlite3.Error) and is durable once this returns.
+        StorageError (or sqlite3.Error) and is durable once this returns. It
+        may run twice (when another operation of its batch fails, the first
+        run is rolled back), so it must not change anything outside the database.
         """
         return await self._call(fn)
 
@@ -389,30 +490,30 @@ class SQLiteStore:
         """Queue the copies durably, once per (sender device, client message id)."""
 
         def op(conn: sqlite3.Connection) -> StoredMessage:
-            row = conn.execute(
-                "SELECT server_ts FROM sent WHERE sender_device = ? AND client_msg_id = ?",
-                (sender_device, client_msg_id),
-            ).fetchone()
-            if row is not None:
+            # A refusal below is raised after this insert; the batch machinery undoes it.
+            inserted = conn.execute(
+                "INSERT OR IGNORE INTO sent (sender_device, client_msg_id, server_ts)"
+                " VALUES (?, ?, ?)",
+                (sender_device, client_msg_id, server_ts),
+            ).rowcount
+            if inserted == 0:
+                row = conn.execute(
+                    "SELECT server_ts FROM sent WHERE sender_device = ? AND client_msg_id = ?",
+                    (sender_device, client_msg_id),
+                ).fetchone()
                 return StoredMessage(row[0], [])
-            recipient_devices = _devices(conn, recipient)
+            recipient_devices = self._device_ids_of(conn, recipient)
             if not recipient_devices:
                 raise UnknownRecipientError(f"there is no user named {recipient}")
-            expected = {(recipient, d.device_id) for d in recipient_devices}
+            expected = {(recipient, d) for d in recipient_devices}
             expected |= {
-                (sender, d.device_id)
-                for d in _devices(conn, sender)
-                if d.device_id != sender_device
+                (sender, d) for d in self._device_ids_of(conn, sender) if d != sender_device
             }
             given = [(c.user, c.device_id) for c in copies]
             if len(set(given)) != len(given) or set(given) != expected:
                 missing = sorted(f"{u}/{d}" for u, d in expected - set(given))
                 extra = sorted(f"{u}/{d}" for u, d in set(given) - expected)
                 raise DeviceMismatchError(missing, extra)
-            conn.execute(
-                "INSERT INTO sent (sender_device, client_msg_id, server_ts) VALUES (?, ?, ?)",
-                (sender_device, client_msg_id, server_ts),
-            )
             envelopes = []
             for c in copies:
                 cursor = conn.execute(
@@ -428,9 +529,13 @@ class SQLiteStore:
                         seq, c.user, c.device_id, sender, sender_device, server_ts, c.kind, c.body
                     )
                 )
-            conn.execute(
-                "DELETE FROM sent WHERE server_ts < ?", (server_ts - self._sent_retention_ms,)
-            )
+            if server_ts - self._last_prune_ms >= self._prune_every_ms:
+                # At most once a minute, not once per message. If this batch is rolled
+                # back, the prune simply waits for the next interval.
+                self._last_prune_ms = server_ts
+                conn.execute(
+                    "DELETE FROM sent WHERE server_ts < ?", (server_ts - self._sent_retention_ms,)
+                )
             return StoredMessage(server_ts, envelopes)
 
         return await self._call(op)

@@ -1,0 +1,295 @@
+"""Contacts with mutual consent, and presence shown only to accepted contacts.
+
+The server holds per pair only what routing and presence need (see
+:mod:`bastion.server.contact_rules`); request notes, away/busy and status text
+travel end to end encrypted as ordinary Olm payloads and are never seen here.
+
+Presence: a user is online while any of their devices holds a *receiving*
+connection, unless they chose to be invisible. Each node tracks its own
+connections; changes are pushed through the bus to the devices of accepted
+contacts whose connections asked for the ``contacts`` topic (``PresenceWatch``),
+wherever they are connected. The snapshot a watcher gets covers the contacts
+connected to the same node: in a cluster, a contact on another node shows as
+offline until its next change is pushed (see docs/protocol.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from bastion.errors import StorageError
+from bastion.protocol import frames
+from bastion.ratelimit import RateLimiter
+from bastion.server import handlers
+from bastion.server.bus import Push
+from bastion.server.contact_rules import (
+    ACCEPTED,
+    BLOCKED,
+    PENDING_IN,
+    ContactError,
+    Delivery,
+    Pair,
+    Transition,
+    apply_action,
+    delivers_request,
+    may_send,
+    state_of,
+)
+from bastion.server.contacts_store import ContactStore, PgContactStore, SQLiteContactStore
+from bastion.server.pg_store import PgStore
+from bastion.server.sqlite_store import SQLiteStore
+
+if TYPE_CHECKING:
+    from bastion.server.relay import ClientConnection, RelayServer
+
+log = logging.getLogger("bastion.server.contacts")
+
+EXTENSION = "contacts"
+TOPIC = "contacts"
+
+# Other features may let two accounts exchange Olm payloads without being contacts
+# (for example members of one group sharing room keys): each rule answers for a pair.
+SendRule = Callable[["RelayServer", str, str], Awaitable[bool]]
+SEND_EXCEPTIONS: list[SendRule] = []
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+@dataclass
+class ContactService:
+    """Per-server state: the store, the request limits, and who is connected here."""
+
+    store: ContactStore
+    by_sender: RateLimiter[str]
+    by_recipient: RateLimiter[str]
+    online: dict[str, set[ClientConnection]] = field(default_factory=dict)
+
+
+async def service(server: RelayServer) -> ContactService:
+    """The server's contact service, created on first use; raises StorageError for other stores."""
+    found = server.extensions.get(EXTENSION)
+    if isinstance(found, ContactService):
+        return found
+    lock = server.extensions.setdefault(EXTENSION + ".opening", asyncio.Lock())
+    if not isinstance(lock, asyncio.Lock):
+        raise StorageError("the contact service lock is missing")
+    async with lock:
+        found = server.extensions.get(EXTENSION)
+        if isinstance(found, ContactService):
+            return found
+        store: ContactStore
+        if isinstance(server.store, SQLiteStore):
+            sqlite_store = SQLiteContactStore(server.store)
+            await sqlite_store.open()
+            store = sqlite_store
+        elif isinstance(server.store, PgStore):
+            store = PgContactStore(server.store)
+        else:
+            raise StorageError("this store keeps no contacts")
+        limits = server.limits
+        created = ContactService(
+            store,
+            RateLimiter(
+                limits.contact_requests_per_sender_per_day / 86_400.0,
+                limits.contact_requests_per_sender_burst,
+            ),
+            RateLimiter(
+                limits.contact_requests_per_recipient_per_hour / 3600.0,
+                limits.contact_requests_per_recipient_burst,
+            ),
+        )
+        server.extensions[EXTENSION] = created
+        return created
+
+
+# --- messages -------------------------------------------------------------------------------
+
+
+async def check_may_send(server: RelayServer, sender: str, to: str, message_id: bytes) -> bool:
+    """Whether a message from ``sender`` to ``to`` is stored (True) or dropped silently (False).
+
+    Raises :class:`ContactError` (``not_a_contact``, ``unknown_user``) when it is
+    refused: a stranger, a pending request past its one note, a removed or
+    blocked sender all get the same ``not_a_contact``.
+    """
+    contacts = await service(server)
+    pair = await contacts.store.pair(sender, to)
+    verdict, transition = may_send(pair, message_id)
+    if verdict is Delivery.ALLOW and transition.mine == pair.mine:
+        return True  # accepted contacts (or a retried note): nothing to record
+    if verdict is not Delivery.REFUSE:
+        # A request's one note: its id is recorded in the transaction that checks it.
+        verdicts: list[Delivery] = []
+
+        def rule(current: Pair) -> Transition:
+            found, change = may_send(current, message_id)
+            verdicts.append(found)
+            return change
+
+        await contacts.store.update(sender, to, rule)
+        verdict = verdicts[-1]
+    if verdict is Delivery.REFUSE:
+        for allowed in SEND_EXCEPTIONS:
+            if await allowed(server, sender, to):
+                return True
+        if await server.store.get_account(to) is None:
+            raise ContactError("unknown_user", f"there is no user named {to}")
+        raise ContactError(
+            "not_a_contact", f"{to} has not accepted you as a contact; send a contact request first"
+        )
+    return verdict is Delivery.ALLOW
+
+
+# --- presence -------------------------------------------------------------------------------
+
+
+async def _push(server: RelayServer, user: str, frame: frames.Frame) -> None:
+    """Publish ``frame`` to every device of ``user`` on the contacts topic."""
+    for device in await server.store.list_devices(user):
+        server.bus.publish(user, device.device_id, Push(TOPIC, frame))
+
+
+async def _visible_online(contacts: ContactService, user: str) -> bool:
+    return bool(contacts.online.get(user)) and not await contacts.store.invisible(user)
+
+
+async def _announce(server: RelayServer, contacts: ContactService, user: str, online: bool) -> None:
+    frame = frames.PresenceChanged(user=user, online=online, at=_now_ms())
+    for contact in await contacts.store.accepted(user):
+        await _push(server, contact, frame)
+
+
+async def device_online(conn: ClientConnection) -> None:
+    """A receiving connection signed in: its user may have just come online."""
+    user, _ = conn.session.require_signed_in()
+    contacts = await service(conn.server)
+    if conn not in conn.server.connections:
+        return  # already gone again
+    connected = contacts.online.setdefault(user, set())
+    first = not connected
+    connected.add(conn)
+    if first and not await contacts.store.invisible(user):
+        await _announce(conn.server, contacts, user, True)
+
+
+async def device_offline(conn: ClientConnection) -> None:
+    """A receiving connection closed: its user may have just gone offline."""
+    user, _ = conn.session.require_signed_in()
+    contacts = await service(conn.server)
+    connected = contacts.online.get(user)
+    if connected is None or conn not in connected:
+        return
+    connected.discard(conn)
+    if not connected:
+        del contacts.online[user]
+        if not await contacts.store.invisible(user):
+            await _announce(conn.server, contacts, user, False)
+
+
+# --- requests from clients ------------------------------------------------------------------
+
+
+async def _check_request_limits(
+    conn: ClientConnection, contacts: ContactService, me: str, peer: str
+) -> None:
+    pair = await contacts.store.pair(me, peer)
+    if state_of(pair.mine) in (ACCEPTED, PENDING_IN, BLOCKED):
+        return  # not a new request
+    now = time.monotonic()
+    if not contacts.by_sender.allow(me, now):
+        conn.server.limit_hit("contact_requests_per_sender", me)
+        raise ContactError("rate_limited", "you sent too many contact requests; try again tomorrow")
+    if delivers_request(pair) and not contacts.by_recipient.allow(peer, now):
+        conn.server.limit_hit("contact_requests_per_recipient", peer)
+        raise ContactError(
+            "rate_limited", f"{peer} is receiving too many contact requests; try again later"
+        )
+
+
+@handlers.handles(frames.ContactAction)
+async def contact_action(conn: ClientConnection, frame: frames.ContactAction) -> None:
+    """Apply a contact action, answer with the new state, and tell whoever must be told."""
+    me, _ = conn.session.require_signed_in()
+    peer = frame.user
+    if peer == me:
+        raise ContactError("bad_recipient", "you cannot be your own contact")
+    server = conn.server
+    contacts = await service(server)
+    if await server.store.get_account(peer) is None:
+        raise ContactError("unknown_user", f"there is no user named {peer}")
+    if frame.action == "request":
+        await _check_request_limits(conn, contacts, me, peer)
+    now = _now_ms()
+    limits = server.limits
+
+    def rule(pair: Pair) -> Transition:
+        return apply_action(
+            frame.action,
+            pair,
+            peer=peer,
+            now=now,
+            pending_max=limits.contact_requests_pending_max,
+            contacts_max=limits.contacts_max,
+        )
+
+    outcome = await contacts.store.update(
+        me, peer, rule, counts=frame.action in ("request", "block")
+    )
+    if outcome.error is not None:
+        raise outcome.error
+    conn.send_frame(frames.ContactResult(req=frame.req, user=peer, state=outcome.result))  # type: ignore[arg-type]
+    # Every device of the caller's account, this one's other connections included (a watching
+    # front end of the same device learns of a change made by a command line).
+    mine = frames.ContactChanged(user=peer, state=outcome.result, at=now)  # type: ignore[arg-type]
+    await _push(server, me, mine)
+    if outcome.tell_peer is not None:
+        told = frames.ContactChanged(user=me, state=outcome.tell_peer, at=now)  # type: ignore[arg-type]
+        await _push(server, peer, told)
+    if outcome.accepted_now:
+        if await _visible_online(contacts, me):
+            await _push(server, peer, frames.PresenceChanged(user=me, online=True, at=now))
+        if await _visible_online(contacts, peer):
+            await _push(server, me, frames.PresenceChanged(user=peer, online=True, at=now))
+
+
+async def _contact_list(conn: ClientConnection, req: int) -> frames.ContactListResult:
+    me, _ = conn.session.require_signed_in()
+    contacts = await service(conn.server)
+    entries = []
+    for peer, row in (await contacts.store.contacts(me))[: frames.MAX_CONTACTS]:
+        online = row.state == ACCEPTED and await _visible_online(contacts, peer)
+        entries.append(frames.ContactEntry(user=peer, state=row.state, online=online))  # type: ignore[arg-type]
+    return frames.ContactListResult(req=req, contacts=entries)
+
+
+@handlers.handles(frames.ContactList)
+async def contact_list(conn: ClientConnection, frame: frames.ContactList) -> None:
+    """Answer with the caller's contacts and, for accepted ones, whether they are online."""
+    conn.send_frame(await _contact_list(conn, frame.req))
+
+
+@handlers.handles(frames.PresenceWatch)
+async def presence_watch(conn: ClientConnection, frame: frames.PresenceWatch) -> None:
+    """Start pushing contact and presence changes to this connection; answer with a snapshot."""
+    conn.topics.add(TOPIC)
+    conn.send_frame(await _contact_list(conn, frame.req))
+
+
+@handlers.handles(frames.PresenceVisibility)
+async def presence_visibility(conn: ClientConnection, frame: frames.PresenceVisibility) -> None:
+    """Become invisible (offline to everyone) or visible again; contacts see the change."""
+    me, _ = conn.session.require_signed_in()
+    contacts = await service(conn.server)
+    before = await contacts.store.invisible(me)
+    if before != frame.invisible:
+        await contacts.store.set_invisible(me, frame.invisible)
+        if contacts.online.get(me):
+            await _announce(conn.server, contacts, me, not frame.invisible)
+    conn.send_frame(frames.Ok(req=frame.req))

@@ -1,0 +1,1 @@
+"""The Bastion terminal app (``bastion chat``), built with Textual on the client library."""

@@ -1,0 +1,145 @@
+"""The SQLite store's group commit and device-id cache, under the conditions that stress them.
+
+A batch runs without a savepoint per operation; a failing operation must still
+leave no partial write and must not take the other operations of its batch down.
+The recipient check of every message reads device ids from a cache; it must
+follow every change, including one committed by another process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import threading
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import pytest
+
+from bastion.errors import StorageError
+from bastion.server.sqlite_store import SQLiteStore
+from bastion.server.store import (
+    AccountRecord,
+    Copy,
+    DeviceMismatchError,
+    DeviceRecord,
+    KeyRecord,
+    StoredMessage,
+)
+
+FALLBACK = KeyRecord(b"f" * 32, b"s" * 64)
+
+
+def device(username: str, device_id: str) -> DeviceRecord:
+    return DeviceRecord(username, device_id, b"e" * 32, b"c" * 32, 1, b"x" * 64)
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[SQLiteStore]:
+    opened = SQLiteStore(tmp_path / "bastion.db")
+    for name in ("alice", "bob"):
+        await opened.create_account(
+            AccountRecord(name, b"k" * 32, 1), device(name, f"{name}-1"), [], FALLBACK
+        )
+    yield opened
+    await opened.close()
+
+
+async def send(store: SQLiteStore, msg_id: bytes, *devices: str, ts: int = 1000) -> StoredMessage:
+    return await store.store_message(
+        sender="alice",
+        sender_device="alice-1",
+        client_msg_id=msg_id,
+        recipient="bob",
+        server_ts=ts,
+        copies=[Copy("bob", d, 1, b"ciphertext") for d in devices],
+    )
+
+
+async def test_a_failing_operation_leaves_no_write_and_its_batch_neighbours_commit(
+    store: SQLiteStore,
+) -> None:
+    await store.ensure_tables(["CREATE TABLE IF NOT EXISTS notes (n INTEGER)"])
+    gate = threading.Event()
+    # Hold the database thread so that everything below lands in one batch.
+    holding = asyncio.ensure_future(store.run(lambda conn: gate.wait(5)))
+    await asyncio.sleep(0.05)
+
+    def write(n: int, *, fail: bool) -> Callable[[sqlite3.Connection], None]:
+        def op(conn: sqlite3.Connection) -> None:
+            conn.execute("INSERT INTO notes (n) VALUES (?)", (n,))
+            if fail:
+                raise StorageError("refused after writing")
+
+        return op
+
+    first = asyncio.ensure_future(store.run(write(1, fail=False)))
+    failing = asyncio.ensure_future(store.run(write(2, fail=True)))
+    message = asyncio.ensure_future(send(store, b"m1", "bob-1"))
+    mismatch = asyncio.ensure_future(send(store, b"m2", "bob-1", "bob-9"))
+    last = asyncio.ensure_future(store.run(write(3, fail=False)))
+    await asyncio.sleep(0.05)
+    gate.set()
+    await holding
+    await first
+    await last
+    with pytest.raises(StorageError, match="refused after writing"):
+        await failing
+    with pytest.raises(DeviceMismatchError):
+        await mismatch
+    assert len((await message).envelopes) == 1
+    rows = await store.run(lambda conn: conn.execute("SELECT n FROM notes ORDER BY n").fetchall())
+    assert rows == [(1,), (3,)]
+    # The refused message left no trace: its id can be used again, and nothing is queued for it.
+    assert len((await send(store, b"m2", "bob-1")).envelopes) == 1
+    assert len(await store.fetch_queue("bob", "bob-1", 0, 10)) == 2
+
+
+async def test_the_recipient_check_follows_added_and_revoked_devices(store: SQLiteStore) -> None:
+    await send(store, b"a", "bob-1")  # bob's device list is now cached
+    await store.add_device(device("bob", "bob-2"), [], FALLBACK, max_devices=10)
+    with pytest.raises(DeviceMismatchError) as missing:
+        await send(store, b"b", "bob-1")
+    assert missing.value.missing == ["bob/bob-2"]
+    await send(store, b"c", "bob-1", "bob-2")
+    assert await store.revoke_device("bob", "bob-2")
+    with pytest.raises(DeviceMismatchError) as extra:
+        await send(store, b"d", "bob-1", "bob-2")
+    assert extra.value.extra == ["bob/bob-2"]
+    assert await store.fetch_queue("bob", "bob-2", 0, 10) == []
+
+
+async def test_the_recipient_check_follows_a_change_made_by_another_process(
+    store: SQLiteStore, tmp_path: Path
+) -> None:
+    await send(store, b"a", "bob-1")  # cached
+    other = sqlite3.connect(tmp_path / "bastion.db", isolation_level=None)
+    try:
+        other.execute("DELETE FROM devices WHERE username = 'bob' AND device_id = 'bob-1'")
+        other.execute(
+            "INSERT INTO devices (username, device_id, ed25519, curve25519, created_at,"
+            " certificate) VALUES ('bob', 'bob-3', x'00', x'00', 1, x'00')"
+        )
+    finally:
+        other.close()
+    with pytest.raises(DeviceMismatchError) as refused:
+        await send(store, b"b", "bob-1")
+    assert refused.value.missing == ["bob/bob-3"]
+    assert refused.value.extra == ["bob/bob-1"]
+    await send(store, b"c", "bob-3")
+
+
+async def test_old_message_ids_are_forgotten_by_the_periodic_sweep(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "b.db", sent_retention_ms=1000, prune_every_ms=500)
+    try:
+        for name in ("alice", "bob"):
+            await store.create_account(
+                AccountRecord(name, b"k" * 32, 1), device(name, f"{name}-1"), [], FALLBACK
+            )
+        assert len((await send(store, b"old", "bob-1", ts=10_000)).envelopes) == 1
+        # Within retention a retry is recognised; once swept, the id is new again.
+        assert (await send(store, b"old", "bob-1", ts=10_400)).envelopes == []
+        await send(store, b"later", "bob-1", ts=12_000)  # sweeps what is older than 11,000
+        assert len((await send(store, b"old", "bob-1", ts=12_001)).envelopes) == 1
+    finally:
+        await store.close()
