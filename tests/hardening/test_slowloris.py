@@ -133,6 +133,15 @@ def _server_socket_states(server: ServerProcess, client_port: int) -> list[str]:
     return states
 
 
+def _rss_bytes(server: ServerProcess) -> int:
+    """The server process's resident memory."""
+    assert server.proc is not None
+    for line in Path(f"/proc/{server.proc.pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS line")
+
+
 async def test_client_that_stops_reading_is_cut_off_and_its_buffer_freed(
     tmp_path: Path, servers: ConfiguredServers
 ) -> None:
@@ -148,6 +157,7 @@ async def test_client_that_stops_reading_is_cut_off_and_its_buffer_freed(
         reader = await profiles.online("reader")
         await profiles.befriend("sender", "reader")
         await drain(reader)
+        rss_before = _rss_bytes(server)
         transport = _pause(reader)
         sock = transport.get_extra_info("socket")
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
@@ -168,12 +178,14 @@ async def test_client_that_stops_reading_is_cut_off_and_its_buffer_freed(
             )
             await conn.request(send, req)
 
+        pushed = 0
         for _ in range(40):
             if "connection.slow_reader" in server.log_text():
                 break
             if ESTABLISHED not in _server_socket_states(server, client_port):
                 break
             await asyncio.gather(*(push_one() for _ in range(8)))
+            pushed += 8 * len(body)
         assert await greeting_time(server) < 1.0
         deadline = time.monotonic() + 3.0
         while ESTABLISHED in _server_socket_states(server, client_port):
@@ -184,5 +196,13 @@ async def test_client_that_stops_reading_is_cut_off_and_its_buffer_freed(
         # left, if anything, is an orphan the kernel times out on its own).
         assert ESTABLISHED not in _server_socket_states(server, client_port)
         assert time.monotonic() - started < 20
+        # Memory stays bounded: the server never holds more than its write-buffer limit
+        # for the reader.
+        # Keep sending to the cut-off reader: it all goes to the database, not to memory.
+        while pushed < 16 * 2**20:
+            await asyncio.gather(*(push_one() for _ in range(8)))
+            pushed += 8 * len(body)
+        grown = _rss_bytes(server) - rss_before
+        assert grown < pushed // 2, (grown, pushed)
     finally:
         await profiles.close()
