@@ -81,7 +81,7 @@ class Member(WSListener):
         self.last_req = 0
         self.notices: asyncio.Event = asyncio.Event()
         self.messages: dict[bytes, int] = {}  # ciphertext prefix -> monotonic ns of receipt
-        self.waiter: Callable[[], None] | None = None
+        self.round: Round | None = None
 
     def on_ws_connected(self, transport: WSTransport) -> None:
         ssl_object = transport.underlying_transport.get_extra_info("ssl_object")
@@ -127,8 +127,8 @@ class Member(WSListener):
             self.notices.set()
         else:
             self.messages[item.ciphertext[:32]] = now
-            if self.waiter is not None:
-                self.waiter()
+            if self.round is not None:
+                self.round.arrived(self)
 
     def on_ws_disconnected(self, transport: WSTransport) -> None:
         self.closed = True
@@ -220,6 +220,22 @@ class Member(WSListener):
             raise BenchmarkError("registration was not answered with signed_in")
 
 
+class Round:
+    """One message on its way: which members still wait for it."""
+
+    def __init__(self, tag: bytes, receivers: list[Member]) -> None:
+        self.tag = tag
+        self.waiting = {m.username for m in receivers}
+        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def arrived(self, member: Member) -> None:
+        """Note a member's delivery; the round is done when nobody waits."""
+        if self.tag in member.messages:
+            self.waiting.discard(member.username)
+            if not self.waiting and not self.done.done():
+                self.done.set_result(None)
+
+
 class Result(msgspec.Struct, kw_only=True):
     """What one run measured (times in milliseconds)."""
 
@@ -247,7 +263,9 @@ def server_config(members: int) -> str:
     return BENCH_CONFIG + f"group_max_members = {max(members, 2)}\n"
 
 
-async def run(url: str, pin: str, *, members: int, messages: int, rss: Callable[[], float]) -> Result:
+async def run(
+    url: str, pin: str, *, members: int, messages: int, rss: Callable[[], float]
+) -> Result:
     """Register, create the group, send ``messages`` messages; returns the measurements."""
     started = time.perf_counter()
     everyone = [Member(f"member{i:04d}", pin) for i in range(members)]
@@ -280,17 +298,9 @@ async def run(url: str, pin: str, *, members: int, messages: int, rss: Callable[
     for _ in range(messages):
         ciphertext = megolm_ciphertext()
         tag = ciphertext[:32]
-        done = asyncio.get_running_loop().create_future()
-        waiting = {m.username for m in receivers}
-
-        def arrived(member: Member, tag: bytes = tag, done: asyncio.Future[None] = done) -> None:
-            if tag in member.messages:
-                waiting.discard(member.username)
-                if not waiting and not done.done():
-                    done.set_result(None)
-
+        current = Round(tag, receivers)
         for m in receivers:
-            m.waiter = lambda m=m: arrived(m)  # type: ignore[misc]
+            m.round = current
         sent_ns = time.monotonic_ns()
         reply = await sender.request(
             frames.GroupSend(
@@ -303,7 +313,7 @@ async def run(url: str, pin: str, *, members: int, messages: int, rss: Callable[
         if not isinstance(reply, frames.GroupSent) or len(reply.members) != members:
             raise BenchmarkError("the group message was not fanned out to every member")
         durable.append((time.monotonic_ns() - sent_ns) / 1e6)
-        await done
+        await current.done
         last = max(m.messages[tag] for m in receivers)
         all_delivered.append((last - sent_ns) / 1e6)
         latencies += [(m.messages[tag] - sent_ns) / 1e6 for m in receivers]

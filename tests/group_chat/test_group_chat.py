@@ -101,6 +101,15 @@ async def test_create_talk_add_remove_leave_rename(profiles: Profiles) -> None:
     assert ("dave", "just us") in group_texts(alice_events)
     assert groups.resolve(alice_rx, "ops-2").members == ops.members
 
+    # Carol, a former member, can fetch the chain only up to her own removal: she
+    # learns neither the new name nor who is in the group now.
+    await groups.sync(carol_rx, ops.group_id)
+    carol_view = groups.state_of(carol_rx, ops.group_id)
+    assert carol_view is not None
+    assert carol_view.name == "ops"
+    assert "carol" not in carol_view.members
+    assert "bill" in carol_view.members
+
 
 async def test_replayed_reordered_and_moved_ciphertexts_are_rejected(profiles: Profiles) -> None:
     await profiles.register("bill")

@@ -14,11 +14,13 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from bastion.errors import StorageError
+from bastion.errors import ProtocolError, StorageError
 from bastion.groups.chain import (
     AddMember,
     CreateGroup,
     GroupState,
+    Leave,
+    RemoveMember,
     apply_change,
     decode_change,
     verify_chain,
@@ -151,15 +153,44 @@ async def post_change(conn: ClientConnection, frame: frames.GroupPost) -> None:
         conn.server.bus.publish(envelope.user, envelope.device_id, envelope)
 
 
+async def _departure(store: GroupStore, group_id: bytes, user: str) -> int:
+    """The seq of the change that ended ``user``'s membership (the last one, if several)."""
+    after, found = -1, -1
+    while True:
+        page = await store.changes(group_id, after, CHAIN_PAGE)
+        for raw in page:
+            if _removes(raw, user):
+                found = decode_change(raw).seq
+        if len(page) < CHAIN_PAGE:
+            return found
+        after = decode_change(page[-1]).seq
+
+
+def _removes(raw: bytes, user: str) -> bool:
+    """Whether a stored change ends ``user``'s membership (removed, or left)."""
+    try:
+        change = decode_change(raw)
+    except ProtocolError:
+        return False
+    if isinstance(change.args, RemoveMember):
+        return change.args.user == user
+    return isinstance(change.args, Leave) and change.author == user
+
+
 @handlers.handles(frames.GroupFetch)
 async def fetch_chain(conn: ClientConnection, frame: frames.GroupFetch) -> None:
     """Send a page of a group's chain to a current or former member."""
     user, _ = conn.session.require_signed_in()
     groups = await service(conn.server)
-    if await groups.store.membership(frame.group_id, user) is None:
+    membership = await groups.store.membership(frame.group_id, user)
+    if membership is None:
         conn.refuse(frame.req, "unknown_group", "there is no such group you belong to")
         return
     page = await groups.store.changes(frame.group_id, frame.after_seq, CHAIN_PAGE)
+    if not membership:
+        # A former member sees the chain up to their own departure, nothing after it.
+        last = await _departure(groups.store, frame.group_id, user)
+        page = [raw for raw in page if decode_change(raw).seq <= last]
     changes: list[bytes] = []
     size = 0
     for raw in page:
@@ -168,7 +199,7 @@ async def fetch_chain(conn: ClientConnection, frame: frames.GroupFetch) -> None:
         changes.append(raw)
         size += len(raw)
     more = len(changes) < len(page) or len(page) == CHAIN_PAGE
-    members = await groups.store.active_members(frame.group_id)
+    members = await groups.store.active_members(frame.group_id) if membership else []
     conn.send_frame(
         frames.GroupChain(
             req=frame.req, group_id=frame.group_id, changes=changes, more=more, members=members
