@@ -15,9 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from bastion.cli import iso, with_client
-from bastion.client import files
+from bastion.client import files, groups
 from bastion.client.client import Client
 from bastion.errors import BastionError
+from bastion.groups.chain import GroupState
 
 
 @contextlib.contextmanager
@@ -51,12 +52,27 @@ def _progress_bar(name: str, enabled: bool) -> Iterator[files.Progress | None]:
 
 
 async def cmd_file_send(args: argparse.Namespace) -> int:
+    # `file send USER PATH`, or `file send --group GROUP PATH` (then the one
+    # positional argument is the path).
+    if args.group is not None:
+        if args.path is not None:
+            raise BastionError("give either a user or --group, not both")
+        args.path, args.user = args.user, None
+    elif args.path is None:
+        raise BastionError("say who gets the file: bastion file send USER PATH")
     path = Path(args.path)
 
     async def work(client: Client) -> int:
         show_bar = sys.stderr.isatty() and not args.json
+        to: str | GroupState = args.user
+        if args.group is not None:
+            to = groups.resolve(client, args.group)
+            await groups.sync(client, to.group_id)
+            to = groups.resolve(client, to.group_id.hex())
         with _progress_bar(path.name, show_bar) as progress:
-            sent = await files.send_file(client, args.user, path, progress=progress)
+            sent = await files.send_file(client, to, path, progress=progress)
+        if args.group is not None:
+            args.user = "group:" + to.group_id.hex() if isinstance(to, GroupState) else to
         if args.json:
             print(
                 json.dumps(
@@ -154,8 +170,9 @@ def add_commands(
     file_cmd = sub.add_parser("file", help="send files, and fetch files offered to you")
     file_sub = file_cmd.add_subparsers(dest="file_command", required=True)
     send = file_sub.add_parser("send", parents=[common], help="encrypt and send a file")
-    send.add_argument("user")
-    send.add_argument("path")
+    send.add_argument("user", help="who gets it (or the path, with --group)")
+    send.add_argument("path", nargs="?")
+    send.add_argument("--group", metavar="GROUP", help="offer it to every member of a group")
     send.set_defaults(run=cmd_file_send)
     listing = file_sub.add_parser("list", parents=[common], help="files offered to you")
     listing.set_defaults(run=cmd_file_list)

@@ -51,6 +51,7 @@ from bastion.files.errors import FileIntegrityError
 from bastion.files.names import extension_of, sanitize_filename
 from bastion.files.quarantine import Quarantine
 from bastion.files.scan import Verdict, VerdictKind, scan_file
+from bastion.groups.chain import GroupState
 from bastion.protocol import frames
 
 log = logging.getLogger("bastion.client.files")
@@ -205,25 +206,43 @@ def parse_offer(text: str) -> OfferBody:
 
 
 def _record_offer(client: Client, payload: Payload, deliver: frames.Deliver) -> Event | None:
-    body = parse_offer(payload.body)
-    if payload.sender == client.account.username:
+    return record_offer(
+        client,
+        sender=payload.sender,
+        device=payload.sender_device,
+        message_id=payload.message_id,
+        body=payload.body,
+        at=deliver.server_ts,
+    )
+
+
+def record_offer(
+    client: Client, *, sender: str, device: str, message_id: bytes, body: str, at: int
+) -> FileEvent | None:
+    """Record a checked offer (from a 1:1 or a group message); None if ours or seen before.
+
+    Raises :class:`RejectedMessageError` for a malformed offer. Must run inside
+    the profile transaction of the message that carried it.
+    """
+    offer = parse_offer(body)
+    if sender == client.account.username:
         return None  # our own offer, copied to this device: nothing to fetch
-    offer_id = payload.message_id.hex()
+    offer_id = message_id.hex()
     if client.profile.get("file:" + offer_id, FileRecord) is not None:
         return None
     record = FileRecord(
         id=offer_id,
-        sender=payload.sender,
-        device=payload.sender_device,
-        received_at=deliver.server_ts,
-        blob=body.blob,
-        key=body.key,
-        sha256=body.sha256,
-        size=body.size,
-        plaintext_size=body.plaintext_size,
-        claimed_name=body.name,
-        name=sanitize_filename(body.name).name,
-        content_type=body.type,
+        sender=sender,
+        device=device,
+        received_at=at,
+        blob=offer.blob,
+        key=offer.key,
+        sha256=offer.sha256,
+        size=offer.size,
+        plaintext_size=offer.plaintext_size,
+        claimed_name=offer.name,
+        name=sanitize_filename(offer.name).name,
+        content_type=offer.type,
     )
     index = client.profile.get(_INDEX, list[str]) or []
     client.profile.put(_INDEX, [*index, offer_id])
@@ -234,7 +253,7 @@ def _record_offer(client: Client, payload: Payload, deliver: frames.Deliver) -> 
         name=record.name,
         size=record.plaintext_size,
         content_type=record.content_type,
-        at=deliver.server_ts,
+        at=at,
     )
 
 
@@ -267,21 +286,28 @@ def _refusal(exc: ServerRefusedError) -> ServerRefusedError:
 
 async def send_file(
     client: Client,
-    to: str,
+    to: str | GroupState,
     path: Path,
     *,
     progress: Progress | None = None,
     content_type: str | None = None,
     window: int = DEFAULT_WINDOW,
 ) -> SentFile:
-    """Encrypt the file at ``path``, upload it and offer it to ``to``.
+    """Encrypt the file at ``path``, upload it and offer it to ``to`` (a user or a group).
 
-    ``progress(done, total)`` is called as ciphertext bytes are acknowledged.
-    Raises ValueError if ``path`` is not a readable file or ``to`` is invalid,
-    ServerRefusedError with a sentence a user understands (file transfer off,
-    too large, quota), KeyChangedError, StorageError.
+    A group offer travels inside one group message (Megolm), and every current
+    member may download the blob. ``progress(done, total)`` is called as
+    ciphertext bytes are acknowledged. Raises ValueError if ``path`` is not a
+    readable file or ``to`` is invalid, ServerRefusedError with a sentence a user
+    understands (file transfer off, too large, quota), KeyChangedError, StorageError.
     """
-    check_username(to)
+    if isinstance(to, str):
+        check_username(to)
+        recipients = [to]
+    else:
+        recipients = sorted(u for u in to.members if u != client.account.username)
+        if not recipients:
+            raise ValueError("the group has no other members")
     if not await asyncio.to_thread(path.is_file):
         raise ValueError(f"{path} is not a file")
     name = sanitize_filename(path.name).name
@@ -293,7 +319,13 @@ async def send_file(
         encrypted = await asyncio.to_thread(encrypt_file, path, temp)
         try:
             blob = await upload_blob(
-                conn, temp, encrypted.size, encrypted.sha256, [to], progress=progress, window=window
+                conn,
+                temp,
+                encrypted.size,
+                encrypted.sha256,
+                recipients,
+                progress=progress,
+                window=window,
             )
         except ServerRefusedError as exc:
             raise _refusal(exc) from None
@@ -308,9 +340,13 @@ async def send_file(
         name=name,
         type=claimed,
     )
-    record = await client.send_payload(
-        to, OFFER_KIND, msgspec.json.encode(body).decode(), history=False
-    )
+    text = msgspec.json.encode(body).decode()
+    if isinstance(to, str):
+        record = await client.send_payload(to, OFFER_KIND, text, history=False)
+    else:
+        from bastion.client import groups  # noqa: PLC0415 - groups import the client too
+
+        record = await groups.send_body(client, to, text, kind=OFFER_KIND)
     return SentFile(offer_id=record.id.hex(), blob=blob, name=name, size=encrypted.plaintext_size)
 
 

@@ -38,6 +38,7 @@ class GroupPlaintext(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw
     message_id: MessageId
     sent_at: Millis
     body: Annotated[str, Meta(max_length=MAX_TEXT_CHARS)]
+    kind: Annotated[str, Meta(pattern=r"^(text|file\.offer)\Z")] = "text"
     signature: Signature = b""
 
 

@@ -419,6 +419,21 @@ async def send_text(
     now: int | None = None,
     rotate_after_messages: int = group_keys.ROTATE_AFTER_MESSAGES,
 ) -> HistoryRecord:
+    """Encrypt ``text`` once for the group and post it (see :func:`send_body`)."""
+    return await send_body(
+        client, group, text, now=now, rotate_after_messages=rotate_after_messages
+    )
+
+
+async def send_body(
+    client: Client,
+    group: chain.GroupState,
+    text: str,
+    *,
+    kind: str = "text",
+    now: int | None = None,
+    rotate_after_messages: int = group_keys.ROTATE_AFTER_MESSAGES,
+) -> HistoryRecord:
     """Encrypt ``text`` once for the group and post it; the server fans it out.
 
     The room key goes over Olm to every certified device of every member of the
@@ -470,6 +485,7 @@ async def send_text(
         message_id=message_id,
         sent_at=at,
         body=text,
+        kind=kind,
     )
     with client.profile.transaction():
         device = client._device()  # the device key signs the plaintext
@@ -494,8 +510,9 @@ async def send_text(
         direction="out",
         state="sent",
     )
-    with client.profile.transaction():
-        client.profile.add_message(record.conversation, message_id, record)
+    if kind == "text":
+        with client.profile.transaction():
+            client.profile.add_message(record.conversation, message_id, record)
     client.extensions["groups.last_ciphertext"] = ciphertext
     return record
 
@@ -573,7 +590,7 @@ async def _sync_or_reject(client: Client, group_id: bytes) -> list[Event]:
 
 async def _receive_message(
     client: Client, deliver: frames.Deliver, item: frames.GroupMessageItem
-) -> Event:
+) -> Event | None:
     group_id = item.group_id
     try:
         state = state_of(client, group_id)
@@ -595,7 +612,7 @@ async def _receive_message(
 
 def _accept(
     client: Client, deliver: frames.Deliver, item: frames.GroupMessageItem, sender: DeviceEntry
-) -> Event:
+) -> Event | None:
     name = _inbound_name(item.group_id, deliver.sender, deliver.sender_device)
     held = client.profile.get(name, InboundSessions)
     if held is None or not held.sessions:
@@ -621,6 +638,18 @@ def _accept(
     with client.profile.transaction():
         client.profile.put(name, InboundSessions(sessions=sessions))
         client.profile.mark_seen("group-msg", replay_key)
+        if plaintext.kind == "file.offer":
+            from bastion.client import files  # noqa: PLC0415 - files build on groups
+
+            # None for our own offer seen on another of our devices.
+            return files.record_offer(
+                client,
+                sender=plaintext.sender,
+                device=plaintext.sender_device,
+                message_id=plaintext.message_id,
+                body=plaintext.body,
+                at=deliver.server_ts,
+            )
         client.profile.add_message(record.conversation, record.id, record)
     contact = client.contact(plaintext.sender)
     return MessageEvent(record=record, verified=contact is not None and contact.trust == "verified")
