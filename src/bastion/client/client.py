@@ -63,6 +63,27 @@ def _envelope_key(deliver: frames.Deliver) -> str:
     return f"{deliver.seq}:{hashlib.sha256(deliver.body).hexdigest()[:32]}"
 
 
+def certified_device(user: str, identity_key: bytes, keys: frames.DeviceKeys) -> DeviceEntry | None:
+    """The device if its certificate verifies under ``identity_key`` for ``user``, else None."""
+    try:
+        DeviceCertificate(
+            username=user,
+            device_id=keys.device_id,
+            ed25519=keys.ed25519,
+            curve25519=keys.curve25519,
+            created_at=keys.created_at,
+            signature=keys.certificate,
+        ).verify(identity_key)
+    except AuthenticationError:
+        return None
+    return DeviceEntry(
+        device_id=keys.device_id,
+        ed25519=keys.ed25519,
+        curve25519=keys.curve25519,
+        created_at=keys.created_at,
+    )
+
+
 def check_username(username: str) -> str:
     """Return ``username`` if valid; raise ValueError with a sentence a user understands."""
     if not USERNAME_RE.match(username):
@@ -427,27 +448,12 @@ class Client:
                         ),
                     )
             raise KeyChangedError(user)
-        devices = []
-        for d in reply.devices:
-            try:
-                DeviceCertificate(
-                    username=user,
-                    device_id=d.device_id,
-                    ed25519=d.ed25519,
-                    curve25519=d.curve25519,
-                    created_at=d.created_at,
-                    signature=d.certificate,
-                ).verify(reply.identity_key)
-            except AuthenticationError:
-                continue  # not certified by the account key: never encrypt to it
-            devices.append(
-                DeviceEntry(
-                    device_id=d.device_id,
-                    ed25519=d.ed25519,
-                    curve25519=d.curve25519,
-                    created_at=d.created_at,
-                )
-            )
+        # A device not certified by the account key is never encrypted to.
+        devices = [
+            entry
+            for d in reply.devices
+            if (entry := certified_device(user, reply.identity_key, d)) is not None
+        ]
         if pinned is None:
             record = ContactRecord(user=user, identity_key=reply.identity_key, devices=devices)
         else:

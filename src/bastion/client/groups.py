@@ -27,10 +27,10 @@ from bastion.client.client import (
     FeatureEvent,
     MessageEvent,
     WarningEvent,
+    certified_device,
     now_ms,
 )
 from bastion.client.records import DeviceEntry, HistoryRecord
-from bastion.crypto.device import DeviceCertificate
 from bastion.crypto.payload import Payload
 from bastion.errors import (
     AuthenticationError,
@@ -378,16 +378,8 @@ async def _member_devices(
     devices: list[DeviceEntry] = []
     events: list[Event] = []
     for d in reply.devices:
-        try:
-            DeviceCertificate(
-                username=user,
-                device_id=d.device_id,
-                ed25519=d.ed25519,
-                curve25519=d.curve25519,
-                created_at=d.created_at,
-                signature=d.certificate,
-            ).verify(key)
-        except AuthenticationError:
+        entry = certified_device(user, key, d)
+        if entry is None:
             events.append(
                 _warning(
                     group_id,
@@ -395,15 +387,8 @@ async def _member_devices(
                     " no key shared with it",
                 )
             )
-            continue
-        devices.append(
-            DeviceEntry(
-                device_id=d.device_id,
-                ed25519=d.ed25519,
-                curve25519=d.curve25519,
-                created_at=d.created_at,
-            )
-        )
+        else:
+            devices.append(entry)
     return devices, events
 
 
