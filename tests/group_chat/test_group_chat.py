@@ -175,3 +175,21 @@ async def test_forged_and_replayed_membership_changes_are_rejected(profiles: Pro
     assert group_warnings(events)
     assert changes(events) == []
     assert groups.state_of(bill, ops.group_id) == before
+
+
+async def test_sharing_a_group_never_gets_past_a_block(profiles: Profiles) -> None:
+    from bastion.client import contacts
+    from bastion.errors import ServerRefusedError
+
+    await profiles.register("bob")
+    alice = await profiles.online("alice", receive=False)
+    ops = await groups.create(alice, "ops", ["bob"])
+    bob = await profiles.online("bob", receive=False)
+    # Members may exchange room keys (and so Olm messages) without being contacts...
+    await bob.send_text("alice", "hi from the group")
+    # ...but not once one of them blocked the other.
+    await contacts.act(alice, "bob", "block")
+    with pytest.raises(ServerRefusedError) as refused:
+        await bob.send_text("alice", "let me in")
+    assert refused.value.code == "not_a_contact"
+    assert ops.group_id

@@ -136,9 +136,12 @@ async def check_may_send(server: RelayServer, sender: str, to: str, message_id: 
         await contacts.store.update(sender, to, rule)
         verdict = verdicts[-1]
     if verdict is Delivery.REFUSE:
-        for allowed in SEND_EXCEPTIONS:
-            if await allowed(server, sender, to):
-                return True
+        # Exceptions (members of one group exchanging room keys) never reach someone
+        # who blocked the sender, nor let a sender reach someone it blocked.
+        if BLOCKED not in (state_of(pair.mine), state_of(pair.theirs)):
+            for allowed in SEND_EXCEPTIONS:
+                if await allowed(server, sender, to):
+                    return True
         if await server.store.get_account(to) is None:
             raise ContactError("unknown_user", f"there is no user named {to}")
         raise ContactError(
