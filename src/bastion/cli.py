@@ -22,6 +22,7 @@ from typing import Any
 import platformdirs
 
 from bastion import __version__
+from bastion.client import receipts
 from bastion.client.client import (
     Client,
     DevicesChangedEvent,
@@ -237,6 +238,7 @@ async def cmd_send(args: argparse.Namespace) -> int:
 
 async def cmd_inbox(args: argparse.Namespace) -> int:
     async def work(client: Client) -> int:
+        receipts.enable(client)
         async for event in client.receive(until_synced=True):
             print_event(event, args.json)
         return 0
@@ -251,6 +253,8 @@ async def cmd_listen(args: argparse.Namespace) -> int:
         loop.add_signal_handler(sig, stop.set)
 
     async def work(client: Client) -> int:
+        receipts.enable(client)
+
         async def pump() -> None:
             async for event in client.receive():
                 print_event(event, args.json)

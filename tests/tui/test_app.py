@@ -19,6 +19,7 @@ from bastion.client import (
     files,
     groups,
     presence,
+    receipts,
     trust,
     verification,
 )
@@ -102,17 +103,25 @@ async def test_send_and_receive_between_the_app_and_the_library(profiles: Profil
         line = screen.query_one(MessageLine)
         assert "alice: hi from the library" in line.render_text().plain
 
+        # The app told alice her message arrived; alice's client now does the same.
+        [receipt] = await next_events(alice, 1)
+        assert isinstance(receipt, receipts.DeliveredEvent)
+        assert [r.state for r in alice.history("bob")] == ["delivered"]
+        receipts.enable(alice)
         await type_text(pilot, "hello alice?")
         await pilot.press("enter")
         [event] = await next_events(alice, 1)
         assert texts([event]) == ["hello alice?"]
         await wait_until(
             pilot,
-            lambda: [x.record.state for x in screen.query(MessageLine)] == ["received", "sent"],
-            what="the sent state",
+            lambda: (
+                [x.record.state for x in screen.query(MessageLine)] == ["received", "delivered"]
+            ),
+            what="the delivered state",
         )
         assert (
-            "you: hello alice?  (sent)" in list(screen.query(MessageLine))[-1].render_text().plain
+            "you: hello alice?  (delivered)"
+            in list(screen.query(MessageLine))[-1].render_text().plain
         )
         assert screen.query_one("#message", Input).value == ""
 

@@ -169,6 +169,8 @@ class Client:
         self.extensions: dict[str, object] = {}  # per-client state of features
         # Checks every feature runs right after sign-in (a failure closes the connection).
         self.connect_hooks: list[Callable[[Client], Awaitable[None]]] = []
+        # Run by receive() with the events of each batch, once nothing more is waiting.
+        self.batch_hooks: list[Callable[[Client, list[Event]], Awaitable[None]]] = []
         from bastion.client import features  # noqa: PLC0415 - features import this module
 
         features.install(self)
@@ -687,6 +689,7 @@ class Client:
         handled; otherwise it runs until the connection closes.
         """
         conn = self._connection()
+        batch: list[Event] = []
         while True:
             item = await conn.incoming.get()
             if isinstance(item, _Closed):
@@ -695,6 +698,7 @@ class Client:
                 return
             if isinstance(item, frames.Synced):
                 if until_synced:
+                    await self._run_batch_hooks(batch)
                     return
                 continue
             if isinstance(item, frames.KeysLow):
@@ -711,10 +715,21 @@ class Client:
             event = await self.process(item)
             if not isinstance(event, KeyChangedEvent):
                 conn.send(frames.Ack(seqs=[item.seq]))
-            while self.notices:
-                yield self.notices.pop(0)
+            notices, self.notices = self.notices, []
+            if event is not None:
+                batch.append(event)
+            if batch and conn.incoming.empty():
+                # The batch is stored; hooks (delivery receipts) run before it is shown.
+                await self._run_batch_hooks(batch)
+                batch = []
+            for notice in notices:
+                yield notice
             if event is not None:
                 yield event
+
+    async def _run_batch_hooks(self, batch: list[Event]) -> None:
+        for hook in self.batch_hooks:
+            await hook(self, batch)
 
     async def process(self, deliver: frames.Deliver) -> Event | None:
         """Decrypt and check one envelope; store it if it passes. None for a duplicate."""

@@ -16,6 +16,9 @@ def install(client: Client) -> None:
     from bastion.client import verification  # noqa: PLC0415 - features import the client
 
     verification.install(client)
+    from bastion.client import receipts  # noqa: PLC0415 - features import the client
+
+    receipts.install(client)
     from bastion.client import policy  # noqa: PLC0415 - features import the client
 
     policy.install(client)

@@ -15,7 +15,7 @@ from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.widgets import Footer, Input, Label, ListView, ProgressBar
 
-from bastion.client import contacts, files, groups, presence, verification
+from bastion.client import contacts, files, groups, presence, receipts, verification
 from bastion.client.client import (
     DevicesChangedEvent,
     Event,
@@ -368,6 +368,7 @@ class ChatScreen(PeopleActions, FileActions):
     async def stay_connected(self) -> None:
         """Sign in, receive until the connection ends, and sign in again after a pause."""
         client = self.client
+        receipts.enable(client)  # tell contacts when their messages arrived
         while True:
             if client.conn is not None:
                 await client.conn.aclose()
@@ -459,5 +460,8 @@ class ChatScreen(PeopleActions, FileActions):
         elif isinstance(event, groups.GroupChangeEvent):
             self.add_groups()
             self.add_notice(GROUP_PREFIX + event.group_id, event.describe())
+        elif isinstance(event, receipts.DeliveredEvent):
+            if event.peer == self.current:
+                self.load_messages()  # 'sent' becomes 'delivered'
         elif isinstance(event, FeatureEvent):
             self.notify(event.describe(), timeout=8)
