@@ -9,6 +9,7 @@ fails any check becomes a :class:`WarningEvent`, never a message.
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import secrets
 import time
@@ -61,6 +62,15 @@ def _envelope_key(deliver: frames.Deliver) -> str:
     from a backup) can never make a different message look like a duplicate.
     """
     return f"{deliver.seq}:{hashlib.sha256(deliver.body).hexdigest()[:32]}"
+
+
+def json_object(body: str) -> dict[str, Any]:
+    """A peer's JSON payload body as a dict; empty if it is not a JSON object (never raises)."""
+    try:
+        value = json.loads(body)
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 def certified_device(user: str, identity_key: bytes, keys: frames.DeviceKeys) -> DeviceEntry | None:

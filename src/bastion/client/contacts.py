@@ -17,7 +17,7 @@ from typing import Any, cast
 
 import msgspec
 
-from bastion.client.client import Client, FeatureEvent, check_username, now_ms
+from bastion.client.client import Client, FeatureEvent, check_username, json_object, now_ms
 from bastion.client.records import DeviceEntry
 from bastion.client.transport import ServerConnection
 from bastion.crypto.payload import Payload
@@ -293,11 +293,7 @@ def install(client: Client) -> None:
         user = payload.sender
         if user == client.account.username:
             return None  # our own copy, sent to our other devices
-        try:
-            raw = json.loads(payload.body)
-        except ValueError:
-            raw = None
-        note = raw.get("note") if isinstance(raw, dict) else None
+        note = json_object(payload.body).get("note")
         if not isinstance(note, str) or len(note) > MAX_NOTE_CHARS:
             raise RejectedMessageError("malformed contact request")
         old = buddy(client, user)

@@ -19,7 +19,7 @@ from typing import Any
 import msgspec
 
 from bastion.client import contacts
-from bastion.client.client import Client, FeatureEvent, now_ms
+from bastion.client.client import Client, FeatureEvent, json_object, now_ms
 from bastion.client.records import DeviceEntry
 from bastion.crypto.payload import Payload
 from bastion.errors import RejectedMessageError, ServerRefusedError
@@ -142,12 +142,8 @@ def install(client: Client) -> None:
         user = payload.sender
         if user == client.account.username:
             return None  # our own copy, sent to our other devices
-        try:
-            raw = json.loads(payload.body)
-        except ValueError:
-            raw = None
-        state = raw.get("state") if isinstance(raw, dict) else None
-        status = raw.get("status") if isinstance(raw, dict) else None
+        raw = json_object(payload.body)
+        state, status = raw.get("state"), raw.get("status")
         if state not in SHARED_STATES or not (
             status is None or (isinstance(status, str) and len(status) <= MAX_STATUS_CHARS)
         ):
