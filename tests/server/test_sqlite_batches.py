@@ -2,8 +2,8 @@
 
 A batch runs without a savepoint per operation; a failing operation must still
 leave no partial write and must not take the other operations of its batch down.
-The recipient check of every message reads device ids from a cache; it must
-follow every change, including one committed by another process.
+The recipient, contact and queue checks of every message read caches; they
+must follow every change, including one committed by another process.
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ from bastion.server.store import (
     DeviceMismatchError,
     DeviceRecord,
     KeyRecord,
+    NotContactsError,
+    QueueFullError,
     StoredMessage,
 )
 
@@ -143,3 +145,52 @@ async def test_old_message_ids_are_forgotten_by_the_periodic_sweep(tmp_path: Pat
         assert len((await send(store, b"old", "bob-1", ts=12_001)).envelopes) == 1
     finally:
         await store.close()
+
+
+async def contact_message(
+    store: SQLiteStore, msg_id: bytes, *, queue_max: int | None = None
+) -> int:
+    stored = await store.store_message(
+        sender="alice",
+        sender_device="alice-1",
+        client_msg_id=msg_id,
+        recipient="bob",
+        server_ts=1000,
+        copies=[Copy("bob", "bob-1", 1, b"ciphertext")],
+        queue_max=queue_max,
+        contacts_only=queue_max is None,
+    )
+    return len(stored.envelopes)
+
+
+async def test_the_contact_check_follows_a_change_made_by_another_process(
+    store: SQLiteStore, tmp_path: Path
+) -> None:
+    await store.run(
+        lambda conn: conn.executemany(
+            "INSERT INTO contacts (owner, peer, state, updated_at) VALUES (?, ?, 'accepted', 1)",
+            [("alice", "bob"), ("bob", "alice")],
+        )
+    )
+    assert await contact_message(store, b"a") == 1  # the pair is now cached as accepted
+    other = sqlite3.connect(tmp_path / "bastion.db", isolation_level=None)
+    try:
+        other.execute("UPDATE contacts SET state = 'blocked' WHERE owner = 'bob'")
+    finally:
+        other.close()
+    with pytest.raises(NotContactsError):
+        await contact_message(store, b"b")
+    assert [e.body for e in await store.fetch_queue("bob", "bob-1", 0, 10)] == [b"ciphertext"]
+
+
+async def test_the_queue_limit_counts_envelopes_a_feature_queued(store: SQLiteStore) -> None:
+    assert await contact_message(store, b"a", queue_max=3) == 1  # bob's count is now kept
+    assert await contact_message(store, b"b", queue_max=3) == 1
+    await store.run(
+        lambda conn: conn.execute(
+            "INSERT INTO queue (username, device_id, sender, sender_device, server_ts, kind,"
+            " body) VALUES ('bob', 'bob-1', 'carol', 'carol-1', 1, 1, x'00')"
+        )
+    )
+    with pytest.raises(QueueFullError):
+        await contact_message(store, b"c", queue_max=3)

@@ -17,6 +17,8 @@ import asyncpg
 import pytest
 
 from bastion.errors import StorageError
+from bastion.server.contact_rules import ACCEPTED, ContactRow, Pair, Transition
+from bastion.server.contacts_store import ContactStore, PgContactStore, SQLiteContactStore
 from bastion.server.migrations import Migration, bundled_migrations, migrate
 from bastion.server.pg_store import PgStore, split_dsn
 from bastion.server.sqlite_store import SQLiteStore
@@ -27,6 +29,8 @@ from bastion.server.store import (
     DeviceRecord,
     DeviceRefusedError,
     KeyRecord,
+    NotContactsError,
+    QueueFullError,
     Store,
     UnknownRecipientError,
     UsernameTakenError,
@@ -319,6 +323,98 @@ async def test_fetch_pages_in_order_and_ack_deletes_only_that_devices_envelopes(
     assert await store.count_queued("bob") == 3
     assert await store.count_queued("carol") == 0
     assert await store.count_queued("nobody") == 0
+
+
+async def set_pair(store: Store, a: str, b: str, state: str | None) -> None:
+    """Write both rows of a pair through the contacts feature's store (None removes them)."""
+    contacts: ContactStore
+    if isinstance(store, SQLiteStore):
+        contacts = SQLiteContactStore(store)
+    else:
+        assert isinstance(store, PgStore)
+        contacts = PgContactStore(store)
+    row = None if state is None else ContactRow(state=state, updated_at=1)
+
+    def rule(_: Pair) -> Transition:
+        return Transition(mine=row, theirs=row, result=state or "none")
+
+    await contacts.update(a, b, rule)
+
+
+async def gated(
+    store: Store,
+    msg_id: bytes,
+    *targets: tuple[str, str],
+    queue_max: int | None = None,
+    contacts_only: bool = True,
+) -> int:
+    """alice/a1 -> bob with both checks asked for; returns how many envelopes were queued."""
+    stored = await store.store_message(
+        sender="alice",
+        sender_device="a1",
+        client_msg_id=msg_id,
+        recipient="bob",
+        server_ts=7000,
+        copies=copies_for(b"x", *(targets or (("bob", "b1"),))),
+        queue_max=queue_max,
+        contacts_only=contacts_only,
+    )
+    return len(stored.envelopes)
+
+
+async def test_contacts_only_follows_every_change_of_the_pair_and_refusals_store_nothing(
+    store: Store,
+) -> None:
+    await make_user(store, "alice", "a1")
+    await make_user(store, "bob", "b1", "b2")
+    with pytest.raises(NotContactsError):
+        await gated(store, b"first")
+    # A stranger learns nothing of the recipient's devices: the contact check comes first.
+    with pytest.raises(NotContactsError):
+        await gated(store, b"first", ("bob", "b9"))
+    await set_pair(store, "alice", "bob", "pending_out")
+    with pytest.raises(NotContactsError):
+        await gated(store, b"first")
+    assert await store.count_queued("bob") == 0
+    await set_pair(store, "alice", "bob", ACCEPTED)
+    assert await gated(store, b"first", ("bob", "b1"), ("bob", "b2")) == 2  # id not remembered
+    assert await gated(store, b"second", ("bob", "b1"), ("bob", "b2")) == 2
+    await set_pair(store, "bob", "alice", None)  # removed, from either side
+    with pytest.raises(NotContactsError):
+        await gated(store, b"third", ("bob", "b1"), ("bob", "b2"))
+    assert await gated(store, b"second", ("bob", "b1"), ("bob", "b2")) == 0  # a retry, not new
+    await set_pair(store, "bob", "alice", ACCEPTED)
+    assert await gated(store, b"third", ("bob", "b1"), ("bob", "b2")) == 2
+    await set_pair(store, "alice", "bob", "blocked")
+    with pytest.raises(NotContactsError):
+        await gated(store, b"fourth", ("bob", "b1"), ("bob", "b2"))
+    assert await store.count_queued("bob") == 6
+
+
+async def test_a_full_queue_refuses_new_messages_until_one_is_acknowledged(store: Store) -> None:
+    await make_user(store, "alice", "a1")
+    await make_user(store, "bob", "b1", "b2")
+    both = (("bob", "b1"), ("bob", "b2"))
+    assert await gated(store, b"m1", *both, queue_max=3, contacts_only=False) == 2
+    assert (
+        await gated(store, b"m2", *both, queue_max=3, contacts_only=False) == 2
+    )  # 2 < 3 waited before it
+    with pytest.raises(QueueFullError):
+        await gated(store, b"m3", *both, queue_max=3, contacts_only=False)
+    assert await store.count_queued("bob") == 4
+    assert (
+        await gated(store, b"m2", *both, queue_max=3, contacts_only=False) == 0
+    )  # a retry still answers
+    first = await store.fetch_queue("bob", "b1", 0, 10)
+    second = await store.fetch_queue("bob", "b2", 0, 10)
+    assert await store.ack("bob", "b1", [first[0].seq]) == 1
+    with pytest.raises(QueueFullError):  # 3 still wait, over both devices
+        await gated(store, b"m3", *both, queue_max=3, contacts_only=False)
+    assert await store.ack("bob", "b2", [second[0].seq]) == 1
+    assert await gated(store, b"m3", *both, queue_max=3, contacts_only=False) == 2
+    assert (
+        await gated(store, b"m4", *both, queue_max=None, contacts_only=False) == 2
+    )  # no limit asked for
 
 
 async def test_calls_from_one_sender_device_take_effect_in_call_order(store: Store) -> None:

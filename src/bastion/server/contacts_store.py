@@ -17,10 +17,9 @@ from bastion.server.sqlite_store import SQLiteStore
 
 Rule = Callable[[Pair], Transition]
 
+# The ``contacts`` table itself is part of the core schema (SQLite and migration 0002):
+# the store checks it in the transaction that stores each message.
 SQLITE_TABLES = (
-    "CREATE TABLE IF NOT EXISTS contacts (owner TEXT NOT NULL, peer TEXT NOT NULL,"
-    " state TEXT NOT NULL, note_id BLOB, updated_at INTEGER NOT NULL,"
-    " PRIMARY KEY (owner, peer)) WITHOUT ROWID",
     "CREATE TABLE IF NOT EXISTS contact_settings (username TEXT PRIMARY KEY,"
     " invisible INTEGER NOT NULL)",
 )

@@ -30,6 +30,7 @@ import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
 from bastion.errors import StorageError
+from bastion.server.contact_rules import ACCEPTED
 from bastion.server.migrations import migrate, quote_schema
 from bastion.server.store import (
     AccountRecord,
@@ -39,7 +40,9 @@ from bastion.server.store import (
     DeviceRecord,
     DeviceRefusedError,
     KeyRecord,
+    NotContactsError,
     QueuedEnvelope,
+    QueueFullError,
     StoredMessage,
     UnknownRecipientError,
     UsernameTakenError,
@@ -85,6 +88,8 @@ class _PendingMessage:
     recipient: str
     server_ts: int
     copies: Sequence[Copy]
+    queue_max: int | None
+    contacts_only: bool
     future: asyncio.Future[StoredMessage]
     outcome: StoredMessage | StorageError | None = field(default=None)
 
@@ -335,17 +340,27 @@ class PgStore:
         recipient: str,
         server_ts: int,
         copies: Sequence[Copy],
+        queue_max: int | None = None,
+        contacts_only: bool = False,
     ) -> StoredMessage:
         """Queue the copies durably, once per (sender device, client message id).
 
-        Raises DeviceMismatchError, UnknownRecipientError, or StorageError if the
-        database fails (then nothing of the message was stored).
+        Raises what the Store protocol lists, or StorageError if the database
+        fails (then nothing of the message was stored).
         """
         if self._closed:
             raise StorageError("the store is closed")
         future: asyncio.Future[StoredMessage] = asyncio.get_running_loop().create_future()
         pending = _PendingMessage(
-            sender, sender_device, client_msg_id, recipient, server_ts, copies, future
+            sender,
+            sender_device,
+            client_msg_id,
+            recipient,
+            server_ts,
+            copies,
+            queue_max,
+            contacts_only,
+            future,
         )
         key = (sender, sender_device)
         lane = self._lanes.get(key)
@@ -423,7 +438,7 @@ class PgStore:
                 p.client_msg_id,
             )
             return StoredMessage(int(original), [])
-        problem = _check_copies(p, devices)
+        problem = await _refusal(conn, p, devices)
         if problem is not None:
             await conn.execute(
                 "DELETE FROM sent WHERE sender_device = $1 AND client_msg_id = $2",
@@ -497,10 +512,38 @@ class PgStore:
         return int(count)
 
 
-def _check_copies(p: _PendingMessage, devices: dict[str, list[str]]) -> StorageError | None:
+async def _refusal(
+    conn: Connection, p: _PendingMessage, devices: dict[str, list[str]]
+) -> StorageError | None:
+    """Why the message may not be stored as given, or None (in its transaction).
+
+    Contacts are checked before devices, so a stranger learns nothing of them.
+    """
     recipient_devices = devices.get(p.recipient, [])
     if not recipient_devices:
         return UnknownRecipientError(f"there is no user named {p.recipient}")
+    queued = 0
+    if p.contacts_only or p.queue_max is not None:
+        row = await conn.fetchrow(
+            "SELECT (SELECT count(*) FROM contacts WHERE state = $3 AND"
+            " ((owner = $1 AND peer = $2) OR (owner = $2 AND peer = $1))),"
+            " (SELECT count(*) FROM queue WHERE username = $2)",
+            p.sender,
+            p.recipient,
+            ACCEPTED,
+        )
+        accepted, queued = (0, 0) if row is None else (int(row[0]), int(row[1]))
+        if p.contacts_only and accepted != 2:  # both rows of the pair
+            return NotContactsError(f"{p.sender} and {p.recipient} are not contacts")
+    problem = _check_copies(p, recipient_devices, devices)
+    if problem is None and p.queue_max is not None and queued >= p.queue_max:
+        problem = QueueFullError(f"{p.recipient} has too many undelivered messages")
+    return problem
+
+
+def _check_copies(
+    p: _PendingMessage, recipient_devices: list[str], devices: dict[str, list[str]]
+) -> StorageError | None:
     expected = {(p.recipient, d) for d in recipient_devices}
     expected |= {(p.sender, d) for d in devices.get(p.sender, []) if d != p.sender_device}
     given = [(c.user, c.device_id) for c in p.copies]

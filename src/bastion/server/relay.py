@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
+import struct
 import time
 from collections.abc import Awaitable, Coroutine
 from typing import Any
@@ -46,8 +47,11 @@ from bastion.server.store import (
     Copy,
     DeviceMismatchError,
     KeyRecord,
+    NotContactsError,
     QueuedEnvelope,
+    QueueFullError,
     Store,
+    StoredMessage,
     UnknownRecipientError,
     UsernameTakenError,
 )
@@ -56,6 +60,9 @@ from bastion.server.tls import server_context
 log = logging.getLogger("bastion.server")
 
 _FETCH_PAGE = 256
+_OUTBOX_FLUSH_BYTES = 256 * 1024  # frames queued past this leave at once, not at iteration end
+_WS_LEN_16 = 126  # payload lengths from here on take a 16-bit length field
+_WS_LEN_64 = 1 << 16  # and from here on a 64-bit one
 
 
 def _now_ms() -> int:
@@ -255,6 +262,8 @@ class ClientConnection(WSListener):
         self._synced = False
         self._receiving = False
         self._acks_to_store: list[int] = []
+        self._outbox: list[bytes] = []
+        self._outbox_bytes = 0
         # Push topics this connection asked for (features: contacts and presence).
         self.topics: set[str] = set()
 
@@ -281,6 +290,7 @@ class ClientConnection(WSListener):
 
     def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
         if frame.msg_type is WSMsgType.CLOSE:
+            self._flush()
             transport.send_close(frame.get_close_code())
             transport.disconnect()
             return
@@ -329,6 +339,7 @@ class ClientConnection(WSListener):
         """Close the connection with a WebSocket close code."""
         if self._closed or self.transport is None:
             return
+        self._flush()
         self._closed = True
         self.transport.send_close(code, reason.encode())
         self.transport.disconnect()
@@ -347,10 +358,33 @@ class ClientConnection(WSListener):
             self.transport.disconnect(graceful=False)
 
     def _send(self, frame: frames.Frame) -> None:
+        # Frames queue up until the end of this loop iteration, then leave in one
+        # write: one TLS record and one system call however many were sent.
         if self._closed or self.transport is None:
             return
-        self.transport.send(WSMsgType.BINARY, frames.encode(frame))
-        buffered = self.transport.underlying_transport.get_write_buffer_size()
+        data = frames.encode(frame)
+        if not self._outbox:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._outbox.append(data)
+        self._outbox_bytes += len(data)
+        if self._outbox_bytes >= _OUTBOX_FLUSH_BYTES:
+            self._flush()
+
+    def _flush(self) -> None:
+        out, self._outbox, self._outbox_bytes = self._outbox, [], 0
+        transport = self.transport
+        if (
+            not out
+            or transport is None
+            or transport.is_close_frame_sent
+            or transport.is_disconnected
+        ):
+            return
+        if len(out) == 1:
+            transport.send(WSMsgType.BINARY, out[0])
+        else:
+            transport.underlying_transport.write(b"".join(map(_binary_frame, out)))
+        buffered = transport.underlying_transport.get_write_buffer_size()
         if buffered > self.limits.max_write_buffer_bytes:
             log.warning("connection.slow_reader", extra={"buffered": buffered})
             self.close(WSCloseCode.POLICY_VIOLATION, "not reading")
@@ -702,29 +736,33 @@ class ClientConnection(WSListener):
             self.server.limit_hit("messages_per_device", f"{sender}/{sender_device}")
             self._refuse(frame.req, frames_error("rate_limited", "sending too fast; slow down"))
             return
-        if not await contacts.check_may_send(self.server, sender, frame.to, frame.client_msg_id):
-            self._send(frames.Sent(req=frame.req, server_ts=_now_ms()))  # dropped: blocked
+        copies = [Copy(c.user, c.device_id, c.kind, c.body) for c in frame.ciphertexts]
+        try:
+            try:
+                # Accepted contacts (nearly every message) take one store call, which
+                # checks the pair and the recipient's queue in the storing transaction.
+                stored = await self._store(frame, sender, sender_device, copies, contacts_only=True)
+            except NotContactsError:
+                # Everything else (a request's note, group co-members, a refusal) follows
+                # the full contact rules first.
+                if not await contacts.check_may_send(
+                    self.server, sender, frame.to, frame.client_msg_id
+                ):
+                    self._send(frames.Sent(req=frame.req, server_ts=_now_ms()))  # dropped: blocked
+                    return
+                stored = await self._store(
+                    frame, sender, sender_device, copies, contacts_only=False
+                )
+        except UnknownRecipientError:
+            self._refuse(
+                frame.req, frames_error("unknown_user", f"there is no user named {frame.to}")
+            )
             return
-        if await self.server.store.count_queued(frame.to) >= self.limits.offline_queue_max:
+        except QueueFullError:
             self.server.limit_hit("offline_queue", frame.to)
             self._refuse(
                 frame.req,
                 frames_error("queue_full", f"{frame.to} has too many undelivered messages"),
-            )
-            return
-        copies = [Copy(c.user, c.device_id, c.kind, c.body) for c in frame.ciphertexts]
-        try:
-            stored = await self.server.store.store_message(
-                sender=sender,
-                sender_device=sender_device,
-                client_msg_id=frame.client_msg_id,
-                recipient=frame.to,
-                server_ts=_now_ms(),
-                copies=copies,
-            )
-        except UnknownRecipientError:
-            self._refuse(
-                frame.req, frames_error("unknown_user", f"there is no user named {frame.to}")
             )
             return
         except DeviceMismatchError as exc:
@@ -736,6 +774,26 @@ class ClientConnection(WSListener):
             self.server.metrics.messages.inc()
         for envelope in stored.envelopes:
             self.server.bus.publish(envelope.user, envelope.device_id, envelope)
+
+    def _store(
+        self,
+        frame: frames.Send,
+        sender: str,
+        sender_device: str,
+        copies: list[Copy],
+        *,
+        contacts_only: bool,
+    ) -> Awaitable[StoredMessage]:
+        return self.server.store.store_message(
+            sender=sender,
+            sender_device=sender_device,
+            client_msg_id=frame.client_msg_id,
+            recipient=frame.to,
+            server_ts=_now_ms(),
+            copies=copies,
+            queue_max=self.limits.offline_queue_max,
+            contacts_only=contacts_only,
+        )
 
     # --- delivery -----------------------------------------------------------------------------
 
@@ -831,6 +889,16 @@ class ClientConnection(WSListener):
 
     async def _store_ack(self, username: str, device_id: str, seqs: list[int]) -> None:
         await self.server.store.ack(username, device_id, seqs)
+
+
+def _binary_frame(payload: bytes) -> bytes:
+    """One final, unmasked binary WebSocket frame (RFC 6455 section 5.2), as a server sends it."""
+    size = len(payload)
+    if size < _WS_LEN_16:
+        return bytes((0x82, size)) + payload
+    if size < _WS_LEN_64:
+        return struct.pack("!BBH", 0x82, 126, size) + payload
+    return struct.pack("!BBQ", 0x82, 127, size) + payload
 
 
 def frames_error(code: str, message: str) -> frames.Error:

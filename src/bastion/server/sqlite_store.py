@@ -9,11 +9,13 @@ one operation fails, the whole transaction is rolled back and the batch runs
 again with each operation isolated, so a failed operation never leaves a
 partial write and never takes the others down with it.
 
-The device ids of recently messaged accounts are cached on the database thread
-for the recipient check of every message. The cache is exact: triggers on the
-``devices`` table drop an account's entry on any insert, delete or update made
-through this connection, the whole cache is dropped after any rollback, and
-after a commit by another connection (``PRAGMA data_version``).
+The device ids of recently messaged accounts, which pairs of accounts are
+accepted contacts, and an upper bound of each recipient's queue are kept on
+the database thread for the checks of every message. They stay exact: triggers
+on the ``devices`` and ``contacts`` tables drop an entry on any insert, delete
+or update made through this connection, a trigger on ``queue`` counts every
+insert into the bound, and all three are dropped after any rollback and after a
+commit by another connection (``PRAGMA data_version``).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from bastion.errors import StorageError
+from bastion.server.contact_rules import ACCEPTED
 from bastion.server.store import (
     AccountRecord,
     ClaimedKeyRecord,
@@ -35,7 +38,9 @@ from bastion.server.store import (
     DeviceRecord,
     DeviceRefusedError,
     KeyRecord,
+    NotContactsError,
     QueuedEnvelope,
+    QueueFullError,
     StoredMessage,
     UnknownRecipientError,
     UsernameTakenError,
@@ -44,7 +49,8 @@ from bastion.server.store import (
 T = TypeVar("T")
 
 _DEVICE_CACHE_MAX = 100_000
-_DEVICE_TRIGGERS = (
+_CONTACT_CACHE_MAX = 1_000_000
+_TRIGGERS = (
     "CREATE TEMP TRIGGER IF NOT EXISTS device_added AFTER INSERT ON main.devices"
     " BEGIN SELECT bastion_devices_changed(NEW.username); END",
     "CREATE TEMP TRIGGER IF NOT EXISTS device_removed AFTER DELETE ON main.devices"
@@ -52,6 +58,13 @@ _DEVICE_TRIGGERS = (
     "CREATE TEMP TRIGGER IF NOT EXISTS device_changed AFTER UPDATE OF username, device_id"
     " ON main.devices BEGIN SELECT bastion_devices_changed(OLD.username),"
     " bastion_devices_changed(NEW.username); END",
+    "CREATE TEMP TRIGGER IF NOT EXISTS contact_added AFTER INSERT ON main.contacts"
+    " BEGIN SELECT bastion_contacts_changed(NEW.owner, NEW.peer); END",
+    "CREATE TEMP TRIGGER IF NOT EXISTS contact_removed AFTER DELETE ON main.contacts"
+    " BEGIN SELECT bastion_contacts_changed(OLD.owner, OLD.peer); END",
+    "CREATE TEMP TRIGGER IF NOT EXISTS contact_changed AFTER UPDATE ON main.contacts"
+    " BEGIN SELECT bastion_contacts_changed(OLD.owner, OLD.peer),"
+    " bastion_contacts_changed(NEW.owner, NEW.peer); END",
 )
 
 SCHEMA = """
@@ -101,6 +114,14 @@ CREATE TABLE IF NOT EXISTS revoked_devices (
     device_id TEXT PRIMARY KEY,
     username TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS contacts (
+    owner TEXT NOT NULL,
+    peer TEXT NOT NULL,
+    state TEXT NOT NULL,
+    note_id BLOB,
+    updated_at INTEGER NOT NULL,
+    PRIMARY KEY (owner, peer)
+) WITHOUT ROWID;
 """
 
 
@@ -144,8 +165,12 @@ class SQLiteStore:
         self._sent_retention_ms = sent_retention_ms
         self._prune_every_ms = prune_every_ms
         self._last_prune_ms = 0
-        # Database thread only: username -> device ids, and the last data_version seen.
+        # Database thread only: username -> device ids, the pairs (sorted) known to be
+        # accepted contacts, username -> an upper bound of its queued envelopes, and the
+        # last data_version seen.
         self._device_ids: dict[str, tuple[str, ...]] = {}
+        self._accepted: set[tuple[str, str]] = set()
+        self._queued: dict[str, int] = {}
         self._data_version = -1
         self._queue: queue.SimpleQueue[_Op | None] = queue.SimpleQueue()
         self._ready = threading.Event()
@@ -165,13 +190,57 @@ class SQLiteStore:
         conn.execute("PRAGMA foreign_keys=ON")
         conn.executescript(SCHEMA)
         conn.create_function("bastion_devices_changed", 1, self._forget_devices)
-        for trigger in _DEVICE_TRIGGERS:
+        conn.create_function("bastion_contacts_changed", 2, self._forget_contacts)
+        for trigger in _TRIGGERS:
             conn.execute(trigger)
         return conn
 
     def _forget_devices(self, username: object) -> None:
         if isinstance(username, str):
             self._device_ids.pop(username, None)
+
+    def _forget_contacts(self, owner: object, peer: object) -> None:
+        if isinstance(owner, str) and isinstance(peer, str):
+            self._accepted.discard((owner, peer) if owner < peer else (peer, owner))
+
+    def _forget_all(self) -> None:
+        self._device_ids.clear()
+        self._accepted.clear()
+        self._queued.clear()
+
+    def _queued_at_most(self, conn: sqlite3.Connection, username: str, limit: int) -> int:
+        """An upper bound of the envelopes waiting for ``username``, exact if ``limit`` or more.
+
+        The bound is a real count plus every envelope this store queued since;
+        deletions only make it looser. It is counted again once it reaches ``limit``,
+        and forgotten after any operation of a feature (which may queue envelopes too).
+        """
+        bound = self._queued.get(username)
+        if bound is not None and bound < limit:
+            return bound
+        row = conn.execute("SELECT count(*) FROM queue WHERE username = ?", (username,))
+        count = int(row.fetchone()[0])
+        if username not in self._queued and len(self._queued) >= _DEVICE_CACHE_MAX:
+            del self._queued[next(iter(self._queued))]
+        self._queued[username] = count
+        return count
+
+    def _are_contacts(self, conn: sqlite3.Connection, a: str, b: str) -> bool:
+        """Whether both rows of the pair say accepted (database thread; cached when so)."""
+        pair = (a, b) if a < b else (b, a)
+        if pair in self._accepted:
+            return True
+        accepted = conn.execute(
+            "SELECT count(*) FROM contacts WHERE state = ? AND"
+            " ((owner = ? AND peer = ?) OR (owner = ? AND peer = ?))",
+            (ACCEPTED, a, b, b, a),
+        ).fetchone()[0]
+        if accepted != 2:
+            return False  # only accepted pairs are cached: strangers must not fill the cache
+        if len(self._accepted) >= _CONTACT_CACHE_MAX:
+            self._accepted.pop()
+        self._accepted.add(pair)
+        return True
 
     def _device_ids_of(self, conn: sqlite3.Connection, username: str) -> tuple[str, ...]:
         """The account's device ids, from the cache when it holds them (database thread)."""
@@ -227,14 +296,14 @@ class SQLiteStore:
                 # operation in its own savepoint.
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
-                self._device_ids.clear()
+                self._forget_all()
                 self._begin(conn)
                 results = self._run_isolated(conn, batch)
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
-            self._device_ids.clear()
+            self._forget_all()
             failure = StorageError(f"database commit failed: {exc}")
             results = [(op, False, failure) for op in batch]
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], bool, Any]]] = {}
@@ -250,7 +319,7 @@ class SQLiteStore:
         version = conn.execute("PRAGMA data_version").fetchone()[0]
         if version != self._data_version:
             self._data_version = version
-            self._device_ids.clear()
+            self._forget_all()
 
     @staticmethod
     def _run_optimistic(
@@ -278,7 +347,7 @@ class SQLiteStore:
             except (StorageError, sqlite3.Error) as exc:
                 conn.execute("ROLLBACK TO op")
                 conn.execute("RELEASE op")
-                self._device_ids.clear()
+                self._forget_all()
                 error: BaseException = (
                     exc if isinstance(exc, StorageError) else StorageError(str(exc))
                 )
@@ -304,7 +373,14 @@ class SQLiteStore:
         may run twice (when another operation of its batch fails, the first
         run is rolled back), so it must not change anything outside the database.
         """
-        return await self._call(fn)
+
+        def op(conn: sqlite3.Connection) -> T:
+            try:
+                return fn(conn)
+            finally:
+                self._queued.clear()  # ``fn`` may have queued envelopes (group messages do)
+
+        return await self._call(op)
 
     async def ensure_tables(self, statements: Sequence[str]) -> None:
         """Create a feature's tables and indexes (``CREATE ... IF NOT EXISTS`` statements)."""
@@ -486,11 +562,17 @@ class SQLiteStore:
         recipient: str,
         server_ts: int,
         copies: Sequence[Copy],
+        queue_max: int | None = None,
+        contacts_only: bool = False,
     ) -> StoredMessage:
-        """Queue the copies durably, once per (sender device, client message id)."""
+        """Queue the copies durably, once per (sender device, client message id).
 
-        def op(conn: sqlite3.Connection) -> StoredMessage:
-            # A refusal below is raised after this insert; the batch machinery undoes it.
+        Every check runs in the group commit that stores the message (see the
+        Store protocol). A refusal undoes its own ``sent`` row and is returned
+        rather than raised, so it never costs its batch a rollback.
+        """
+
+        def op(conn: sqlite3.Connection) -> StoredMessage | StorageError:
             inserted = conn.execute(
                 "INSERT OR IGNORE INTO sent (sender_device, client_msg_id, server_ts)"
                 " VALUES (?, ?, ?)",
@@ -502,18 +584,21 @@ class SQLiteStore:
                     (sender_device, client_msg_id),
                 ).fetchone()
                 return StoredMessage(row[0], [])
-            recipient_devices = self._device_ids_of(conn, recipient)
-            if not recipient_devices:
-                raise UnknownRecipientError(f"there is no user named {recipient}")
-            expected = {(recipient, d) for d in recipient_devices}
-            expected |= {
-                (sender, d) for d in self._device_ids_of(conn, sender) if d != sender_device
-            }
-            given = [(c.user, c.device_id) for c in copies]
-            if len(set(given)) != len(given) or set(given) != expected:
-                missing = sorted(f"{u}/{d}" for u, d in expected - set(given))
-                extra = sorted(f"{u}/{d}" for u, d in set(given) - expected)
-                raise DeviceMismatchError(missing, extra)
+            refusal = self._refusal(
+                conn, sender, sender_device, recipient, copies, contacts_only=contacts_only
+            )
+            if (
+                refusal is None
+                and queue_max is not None
+                and self._queued_at_most(conn, recipient, queue_max) >= queue_max
+            ):
+                refusal = QueueFullError(f"{recipient} has too many undelivered messages")
+            if refusal is not None:
+                conn.execute(
+                    "DELETE FROM sent WHERE sender_device = ? AND client_msg_id = ?",
+                    (sender_device, client_msg_id),
+                )
+                return refusal
             envelopes = []
             for c in copies:
                 cursor = conn.execute(
@@ -529,6 +614,8 @@ class SQLiteStore:
                         seq, c.user, c.device_id, sender, sender_device, server_ts, c.kind, c.body
                     )
                 )
+                if c.user in self._queued:
+                    self._queued[c.user] += 1
             if server_ts - self._last_prune_ms >= self._prune_every_ms:
                 # At most once a minute, not once per message. If this batch is rolled
                 # back, the prune simply waits for the next interval.
@@ -538,7 +625,38 @@ class SQLiteStore:
                 )
             return StoredMessage(server_ts, envelopes)
 
-        return await self._call(op)
+        outcome = await self._call(op)
+        if isinstance(outcome, StorageError):
+            raise outcome
+        return outcome
+
+    def _refusal(
+        self,
+        conn: sqlite3.Connection,
+        sender: str,
+        sender_device: str,
+        recipient: str,
+        copies: Sequence[Copy],
+        *,
+        contacts_only: bool,
+    ) -> StorageError | None:
+        """Why the message may not be stored as given, or None (database thread).
+
+        Contacts are checked before devices, so a stranger learns nothing of them.
+        """
+        recipient_devices = self._device_ids_of(conn, recipient)
+        if not recipient_devices:
+            return UnknownRecipientError(f"there is no user named {recipient}")
+        if contacts_only and not self._are_contacts(conn, sender, recipient):
+            return NotContactsError(f"{sender} and {recipient} are not contacts")
+        expected = {(recipient, d) for d in recipient_devices}
+        expected |= {(sender, d) for d in self._device_ids_of(conn, sender) if d != sender_device}
+        given = [(c.user, c.device_id) for c in copies]
+        if len(set(given)) != len(given) or set(given) != expected:
+            missing = sorted(f"{u}/{d}" for u, d in expected - set(given))
+            extra = sorted(f"{u}/{d}" for u, d in set(given) - expected)
+            return DeviceMismatchError(missing, extra)
+        return None
 
     async def fetch_queue(
         self, username: str, device_id: str, after_seq: int, limit: int

@@ -155,11 +155,22 @@ class Store(Protocol):
         recipient: str,
         server_ts: int,
         copies: Sequence[Copy],
+        queue_max: int | None = None,
+        contacts_only: bool = False,
     ) -> StoredMessage:
         """Queue one ciphertext per device, durably, once per (sender device, client id).
 
-        Raises :class:`DeviceMismatchError` unless ``copies`` name exactly the
-        recipient's devices and the sender's other devices.
+        A retry of a stored message returns the original outcome before any check
+        below. Otherwise, in the transaction that stores it (so a change committed
+        before it is always seen), nothing is stored and it raises:
+
+        * :class:`UnknownRecipientError` if the recipient does not exist;
+        * :class:`NotContactsError` if ``contacts_only`` and the two accounts are
+          not accepted contacts both ways (the caller then applies the full rules);
+        * :class:`QueueFullError` if ``queue_max`` envelopes or more already wait
+          for the recipient's devices;
+        * :class:`DeviceMismatchError` unless ``copies`` name exactly the
+          recipient's devices and the sender's other devices.
         """
         ...
 
@@ -203,6 +214,14 @@ class Store(Protocol):
 
 class UnknownRecipientError(StorageError):
     """A message named a user who does not exist."""
+
+
+class NotContactsError(StorageError):
+    """A message asked to be stored only between accepted contacts, and they are not."""
+
+
+class QueueFullError(StorageError):
+    """Too many envelopes already wait for the recipient."""
 
 
 class DeviceRefusedError(StorageError):
