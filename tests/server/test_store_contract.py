@@ -417,6 +417,39 @@ async def test_a_full_queue_refuses_new_messages_until_one_is_acknowledged(store
     )  # no limit asked for
 
 
+async def test_concurrent_senders_on_two_stores_never_overshoot_the_queue_limit(
+    opener: Opener,
+) -> None:
+    """Two nodes (two stores on one database), eight senders at once: exactly the limit waits."""
+    nodes = [await opener(), await opener()]
+    await make_user(nodes[0], "bob", "b1")
+    senders = [f"s{n}" for n in range(8)]
+    for name in senders:
+        await make_user(nodes[0], name, "d1")
+
+    async def one(n: int, i: int) -> bool:
+        try:
+            await nodes[n % 2].store_message(
+                sender=senders[n],
+                sender_device="d1",
+                client_msg_id=b"%02d-%03d" % (n, i),
+                recipient="bob",
+                server_ts=7000 + i,
+                copies=copies_for(b"x", ("bob", "b1")),
+                queue_max=50,
+            )
+        except QueueFullError:
+            return False
+        return True
+
+    stored = 0
+    for i in range(20):  # rounds, so that the two stores' writes interleave
+        stored += sum(await asyncio.gather(*(one(n, i) for n in range(8))))
+    assert stored == 50
+    assert await nodes[1].count_queued("bob") == 50
+    assert len(await nodes[0].fetch_queue("bob", "b1", 0, 1000)) == 50
+
+
 async def test_calls_from_one_sender_device_take_effect_in_call_order(store: Store) -> None:
     await make_user(store, "alice", "a1")
     await make_user(store, "bob", "b1")

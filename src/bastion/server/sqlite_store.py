@@ -21,6 +21,7 @@ commit by another connection (``PRAGMA data_version``).
 from __future__ import annotations
 
 import asyncio
+import logging
 import queue
 import sqlite3
 import threading
@@ -48,7 +49,10 @@ from bastion.server.store import (
 
 T = TypeVar("T")
 
+log = logging.getLogger("bastion.server.sqlite_store")
+
 _DEVICE_CACHE_MAX = 100_000
+_CHECKPOINT_EVERY_S = 0.5
 _CONTACT_CACHE_MAX = 1_000_000
 _TRIGGERS = (
     "CREATE TEMP TRIGGER IF NOT EXISTS device_added AFTER INSERT ON main.devices"
@@ -180,6 +184,11 @@ class SQLiteStore:
         self._ready.wait()
         if self._error is not None:
             raise StorageError(f"cannot open the database: {self._error}")
+        self._stop_checkpoints = threading.Event()
+        self._checkpointer = threading.Thread(
+            target=self._checkpoint, name="bastion-sqlite-checkpoint", daemon=True
+        )
+        self._checkpointer.start()
 
     # --- the database thread ---------------------------------------------------------------
 
@@ -187,6 +196,8 @@ class SQLiteStore:
         conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=FULL")
+        # Checkpoints run on their own thread (below), never inside a commit.
+        conn.execute("PRAGMA wal_autocheckpoint=0")
         conn.execute("PRAGMA foreign_keys=ON")
         conn.executescript(SCHEMA)
         conn.create_function("bastion_devices_changed", 1, self._forget_devices)
@@ -194,6 +205,27 @@ class SQLiteStore:
         for trigger in _TRIGGERS:
             conn.execute(trigger)
         return conn
+
+    def _checkpoint(self) -> None:
+        """Copy committed pages from the WAL into the database file, off the commit path.
+
+        A passive checkpoint waits for no one: the writer goes on committing while
+        it runs, and the WAL is reused from its start once everything is copied.
+        """
+        try:
+            conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
+            conn.execute("PRAGMA synchronous=FULL")
+        except sqlite3.Error as exc:
+            log.error("store.checkpoint_failed", extra={"error": type(exc).__name__})
+            return
+        try:
+            while not self._stop_checkpoints.wait(_CHECKPOINT_EVERY_S):
+                try:
+                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                except sqlite3.Error as exc:  # busy or I/O: the next round tries again
+                    log.warning("store.checkpoint_failed", extra={"error": type(exc).__name__})
+        finally:
+            conn.close()
 
     def _forget_devices(self, username: object) -> None:
         if isinstance(username, str):
@@ -393,9 +425,12 @@ class SQLiteStore:
 
     async def close(self) -> None:
         """Finish queued work, then close the database."""
+        self._stop_checkpoints.set()
         if self._thread.is_alive():
             self._queue.put(None)
             await asyncio.to_thread(self._thread.join)
+        if self._checkpointer.is_alive():
+            await asyncio.to_thread(self._checkpointer.join)
 
     # --- accounts and devices ----------------------------------------------------------------
 
