@@ -194,3 +194,36 @@ async def test_the_queue_limit_counts_envelopes_a_feature_queued(store: SQLiteSt
     )
     with pytest.raises(QueueFullError):
         await contact_message(store, b"c", queue_max=3)
+
+
+async def test_the_write_ahead_log_is_reused_while_messages_keep_coming(
+    store: SQLiteStore, tmp_path: Path
+) -> None:
+    """Checkpoints run beside the writer, so the WAL file stops growing under steady traffic."""
+    wal = tmp_path / "bastion.db-wal"
+    body = bytes(2000)
+
+    async def burst(round_: int) -> None:
+        await asyncio.gather(
+            *(
+                store.store_message(
+                    sender="alice",
+                    sender_device="alice-1",
+                    client_msg_id=b"%03d-%03d" % (round_, i),
+                    recipient="bob",
+                    server_ts=1000,
+                    copies=[Copy("bob", "bob-1", 1, body)],
+                )
+                for i in range(200)
+            )
+        )
+
+    sizes = []
+    for round_ in range(8):
+        await burst(round_)
+        sizes.append(wal.stat().st_size)
+        await asyncio.sleep(0.7)  # longer than one checkpoint period
+    one_round = sizes[0]
+    assert one_round > 200 * len(body)  # the round really went through the WAL
+    assert max(sizes) < 4 * one_round, sizes  # without checkpoints: 8 rounds' worth
+    assert len(await store.fetch_queue("bob", "bob-1", 0, 5000)) == 8 * 200
