@@ -348,9 +348,35 @@ class PgStore:
         Raises what the Store protocol lists, or StorageError if the database
         fails (then nothing of the message was stored).
         """
+        return await self.submit_message(
+            sender=sender,
+            sender_device=sender_device,
+            client_msg_id=client_msg_id,
+            recipient=recipient,
+            server_ts=server_ts,
+            copies=copies,
+            queue_max=queue_max,
+            contacts_only=contacts_only,
+        )
+
+    def submit_message(
+        self,
+        *,
+        sender: str,
+        sender_device: str,
+        client_msg_id: bytes,
+        recipient: str,
+        server_ts: int,
+        copies: Sequence[Copy],
+        queue_max: int | None = None,
+        contacts_only: bool = False,
+    ) -> asyncio.Future[StoredMessage]:
+        """:meth:`store_message` as a future: the message joins its sender's lane."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[StoredMessage] = loop.create_future()
         if self._closed:
-            raise StorageError("the store is closed")
-        future: asyncio.Future[StoredMessage] = asyncio.get_running_loop().create_future()
+            future.set_exception(StorageError("the store is closed"))
+            return future
         pending = _PendingMessage(
             sender,
             sender_device,
@@ -368,10 +394,10 @@ class PgStore:
             lane.append(pending)
         else:
             self._lanes[key] = [pending]
-            task = asyncio.get_running_loop().create_task(self._drain_lane(key))
+            task = loop.create_task(self._drain_lane(key))
             self._lane_tasks.add(task)
             task.add_done_callback(self._lane_tasks.discard)
-        return await future
+        return future
 
     async def _drain_lane(self, key: tuple[str, str]) -> None:
         lane = self._lanes[key]

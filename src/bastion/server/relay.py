@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import secrets
 import struct
@@ -249,6 +250,7 @@ class ClientConnection(WSListener):
         self.address = "unknown"
         self.bad_frames = 0
         self._tasks: set[asyncio.Task[None]] = set()
+        self._stores_in_flight = 0  # messages relayed without a task (see _relay)
         self._closed = False
         self._admitted = False
         self._paused_reading = False
@@ -410,13 +412,22 @@ class ClientConnection(WSListener):
         task = asyncio.get_running_loop().create_task(self._guard(req, work))
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
-        if len(self._tasks) >= self.limits.requests_in_flight and self.transport is not None:
-            self.transport.underlying_transport.pause_reading()
-            self._paused_reading = True
+        self._hold_back_if_busy()
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
-        if self._paused_reading and len(self._tasks) < self.limits.requests_in_flight // 2:
+        self._resume_if_idle()
+
+    def _hold_back_if_busy(self) -> None:
+        """Stop reading while ``requests_in_flight`` requests (tasks and stores) are open."""
+        busy = len(self._tasks) + self._stores_in_flight
+        if busy >= self.limits.requests_in_flight and self.transport is not None:
+            self.transport.underlying_transport.pause_reading()
+            self._paused_reading = True
+
+    def _resume_if_idle(self) -> None:
+        busy = len(self._tasks) + self._stores_in_flight
+        if self._paused_reading and busy < self.limits.requests_in_flight // 2:
             self._paused_reading = False
             if self.transport is not None and not self._closed:
                 self.transport.underlying_transport.resume_reading()
@@ -484,7 +495,7 @@ class ClientConnection(WSListener):
             self._refuse(req, frames_error("not_signed_in", "sign in first"))
             return
         if isinstance(frame, frames.Send):
-            self._spawn(frame.req, self._relay(frame))
+            self._relay(frame)
         elif isinstance(frame, frames.Ack):
             self._ack(frame.seqs)
         elif isinstance(frame, frames.QueryKeys):
@@ -727,48 +738,109 @@ class ClientConnection(WSListener):
 
     # --- messages -----------------------------------------------------------------------------
 
-    async def _relay(self, frame: frames.Send) -> None:
+    def _relay(self, frame: frames.Send) -> None:
+        """Store a message and answer ``sent``, without a task in the common case.
+
+        A message between accepted contacts takes one store call, which checks the
+        pair and the recipient's queue in the storing transaction. Everything else
+        (a request's note, group co-members, a refusal) then follows the full
+        contact rules in a task (:meth:`_relay_checked`).
+        """
+        started = time.perf_counter()
         sender, sender_device = self.session.require_signed_in()
         if frame.to == sender:
             self._refuse(frame.req, frames_error("bad_recipient", "you cannot message yourself"))
+            self._observe_relay(started)
             return
         if not self.server.messages_by_device.allow((sender, sender_device), time.monotonic()):
             self.server.limit_hit("messages_per_device", f"{sender}/{sender_device}")
             self._refuse(frame.req, frames_error("rate_limited", "sending too fast; slow down"))
+            self._observe_relay(started)
             return
         copies = [Copy(c.user, c.device_id, c.kind, c.body) for c in frame.ciphertexts]
-        try:
-            try:
-                # Accepted contacts (nearly every message) take one store call, which
-                # checks the pair and the recipient's queue in the storing transaction.
-                stored = await self._store(frame, sender, sender_device, copies, contacts_only=True)
-            except NotContactsError:
-                # Everything else (a request's note, group co-members, a refusal) follows
-                # the full contact rules first.
-                if not await contacts.check_may_send(
-                    self.server, sender, frame.to, frame.client_msg_id
-                ):
-                    self._send(frames.Sent(req=frame.req, server_ts=_now_ms()))  # dropped: blocked
-                    return
-                stored = await self._store(
-                    frame, sender, sender_device, copies, contacts_only=False
+        stored = self._store(frame, sender, sender_device, copies, contacts_only=True)
+        self._stores_in_flight += 1
+        self._hold_back_if_busy()
+        stored.add_done_callback(
+            functools.partial(
+                self._relay_stored,
+                frame=frame,
+                sender=sender,
+                sender_device=sender_device,
+                copies=copies,
+                started=started,
+            )
+        )
+
+    def _relay_stored(
+        self,
+        stored: asyncio.Future[StoredMessage],
+        *,
+        frame: frames.Send,
+        sender: str,
+        sender_device: str,
+        copies: list[Copy],
+        started: float,
+    ) -> None:
+        self._stores_in_flight -= 1
+        self._resume_if_idle()
+        if stored.cancelled():
+            return
+        exc = stored.exception()
+        if exc is None:
+            self._relayed(frame, stored.result())
+        elif isinstance(exc, NotContactsError):
+            # Timed apart, as ``relay_checked``.
+            self._spawn(frame.req, self._relay_checked(frame, sender, sender_device, copies))
+            return
+        elif not self._refuse_message(frame, exc):
+            if isinstance(exc, BastionError):
+                log.warning("request.failed", extra={"error": type(exc).__name__})
+                self._refuse(frame.req, frames_error("refused", str(exc)))
+            else:
+                log.error("request.crashed", exc_info=exc)
+                self._refuse(
+                    frame.req, frames_error("internal", "the server failed to handle the request")
                 )
-        except UnknownRecipientError:
+        self._observe_relay(started)
+
+    async def _relay_checked(
+        self, frame: frames.Send, sender: str, sender_device: str, copies: list[Copy]
+    ) -> None:
+        if not await contacts.check_may_send(self.server, sender, frame.to, frame.client_msg_id):
+            self._send(frames.Sent(req=frame.req, server_ts=_now_ms()))  # dropped: blocked
+            return
+        try:
+            stored = await self._store(frame, sender, sender_device, copies, contacts_only=False)
+        except (UnknownRecipientError, QueueFullError, DeviceMismatchError) as exc:
+            self._refuse_message(frame, exc)
+            return
+        self._relayed(frame, stored)
+
+    def _refuse_message(self, frame: frames.Send, exc: BaseException) -> bool:
+        """Answer a refusal of the store; False if ``exc`` is not one."""
+        if isinstance(exc, UnknownRecipientError):
             self._refuse(
                 frame.req, frames_error("unknown_user", f"there is no user named {frame.to}")
             )
-            return
-        except QueueFullError:
+        elif isinstance(exc, QueueFullError):
             self.server.limit_hit("offline_queue", frame.to)
             self._refuse(
                 frame.req,
                 frames_error("queue_full", f"{frame.to} has too many undelivered messages"),
             )
-            return
-        except DeviceMismatchError as exc:
+        elif isinstance(exc, DeviceMismatchError):
             detail = "missing " + ",".join(exc.missing) + "; extra " + ",".join(exc.extra)
             self._refuse(frame.req, frames_error("device_mismatch", detail[:256]))
-            return
+        else:
+            return False
+        return True
+
+    def _observe_relay(self, started: float) -> None:
+        if self.server.metrics is not None:
+            self.server.metrics.latency.labels("relay").observe(time.perf_counter() - started)
+
+    def _relayed(self, frame: frames.Send, stored: StoredMessage) -> None:
         self._send(frames.Sent(req=frame.req, server_ts=stored.server_ts))
         if self.server.metrics is not None:
             self.server.metrics.messages.inc()
@@ -783,8 +855,8 @@ class ClientConnection(WSListener):
         copies: list[Copy],
         *,
         contacts_only: bool,
-    ) -> Awaitable[StoredMessage]:
-        return self.server.store.store_message(
+    ) -> asyncio.Future[StoredMessage]:
+        return self.server.store.submit_message(
             sender=sender,
             sender_device=sender_device,
             client_msg_id=frame.client_msg_id,

@@ -130,17 +130,25 @@ CREATE TABLE IF NOT EXISTS contacts (
 
 
 class _Op:
-    __slots__ = ("fn", "future", "loop")
+    """One call waiting for the database thread.
+
+    ``refusals``: a StorageError that ``fn`` returns (rather than raises, which
+    would undo its batch) is raised to the caller.
+    """
+
+    __slots__ = ("fn", "future", "loop", "refusals")
 
     def __init__(
         self,
         fn: Callable[[sqlite3.Connection], Any],
         loop: asyncio.AbstractEventLoop,
         future: asyncio.Future[Any],
+        refusals: bool,
     ) -> None:
         self.fn = fn
         self.loop = loop
         self.future = future
+        self.refusals = refusals
 
 
 def _resolve(results: list[tuple[asyncio.Future[Any], bool, Any]]) -> None:
@@ -340,7 +348,8 @@ class SQLiteStore:
             results = [(op, False, failure) for op in batch]
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], bool, Any]]] = {}
         for op, ok, value in results:
-            by_loop.setdefault(op.loop, []).append((op.future, ok, value))
+            refused = op.refusals and isinstance(value, StorageError)
+            by_loop.setdefault(op.loop, []).append((op.future, ok and not refused, value))
         for loop, outcomes in by_loop.items():  # one wake-up per loop, not one per operation
             loop.call_soon_threadsafe(_resolve, outcomes)
 
@@ -389,13 +398,20 @@ class SQLiteStore:
                 results.append((op, True, value))
         return results
 
-    async def _call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        if not self._thread.is_alive():
-            raise StorageError("the store is closed")
+    def _submit(
+        self, fn: Callable[[sqlite3.Connection], Any], *, refusals: bool = False
+    ) -> asyncio.Future[Any]:
         loop = asyncio.get_running_loop()
-        future: asyncio.Future[T] = loop.create_future()
-        self._queue.put(_Op(fn, loop, future))
-        return await future
+        future: asyncio.Future[Any] = loop.create_future()
+        if self._thread.is_alive():
+            self._queue.put(_Op(fn, loop, future, refusals))
+        else:
+            future.set_exception(StorageError("the store is closed"))
+        return future
+
+    async def _call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        result: T = await self._submit(fn)
+        return result
 
     async def run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``fn`` on the database thread inside the next group commit.
@@ -600,11 +616,36 @@ class SQLiteStore:
         queue_max: int | None = None,
         contacts_only: bool = False,
     ) -> StoredMessage:
-        """Queue the copies durably, once per (sender device, client message id).
+        """Queue the copies durably, once per (sender device, client message id)."""
+        return await self.submit_message(
+            sender=sender,
+            sender_device=sender_device,
+            client_msg_id=client_msg_id,
+            recipient=recipient,
+            server_ts=server_ts,
+            copies=copies,
+            queue_max=queue_max,
+            contacts_only=contacts_only,
+        )
+
+    def submit_message(
+        self,
+        *,
+        sender: str,
+        sender_device: str,
+        client_msg_id: bytes,
+        recipient: str,
+        server_ts: int,
+        copies: Sequence[Copy],
+        queue_max: int | None = None,
+        contacts_only: bool = False,
+    ) -> asyncio.Future[StoredMessage]:
+        """:meth:`store_message` as a future.
 
         Every check runs in the group commit that stores the message (see the
         Store protocol). A refusal undoes its own ``sent`` row and is returned
-        rather than raised, so it never costs its batch a rollback.
+        from the operation rather than raised, so it never costs its batch a
+        rollback; the future raises it.
         """
 
         def op(conn: sqlite3.Connection) -> StoredMessage | StorageError:
@@ -660,10 +701,8 @@ class SQLiteStore:
                 )
             return StoredMessage(server_ts, envelopes)
 
-        outcome = await self._call(op)
-        if isinstance(outcome, StorageError):
-            raise outcome
-        return outcome
+        future: asyncio.Future[StoredMessage] = self._submit(op, refusals=True)
+        return future
 
     def _refusal(
         self,

@@ -11,6 +11,7 @@ returns only once its effects are durable.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -171,6 +172,25 @@ class Store(Protocol):
           for the recipient's devices;
         * :class:`DeviceMismatchError` unless ``copies`` name exactly the
           recipient's devices and the sender's other devices.
+        """
+        ...
+
+    def submit_message(
+        self,
+        *,
+        sender: str,
+        sender_device: str,
+        client_msg_id: bytes,
+        recipient: str,
+        server_ts: int,
+        copies: Sequence[Copy],
+        queue_max: int | None = None,
+        contacts_only: bool = False,
+    ) -> asyncio.Future[StoredMessage]:
+        """:meth:`store_message` as a future, for a caller that must not start a task.
+
+        Called from the running event loop; the future ends as ``store_message``
+        would return or raise.
         """
         ...
 
