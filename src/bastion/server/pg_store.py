@@ -43,6 +43,7 @@ from bastion.server.store import (
     NotContactsError,
     QueuedEnvelope,
     QueueFullError,
+    RunningLoop,
     StoredMessage,
     UnknownRecipientError,
     UsernameTakenError,
@@ -114,6 +115,7 @@ class PgStore:
         self._last_prune_ms = 0
         self._lanes: dict[tuple[str, str], list[_PendingMessage]] = {}
         self._lane_tasks: set[asyncio.Task[None]] = set()
+        self._running_loop = RunningLoop()
         self._closed = False
 
     @classmethod
@@ -372,7 +374,7 @@ class PgStore:
         contacts_only: bool = False,
     ) -> asyncio.Future[StoredMessage]:
         """:meth:`store_message` as a future: the message joins its sender's lane."""
-        loop = asyncio.get_running_loop()
+        loop = self._running_loop.get()
         future: asyncio.Future[StoredMessage] = loop.create_future()
         if self._closed:
             future.set_exception(StorageError("the store is closed"))

@@ -266,6 +266,7 @@ class ClientConnection(WSListener):
         self._acks_to_store: list[int] = []
         self._outbox: list[bytes] = []
         self._outbox_bytes = 0
+        self._loop = asyncio.get_running_loop()  # a connection lives in one loop
         # Push topics this connection asked for (features: contacts and presence).
         self.topics: set[str] = set()
 
@@ -366,7 +367,7 @@ class ClientConnection(WSListener):
             return
         data = frames.encode(frame)
         if not self._outbox:
-            asyncio.get_running_loop().call_soon(self._flush)
+            self._loop.call_soon(self._flush)
         self._outbox.append(data)
         self._outbox_bytes += len(data)
         if self._outbox_bytes >= _OUTBOX_FLUSH_BYTES:
@@ -409,7 +410,7 @@ class ClientConnection(WSListener):
         self._send(frames.Error(req=req, code=error.code, message=error.message))
 
     def _spawn(self, req: int | None, work: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.get_running_loop().create_task(self._guard(req, work))
+        task = self._loop.create_task(self._guard(req, work))
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
         self._hold_back_if_busy()
@@ -949,7 +950,7 @@ class ClientConnection(WSListener):
         self._unacked.difference_update(seqs)
         # Acknowledgements that arrive in one read are deleted in one store call.
         if not self._acks_to_store:
-            asyncio.get_running_loop().call_soon(self._flush_acks, username, device_id)
+            self._loop.call_soon(self._flush_acks, username, device_id)
         self._acks_to_store.extend(seqs)
         if self._dirty and len(self._unacked) <= self.limits.delivery_window // 2:
             self._start_catch_up()

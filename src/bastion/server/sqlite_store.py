@@ -42,6 +42,7 @@ from bastion.server.store import (
     NotContactsError,
     QueuedEnvelope,
     QueueFullError,
+    RunningLoop,
     StoredMessage,
     UnknownRecipientError,
     UsernameTakenError,
@@ -183,6 +184,7 @@ class SQLiteStore:
         self._device_ids: dict[str, tuple[str, ...]] = {}
         self._accepted: set[tuple[str, str]] = set()
         self._queued: dict[str, int] = {}
+        self._running_loop = RunningLoop()
         self._data_version = -1
         self._queue: queue.SimpleQueue[_Op | None] = queue.SimpleQueue()
         self._ready = threading.Event()
@@ -401,7 +403,7 @@ class SQLiteStore:
     def _submit(
         self, fn: Callable[[sqlite3.Connection], Any], *, refusals: bool = False
     ) -> asyncio.Future[Any]:
-        loop = asyncio.get_running_loop()
+        loop = self._running_loop.get()
         future: asyncio.Future[Any] = loop.create_future()
         if self._thread.is_alive():
             self._queue.put(_Op(fn, loop, future, refusals))

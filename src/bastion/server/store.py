@@ -12,6 +12,7 @@ returns only once its effects are durable.
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -106,6 +107,30 @@ class StoredMessage:
 
     server_ts: int
     envelopes: list[QueuedEnvelope]
+
+
+class RunningLoop:
+    """``asyncio.get_running_loop()`` for code called once per message.
+
+    On Python 3.11 every ``get_running_loop()`` is a ``getpid()`` system call.
+    The loop found last is kept with its thread: a loop that is running on the
+    calling thread is the one that calls (a thread runs one loop at a time).
+    """
+
+    __slots__ = ("_loop", "_thread")
+
+    def __init__(self) -> None:
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread = 0
+
+    def get(self) -> asyncio.AbstractEventLoop:
+        """The running loop of the calling thread; RuntimeError if there is none."""
+        loop = self._loop
+        if loop is not None and self._thread == threading.get_ident() and loop.is_running():
+            return loop
+        loop = asyncio.get_running_loop()
+        self._loop, self._thread = loop, threading.get_ident()
+        return loop
 
 
 class Store(Protocol):
