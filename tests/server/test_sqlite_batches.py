@@ -227,3 +227,36 @@ async def test_the_write_ahead_log_is_reused_while_messages_keep_coming(
     assert one_round > 200 * len(body)  # the round really went through the WAL
     assert max(sizes) < 4 * one_round, sizes  # without checkpoints: 8 rounds' worth
     assert len(await store.fetch_queue("bob", "bob-1", 0, 5000)) == 8 * 200
+
+
+async def test_an_acknowledgement_commits_with_the_next_work_or_alone_soon_after(
+    store: SQLiteStore,
+) -> None:
+    seqs = [(await send(store, b"m%d" % i, "bob-1")).envelopes[0].seq for i in range(3)]
+    # Alone, it still commits, well within a second.
+    assert await asyncio.wait_for(store.ack("bob", "bob-1", seqs[:1]), 1.0) == 1
+    # Followed at once by a read on the same store: the read sees the deletion.
+    acking = asyncio.ensure_future(store.ack("bob", "bob-1", seqs[1:2]))
+    await asyncio.sleep(0)  # the acknowledgement is handed over first
+    left = await store.fetch_queue("bob", "bob-1", 0, 10)
+    assert [e.seq for e in left] == seqs[2:]
+    assert await acking == 1
+
+
+async def test_closing_commits_an_acknowledgement_still_waiting(tmp_path: Path) -> None:
+    path = tmp_path / "bastion.db"
+    first = SQLiteStore(path)
+    for name in ("alice", "bob"):
+        await first.create_account(
+            AccountRecord(name, b"k" * 32, 1), device(name, f"{name}-1"), [], FALLBACK
+        )
+    seq = (await send(first, b"m1", "bob-1")).envelopes[0].seq
+    acking = asyncio.ensure_future(first.ack("bob", "bob-1", [seq]))
+    await asyncio.sleep(0)  # handed to the database thread, not yet committed
+    await first.close()
+    assert await asyncio.wait_for(acking, 5) == 1
+    again = SQLiteStore(path)
+    try:
+        assert await again.fetch_queue("bob", "bob-1", 0, 10) == []
+    finally:
+        await again.close()

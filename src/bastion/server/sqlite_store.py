@@ -25,6 +25,7 @@ import logging
 import queue
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -54,6 +55,7 @@ log = logging.getLogger("bastion.server.sqlite_store")
 
 _DEVICE_CACHE_MAX = 100_000
 _CHECKPOINT_EVERY_S = 0.5
+_LAZY_WAIT_S = 0.05
 _CONTACT_CACHE_MAX = 1_000_000
 _TRIGGERS = (
     "CREATE TEMP TRIGGER IF NOT EXISTS device_added AFTER INSERT ON main.devices"
@@ -134,22 +136,26 @@ class _Op:
     """One call waiting for the database thread.
 
     ``refusals``: a StorageError that ``fn`` returns (rather than raises, which
-    would undo its batch) is raised to the caller.
+    would undo its batch) is raised to the caller. ``lazy``: it may wait up to
+    ``_LAZY_WAIT_S`` for other operations to commit with.
     """
 
-    __slots__ = ("fn", "future", "loop", "refusals")
+    __slots__ = ("fn", "future", "lazy", "loop", "refusals")
 
     def __init__(
         self,
         fn: Callable[[sqlite3.Connection], Any],
         loop: asyncio.AbstractEventLoop,
         future: asyncio.Future[Any],
+        *,
         refusals: bool,
+        lazy: bool,
     ) -> None:
         self.fn = fn
         self.loop = loop
         self.future = future
         self.refusals = refusals
+        self.lazy = lazy
 
 
 def _resolve(results: list[tuple[asyncio.Future[Any], bool, Any]]) -> None:
@@ -309,21 +315,42 @@ class SQLiteStore:
             self._ready.set()
             return
         self._ready.set()
+        # Lazy operations (acknowledgements) wait up to _LAZY_WAIT_S for other work, so
+        # that they share its commit (and its fsync) instead of paying for their own.
+        held: list[_Op] = []
+        held_until = 0.0
         stopping = False
         while not stopping:
-            batch: list[_Op] = []
-            item = self._queue.get()
+            try:
+                if held:
+                    item = self._queue.get(timeout=max(0.0, held_until - time.monotonic()))
+                else:
+                    item = self._queue.get()
+            except queue.Empty:
+                self._run_batch(conn, held)  # nothing came: they commit alone
+                held = []
+                continue
+            batch, held = held, []
+            was_holding = bool(batch)
+            eager = False
             while True:
                 if item is None:
                     stopping = True
                     break
                 batch.append(item)
+                eager = eager or not item.lazy
                 if len(batch) >= self._max_batch:
+                    eager = True
                     break
                 try:
                     item = self._queue.get_nowait()
                 except queue.Empty:
                     break
+            if not eager and not stopping:
+                held = batch
+                if not was_holding:
+                    held_until = time.monotonic() + _LAZY_WAIT_S
+                continue
             if batch:
                 self._run_batch(conn, batch)
         conn.close()
@@ -401,12 +428,16 @@ class SQLiteStore:
         return results
 
     def _submit(
-        self, fn: Callable[[sqlite3.Connection], Any], *, refusals: bool = False
+        self,
+        fn: Callable[[sqlite3.Connection], Any],
+        *,
+        refusals: bool = False,
+        lazy: bool = False,
     ) -> asyncio.Future[Any]:
         loop = self._running_loop.get()
         future: asyncio.Future[Any] = loop.create_future()
         if self._thread.is_alive():
-            self._queue.put(_Op(fn, loop, future, refusals))
+            self._queue.put(_Op(fn, loop, future, refusals=refusals, lazy=lazy))
         else:
             future.set_exception(StorageError("the store is closed"))
         return future
@@ -751,7 +782,12 @@ class SQLiteStore:
         return await self._call(op)
 
     async def ack(self, username: str, device_id: str, seqs: Sequence[int]) -> int:
-        """Delete acknowledged envelopes of that device."""
+        """Delete acknowledged envelopes of that device.
+
+        The deletion commits with the next other work, or alone after at most
+        ``_LAZY_WAIT_S``: until then a reconnecting device may be sent an envelope
+        it already acknowledged, which it drops by message id.
+        """
 
         def op(conn: sqlite3.Connection) -> int:
             cursor = conn.executemany(
@@ -760,7 +796,8 @@ class SQLiteStore:
             )
             return cursor.rowcount
 
-        return await self._call(op)
+        deleted: int = await self._submit(op, lazy=True)
+        return deleted
 
     async def count_queued(self, username: str) -> int:
         """How many envelopes wait for any device of ``username``."""
