@@ -20,11 +20,13 @@ from pathlib import Path
 
 import pytest
 
-from bastion.client import contacts
+from bastion.client import contacts, presence
 from bastion.client.client import Client, MessageEvent
+from bastion.client.presence import PresenceEvent
 from bastion.errors import BastionError
 from bastion.server.tls import CERT_FILE, KEY_FILE
 from tests.conftest import PASSPHRASE, ServerProcess, free_port
+from tests.contacts.support import next_of
 from tests.helpers import next_events, texts
 from tests.server.test_bus_contract import RedisProcess
 from tests.server.test_store_contract import (
@@ -135,8 +137,11 @@ async def cluster(tmp_path: Path, private_redis: RedisProcess) -> AsyncIterator[
     a = ServerProcess(tmp_path / "node-a", free_port(), script=command)
     b = ServerProcess(tmp_path / "node-b", free_port(), script=command)
     try:
+        for node in (a, b):
+            node.data_dir.mkdir(mode=0o700)
+            # A dead node's users go offline within about two seconds, not thirty.
+            (node.data_dir / "bastion.toml").write_text("[limits]\npresence_ttl_s = 1.5\n")
         a.start()
-        b.data_dir.mkdir(mode=0o700)
         for name in (CERT_FILE, KEY_FILE, "server-name", "policy.key"):
             shutil.copy2(a.data_dir / name, b.data_dir / name)
         b.start()
@@ -250,3 +255,38 @@ async def test_after_a_redis_restart_nodes_catch_up_from_the_database(cluster: C
             await alice.close()
         with contextlib.suppress(Exception):
             await bob.close()
+
+
+async def becomes(client: Client, user: str, state: str) -> bool:
+    """Whether ``client`` is told that ``user`` is in ``state`` within ten seconds."""
+    for _ in range(10):
+        event = await next_of(client, PresenceEvent)
+        assert isinstance(event, PresenceEvent)
+        if event.user == user and event.state == state:
+            return True
+    return False
+
+
+async def test_presence_is_the_same_on_every_node_and_a_dead_nodes_users_go_offline(
+    cluster: Cluster,
+) -> None:
+    alice = await cluster.register("alice", cluster.a.url)
+    bob = await cluster.register("bob", cluster.b.url)
+    try:
+        await alice.connect()
+        await bob.connect()
+        await befriend(alice, bob)
+        assert texts([e async for e in bob.receive(until_synced=True)]) == []
+        # Bob's snapshot, taken on node B, sees Alice connected to node A.
+        snapshot = await presence.watch(bob)
+        assert [(e.user, e.state) for e in snapshot] == [("alice", "online")]
+        await alice.close()
+        assert await becomes(bob, "alice", "offline")
+        alice = Client.open(cluster.root / "profiles" / "alice", PASSPHRASE)
+        await alice.connect()
+        assert await becomes(bob, "alice", "online")
+        cluster.a.kill()  # kill -9: node A says nothing more
+        assert await becomes(bob, "alice", "offline")  # swept by node B
+    finally:
+        await alice.close()
+        await bob.close()

@@ -308,3 +308,41 @@ async def test_garbage_on_a_device_channel_is_ignored() -> None:
         await client.aclose()
         await a.close()
         await b.close()
+
+
+async def test_a_user_is_online_while_any_node_holds_them(cluster: Cluster) -> None:
+    assert await cluster.a.presence_up("alice")  # first anywhere
+    assert await cluster.b.online(["alice", "bob"]) == {"alice"}
+    if cluster.a is not cluster.b:
+        assert not await cluster.b.presence_up("alice")  # already online on node a
+        assert not await cluster.a.presence_down("alice")  # still on node b
+        assert await cluster.a.online(["alice"]) == {"alice"}
+        assert await cluster.b.presence_down("alice")  # the last node let go
+    else:
+        assert await cluster.a.presence_down("alice")
+    assert await cluster.a.online(["alice"]) == set()
+    assert await cluster.b.online([]) == set()
+
+
+async def test_the_users_of_a_dead_node_go_offline_once_within_the_ttl() -> None:
+    await redis_or_skip()
+    prefix = f"bastion-test-{secrets.token_hex(6)}"
+    dying, *sweepers = [RedisBus(REDIS_URL, prefix=prefix, presence_ttl_s=0.6) for _ in range(3)]
+    lost: list[str] = []
+    for node in (dying, *sweepers):
+        node.on_presence_lost(lost.extend)
+        assert await node.start()
+    try:
+        assert await dying.presence_up("carol")
+        assert await dying.presence_up("dave")
+        assert not await sweepers[0].presence_up("dave")  # dave is also on a live node
+        await asyncio.sleep(0.7)  # renewals keep them online past one ttl
+        assert await sweepers[1].online(["carol", "dave"]) == {"carol", "dave"}
+        await dying.close()  # stops renewing and says nothing, as kill -9 would
+        await until(lambda: lost == ["carol"], within_s=5.0)
+        assert await sweepers[1].online(["carol", "dave"]) == {"dave"}
+        await asyncio.sleep(0.6)
+        assert lost == ["carol"]  # told by one sweeping node, once; dave stays online
+    finally:
+        for node in sweepers:
+            await node.close()

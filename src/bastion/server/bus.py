@@ -6,7 +6,7 @@ the same interface, so the relay core never knows where a device is connected.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -38,6 +38,7 @@ class Push:
 
 BusEvent = QueuedEnvelope | KeysLow | Kick | Push
 Subscriber = Callable[[BusEvent], None]
+PresenceLost = Callable[[list[str]], None]
 
 
 class Bus(Protocol):
@@ -55,12 +56,32 @@ class Bus(Protocol):
         """Hand an event to the device's subscriber, if it is connected anywhere."""
         ...
 
+    # Presence: which users have a receiving connection on some node. A node reports
+    # only its own first and last connection of each user.
+
+    async def presence_up(self, user: str) -> bool:
+        """This node now holds a connection of ``user``; True if no node did before."""
+        ...
+
+    async def presence_down(self, user: str) -> bool:
+        """This node holds no connection of ``user`` any more; True if no node does."""
+        ...
+
+    async def online(self, users: Sequence[str]) -> set[str]:
+        """Which of ``users`` some node holds a connection of."""
+        ...
+
+    def on_presence_lost(self, listener: PresenceLost) -> None:
+        """Call ``listener`` with users whose last node vanished without telling (it died)."""
+        ...
+
 
 class LocalBus:
     """The in-process bus of a single server node."""
 
     def __init__(self) -> None:
         self._subscribers: dict[tuple[str, str], Subscriber] = {}
+        self._present: set[str] = set()
 
     def subscribe(self, user: str, device_id: str, subscriber: Subscriber) -> None:
         """Receive the device's events; the earlier subscriber is told to close."""
@@ -83,3 +104,21 @@ class LocalBus:
     def connected(self) -> int:
         """How many devices are subscribed."""
         return len(self._subscribers)
+
+    async def presence_up(self, user: str) -> bool:
+        """True: one node, so this is the user's first connection."""
+        first = user not in self._present
+        self._present.add(user)
+        return first
+
+    async def presence_down(self, user: str) -> bool:
+        """True: one node, so this was the user's last connection."""
+        self._present.discard(user)
+        return True
+
+    async def online(self, users: Sequence[str]) -> set[str]:
+        """Which of ``users`` have a connection here."""
+        return {user for user in users if user in self._present}
+
+    def on_presence_lost(self, listener: PresenceLost) -> None:
+        """Never called: a single node cannot outlive itself."""

@@ -54,6 +54,7 @@ class Limits:
     tls_handshake_timeout_s: float = 10.0
     websocket_open_timeout_s: float = 10.0
     admin_poll_s: float = 1.0
+    presence_ttl_s: float = 30.0
     shutdown_grace_s: float = 2.0
     contact_requests_per_sender_per_day: float = 50.0
     contact_requests_per_sender_burst: int = 20

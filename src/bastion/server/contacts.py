@@ -5,12 +5,12 @@ The server holds per pair only what routing and presence need (see
 travel end to end encrypted as ordinary Olm payloads and are never seen here.
 
 Presence: a user is online while any of their devices holds a *receiving*
-connection, unless they chose to be invisible. Each node tracks its own
-connections; changes are pushed through the bus to the devices of accepted
-contacts whose connections asked for the ``contacts`` topic (``PresenceWatch``),
-wherever they are connected. The snapshot a watcher gets covers the contacts
-connected to the same node: in a cluster, a contact on another node shows as
-offline until its next change is pushed (see docs/protocol.md).
+connection on any node, unless they chose to be invisible. Each node tracks its
+own connections and tells the bus of each user's first and last one; the bus
+answers whether that changed the user's presence across all nodes (and names
+users whose nodes died). Changes are pushed through the bus to the devices of
+accepted contacts whose connections asked for the ``contacts`` topic
+(``PresenceWatch``), wherever they are connected.
 """
 
 from __future__ import annotations
@@ -69,7 +69,8 @@ class ContactService:
     store: ContactStore
     by_sender: RateLimiter[str]
     by_recipient: RateLimiter[str]
-    online: dict[str, set[ClientConnection]] = field(default_factory=dict)
+    online: dict[str, set[ClientConnection]] = field(default_factory=dict)  # on this node
+    tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
 
 async def service(server: RelayServer) -> ContactService:
@@ -106,7 +107,26 @@ async def service(server: RelayServer) -> ContactService:
             ),
         )
         server.extensions[EXTENSION] = created
+        server.bus.on_presence_lost(lambda users: _lost(server, created, users))
         return created
+
+
+def _lost(server: RelayServer, contacts: ContactService, users: list[str]) -> None:
+    """Users whose every node died: their contacts are told they went offline."""
+
+    async def announce() -> None:
+        for user in users:
+            try:
+                if await server.bus.online([user]):
+                    continue  # connected again meanwhile
+                if not await contacts.store.invisible(user):
+                    await _announce(server, contacts, user, False)
+            except StorageError as exc:
+                log.warning("presence.lost_failed", extra={"error": type(exc).__name__})
+
+    task = asyncio.get_running_loop().create_task(announce())
+    contacts.tasks.add(task)
+    task.add_done_callback(contacts.tasks.discard)
 
 
 # --- messages -------------------------------------------------------------------------------
@@ -159,8 +179,8 @@ async def _push(server: RelayServer, user: str, frame: frames.Frame) -> None:
         server.bus.publish(user, device.device_id, Push(TOPIC, frame))
 
 
-async def _visible_online(contacts: ContactService, user: str) -> bool:
-    return bool(contacts.online.get(user)) and not await contacts.store.invisible(user)
+async def _visible_online(server: RelayServer, contacts: ContactService, user: str) -> bool:
+    return bool(await server.bus.online([user])) and not await contacts.store.invisible(user)
 
 
 async def _announce(server: RelayServer, contacts: ContactService, user: str, online: bool) -> None:
@@ -178,7 +198,11 @@ async def device_online(conn: ClientConnection) -> None:
     connected = contacts.online.setdefault(user, set())
     first = not connected
     connected.add(conn)
-    if first and not await contacts.store.invisible(user):
+    if (
+        first
+        and await conn.server.bus.presence_up(user)
+        and not await contacts.store.invisible(user)
+    ):
         await _announce(conn.server, contacts, user, True)
 
 
@@ -192,7 +216,7 @@ async def device_offline(conn: ClientConnection) -> None:
     connected.discard(conn)
     if not connected:
         del contacts.online[user]
-        if not await contacts.store.invisible(user):
+        if await conn.server.bus.presence_down(user) and not await contacts.store.invisible(user):
             await _announce(conn.server, contacts, user, False)
 
 
@@ -256,18 +280,20 @@ async def contact_action(conn: ClientConnection, frame: frames.ContactAction) ->
         told = frames.ContactChanged(user=me, state=outcome.tell_peer, at=now)  # type: ignore[arg-type]
         await _push(server, peer, told)
     if outcome.accepted_now:
-        if await _visible_online(contacts, me):
+        if await _visible_online(server, contacts, me):
             await _push(server, peer, frames.PresenceChanged(user=me, online=True, at=now))
-        if await _visible_online(contacts, peer):
+        if await _visible_online(server, contacts, peer):
             await _push(server, me, frames.PresenceChanged(user=peer, online=True, at=now))
 
 
 async def _contact_list(conn: ClientConnection, req: int) -> frames.ContactListResult:
     me, _ = conn.session.require_signed_in()
     contacts = await service(conn.server)
+    rows = (await contacts.store.contacts(me))[: frames.MAX_CONTACTS]
+    online_now = await conn.server.bus.online([peer for peer, row in rows if row.state == ACCEPTED])
     entries = []
-    for peer, row in (await contacts.store.contacts(me))[: frames.MAX_CONTACTS]:
-        online = row.state == ACCEPTED and await _visible_online(contacts, peer)
+    for peer, row in rows:
+        online = peer in online_now and not await contacts.store.invisible(peer)
         entries.append(frames.ContactEntry(user=peer, state=row.state, online=online))  # type: ignore[arg-type]
     return frames.ContactListResult(req=req, contacts=entries)
 
@@ -293,6 +319,6 @@ async def presence_visibility(conn: ClientConnection, frame: frames.PresenceVisi
     before = await contacts.store.invisible(me)
     if before != frame.invisible:
         await contacts.store.set_invisible(me, frame.invisible)
-        if contacts.online.get(me):
+        if await conn.server.bus.online([me]):
             await _announce(conn.server, contacts, me, not frame.invisible)
     conn.send_frame(frames.Ok(req=frame.req))

@@ -93,7 +93,7 @@ async def serve(
     if bus is not None:
         from bastion.server.redis_bus import RedisBus  # noqa: PLC0415 - clustered nodes only
 
-        redis_bus = RedisBus(bus)
+        redis_bus = RedisBus(bus, presence_ttl_s=limits.presence_ttl_s)
         relay_bus = redis_bus
     server = RelayServer(server_config, store, relay_bus)
     if bus is not None:

@@ -21,6 +21,14 @@ the node retries with backoff. On reconnect it re-subscribes and re-claims its
 devices, and tells every node (itself included) to call its reconnect listeners:
 the relays re-read the queues of their connections from the database, which is
 where every dropped event is still waiting.
+
+*Presence.* Each user with a connection anywhere has a sorted set naming the
+nodes that hold one, each with an expiry ``presence_ttl_s`` ahead that the node
+renews every third of that; an index holds every such user with the latest expiry.
+Lua scripts make "first node up" and "last node down" atomic across nodes.
+Every node sweeps the index: a user whose nodes all expired (they died) is
+removed by exactly one sweeping node, which tells its listeners, so contacts
+are told "offline" within about ``presence_ttl_s`` of a node's death.
 """
 
 from __future__ import annotations
@@ -29,8 +37,9 @@ import asyncio
 import contextlib
 import logging
 import secrets
+import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import msgspec
@@ -39,12 +48,52 @@ from redis.asyncio.client import PubSub
 from redis.exceptions import RedisError
 
 from bastion.protocol import frames
-from bastion.server.bus import BusEvent, KeysLow, Kick, Push, Subscriber
+from bastion.server.bus import BusEvent, KeysLow, Kick, PresenceLost, Push, Subscriber
 from bastion.server.store import QueuedEnvelope
 
 log = logging.getLogger("bastion.server.bus")
 
 DeviceKey = tuple[str, str]
+
+# KEYS: the user's node set, the index. ARGV: node, now, expiry, user. 1 if no node was up.
+_PRESENCE_UP = """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[2])
+local before = redis.call('ZCARD', KEYS[1])
+redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1])
+redis.call('ZADD', KEYS[2], 'GT', ARGV[3], ARGV[4])
+if before == 0 then return 1 end
+return 0
+"""
+# KEYS: the user's node set, the index. ARGV: node, now, user. 1 if no node is left.
+_PRESENCE_DOWN = """
+redis.call('ZREM', KEYS[1], ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[2])
+if redis.call('ZCARD', KEYS[1]) == 0 then
+  redis.call('DEL', KEYS[1])
+  redis.call('ZREM', KEYS[2], ARGV[3])
+  return 1
+end
+return 0
+"""
+# KEYS: the index. ARGV: now, the node-set key prefix, how many. The users now gone.
+_PRESENCE_SWEEP = """
+local gone = {}
+local users = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[3]))
+for _, user in ipairs(users) do
+  local key = ARGV[2] .. user
+  redis.call('ZREMRANGEBYSCORE', key, '-inf', ARGV[1])
+  local top = redis.call('ZRANGE', key, -1, -1, 'WITHSCORES')
+  if #top == 0 then
+    redis.call('DEL', key)
+    redis.call('ZREM', KEYS[1], user)
+    table.insert(gone, user)
+  else
+    redis.call('ZADD', KEYS[1], top[2], user)
+  end
+end
+return gone
+"""
+_SWEEP_MAX = 500
 
 
 class _Deliver(msgspec.Struct, tag="e", array_like=True):
@@ -139,6 +188,10 @@ class _Command:
     entry: _LocalDevice | None = None  # the subscription a claim is for
 
 
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
 class RedisBus:
     """:class:`~bastion.server.bus.Bus` across server nodes through Redis pub/sub."""
 
@@ -151,9 +204,13 @@ class RedisBus:
         max_pipeline: int = 512,
         retry_min_s: float = 0.1,
         retry_max_s: float = 2.0,
+        presence_ttl_s: float = 30.0,
     ) -> None:
         self.node_id = secrets.token_hex(8)
         self._prefix = prefix.encode()
+        self._presence_key = self._prefix + b":presence:"
+        self._presence_index = self._prefix + b":presence"
+        self._presence_ttl_ms = int(presence_ttl_s * 1000)
         self._everyone = self._prefix + b":all"
         self._redis = redis.Redis.from_url(
             url, socket_connect_timeout=2.0, socket_keepalive=True, health_check_interval=5
@@ -172,6 +229,13 @@ class RedisBus:
         self._online = asyncio.Event()
         self.connected = False
         self.dropped = 0
+        self._present_here: set[str] = set()
+        self._presence_lock = asyncio.Lock()  # one presence change of this node at a time
+        self._presence_listeners: list[PresenceLost] = []
+        self._presence_task: asyncio.Task[None] | None = None
+        self._up = self._redis.register_script(_PRESENCE_UP)
+        self._down = self._redis.register_script(_PRESENCE_DOWN)
+        self._sweep = self._redis.register_script(_PRESENCE_SWEEP)
 
     # --- lifecycle --------------------------------------------------------------------------
 
@@ -182,17 +246,20 @@ class RedisBus:
         """
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._run())
+        if self._presence_task is None:
+            self._presence_task = asyncio.get_running_loop().create_task(self._keep_presence())
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._online.wait(), wait_s)
         return self.connected
 
     async def close(self) -> None:
         """Stop the link and release the Redis connections."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        for task in (self._task, self._presence_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._task = self._presence_task = None
         await self._redis.aclose()
 
     async def flush(self) -> None:
@@ -250,6 +317,92 @@ class RedisBus:
     def connected_devices(self) -> int:
         """How many devices are subscribed on this node."""
         return len(self._local)
+
+    # --- presence -----------------------------------------------------------------------------
+
+    async def presence_up(self, user: str) -> bool:
+        """Record this node for ``user``; True if no node held the user before.
+
+        While Redis is unreachable the answer is True (the user's contacts may be
+        told "online" twice, never not at all); the refresh restores the record.
+        """
+        async with self._presence_lock:
+            self._present_here.add(user)
+            now = _now_ms()
+            try:
+                first = await self._up(
+                    keys=[self._presence_key + user.encode(), self._presence_index],
+                    args=[self.node_id, now, now + self._presence_ttl_ms, user],
+                )
+            except (RedisError, OSError) as exc:
+                log.warning("bus.presence_failed", extra={"error": type(exc).__name__})
+                return True
+            return bool(first)
+
+    async def presence_down(self, user: str) -> bool:
+        """Remove this node from ``user``; True if no node holds the user any more."""
+        async with self._presence_lock:
+            self._present_here.discard(user)
+            try:
+                last = await self._down(
+                    keys=[self._presence_key + user.encode(), self._presence_index],
+                    args=[self.node_id, _now_ms(), user],
+                )
+            except (RedisError, OSError) as exc:
+                log.warning("bus.presence_failed", extra={"error": type(exc).__name__})
+                return True
+            return bool(last)
+
+    async def online(self, users: Sequence[str]) -> set[str]:
+        """Which of ``users`` some live node holds (this node's own, if Redis is unreachable)."""
+        if not users:
+            return set()
+        now = _now_ms()
+        try:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for user in users:
+                    pipe.zcount(self._presence_key + user.encode(), now, "+inf")
+                counts = await pipe.execute()
+        except (RedisError, OSError) as exc:
+            log.warning("bus.presence_failed", extra={"error": type(exc).__name__})
+            return {user for user in users if user in self._present_here}
+        return {user for user, count in zip(users, counts, strict=True) if count}
+
+    def on_presence_lost(self, listener: PresenceLost) -> None:
+        """Call ``listener`` with users whose every node died; this node swept them."""
+        self._presence_listeners.append(listener)
+
+    async def _keep_presence(self) -> None:
+        period = self._presence_ttl_ms / 3000
+        while True:
+            await asyncio.sleep(period)
+            try:
+                await self._refresh_presence()
+                gone = await self._sweep(
+                    keys=[self._presence_index],
+                    args=[_now_ms(), self._presence_key, _SWEEP_MAX],
+                )
+            except (RedisError, OSError) as exc:
+                log.warning("bus.presence_failed", extra={"error": type(exc).__name__})
+                continue
+            users = [u.decode() if isinstance(u, bytes) else str(u) for u in gone]
+            if users:
+                for listener in self._presence_listeners:
+                    try:
+                        listener(users)
+                    except Exception:
+                        log.exception("bus.listener_failed")
+
+    async def _refresh_presence(self) -> None:
+        async with self._presence_lock:
+            if not self._present_here:
+                return
+            expiry = _now_ms() + self._presence_ttl_ms
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for user in self._present_here:
+                    pipe.zadd(self._presence_key + user.encode(), {self.node_id: expiry})
+                    pipe.zadd(self._presence_index, {user: expiry}, gt=True)
+                await pipe.execute()
 
     # --- internals ------------------------------------------------------------------------------
 
