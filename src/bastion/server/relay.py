@@ -122,6 +122,9 @@ class RelayServer:
 
     async def start(self) -> int:
         """Listen; returns the bound port."""
+        # The contact service hears of users whose node died (a cluster's bus tells one
+        # node each), so it must listen before anyone has signed in here.
+        await contacts.service(self)
         self._server = await ws_create_server(
             self._accept,
             self.config.host,
