@@ -23,7 +23,7 @@ import pytest
 from bastion.client import contacts, presence
 from bastion.client.client import Client, MessageEvent
 from bastion.client.presence import PresenceEvent
-from bastion.errors import BastionError
+from bastion.errors import BastionError, ServerRefusedError
 from bastion.server.tls import CERT_FILE, KEY_FILE
 from tests.conftest import PASSPHRASE, ServerProcess, free_port
 from tests.contacts.support import next_of
@@ -139,8 +139,12 @@ async def cluster(tmp_path: Path, private_redis: RedisProcess) -> AsyncIterator[
     try:
         for node in (a, b):
             node.data_dir.mkdir(mode=0o700)
-            # A dead node's users go offline within about two seconds, not thirty.
-            (node.data_dir / "bastion.toml").write_text("[limits]\npresence_ttl_s = 1.5\n")
+            # A dead node's users go offline within about two seconds, not thirty; four
+            # registrations per address in all (the default burst is far above a test's).
+            (node.data_dir / "bastion.toml").write_text(
+                "[limits]\npresence_ttl_s = 1.5\n"
+                "registrations_per_address_burst = 4\nregistrations_per_address_per_hour = 1\n"
+            )
         a.start()
         for name in (CERT_FILE, KEY_FILE, "server-name", "policy.key"):
             shutil.copy2(a.data_dir / name, b.data_dir / name)
@@ -290,3 +294,18 @@ async def test_presence_is_the_same_on_every_node_and_a_dead_nodes_users_go_offl
     finally:
         await alice.close()
         await bob.close()
+
+
+async def test_an_address_limit_counts_registrations_on_every_node(cluster: Cluster) -> None:
+    made: list[Client] = []
+    try:
+        for name, node in (("ann", cluster.a), ("ben", cluster.b), ("cat", cluster.a)):
+            made.append(await cluster.register(name, node.url))
+        made.append(await cluster.register("dan", cluster.b.url))  # the fourth, on either node
+        for name, node in (("eve", cluster.a), ("fay", cluster.b)):
+            with pytest.raises(ServerRefusedError) as caught:
+                await cluster.register(name, node.url)
+            assert caught.value.code == "rate_limited"
+    finally:
+        for client in made:
+            await client.close()

@@ -346,3 +346,41 @@ async def test_the_users_of_a_dead_node_go_offline_once_within_the_ttl() -> None
     finally:
         for node in sweepers:
             await node.close()
+
+
+async def test_a_limit_is_one_bucket_for_every_node(cluster: Cluster) -> None:
+    rate, burst = 0.001, 3.0  # no refill within the test
+    takes = [
+        await cluster.a.take("claims", "alice", rate, burst),
+        await cluster.b.take("claims", "alice", rate, burst),
+        await cluster.a.take("claims", "alice", rate, burst),
+        await cluster.b.take("claims", "alice", rate, burst),  # the burst is spent everywhere
+        await cluster.a.take("claims", "alice", rate, burst),
+    ]
+    assert takes == [True, True, True, False, False]
+    assert await cluster.b.take("claims", "bob", rate, burst)  # another key
+    assert await cluster.b.take("other", "alice", rate, burst)  # another limit
+
+
+async def test_a_shared_bucket_refills_at_its_rate() -> None:
+    await redis_or_skip()
+    prefix = f"bastion-test-{secrets.token_hex(6)}"
+    a, b = RedisBus(REDIS_URL, prefix=prefix), RedisBus(REDIS_URL, prefix=prefix)
+    try:
+        assert await a.take("sends", "alice", 5.0, 1.0)
+        assert not await b.take("sends", "alice", 5.0, 1.0)
+        await asyncio.sleep(0.25)  # 5 per second: one token back
+        assert await b.take("sends", "alice", 5.0, 1.0)
+        assert not await a.take("sends", "alice", 5.0, 1.0)
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_limits_still_hold_on_a_node_that_cannot_reach_redis() -> None:
+    bus = RedisBus(f"redis://127.0.0.1:{free_port()}/0", retry_min_s=0.05)
+    try:
+        takes = [await bus.take("claims", "alice", 0.001, 2.0) for _ in range(3)]
+        assert takes == [True, True, False]  # counted on this node alone, never waved through
+    finally:
+        await bus.close()

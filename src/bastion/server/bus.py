@@ -6,11 +6,13 @@ the same interface, so the relay core never knows where a device is connected.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 from bastion.protocol import frames
+from bastion.ratelimit import RateLimiter
 from bastion.server.store import QueuedEnvelope
 
 
@@ -75,6 +77,28 @@ class Bus(Protocol):
         """Call ``listener`` with users whose last node vanished without telling (it died)."""
         ...
 
+    async def take(self, limit: str, key: str, rate: float, burst: float) -> bool:
+        """Take a token from the bucket ``(limit, key)`` shared by every node.
+
+        The bucket holds ``burst`` tokens and refills at ``rate`` per second; False
+        means the request is over the limit.
+        """
+        ...
+
+
+class LocalLimits:
+    """Token buckets of one node, one :class:`RateLimiter` per limit name."""
+
+    def __init__(self) -> None:
+        self._limiters: dict[str, RateLimiter[str]] = {}
+
+    def take(self, limit: str, key: str, rate: float, burst: float) -> bool:
+        """See :meth:`Bus.take`, counted on this node only."""
+        limiter = self._limiters.get(limit)
+        if limiter is None:
+            limiter = self._limiters[limit] = RateLimiter(rate, burst)
+        return limiter.allow(key, time.monotonic())
+
 
 class LocalBus:
     """The in-process bus of a single server node."""
@@ -82,6 +106,7 @@ class LocalBus:
     def __init__(self) -> None:
         self._subscribers: dict[tuple[str, str], Subscriber] = {}
         self._present: set[str] = set()
+        self._limits = LocalLimits()
 
     def subscribe(self, user: str, device_id: str, subscriber: Subscriber) -> None:
         """Receive the device's events; the earlier subscriber is told to close."""
@@ -122,3 +147,7 @@ class LocalBus:
 
     def on_presence_lost(self, listener: PresenceLost) -> None:
         """Never called: a single node cannot outlive itself."""
+
+    async def take(self, limit: str, key: str, rate: float, burst: float) -> bool:
+        """One node: its own buckets are the whole count."""
+        return self._limits.take(limit, key, rate, burst)

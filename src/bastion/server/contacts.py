@@ -24,7 +24,6 @@ from typing import TYPE_CHECKING
 
 from bastion.errors import StorageError
 from bastion.protocol import frames
-from bastion.ratelimit import RateLimiter
 from bastion.server import handlers
 from bastion.server.bus import Push
 from bastion.server.contact_rules import (
@@ -67,8 +66,6 @@ class ContactService:
     """Per-server state: the store, the request limits, and who is connected here."""
 
     store: ContactStore
-    by_sender: RateLimiter[str]
-    by_recipient: RateLimiter[str]
     online: dict[str, set[ClientConnection]] = field(default_factory=dict)  # on this node
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
@@ -94,18 +91,7 @@ async def service(server: RelayServer) -> ContactService:
             store = PgContactStore(server.store)
         else:
             raise StorageError("this store keeps no contacts")
-        limits = server.limits
-        created = ContactService(
-            store,
-            RateLimiter(
-                limits.contact_requests_per_sender_per_day / 86_400.0,
-                limits.contact_requests_per_sender_burst,
-            ),
-            RateLimiter(
-                limits.contact_requests_per_recipient_per_hour / 3600.0,
-                limits.contact_requests_per_recipient_burst,
-            ),
-        )
+        created = ContactService(store)
         server.extensions[EXTENSION] = created
         server.bus.on_presence_lost(lambda users: _lost(server, created, users))
         return created
@@ -229,11 +215,22 @@ async def _check_request_limits(
     pair = await contacts.store.pair(me, peer)
     if state_of(pair.mine) in (ACCEPTED, PENDING_IN, BLOCKED):
         return  # not a new request
-    now = time.monotonic()
-    if not contacts.by_sender.allow(me, now):
+    limits = conn.server.limits
+    bus = conn.server.bus
+    if not await bus.take(
+        "contact_requests_per_sender",
+        me,
+        limits.contact_requests_per_sender_per_day / 86_400.0,
+        limits.contact_requests_per_sender_burst,
+    ):
         conn.server.limit_hit("contact_requests_per_sender", me)
         raise ContactError("rate_limited", "you sent too many contact requests; try again tomorrow")
-    if delivers_request(pair) and not contacts.by_recipient.allow(peer, now):
+    if delivers_request(pair) and not await bus.take(
+        "contact_requests_per_recipient",
+        peer,
+        limits.contact_requests_per_recipient_per_hour / 3600.0,
+        limits.contact_requests_per_recipient_burst,
+    ):
         conn.server.limit_hit("contact_requests_per_recipient", peer)
         raise ContactError(
             "rate_limited", f"{peer} is receiving too many contact requests; try again later"

@@ -48,7 +48,7 @@ from redis.asyncio.client import PubSub
 from redis.exceptions import RedisError
 
 from bastion.protocol import frames
-from bastion.server.bus import BusEvent, KeysLow, Kick, PresenceLost, Push, Subscriber
+from bastion.server.bus import BusEvent, KeysLow, Kick, LocalLimits, PresenceLost, Push, Subscriber
 from bastion.server.store import QueuedEnvelope
 
 log = logging.getLogger("bastion.server.bus")
@@ -94,6 +94,34 @@ end
 return gone
 """
 _SWEEP_MAX = 500
+# KEYS: the bucket. ARGV: rate per second, burst. 1 if a token was taken. Redis's clock,
+# so that nodes whose clocks differ share one bucket.
+_TAKE = """
+local rate = tonumber(ARGV[1])
+local burst = tonumber(ARGV[2])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local b = redis.call('HMGET', KEYS[1], 'tokens', 'at')
+local tokens = tonumber(b[1])
+local at = tonumber(b[2])
+if tokens == nil or at == nil then
+  tokens = burst
+  at = now
+end
+if now > at then
+  tokens = math.min(burst, tokens + (now - at) * rate)
+  at = now
+end
+local taken = 0
+if tokens >= 1 then
+  tokens = tokens - 1
+  taken = 1
+end
+redis.call('HSET', KEYS[1], 'tokens', string.format('%.17g', tokens),
+  'at', string.format('%.17g', at))
+redis.call('PEXPIRE', KEYS[1], math.ceil((burst - tokens) / rate * 1000) + 1000)
+return taken
+"""
 
 
 class _Deliver(msgspec.Struct, tag="e", array_like=True):
@@ -236,6 +264,8 @@ class RedisBus:
         self._up = self._redis.register_script(_PRESENCE_UP)
         self._down = self._redis.register_script(_PRESENCE_DOWN)
         self._sweep = self._redis.register_script(_PRESENCE_SWEEP)
+        self._take = self._redis.register_script(_TAKE)
+        self._local_limits = LocalLimits()  # while Redis is unreachable
 
     # --- lifecycle --------------------------------------------------------------------------
 
@@ -371,6 +401,24 @@ class RedisBus:
     def on_presence_lost(self, listener: PresenceLost) -> None:
         """Call ``listener`` with users whose every node died; this node swept them."""
         self._presence_listeners.append(listener)
+
+    # --- limits -------------------------------------------------------------------------------
+
+    async def take(self, limit: str, key: str, rate: float, burst: float) -> bool:
+        """A token from the cluster's bucket; this node's own bucket while Redis is unreachable.
+
+        The bucket expires from Redis once it would be full again, so idle keys
+        cost nothing.
+        """
+        try:
+            taken = await self._take(
+                keys=[b"%s:limit:%s:%s" % (self._prefix, limit.encode(), key.encode())],
+                args=[rate, burst],
+            )
+        except (RedisError, OSError) as exc:
+            log.warning("bus.limit_failed", extra={"error": type(exc).__name__})
+            return self._local_limits.take(limit, key, rate, burst)
+        return bool(taken)
 
     async def _keep_presence(self) -> None:
         period = self._presence_ttl_ms / 3000

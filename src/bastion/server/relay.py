@@ -89,12 +89,6 @@ class RelayServer:
         self.all_closed = asyncio.Event()
         # State that features built on the relay keep per server (their stores, caches).
         self.extensions: dict[str, object] = {}
-        self.claims_by_requester: RateLimiter[str] = RateLimiter(
-            limits.key_claims_per_minute / 60.0, limits.key_claims_burst
-        )
-        self.claims_by_pair: RateLimiter[tuple[str, str]] = RateLimiter(
-            limits.key_claims_per_target_per_hour / 3600.0, limits.key_claims_per_target_burst
-        )
         self.signin_failures_by_address: FailureBackoff[str] = FailureBackoff(
             base_delay=limits.signin_backoff_base_s,
             max_delay=limits.signin_backoff_max_s,
@@ -108,10 +102,6 @@ class RelayServer:
         )
         self.messages_by_device: RateLimiter[tuple[str, str]] = RateLimiter(
             limits.messages_per_second, limits.messages_burst
-        )
-        self.registrations_by_address: RateLimiter[str] = RateLimiter(
-            limits.registrations_per_address_per_hour / 3600.0,
-            limits.registrations_per_address_burst,
         )
         self.connections_by_address: dict[str, int] = {}
         # One audit record per limit and key per minute: a flood must not flood the log.
@@ -167,17 +157,34 @@ class RelayServer:
         for conn in list(self.connections):
             conn.rewind(0)
 
-    def allow_claim(self, requester: str, target: str, now: float) -> bool:
+    async def allow_claim(self, requester: str, target: str) -> bool:
         """Token buckets on key claims per requester and per (requester, target) pair.
 
         The pair limit is what stops one account from draining another's
-        one-time keys to force fallback-key sessions (Prekey Pogo).
+        one-time keys to force fallback-key sessions (Prekey Pogo). Both are
+        counted across every node of a cluster (:meth:`Bus.take`).
         """
-        if requester == target:
-            return self.claims_by_requester.allow(requester, now)
-        return self.claims_by_pair.allow(
-            (requester, target), now
-        ) and self.claims_by_requester.allow(requester, now)
+        limits = self.limits
+        if requester != target and not await self.bus.take(
+            "key_claims_per_target",
+            f"{requester}/{target}",
+            limits.key_claims_per_target_per_hour / 3600.0,
+            limits.key_claims_per_target_burst,
+        ):
+            return False
+        return await self.bus.take(
+            "key_claims", requester, limits.key_claims_per_minute / 60.0, limits.key_claims_burst
+        )
+
+    async def allow_registration(self, address: str) -> bool:
+        """The per-address registration bucket, counted across every node."""
+        limits = self.limits
+        return await self.bus.take(
+            "registrations_per_address",
+            address,
+            limits.registrations_per_address_per_hour / 3600.0,
+            limits.registrations_per_address_burst,
+        )
 
     def signin_wait(self, address: str, username: str, now: float) -> float:
         """Seconds a sign-in from this address for this account must wait (0: go ahead)."""
@@ -524,14 +531,14 @@ class ClientConnection(WSListener):
 
     # --- sign-in and registration -------------------------------------------------------------
 
-    def _may_register(self, frame: frames.Register) -> bool:
+    async def _may_register(self, frame: frames.Register) -> bool:
         """Registration policy and the per-address limit; refuses and returns False if not."""
         mode = self.server.policy.registration
         if mode == "closed":
             code, message = "registration_closed", "this server does not accept new accounts"
         elif mode == "invite" and frame.invite is None:
             code, message = "invite_required", "this server accepts new accounts by invite only"
-        elif not self.server.registrations_by_address.allow(self.address, time.monotonic()):
+        elif not await self.server.allow_registration(self.address):
             self.server.limit_hit("registrations_per_address", self.address)
             code, message = "rate_limited", "too many registrations from your address; try later"
         else:
@@ -560,7 +567,7 @@ class ClientConnection(WSListener):
         return False
 
     async def _register(self, frame: frames.Register) -> None:
-        if not self._may_register(frame):
+        if not await self._may_register(frame):
             return
         nonce = self.session.take_nonce(time.monotonic())
         device = frame.device
@@ -687,7 +694,7 @@ class ClientConnection(WSListener):
 
     async def _claim_keys(self, frame: frames.ClaimKeys) -> None:
         requester, _ = self.session.require_signed_in()
-        if not self.server.allow_claim(requester, frame.user, time.monotonic()):
+        if not await self.server.allow_claim(requester, frame.user):
             log.info("limit.hit", extra={"limit": "key_claims"})
             self._refuse(
                 frame.req, frames_error("rate_limited", "too many key claims; wait a minute")
