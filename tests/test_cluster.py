@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import asyncpg
 import pytest
 
 from bastion.client import contacts, presence
@@ -92,6 +93,7 @@ class Cluster:
     b: ServerProcess
     redis: RedisProcess
     root: Path
+    schema: str
 
     async def register(self, username: str, url: str) -> Client:
         return await Client.register(
@@ -150,7 +152,7 @@ async def cluster(tmp_path: Path, private_redis: RedisProcess) -> AsyncIterator[
             shutil.copy2(a.data_dir / name, b.data_dir / name)
         b.start()
         assert a.fingerprint == b.fingerprint
-        yield Cluster(a, b, private_redis, tmp_path)
+        yield Cluster(a, b, private_redis, tmp_path, schema)
     finally:
         for node in (a, b):
             # ServerProcess.kill() cannot run twice (its second drain reads a closed pipe).
@@ -309,3 +311,33 @@ async def test_an_address_limit_counts_registrations_on_every_node(cluster: Clus
     finally:
         for client in made:
             await client.close()
+
+
+async def test_an_account_disabled_in_postgresql_cannot_sign_in_on_any_node(
+    cluster: Cluster,
+) -> None:
+    """The interim way to disable an account in a cluster (docs/deploy.md) keeps it out."""
+    homes = {"alice": cluster.a, "bob": cluster.b, "carol": cluster.b}
+    for name, node in homes.items():
+        await (await cluster.register(name, node.url)).close()
+    conn = await asyncpg.connect(POSTGRES_URL)
+    try:
+        await conn.execute(
+            f'UPDATE "{cluster.schema}".accounts SET disabled = true WHERE username = ANY($1)',
+            ["alice", "bob"],
+        )
+    finally:
+        await conn.close()
+    for name in ("alice", "bob"):  # one on each node
+        client = Client.open(cluster.root / "profiles" / name, PASSPHRASE)
+        try:
+            with pytest.raises(ServerRefusedError) as caught:
+                await client.connect(receive=False)
+            assert caught.value.code == "auth_failed"
+        finally:
+            await client.close()
+    carol = Client.open(cluster.root / "profiles" / "carol", PASSPHRASE)
+    try:
+        await carol.connect(receive=False)  # everyone else is unaffected
+    finally:
+        await carol.close()
