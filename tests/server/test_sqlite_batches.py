@@ -48,7 +48,7 @@ async def store(tmp_path: Path) -> AsyncIterator[SQLiteStore]:
 
 
 async def send(store: SQLiteStore, msg_id: bytes, *devices: str, ts: int = 1000) -> StoredMessage:
-    return await store.store_message(
+    return await store.submit_message(
         sender="alice",
         sender_device="alice-1",
         client_msg_id=msg_id,
@@ -150,7 +150,7 @@ async def test_old_message_ids_are_forgotten_by_the_periodic_sweep(tmp_path: Pat
 async def contact_message(
     store: SQLiteStore, msg_id: bytes, *, queue_max: int | None = None
 ) -> int:
-    stored = await store.store_message(
+    stored = await store.submit_message(
         sender="alice",
         sender_device="alice-1",
         client_msg_id=msg_id,
@@ -206,7 +206,7 @@ async def test_the_write_ahead_log_is_reused_while_messages_keep_coming(
     async def burst(round_: int) -> None:
         await asyncio.gather(
             *(
-                store.store_message(
+                store.submit_message(
                     sender="alice",
                     sender_device="alice-1",
                     client_msg_id=b"%03d-%03d" % (round_, i),

@@ -123,7 +123,7 @@ def copies_for(body: bytes, *targets: tuple[str, str]) -> list[Copy]:
 
 async def send(store: Store, body: bytes, *, msg_id: bytes | None = None, ts: int = 5000) -> int:
     """alice/a1 -> bob/b1; returns the envelope's sequence number."""
-    stored = await store.store_message(
+    stored = await store.submit_message(
         sender="alice",
         sender_device="a1",
         client_msg_id=msg_id or secrets.token_bytes(16),
@@ -168,7 +168,7 @@ async def test_adding_devices_is_bounded_and_revoked_ids_never_return(store: Sto
     with pytest.raises(DeviceRefusedError):
         await store.add_device(device("ghost", "g1"), [], key(1), max_devices=2)
     await make_user(store, "bob", "b1")
-    await store.store_message(
+    await store.submit_message(
         sender="bob",
         sender_device="b1",
         client_msg_id=b"m",
@@ -224,7 +224,7 @@ async def test_a_message_is_queued_once_per_device_and_retries_are_idempotent(
     await make_user(store, "alice", "a1", "a2")
     await make_user(store, "bob", "b1", "b2")
     targets = [("bob", "b1"), ("bob", "b2"), ("alice", "a2")]
-    stored = await store.store_message(
+    stored = await store.submit_message(
         sender="alice",
         sender_device="a1",
         client_msg_id=b"id-1",
@@ -235,7 +235,7 @@ async def test_a_message_is_queued_once_per_device_and_retries_are_idempotent(
     assert stored.server_ts == 7000
     assert [(e.user, e.device_id) for e in stored.envelopes] == targets
     assert len({e.seq for e in stored.envelopes}) == 3
-    again = await store.store_message(
+    again = await store.submit_message(
         sender="alice",
         sender_device="a1",
         client_msg_id=b"id-1",
@@ -263,7 +263,7 @@ async def test_wrong_device_sets_and_unknown_recipients_store_nothing(store: Sto
     ]
     for targets in cases:
         with pytest.raises(DeviceMismatchError) as caught:
-            await store.store_message(
+            await store.submit_message(
                 sender="alice",
                 sender_device="a1",
                 client_msg_id=b"same-id",
@@ -273,7 +273,7 @@ async def test_wrong_device_sets_and_unknown_recipients_store_nothing(store: Sto
             )
         assert caught.value.missing or caught.value.extra or len(set(targets)) < len(targets)
     with pytest.raises(DeviceMismatchError) as caught:
-        await store.store_message(
+        await store.submit_message(
             sender="alice",
             sender_device="a1",
             client_msg_id=b"same-id",
@@ -283,7 +283,7 @@ async def test_wrong_device_sets_and_unknown_recipients_store_nothing(store: Sto
         )
     assert caught.value.missing == ["alice/a2", "bob/b2"]
     with pytest.raises(UnknownRecipientError):
-        await store.store_message(
+        await store.submit_message(
             sender="alice",
             sender_device="a1",
             client_msg_id=b"other",
@@ -294,7 +294,7 @@ async def test_wrong_device_sets_and_unknown_recipients_store_nothing(store: Sto
     for user, dev in [("bob", "b1"), ("bob", "b2"), ("alice", "a2")]:
         assert await store.fetch_queue(user, dev, 0, 10) == []
     # The refused id was not remembered: a corrected retry is stored.
-    stored = await store.store_message(
+    stored = await store.submit_message(
         sender="alice",
         sender_device="a1",
         client_msg_id=b"same-id",
@@ -349,7 +349,7 @@ async def gated(
     contacts_only: bool = True,
 ) -> int:
     """alice/a1 -> bob with both checks asked for; returns how many envelopes were queued."""
-    stored = await store.store_message(
+    stored = await store.submit_message(
         sender="alice",
         sender_device="a1",
         client_msg_id=msg_id,
@@ -429,7 +429,7 @@ async def test_concurrent_senders_on_two_stores_never_overshoot_the_queue_limit(
 
     async def one(n: int, i: int) -> bool:
         try:
-            await nodes[n % 2].store_message(
+            await nodes[n % 2].submit_message(
                 sender=senders[n],
                 sender_device="d1",
                 client_msg_id=b"%02d-%03d" % (n, i),
@@ -472,7 +472,7 @@ async def test_a_cursor_reader_never_skips_a_message_from_concurrent_senders(
 
     async def sender(index: int, name: str) -> None:
         for n in range(40):
-            await writers[index % 2].store_message(
+            await writers[index % 2].submit_message(
                 sender=name,
                 sender_device=f"{name}-d",
                 client_msg_id=b"%d" % n,
@@ -515,7 +515,7 @@ async def test_a_new_store_on_the_same_database_sees_every_acknowledged_write(
     assert (await second.get_account("alice")) is not None
     assert await second.count_one_time_keys("bob", "b1") == 3
     assert [q.body for q in await second.fetch_queue("bob", "b1", 0, 10)] == [b"m1", b"m2"]
-    retry = await second.store_message(
+    retry = await second.submit_message(
         sender="alice",
         sender_device="a1",
         client_msg_id=b"id2",

@@ -333,34 +333,6 @@ class PgStore:
 
     # --- messages ------------------------------------------------------------------------------
 
-    async def store_message(
-        self,
-        *,
-        sender: str,
-        sender_device: str,
-        client_msg_id: bytes,
-        recipient: str,
-        server_ts: int,
-        copies: Sequence[Copy],
-        queue_max: int | None = None,
-        contacts_only: bool = False,
-    ) -> StoredMessage:
-        """Queue the copies durably, once per (sender device, client message id).
-
-        Raises what the Store protocol lists, or StorageError if the database
-        fails (then nothing of the message was stored).
-        """
-        return await self.submit_message(
-            sender=sender,
-            sender_device=sender_device,
-            client_msg_id=client_msg_id,
-            recipient=recipient,
-            server_ts=server_ts,
-            copies=copies,
-            queue_max=queue_max,
-            contacts_only=contacts_only,
-        )
-
     def submit_message(
         self,
         *,
@@ -373,7 +345,12 @@ class PgStore:
         queue_max: int | None = None,
         contacts_only: bool = False,
     ) -> asyncio.Future[StoredMessage]:
-        """:meth:`store_message` as a future: the message joins its sender's lane."""
+        """Queue the copies durably, once per (sender device, client message id).
+
+        The message joins its sender's lane. The future raises what the Store
+        protocol lists, or StorageError if the database fails (then nothing of
+        the message was stored).
+        """
         loop = self._running_loop.get()
         future: asyncio.Future[StoredMessage] = loop.create_future()
         if self._closed:

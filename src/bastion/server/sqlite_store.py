@@ -637,30 +637,6 @@ class SQLiteStore:
 
     # --- messages ------------------------------------------------------------------------------
 
-    async def store_message(
-        self,
-        *,
-        sender: str,
-        sender_device: str,
-        client_msg_id: bytes,
-        recipient: str,
-        server_ts: int,
-        copies: Sequence[Copy],
-        queue_max: int | None = None,
-        contacts_only: bool = False,
-    ) -> StoredMessage:
-        """Queue the copies durably, once per (sender device, client message id)."""
-        return await self.submit_message(
-            sender=sender,
-            sender_device=sender_device,
-            client_msg_id=client_msg_id,
-            recipient=recipient,
-            server_ts=server_ts,
-            copies=copies,
-            queue_max=queue_max,
-            contacts_only=contacts_only,
-        )
-
     def submit_message(
         self,
         *,
@@ -673,7 +649,7 @@ class SQLiteStore:
         queue_max: int | None = None,
         contacts_only: bool = False,
     ) -> asyncio.Future[StoredMessage]:
-        """:meth:`store_message` as a future.
+        """Queue the copies durably, once per (sender device, client message id).
 
         Every check runs in the group commit that stores the message (see the
         Store protocol). A refusal undoes its own ``sent`` row and is returned

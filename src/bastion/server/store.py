@@ -4,9 +4,10 @@ The relay core depends only on :class:`Store`; SQLite (the embedded default)
 and other databases implement it. The server stores public keys, signed key
 stocks, and ciphertext queues: never a plaintext, a password or a private key.
 
-Contract for implementations: ``store_message`` calls from one sender device
-take effect in call order (per-conversation order depends on it), and a call
-returns only once its effects are durable.
+Contract for implementations: ``submit_message`` calls from one sender device
+take effect in call order (per-conversation order depends on it), and every
+call (its future, for ``submit_message``) completes only once its effects are
+durable.
 """
 
 from __future__ import annotations
@@ -172,34 +173,6 @@ class Store(Protocol):
         """Atomically take one one-time key per device (the fallback key if none is left)."""
         ...
 
-    async def store_message(
-        self,
-        *,
-        sender: str,
-        sender_device: str,
-        client_msg_id: bytes,
-        recipient: str,
-        server_ts: int,
-        copies: Sequence[Copy],
-        queue_max: int | None = None,
-        contacts_only: bool = False,
-    ) -> StoredMessage:
-        """Queue one ciphertext per device, durably, once per (sender device, client id).
-
-        A retry of a stored message returns the original outcome before any check
-        below. Otherwise, in the transaction that stores it (so a change committed
-        before it is always seen), nothing is stored and it raises:
-
-        * :class:`UnknownRecipientError` if the recipient does not exist;
-        * :class:`NotContactsError` if ``contacts_only`` and the two accounts are
-          not accepted contacts both ways (the caller then applies the full rules);
-        * :class:`QueueFullError` if ``queue_max`` envelopes or more already wait
-          for the recipient's devices;
-        * :class:`DeviceMismatchError` unless ``copies`` name exactly the
-          recipient's devices and the sender's other devices.
-        """
-        ...
-
     def submit_message(
         self,
         *,
@@ -212,10 +185,21 @@ class Store(Protocol):
         queue_max: int | None = None,
         contacts_only: bool = False,
     ) -> asyncio.Future[StoredMessage]:
-        """:meth:`store_message` as a future, for a caller that must not start a task.
+        """Queue one ciphertext per device, durably, once per (sender device, client id).
 
-        Called from the running event loop; the future ends as ``store_message``
-        would return or raise.
+        Called from the running event loop; returns a future, so that the relay
+        needs no task per message. A retry of a stored message resolves to the
+        original outcome before any check below. Otherwise, in the transaction
+        that stores it (so a change committed before it is always seen), nothing
+        is stored and the future raises:
+
+        * :class:`UnknownRecipientError` if the recipient does not exist;
+        * :class:`NotContactsError` if ``contacts_only`` and the two accounts are
+          not accepted contacts both ways (the caller then applies the full rules);
+        * :class:`QueueFullError` if ``queue_max`` envelopes or more already wait
+          for the recipient's devices;
+        * :class:`DeviceMismatchError` unless ``copies`` name exactly the
+          recipient's devices and the sender's other devices.
         """
         ...
 
