@@ -18,7 +18,6 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import asyncpg
 import pytest
 
 from bastion.client import contacts, presence
@@ -28,6 +27,7 @@ from bastion.errors import BastionError, ServerRefusedError
 from bastion.server.tls import CERT_FILE, KEY_FILE
 from tests.conftest import PASSPHRASE, ServerProcess, free_port
 from tests.contacts.support import next_of
+from tests.hardening.harness import admin
 from tests.helpers import next_events, texts
 from tests.server.test_bus_contract import RedisProcess
 from tests.server.test_store_contract import (
@@ -125,28 +125,26 @@ def private_redis(tmp_path: Path) -> Iterator[RedisProcess]:
 async def cluster(tmp_path: Path, private_redis: RedisProcess) -> AsyncIterator[Cluster]:
     await postgres_or_skip()
     schema = fresh_schema()
-    command = [
-        sys.executable,
-        "-m",
-        "bastion",
-        "server",
-        "run",
-        "--db",
-        f"{POSTGRES_URL}?schema={schema}",
-        "--bus",
-        private_redis.url,
-    ]
+    db_url = f"{POSTGRES_URL}?schema={schema}"
+    command = [sys.executable, "-m", "bastion", "server", "run"]
+    # Node A finds the cluster in its config file, node B on its command line.
     a = ServerProcess(tmp_path / "node-a", free_port(), script=command)
-    b = ServerProcess(tmp_path / "node-b", free_port(), script=command)
+    b = ServerProcess(
+        tmp_path / "node-b",
+        free_port(),
+        script=[*command, "--db", db_url, "--bus", private_redis.url],
+    )
     try:
         for node in (a, b):
             node.data_dir.mkdir(mode=0o700)
             # A dead node's users go offline within about two seconds, not thirty; four
             # registrations per address in all (the default burst is far above a test's).
             (node.data_dir / "bastion.toml").write_text(
-                "[limits]\npresence_ttl_s = 1.5\n"
+                "[limits]\npresence_ttl_s = 1.5\nadmin_poll_s = 0.2\n"
                 "registrations_per_address_burst = 4\nregistrations_per_address_per_hour = 1\n"
             )
+        with (a.data_dir / "bastion.toml").open("a") as toml:
+            toml.write(f'[cluster]\ndb = "{db_url}"\nbus = "{private_redis.url}"\n')
         a.start()
         for name in (CERT_FILE, KEY_FILE, "server-name", "policy.key"):
             shutil.copy2(a.data_dir / name, b.data_dir / name)
@@ -313,31 +311,85 @@ async def test_an_address_limit_counts_registrations_on_every_node(cluster: Clus
             await client.close()
 
 
-async def test_an_account_disabled_in_postgresql_cannot_sign_in_on_any_node(
-    cluster: Cluster,
-) -> None:
-    """The interim way to disable an account in a cluster (docs/deploy.md) keeps it out."""
-    homes = {"alice": cluster.a, "bob": cluster.b, "carol": cluster.b}
-    for name, node in homes.items():
-        await (await cluster.register(name, node.url)).close()
-    conn = await asyncpg.connect(POSTGRES_URL)
+def admin_ok(node: ServerProcess, *args: str) -> str:
+    """``bastion admin`` on a node's data folder; node A finds the cluster in its config file."""
+    result = admin(node.data_dir, *args)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+async def test_bastion_admin_disables_a_user_on_every_node(cluster: Cluster) -> None:
+    """A user disabled through one node is signed out of both and kept out of both."""
+    db = ("--db", f"{POSTGRES_URL}?schema={cluster.schema}")
+    balancer = TcpForwarder([cluster.a.port])  # the test steers it node by node
+    await balancer.start()
+    made: list[Client] = []
     try:
-        await conn.execute(
-            f'UPDATE "{cluster.schema}".accounts SET disabled = true WHERE username = ANY($1)',
-            ["alice", "bob"],
-        )
+        for name, node in (("alice", cluster.a), ("bob", cluster.b), ("carol", cluster.b)):
+            balancer.backends = [node.port]
+            client = await cluster.register(name, balancer.url)
+            made.append(client)
+            await client.connect(receive=True)
+        alice, bob, carol = made
+        admin_ok(cluster.a, "users", "disable", "bob")
+        admin_ok(cluster.b, *db, "users", "disable", "alice")
+        for client in (alice, bob):  # one on each node, each disabled through the other node
+            assert client.conn is not None
+            await asyncio.wait_for(client.conn.disconnected.wait(), 5.0)
+            assert "disabled" in (client.conn.close_reason or "")
+        assert carol.conn is not None
+        assert not carol.conn.disconnected.is_set()
+        for client in (alice, bob):
+            for node in (cluster.a, cluster.b):
+                balancer.backends = [node.port]
+                with pytest.raises(ServerRefusedError) as caught:
+                    await client.connect(receive=False)
+                assert caught.value.code == "auth_failed"
+        listed = admin_ok(cluster.b, *db, "users", "list")
+        assert "alice\tdisabled" in listed
+        assert "bob\tdisabled" in listed
+        assert "carol\tactive" in listed
+        admin_ok(cluster.a, "users", "enable", "bob")
+        balancer.backends = [cluster.b.port]
+        await bob.connect(receive=False)  # let back in, on either node
     finally:
-        await conn.close()
-    for name in ("alice", "bob"):  # one on each node
-        client = Client.open(cluster.root / "profiles" / name, PASSPHRASE)
-        try:
-            with pytest.raises(ServerRefusedError) as caught:
-                await client.connect(receive=False)
-            assert caught.value.code == "auth_failed"
-        finally:
+        for client in made:
             await client.close()
-    carol = Client.open(cluster.root / "profiles" / "carol", PASSPHRASE)
-    try:
-        await carol.connect(receive=False)  # everyone else is unaffected
-    finally:
-        await carol.close()
+        await balancer.close()
+    # Each running node wrote both changes to its own audit log.
+    await asyncio.sleep(1.0)
+    for node in (cluster.a, cluster.b):
+        audit = admin_ok(node, "audit", "show")
+        assert "admin.action action=user.disabled target=bob" in audit
+        assert "admin.action action=user.disabled target=alice" in audit
+        assert "admin.action action=user.enabled target=bob" in audit
+
+
+async def test_registration_policy_and_invites_hold_across_nodes(cluster: Cluster) -> None:
+    db = ("--db", f"{POSTGRES_URL}?schema={cluster.schema}")
+    admin_ok(cluster.a, "policy", "set", "registration=invite")
+    assert "registration=invite" in admin_ok(cluster.b, *db, "policy", "show")
+    await asyncio.sleep(1.0)  # both nodes poll every 0.2 s
+    for node in (cluster.a, cluster.b):
+        with pytest.raises(ServerRefusedError) as caught:
+            await cluster.register(f"walk_in_{node.port}", node.url)
+        assert caught.value.code == "invite_required"
+    code = admin_ok(cluster.a, "invites", "create", "--uses", "1").strip()
+    invited = await Client.register(
+        cluster.root / "profiles" / "invited",
+        PASSPHRASE,
+        username="invited",
+        server_url=cluster.b.url,
+        fingerprint=cluster.a.fingerprint,
+        invite=code,
+    )
+    await invited.close()
+    with pytest.raises(ServerRefusedError):  # used up, whichever node is asked
+        await Client.register(
+            cluster.root / "profiles" / "second",
+            PASSPHRASE,
+            username="second",
+            server_url=cluster.a.url,
+            fingerprint=cluster.a.fingerprint,
+            invite=code,
+        )

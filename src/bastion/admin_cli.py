@@ -1,8 +1,10 @@
 """``bastion admin --data DIR ...``: operator commands on a stopped or running server.
 
-Changes go to the server's database with an ``admin_events`` row; a running
-server applies them within about a second (see :mod:`bastion.server.admin`).
-When no server holds the audit log, the command writes the events to it itself.
+Changes go to the server's database with an ``admin_events`` row: the SQLite
+file in ``DIR``, or the PostgreSQL database of a cluster named by ``--db`` or
+by the node's config file. Every running node applies them within about a
+second (see :mod:`bastion.server.admin`). When no running node holds the audit
+log in ``DIR``, the command writes the events to it itself.
 """
 
 from __future__ import annotations
@@ -45,43 +47,59 @@ def _emit(args: argparse.Namespace, data: dict[str, Any], text: str) -> None:
     print(json.dumps(data) if args.json else text, flush=True)
 
 
-def _audit_pending(data_dir: Path) -> None:
-    """Write pending admin events to the audit log if no running server holds it."""
-    from bastion.server.admin import AdminDB  # noqa: PLC0415 - server code loads on demand
-    from bastion.server.admin_watch import audit_admin_events  # noqa: PLC0415
+async def _audit_pending(data_dir: Path, backend: Any, cursor: Any) -> None:
+    """Write new admin events to this node's audit log if no running node holds it."""
+    from bastion.server.admin_watch import audit_pending_events  # noqa: PLC0415
     from bastion.server.audit import AUDIT_DIR, AuditLog, ensure_audit_key  # noqa: PLC0415
 
     try:
         log = AuditLog.open(data_dir / AUDIT_DIR, ensure_audit_key(data_dir), now=time.time())
     except StorageError:
-        return  # a running server holds the log; it audits the events on its next poll
-    db = AdminDB(data_dir)
+        return  # a running node holds the log; it audits the events on its next poll
     try:
-        audit_admin_events(db, log, now=time.time())
+        await audit_pending_events(backend, cursor, log, now=time.time())
     finally:
-        db.close()
         log.close(time.time())
 
 
-def _with_db(args: argparse.Namespace, work: Any) -> int:
-    from bastion.server.admin import AdminDB  # noqa: PLC0415
+def _database_url(args: argparse.Namespace, data_dir: Path) -> str | None:
+    """``--db``, else the ``[cluster]`` db of the node's config file, else None (SQLite)."""
+    from bastion.server.main import server_settings  # noqa: PLC0415
 
+    if args.db is not None:
+        return str(args.db)
+    return server_settings(data_dir, Path(args.config) if args.config else None).db
+
+
+def _data_dir(args: argparse.Namespace) -> Path:
     data_dir = Path(args.data)
-    db = AdminDB(data_dir)
+    if not data_dir.is_dir():
+        raise ConfigError(f"there is no server data folder at {data_dir}")
+    return data_dir
+
+
+async def _with_db(args: argparse.Namespace, work: Any) -> int:
+    """Run ``work`` on the node's operator tables, then audit what it changed."""
+    from bastion.server.admin_watch import EventCursor, open_admin_backend  # noqa: PLC0415
+
+    data_dir = _data_dir(args)
+    backend = await open_admin_backend(data_dir, _database_url(args, data_dir))
     try:
-        result = int(work(db))
+        cursor = EventCursor(data_dir)
+        await cursor.start(backend)  # so this node's log gets the change made now
+        result = int(await work(backend))
+        await _audit_pending(data_dir, backend, cursor)
     finally:
-        db.close()
-    _audit_pending(data_dir)
+        await backend.close()
     return result
 
 
 # --- users ---------------------------------------------------------------------------------------
 
 
-def cmd_users_list(args: argparse.Namespace) -> int:
-    def work(db: Any) -> int:
-        for user in db.users():
+async def cmd_users_list(args: argparse.Namespace) -> int:
+    async def work(db: Any) -> int:
+        for user in await db.users():
             _emit(
                 args,
                 {
@@ -96,32 +114,34 @@ def cmd_users_list(args: argparse.Namespace) -> int:
             )
         return 0
 
-    return _with_db(args, work)
+    return await _with_db(args, work)
 
 
-def cmd_users_disable(args: argparse.Namespace) -> int:
+async def cmd_users_disable(args: argparse.Namespace) -> int:
     disabled = args.admin_action == "disable"
 
-    def work(db: Any) -> int:
-        db.set_disabled(args.user, disabled, now_ms=_now_ms())
+    async def work(db: Any) -> int:
+        await db.set_disabled(args.user, disabled, now_ms=_now_ms())
         state = "disabled" if disabled else "enabled"
         _emit(
             args, {"type": "user", "user": args.user, "disabled": disabled}, f"{state} {args.user}"
         )
         return 0
 
-    return _with_db(args, work)
+    return await _with_db(args, work)
 
 
 # --- invites and policy --------------------------------------------------------------------------
 
 
-def cmd_invites_create(args: argparse.Namespace) -> int:
+async def cmd_invites_create(args: argparse.Namespace) -> int:
     expires_s = parse_duration(args.expires)
 
-    def work(db: Any) -> int:
+    async def work(db: Any) -> int:
         now = _now_ms()
-        code = db.create_invite(uses=args.uses, expires_at_ms=now + expires_s * 1000, now_ms=now)
+        code = await db.create_invite(
+            uses=args.uses, expires_at_ms=now + expires_s * 1000, now_ms=now
+        )
         _emit(
             args,
             {"type": "invite", "code": code, "uses": args.uses, "expires_in_s": expires_s},
@@ -129,12 +149,12 @@ def cmd_invites_create(args: argparse.Namespace) -> int:
         )
         return 0
 
-    return _with_db(args, work)
+    return await _with_db(args, work)
 
 
-def cmd_policy_show(args: argparse.Namespace) -> int:
-    def work(db: Any) -> int:
-        policy = db.policy().as_dict()
+async def cmd_policy_show(args: argparse.Namespace) -> int:
+    async def work(db: Any) -> int:
+        policy = (await db.policy()).as_dict()
         text = "\n".join(
             f"{key}={'on' if value is True else 'off' if value is False else value}"
             for key, value in policy.items()
@@ -142,16 +162,16 @@ def cmd_policy_show(args: argparse.Namespace) -> int:
         _emit(args, {"type": "policy", **policy}, text)
         return 0
 
-    return _with_db(args, work)
+    return await _with_db(args, work)
 
 
-def cmd_policy_set(args: argparse.Namespace) -> int:
-    def work(db: Any) -> int:
-        policy = db.set_policy(args.setting, now_ms=_now_ms()).as_dict()
+async def cmd_policy_set(args: argparse.Namespace) -> int:
+    async def work(db: Any) -> int:
+        policy = (await db.set_policy(args.setting, now_ms=_now_ms())).as_dict()
         _emit(args, {"type": "policy", **policy}, f"set {args.setting}")
         return 0
 
-    return _with_db(args, work)
+    return await _with_db(args, work)
 
 
 # --- audit ---------------------------------------------------------------------------------------
@@ -224,31 +244,39 @@ def add_commands(sub: Any) -> None:
 
     admin = sub.add_parser("admin", help="operate a server (stopped or running)")
     admin.add_argument("--data", required=True, help="the server's data folder")
+    admin.add_argument(
+        "--config", help="the node's config file (default: bastion.toml in the data folder)"
+    )
+    admin.add_argument(
+        "--db",
+        help="postgresql://... of a cluster (default: the config file's [cluster] db,"
+        " else the SQLite file in the data folder)",
+    )
     groups = admin.add_subparsers(dest="admin_group", required=True)
 
     users = groups.add_parser("users", help="list, disable or enable accounts")
     users_sub = users.add_subparsers(dest="admin_action", required=True)
-    users_sub.add_parser("list", parents=[out]).set_defaults(sync=cmd_users_list)
+    users_sub.add_parser("list", parents=[out]).set_defaults(run=cmd_users_list)
     for action in ("disable", "enable"):
         p = users_sub.add_parser(action, parents=[out], help=f"{action} an account")
         p.add_argument("user")
-        p.set_defaults(sync=cmd_users_disable)
+        p.set_defaults(run=cmd_users_disable)
 
     invites = groups.add_parser("invites", help="create invite codes")
     invites_sub = invites.add_subparsers(dest="admin_action", required=True)
     create = invites_sub.add_parser("create", parents=[out], help="print a new invite code")
     create.add_argument("--uses", type=int, default=1, help="registrations it allows (1)")
     create.add_argument("--expires", default="7d", help="lifetime, e.g. 12h or 7d (7d)")
-    create.set_defaults(sync=cmd_invites_create)
+    create.set_defaults(run=cmd_invites_create)
 
     policy = groups.add_parser("policy", help="show or change the organisation policy")
     policy_sub = policy.add_subparsers(dest="admin_action", required=True)
-    policy_sub.add_parser("show", parents=[out]).set_defaults(sync=cmd_policy_show)
+    policy_sub.add_parser("show", parents=[out]).set_defaults(run=cmd_policy_show)
     setter = policy_sub.add_parser(
         "set", parents=[out], help="registration=open|invite|closed, file_transfer=on|off, ..."
     )
     setter.add_argument("setting", help="KEY=VALUE")
-    setter.set_defaults(sync=cmd_policy_set)
+    setter.set_defaults(run=cmd_policy_set)
 
     audit = groups.add_parser("audit", help="show or verify the audit log")
     audit_sub = audit.add_subparsers(dest="admin_action", required=True)

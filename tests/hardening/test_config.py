@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bastion.errors import ConfigError
-from bastion.server.config import Limits, parse_config
+from bastion.server.config import Limits, parse_config, parse_settings
 from tests.conftest import REPO, free_port
 
 
@@ -49,6 +49,35 @@ def test_bad_config_is_a_clear_error_naming_the_key(text: str, names: str) -> No
         parse_config(text.encode(), source="bastion.toml")
     assert names in str(caught.value)
     assert str(caught.value).startswith("bastion.toml:")
+
+
+def test_a_cluster_node_reads_its_database_and_bus_from_the_config_file() -> None:
+    settings = parse_settings(
+        b'[cluster]\ndb = "postgresql://bastion@db.internal/bastion?schema=chat"\n'
+        b'bus = "rediss://redis.internal:6380/0"\n[limits]\nmessages_burst = 7\n'
+    )
+    assert settings.db == "postgresql://bastion@db.internal/bastion?schema=chat"
+    assert settings.bus == "rediss://redis.internal:6380/0"
+    assert settings.limits.messages_burst == 7
+    alone = parse_settings(b"[limits]\nmessages_burst = 7\n")
+    assert (alone.db, alone.bus) == (None, None)
+
+
+@pytest.mark.parametrize(
+    ("text", "names"),
+    [
+        ('[cluster]\ndb = "mysql://root:hunter2@db/chat"\n', "cluster.db"),
+        ('[cluster]\nbus = "http://user:hunter2@redis:6379"\n', "cluster.bus"),
+        ("[cluster]\ndb = 5432\n", "cluster.db"),
+        ('[cluster]\ndatabase = "postgresql://db/chat"\n', "cluster.database"),
+        ('cluster = "postgresql://db/chat"\n', "cluster"),
+    ],
+)
+def test_a_bad_cluster_setting_is_named_and_its_secret_is_not_echoed(text: str, names: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_settings(text.encode(), source="bastion.toml")
+    assert names in str(caught.value)
+    assert "hunter2" not in str(caught.value)
 
 
 def _run_server(data_dir: Path, *extra: str) -> subprocess.CompletedProcess[str]:

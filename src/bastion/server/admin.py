@@ -1,12 +1,16 @@
-"""Operator state kept beside the relay's data: policy, invites, disabled users, admin events.
+"""Operator state kept with the relay's data: policy, invites, disabled users, admin events.
 
-It lives in the server's SQLite file, in tables of its own, so ``bastion admin``
-works the same on a stopped or a running server: a command writes its change
-and an ``admin_events`` row in one transaction; a running server polls that
-table about once a second (``Limits.admin_poll_s``), applies each event (a
-disabled user is signed out everywhere) and writes it to the audit log. A
-stopped server catches up on its next start. Nothing here needs a socket or a
-second secret, and a change is durable before the command returns.
+It lives in the server's database, in tables of its own: the SQLite file of a
+single server (:class:`AdminDB`, reached through :class:`SQLiteAdmin`), or the
+PostgreSQL schema every node of a cluster shares
+(:class:`~bastion.server.pg_admin.PgAdmin`). So ``bastion admin`` works the
+same on a stopped or a running server and from any node: a command writes its
+change and an ``admin_events`` row in one transaction; every running node polls
+for events after the last one it applied, about once a second
+(``Limits.admin_poll_s``), applies each (a disabled user is signed out of that
+node) and writes it to its audit log. A stopped node catches up on its next
+start. Nothing here needs a socket or a second secret, and a change is durable
+before the command returns.
 
 Invite codes are stored only as SHA-256 hashes, so reading the database does
 not hand out codes that still work.
@@ -14,14 +18,16 @@ not hand out codes that still work.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import secrets
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final, Literal
+from typing import Final, Literal, Protocol, TypeVar
 
 from bastion.errors import ConfigError, StorageError
 from bastion.server.sqlite_store import SCHEMA as STORE_SCHEMA
@@ -47,11 +53,12 @@ CREATE TABLE IF NOT EXISTS admin_events (
     at INTEGER NOT NULL,
     action TEXT NOT NULL,
     target TEXT NOT NULL,
-    handled INTEGER NOT NULL DEFAULT 0
+    handled INTEGER NOT NULL DEFAULT 0  -- kept by older releases; read once, see first_cursor
 );
 """
 
 Registration = Literal["open", "invite", "closed"]
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,10 +124,19 @@ def parse_setting(text: str) -> tuple[str, str]:
     raise ConfigError(f"unknown policy setting {key!r} (registration, file_transfer, max_file_mb)")
 
 
+def check_invite(*, uses: int, expires_at_ms: int, now_ms: int) -> None:
+    """Raise :class:`ConfigError` for a use count out of range or an expiry in the past."""
+    if not 1 <= uses <= MAX_INVITE_USES:
+        raise ConfigError(f"uses must be from 1 to {MAX_INVITE_USES}")
+    if expires_at_ms <= now_ms:
+        raise ConfigError("the invite must expire in the future")
+
+
 VERSION_KEY = "_version"
 
 
-def _policy_from_rows(rows: dict[str, str]) -> Policy:
+def policy_from_rows(rows: dict[str, str]) -> Policy:
+    """The policy stored as ``key -> value`` rows (defaults for keys never set)."""
     registration = rows.get("registration", "open")
     mode: Registration = "open"
     if registration == "invite":
@@ -133,6 +149,11 @@ def _policy_from_rows(rows: dict[str, str]) -> Policy:
         max_file_mb=int(rows.get("max_file_mb", "100")),
         version=int(rows.get(VERSION_KEY, "1")),
     )
+
+
+def new_invite_code() -> str:
+    """A fresh invite code: 144 random bits, URL-safe."""
+    return secrets.token_urlsafe(18)
 
 
 def invite_hash(code: str) -> bytes:
@@ -190,7 +211,7 @@ class AdminDB:
             rows = dict(self._conn.execute("SELECT key, value FROM policy").fetchall())
         except sqlite3.Error as exc:
             raise StorageError(f"cannot read the policy: {exc}") from None
-        return _policy_from_rows(rows)
+        return policy_from_rows(rows)
 
     def set_policy(self, setting: str, *, now_ms: int) -> Policy:
         """Apply one ``KEY=VALUE`` setting; returns the new policy.
@@ -240,11 +261,8 @@ class AdminDB:
 
         Raises :class:`ConfigError` for a use count out of range or an expiry in the past.
         """
-        if not 1 <= uses <= MAX_INVITE_USES:
-            raise ConfigError(f"uses must be from 1 to {MAX_INVITE_USES}")
-        if expires_at_ms <= now_ms:
-            raise ConfigError("the invite must expire in the future")
-        code = secrets.token_urlsafe(18)
+        check_invite(uses=uses, expires_at_ms=expires_at_ms, now_ms=now_ms)
+        code = new_invite_code()
         with self._transaction() as conn:
             conn.execute(
                 "INSERT INTO invites (code_hash, uses_left, expires_at, created_at)"
@@ -274,17 +292,31 @@ class AdminDB:
 
     # --- events for the running server -------------------------------------------------------
 
-    def pending_events(self, limit: int = 256) -> list[AdminEvent]:
-        """Admin events not yet applied and audited by the server, oldest first."""
+    def events_after(self, after_id: int, limit: int = 256) -> list[AdminEvent]:
+        """Admin events with an id above ``after_id``, oldest first."""
         try:
             rows = self._conn.execute(
-                "SELECT id, at, action, target FROM admin_events WHERE handled = 0"
-                " ORDER BY id LIMIT ?",
-                (limit,),
+                "SELECT id, at, action, target FROM admin_events WHERE id > ? ORDER BY id LIMIT ?",
+                (after_id, limit),
             ).fetchall()
         except sqlite3.Error as exc:
             raise StorageError(f"cannot read admin events: {exc}") from None
         return [AdminEvent(*row) for row in rows]
+
+    def first_cursor(self) -> int:
+        """Where a server with no saved position starts reading events.
+
+        Just before the first event not yet handled: databases written before
+        positions were kept mark applied events ``handled``.
+        """
+        try:
+            row = self._conn.execute(
+                "SELECT (SELECT min(id) - 1 FROM admin_events WHERE handled = 0),"
+                " (SELECT max(id) FROM admin_events)"
+            ).fetchone()
+        except sqlite3.Error as exc:
+            raise StorageError(f"cannot read admin events: {exc}") from None
+        return int(row[0] if row[0] is not None else row[1] or 0)
 
     def queue_depth(self) -> int:
         """Envelopes waiting in all device queues (for the metrics gauge)."""
@@ -293,9 +325,137 @@ class AdminDB:
         except sqlite3.Error as exc:
             raise StorageError(f"cannot count the queue: {exc}") from None
 
-    def mark_handled(self, ids: list[int]) -> None:
-        """Record that these events were applied and audited."""
-        with self._transaction() as conn:
-            conn.executemany(
-                "UPDATE admin_events SET handled = 1 WHERE id = ?", [(i,) for i in ids]
-            )
+
+class AdminBackend(Protocol):
+    """The operator tables as the server and ``bastion admin`` use them.
+
+    :class:`SQLiteAdmin` for a single server, :class:`~bastion.server.pg_admin.PgAdmin`
+    for a cluster. Methods raise :class:`StorageError` when the database fails and
+    :class:`ConfigError` for a change they refuse.
+    """
+
+    async def source(self) -> str:
+        """Names the database the event ids count in (a saved position is only valid there)."""
+        ...
+
+    async def policy(self) -> Policy:
+        """The current policy (defaults for settings never set)."""
+        ...
+
+    async def set_policy(self, setting: str, *, now_ms: int) -> Policy:
+        """Apply one ``KEY=VALUE`` setting; returns the new policy."""
+        ...
+
+    async def users(self) -> list[UserSummary]:
+        """Every account, by name."""
+        ...
+
+    async def set_disabled(self, username: str, disabled: bool, *, now_ms: int) -> None:
+        """Disable or enable an account; :class:`ConfigError` if there is none."""
+        ...
+
+    async def create_invite(self, *, uses: int, expires_at_ms: int, now_ms: int) -> str:
+        """A new invite code good for ``uses`` registrations until ``expires_at_ms``."""
+        ...
+
+    async def use_invite(self, code: str, *, now_ms: int) -> bool:
+        """Take one use of an invite; False if it is unknown, used up or expired."""
+        ...
+
+    async def return_invite(self, code: str) -> None:
+        """Give back a use taken by a registration that then failed."""
+        ...
+
+    async def first_cursor(self) -> int:
+        """The event id a node with no saved position starts after."""
+        ...
+
+    async def events_after(self, after_id: int, limit: int = 256) -> list[AdminEvent]:
+        """Admin events with an id above ``after_id``, oldest first."""
+        ...
+
+    async def queue_depth(self) -> int:
+        """Envelopes waiting in all device queues."""
+        ...
+
+    async def close(self) -> None:
+        """Release the database."""
+        ...
+
+
+class SQLiteAdmin:
+    """:class:`AdminBackend` on a single server's SQLite file, through one worker thread.
+
+    The event loop never waits on the database. Raises as :class:`AdminDB` does.
+    """
+
+    def __init__(self, db: AdminDB, executor: ThreadPoolExecutor) -> None:
+        self._db = db
+        self._executor = executor
+
+    @classmethod
+    async def open(cls, data_dir: Path) -> SQLiteAdmin:
+        """Open (and create if needed) the operator tables of the server in ``data_dir``."""
+        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bastion-admin")
+        try:
+            db = await asyncio.wrap_future(executor.submit(AdminDB, data_dir))
+        except BaseException:
+            executor.shutdown(wait=False)
+            raise
+        return cls(db, executor)
+
+    async def _call(self, fn: Callable[[], T]) -> T:
+        return await asyncio.wrap_future(self._executor.submit(fn))
+
+    async def source(self) -> str:
+        """One server, one file: its event ids are the only ones its data folder knows."""
+        return "sqlite"
+
+    async def policy(self) -> Policy:
+        """See :meth:`AdminBackend.policy`."""
+        return await self._call(self._db.policy)
+
+    async def set_policy(self, setting: str, *, now_ms: int) -> Policy:
+        """See :meth:`AdminBackend.set_policy`."""
+        return await self._call(lambda: self._db.set_policy(setting, now_ms=now_ms))
+
+    async def users(self) -> list[UserSummary]:
+        """See :meth:`AdminBackend.users`."""
+        return await self._call(self._db.users)
+
+    async def set_disabled(self, username: str, disabled: bool, *, now_ms: int) -> None:
+        """See :meth:`AdminBackend.set_disabled`."""
+        await self._call(lambda: self._db.set_disabled(username, disabled, now_ms=now_ms))
+
+    async def create_invite(self, *, uses: int, expires_at_ms: int, now_ms: int) -> str:
+        """See :meth:`AdminBackend.create_invite`."""
+        return await self._call(
+            lambda: self._db.create_invite(uses=uses, expires_at_ms=expires_at_ms, now_ms=now_ms)
+        )
+
+    async def use_invite(self, code: str, *, now_ms: int) -> bool:
+        """See :meth:`AdminBackend.use_invite`."""
+        return await self._call(lambda: self._db.use_invite(code, now_ms=now_ms))
+
+    async def return_invite(self, code: str) -> None:
+        """See :meth:`AdminBackend.return_invite`."""
+        await self._call(lambda: self._db.return_invite(code))
+
+    async def first_cursor(self) -> int:
+        """See :meth:`AdminDB.first_cursor`."""
+        return await self._call(self._db.first_cursor)
+
+    async def events_after(self, after_id: int, limit: int = 256) -> list[AdminEvent]:
+        """See :meth:`AdminBackend.events_after`."""
+        return await self._call(lambda: self._db.events_after(after_id, limit))
+
+    async def queue_depth(self) -> int:
+        """See :meth:`AdminBackend.queue_depth`."""
+        return await self._call(self._db.queue_depth)
+
+    async def close(self) -> None:
+        """Close the database and stop the worker thread."""
+        try:
+            await self._call(self._db.close)
+        finally:
+            self._executor.shutdown(wait=True)

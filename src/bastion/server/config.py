@@ -1,8 +1,10 @@
 """Server settings and limits, with safe defaults, and the optional ``bastion.toml``.
 
-The config file holds one ``[limits]`` table whose keys are the field names of
-:class:`Limits`; docs/limits.md lists them. Unknown keys and wrong types are
-refused with a :class:`~bastion.errors.ConfigError` that names the key.
+The config file holds a ``[limits]`` table whose keys are the field names of
+:class:`Limits` (docs/limits.md lists them) and, for a node of a cluster, a
+``[cluster]`` table with the ``db`` and ``bus`` URLs (docs/deploy.md). Unknown
+keys and wrong types are refused with a :class:`~bastion.errors.ConfigError`
+that names the key.
 """
 
 from __future__ import annotations
@@ -82,7 +84,20 @@ class ServerConfig:
     limits: Limits = field(default_factory=Limits)
 
 
-_SECTIONS = frozenset({"limits"})
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Settings:
+    """Everything a config file sets: the limits and, for a cluster node, where state lives."""
+
+    limits: Limits = field(default_factory=Limits)
+    db: str | None = None  # postgresql://... shared by every node; None: SQLite in the data folder
+    bus: str | None = None  # redis://... linking the nodes; None: this process only
+
+
+_SECTIONS = frozenset({"limits", "cluster"})
+_CLUSTER_KEYS = {
+    "db": ("postgresql://", "postgres://"),
+    "bus": ("redis://", "rediss://", "unix://"),
+}
 _MAY_BE_ZERO = frozenset({"signin_free_failures"})
 
 
@@ -91,6 +106,15 @@ def parse_config(data: bytes | str, *, source: str = CONFIG_FILE) -> Limits:
 
     Raises :class:`ConfigError` naming the file and key for invalid TOML, an
     unknown table or key, a wrong type, or a limit that is not a positive number.
+    """
+    return parse_settings(data, source=source).limits
+
+
+def parse_settings(data: bytes | str, *, source: str = CONFIG_FILE) -> Settings:
+    """Parse the text of a config file into :class:`Settings` (defaults for absent keys).
+
+    Raises :class:`ConfigError` as :func:`parse_config` does, and for a cluster
+    URL that is not text or has the wrong scheme.
     """
     try:
         raw = msgspec.toml.decode(data)
@@ -102,7 +126,10 @@ def parse_config(data: bytes | str, *, source: str = CONFIG_FILE) -> Limits:
         raise ConfigError(f"{source}: expected a table at the top level")
     for name in raw:
         if name not in _SECTIONS:
-            raise ConfigError(f"{source}: unknown setting {name!r} (expected a [limits] table)")
+            raise ConfigError(
+                f"{source}: unknown setting {name!r} (expected [limits] and [cluster] tables)"
+            )
+    cluster = _parse_cluster(raw.get("cluster", {}), source)
     table: Any = raw.get("limits", {})
     if not isinstance(table, dict):
         raise ConfigError(f"{source}: 'limits' must be a table")
@@ -121,15 +148,35 @@ def parse_config(data: bytes | str, *, source: str = CONFIG_FILE) -> Limits:
         if not (math.isfinite(value) and value > 0):
             raise ConfigError(f"{source}: 'limits.{name}' must be a positive number")
     try:
-        return msgspec.convert(table, Limits)
+        limits = msgspec.convert(table, Limits)
     except msgspec.ValidationError as exc:
         raise ConfigError(f"{source}: {exc}") from None
+    return Settings(limits=limits, db=cluster.get("db"), bus=cluster.get("bus"))
+
+
+def _parse_cluster(table: Any, source: str) -> dict[str, str]:
+    if not isinstance(table, dict):
+        raise ConfigError(f"{source}: 'cluster' must be a table")
+    for name, value in table.items():
+        schemes = _CLUSTER_KEYS.get(name)
+        if schemes is None:
+            raise ConfigError(f"{source}: unknown setting 'cluster.{name}' (db, bus)")
+        if not isinstance(value, str) or not value.startswith(schemes):
+            raise ConfigError(
+                f"{source}: 'cluster.{name}' must be a URL starting with {' or '.join(schemes)}"
+            )
+    return dict(table)
 
 
 def load_config(path: Path) -> Limits:
+    """Read and parse a config file; raises :class:`ConfigError` if unreadable or invalid."""
+    return load_settings(path).limits
+
+
+def load_settings(path: Path) -> Settings:
     """Read and parse a config file; raises :class:`ConfigError` if unreadable or invalid."""
     try:
         data = path.read_bytes()
     except OSError as exc:
         raise ConfigError(f"cannot read the config file {path.name}: {exc.strerror}") from None
-    return parse_config(data, source=path.name)
+    return parse_settings(data, source=path.name)

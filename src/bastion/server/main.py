@@ -14,10 +14,11 @@ import time
 from pathlib import Path
 
 from bastion.errors import ConfigError
+from bastion.server.admin import AdminBackend, SQLiteAdmin
 from bastion.server.admin_watch import AdminChannel
 from bastion.server.audit import AUDIT_DIR, AuditLog, ensure_audit_key
 from bastion.server.bus import Bus, LocalBus
-from bastion.server.config import CONFIG_FILE, Limits, ServerConfig, load_config
+from bastion.server.config import CONFIG_FILE, Limits, ServerConfig, Settings, load_settings
 from bastion.server.logs import JsonFormatter
 from bastion.server.metrics import RelayMetrics
 from bastion.server.policy import ensure_policy_key
@@ -44,15 +45,20 @@ def prepare_data_dir(data_dir: Path, host: str, port: int) -> str:
     return name
 
 
-def server_limits(data_dir: Path, config: Path | None) -> Limits:
-    """Limits from ``config``, else from ``bastion.toml`` in the data folder, else defaults.
+def server_settings(data_dir: Path, config: Path | None) -> Settings:
+    """Settings from ``config``, else from ``bastion.toml`` in the data folder, else defaults.
 
     Raises :class:`ConfigError` if the file is unreadable or invalid.
     """
     if config is not None:
-        return load_config(config)
+        return load_settings(config)
     default = data_dir / CONFIG_FILE
-    return load_config(default) if default.exists() else Limits()
+    return load_settings(default) if default.exists() else Settings()
+
+
+def server_limits(data_dir: Path, config: Path | None) -> Limits:
+    """The limits part of :func:`server_settings`."""
+    return server_settings(data_dir, config).limits
 
 
 async def serve(
@@ -69,26 +75,35 @@ async def serve(
     """Run the relay until SIGTERM or SIGINT, then shut down gracefully.
 
     ``db`` (a ``postgresql://`` URL) and ``bus`` (a ``redis://`` URL) make this
-    node one of a cluster; without them it keeps SQLite and an in-process bus.
+    node one of a cluster; without them (here or in the config file's
+    ``[cluster]`` table) it keeps SQLite and an in-process bus.
 
     Raises :class:`ConfigError` for an invalid config file and
     :class:`StorageError` if the database or audit log cannot be opened.
     """
     name = prepare_data_dir(data_dir, host, port)
+    settings = server_settings(data_dir, config)
     if limits is None:
-        limits = server_limits(data_dir, config)
+        limits = settings.limits
+    db = db if db is not None else settings.db
+    bus = bus if bus is not None else settings.bus
     server_config = ServerConfig(
         data_dir=data_dir, host=host, port=port, server_name=name, limits=limits
     )
     if bus is not None and not bus.startswith(("redis://", "rediss://", "unix://")):
         raise ConfigError("the bus URL must start with redis://, rediss:// or unix://")
     store: Store
+    admin_backend: AdminBackend
     if db is None:
         store = SQLiteStore(data_dir / DB_FILE)
+        admin_backend = await SQLiteAdmin.open(data_dir)
     else:
-        from bastion.server.pg_store import PgStore  # noqa: PLC0415 - clustered nodes only
+        from bastion.server.pg_admin import PgAdmin  # noqa: PLC0415 - clustered nodes only
+        from bastion.server.pg_store import PgStore  # noqa: PLC0415
 
-        store = await PgStore.connect(db)
+        pg_store = await PgStore.connect(db)
+        store = pg_store
+        admin_backend = PgAdmin(pg_store.connection)
     relay_bus: Bus = LocalBus()
     if bus is not None:
         from bastion.server.redis_bus import RedisBus  # noqa: PLC0415 - clustered nodes only
@@ -104,10 +119,11 @@ async def serve(
         data_dir / AUDIT_DIR, ensure_audit_key(data_dir), fsync_each_append=False, now=time.time()
     )
     server.audit = audit
-    admin = AdminChannel(data_dir, poll_s=limits.admin_poll_s)
+    admin = await AdminChannel.open(admin_backend, data_dir, poll_s=limits.admin_poll_s)
     server.admin = admin
     await admin.poll_once(audit, server.sign_out_user)
     if metrics_port is not None:
+        admin.count_queue = True
         server.metrics = RelayMetrics()
         server.metrics.watch(lambda: len(server.connections), lambda: admin.queue_depth)
         server.metrics.serve(metrics_port)
@@ -135,7 +151,7 @@ async def serve(
         await redis_bus.close()
     audit.append("server.stopped", time.time())
     audit.close(time.time())
-    admin.close()
+    await admin.close()
     print("stopped", flush=True)
 
 
