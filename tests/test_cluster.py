@@ -12,23 +12,26 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import shutil
 import sys
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import asyncpg
 import pytest
 
-from bastion.client import contacts, presence
+from bastion.client import contacts, files, presence
 from bastion.client.client import Client, MessageEvent
 from bastion.client.presence import PresenceEvent
 from bastion.errors import BastionError, ServerRefusedError
 from bastion.server.tls import CERT_FILE, KEY_FILE
 from tests.conftest import PASSPHRASE, ServerProcess, free_port
 from tests.contacts.support import next_of
+from tests.file_transfer.conftest import next_offer
 from tests.hardening.harness import admin
-from tests.helpers import next_events, texts
+from tests.helpers import drain, next_events, texts
 from tests.server.test_bus_contract import RedisProcess
 from tests.server.test_store_contract import (
     POSTGRES_URL,
@@ -393,3 +396,35 @@ async def test_registration_policy_and_invites_hold_across_nodes(cluster: Cluste
             fingerprint=cluster.a.fingerprint,
             invite=code,
         )
+
+
+async def test_a_file_uploaded_to_one_node_is_downloaded_from_the_other(cluster: Cluster) -> None:
+    alice = await cluster.register("alice", cluster.a.url)
+    bob = await cluster.register("bob", cluster.b.url)
+    try:
+        await alice.connect(receive=False)
+        await bob.connect(receive=True)
+        await befriend(alice, bob)
+        await drain(bob)
+        data = os.urandom(1_600_000).hex().encode()  # several 1 MiB pieces in the database
+        source = cluster.root / "notes.txt"
+        source.write_bytes(data)
+        await files.send_file(alice, "bob", source)
+        offer = await next_offer(bob)
+        assert not list((cluster.b.data_dir / "blobs").glob("*"))  # nothing on bob's node
+        downloads = cluster.root / "downloads"
+        downloads.mkdir()
+        result = await files.get_file(bob, offer.id, downloads)
+        assert result.saved_to is not None
+        assert result.saved_to.read_bytes() == data
+    finally:
+        await alice.close()
+        await bob.close()
+    # Every recipient has it: the ciphertext is gone from the database too.
+    conn = await asyncpg.connect(POSTGRES_URL)
+    try:
+        left = await conn.fetchval(f'SELECT count(*) FROM "{cluster.schema}".blob_pieces')
+    finally:
+        await conn.close()
+    assert left == 0
+    assert not list((cluster.a.data_dir / "blobs").glob("*"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -15,7 +16,14 @@ from bastion.server.blob_store import (
     QuotaExceededError,
     SQLiteBlobStore,
 )
-from bastion.server.blobs import DAY_MS, blob_service
+from bastion.server.blobs import (
+    DAY_MS,
+    PIECE_BYTES,
+    BlobContent,
+    LocalBlobFiles,
+    PgBlobContent,
+    blob_service,
+)
 from bastion.server.bus import LocalBus
 from bastion.server.config import Limits, ServerConfig
 from bastion.server.pg_store import PgStore
@@ -124,13 +132,80 @@ async def test_the_sweep_deletes_expired_blobs_and_their_files(tmp_path: Path) -
             record = blob(name, at=now - age_ms)
             await service.store.create(record, quota_bytes=10_000)
             await service.store.mark_complete(record.blob_id)
-            service.path(record.blob_id).write_bytes(b"ciphertext")
+            (service.folder / record.blob_id).write_bytes(b"ciphertext")
         assert await service.sweep(now_ms=now) == 1
-        assert not service.path(blob("old").blob_id).exists()
-        assert service.path(blob("young").blob_id).exists()
+        assert not (service.folder / blob("old").blob_id).exists()
+        assert (service.folder / blob("young").blob_id).exists()
         assert await service.store.get(blob("old").blob_id) is None
         assert await service.sweep(now_ms=now + 2 * DAY_MS) == 1
         assert list(service.folder.iterdir()) == []
     finally:
         await service.close()
         await sqlite.close()
+
+
+@pytest.fixture(params=["files", "postgres"])
+async def content(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> AsyncIterator[tuple[BlobContent, BlobStore]]:
+    """Where finished blobs live: a single server's files, or a cluster's PostgreSQL."""
+    if request.param == "files":
+        sqlite = SQLiteStore(tmp_path / "bastion.db")
+        yield LocalBlobFiles(tmp_path), await SQLiteBlobStore.open(sqlite)
+        await sqlite.close()
+        return
+    await postgres_or_skip()
+    schema = fresh_schema()
+    pg = await PgStore.connect(f"{POSTGRES_URL}?schema={schema}")
+    try:
+        yield PgBlobContent(pg), PgBlobStore(pg)
+    finally:
+        await pg.close()
+        await drop_schema(schema)
+
+
+async def _published(
+    content: BlobContent, store: BlobStore, folder: Path, name: str, data: bytes
+) -> str:
+    record = blob(name, size=len(data))
+    await store.create(record, quota_bytes=100 * PIECE_BYTES)
+    partial = folder / f"{record.blob_id}.part"
+    partial.write_bytes(data)
+    fd = os.open(partial, os.O_RDWR)
+    await content.publish(record.blob_id, partial, fd)
+    assert not partial.exists()  # the upload's file is consumed
+    with pytest.raises(OSError):
+        os.fstat(fd)  # and closed
+    await store.mark_complete(record.blob_id)
+    return record.blob_id
+
+
+async def test_any_range_of_a_published_blob_reads_back_exactly(
+    content: tuple[BlobContent, BlobStore], tmp_path: Path
+) -> None:
+    files, store = content
+    data = os.urandom(2 * PIECE_BYTES + PIECE_BYTES // 2 + 3)
+    blob_id = await _published(files, store, tmp_path, "big", data)
+    chunk = 64 * 1024
+    for offset in (0, 1, PIECE_BYTES - 100, 2 * PIECE_BYTES - 1, len(data) - 10, len(data)):
+        assert await files.read(blob_id, offset, chunk) == data[offset : offset + chunk]
+    # Straight through, as a download does, and resumed from the middle.
+    got = b"".join([await files.read(blob_id, o, chunk) or b"" for o in range(0, len(data), chunk)])
+    assert got == data
+    empty = await _published(files, store, tmp_path, "empty", b"")
+    assert await files.read(empty, 0, 0) == b""
+    await files.remove(blob_id)
+    assert await files.read(blob_id, 0, chunk) is None
+    assert await files.read(blob("never").blob_id, 0, chunk) is None
+
+
+async def test_a_deleted_blob_takes_its_content_with_it(
+    content: tuple[BlobContent, BlobStore], tmp_path: Path
+) -> None:
+    files, store = content
+    blob_id = await _published(files, store, tmp_path, "gone", os.urandom(1000))
+    if isinstance(files, LocalBlobFiles):
+        await files.remove(blob_id)  # a file is not in the database: the service removes both
+    await store.delete(blob_id)  # in PostgreSQL the pieces go with the record
+    assert await files.read(blob_id, 0, 1000) is None
+    assert await store.get(blob_id) is None

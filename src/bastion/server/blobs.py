@@ -15,9 +15,12 @@ cannot read. The flow, every step on an authenticated connection:
 * ``BlobDone{blob_id}`` -> ``Ok``: once every recipient said so, it is deleted.
 
 An account has at most 8 uploads in progress on a node, and each blob counts
-at least 64 KiB against its quota. Blobs are files ``DATA/blobs/<id>`` (0600);
-a periodic sweep deletes blobs older than ``blob_expiry_days`` and uploads
-unfinished after ``blob_upload_ttl_s``.
+at least 64 KiB against its quota. An upload in progress is a file
+``DATA/blobs/<id>.part`` (0600) on the node receiving it. A finished blob is
+the file ``DATA/blobs/<id>`` on a single server (:class:`LocalBlobFiles`), and
+1 MiB pieces in PostgreSQL in a cluster (:class:`PgBlobContent`), so that every
+node can serve it. A periodic sweep deletes blobs older than
+``blob_expiry_days`` and uploads unfinished after ``blob_upload_ttl_s``.
 Refusals are audited (``upload.blocked``), never with content.
 """
 
@@ -33,7 +36,7 @@ import secrets
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from bastion.errors import StorageError
 from bastion.protocol import frames
@@ -48,6 +51,7 @@ from bastion.server.blob_store import (
 from bastion.server.sqlite_store import SQLiteStore
 
 if TYPE_CHECKING:
+    from bastion.server.pg_store import PgStore
     from bastion.server.relay import ClientConnection, RelayServer
 
 log = logging.getLogger("bastion.server.blobs")
@@ -60,6 +64,7 @@ MIN_CHARGE_BYTES = 64 * 1024
 MAX_UPLOADS_PER_ACCOUNT = 8
 _RECORD_CACHE_S = 5.0
 _RECORD_CACHE_MAX = 1024
+PIECE_BYTES = MIB  # a cluster's blobs are stored in pieces of this size
 
 REFUSAL_MESSAGES = {
     "file_transfer_off": "file transfer is turned off on this server",
@@ -84,20 +89,148 @@ class _Upload:
     digest: hashlib._Hash = field(default_factory=hashlib.sha256)
 
 
-class BlobService:
-    """This node's blob folder, its uploads in progress, and the sweep."""
+def _discard(path: Path) -> None:
+    """Remove a file if it is there (one metadata operation; fine on the event loop)."""
+    path.unlink(missing_ok=True)
 
-    def __init__(self, server: RelayServer, store: BlobStore, folder: Path) -> None:
-        self.server = server
-        self.store = store
+
+class BlobContent(Protocol):
+    """Where finished blobs' ciphertext is kept. Methods raise :class:`StorageError`."""
+
+    async def publish(self, blob_id: str, partial: Path, fd: int) -> None:
+        """Make a finished upload durable as the blob's content.
+
+        ``fd`` is the upload's file, open on ``partial``; both are consumed
+        (closed and removed) whether or not this succeeds.
+        """
+        ...
+
+    async def read(self, blob_id: str, offset: int, length: int) -> bytes | None:
+        """Up to ``length`` bytes from ``offset``; None if the blob has no content (any more)."""
+        ...
+
+    async def remove(self, blob_id: str) -> None:
+        """Delete the blob's content (nothing if there is none)."""
+        ...
+
+
+class LocalBlobFiles:
+    """A single server's blobs: one file each in its data folder."""
+
+    def __init__(self, folder: Path) -> None:
         self.folder = folder
-        self.uploads: dict[str, _Upload] = {}
-        self._records: dict[str, tuple[float, BlobRecord]] = {}
-        self._sweeper: asyncio.Task[None] | None = None
 
     def path(self, blob_id: str) -> Path:
         """Where a complete blob's ciphertext is kept."""
         return self.folder / blob_id
+
+    async def publish(self, blob_id: str, partial: Path, fd: int) -> None:
+        """fsync the upload and rename it into place."""
+        try:
+            try:
+                await asyncio.to_thread(os.fsync, fd)
+            finally:
+                os.close(fd)
+            os.replace(partial, self.path(blob_id))
+        except OSError as exc:
+            _discard(partial)
+            raise StorageError(f"cannot store the file: {exc.strerror}") from None
+
+    async def read(self, blob_id: str, offset: int, length: int) -> bytes | None:
+        """Read from the blob's file."""
+        try:
+            fd = os.open(self.path(blob_id), os.O_RDONLY | os.O_NOFOLLOW)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise StorageError(f"cannot read the file: {exc.strerror}") from None
+        try:
+            return os.pread(fd, length, offset)
+        except OSError as exc:
+            raise StorageError(f"cannot read the file: {exc.strerror}") from None
+        finally:
+            os.close(fd)
+
+    async def remove(self, blob_id: str) -> None:
+        """Delete the blob's file."""
+        _discard(self.path(blob_id))
+
+
+class PgBlobContent:
+    """A cluster's blobs: pieces of :data:`PIECE_BYTES` in PostgreSQL, readable from every node.
+
+    A blob's pieces are written in one transaction before it is marked
+    complete, so no node ever serves half of one; they go with the blob's record.
+    """
+
+    def __init__(self, store: PgStore) -> None:
+        self._store = store
+
+    async def publish(self, blob_id: str, partial: Path, fd: int) -> None:
+        """Copy the upload into PostgreSQL piece by piece (durable at commit), drop the file."""
+        try:
+            os.close(fd)  # opened for writing; the copy reads through its own descriptor
+            reader = os.open(partial, os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError as exc:
+            _discard(partial)
+            raise StorageError(f"cannot store the file: {exc.strerror}") from None
+        try:
+            async with self._store.connection() as conn, conn.transaction():
+                piece = 0
+                while data := await asyncio.to_thread(
+                    os.pread, reader, PIECE_BYTES, piece * PIECE_BYTES
+                ):
+                    await conn.execute(
+                        "INSERT INTO blob_pieces (blob_id, piece, data) VALUES ($1, $2, $3)",
+                        blob_id,
+                        piece,
+                        data,
+                    )
+                    piece += 1
+        finally:
+            os.close(reader)
+            _discard(partial)
+
+    async def read(self, blob_id: str, offset: int, length: int) -> bytes | None:
+        """Read the slices of the pieces that hold the range (only those slices leave the disk)."""
+        if length <= 0:
+            return b""  # the end of the blob (an empty blob has no pieces at all)
+        first, last = offset // PIECE_BYTES, (offset + length - 1) // PIECE_BYTES
+        async with self._store.connection() as conn:
+            rows = await conn.fetch(
+                "SELECT substring(data FROM greatest($3::bigint - piece::bigint * $5, 0)::int + 1"
+                " FOR $4) AS part FROM blob_pieces"
+                " WHERE blob_id = $1 AND piece BETWEEN $2 AND $6 ORDER BY piece",
+                blob_id,
+                first,
+                offset,
+                length,
+                PIECE_BYTES,
+                last,
+            )
+        if not rows:
+            return None
+        return b"".join(row["part"] for row in rows)[:length]
+
+    async def remove(self, blob_id: str) -> None:
+        """Delete the blob's pieces."""
+        async with self._store.connection() as conn:
+            await conn.execute("DELETE FROM blob_pieces WHERE blob_id = $1", blob_id)
+
+
+class BlobService:
+    """This node's uploads in progress, where finished blobs are kept, and the sweep."""
+
+    def __init__(
+        self, server: RelayServer, store: BlobStore, folder: Path, content: BlobContent
+    ) -> None:
+        self.server = server
+        self.store = store
+        self.folder = folder
+        self.content = content
+        self.uploads: dict[str, _Upload] = {}
+        self._records: dict[str, tuple[float, BlobRecord]] = {}
+        self._sweeper: asyncio.Task[None] | None = None
 
     async def record(self, blob_id: str) -> BlobRecord | None:
         """A complete blob's record, cached a few seconds (downloads ask once per chunk)."""
@@ -121,10 +254,10 @@ class BlobService:
             upload.path.unlink(missing_ok=True)
 
     async def delete(self, blob_id: str) -> None:
-        """Delete a blob's file and record."""
+        """Delete a blob's content and record."""
         self.abort_upload(blob_id)
         self._records.pop(blob_id, None)
-        self.path(blob_id).unlink(missing_ok=True)
+        await self.content.remove(blob_id)
         await self.store.delete(blob_id)
 
     async def sweep(self, *, now_ms: int) -> int:
@@ -166,20 +299,23 @@ class BlobService:
 
 async def _create_service(server: RelayServer) -> BlobService:
     store: BlobStore
+    content: BlobContent
+    folder = server.config.data_dir / BLOBS_DIR
     if isinstance(server.store, SQLiteStore):
         store = await SQLiteBlobStore.open(server.store)
+        content = LocalBlobFiles(folder)
     else:
         from bastion.server.pg_store import PgStore  # noqa: PLC0415 - clustered nodes only
 
         if not isinstance(server.store, PgStore):
             raise StorageError("file transfer needs the SQLite or PostgreSQL store")
         store = PgBlobStore(server.store)
-    folder = server.config.data_dir / BLOBS_DIR
+        content = PgBlobContent(server.store)
     try:
         folder.mkdir(mode=0o700, parents=True, exist_ok=True)
     except OSError as exc:
         raise StorageError(f"cannot create the blob folder: {exc.strerror}") from None
-    service = BlobService(server, store, folder)
+    service = BlobService(server, store, folder, content)
     service.start_sweeping()
     return service
 
@@ -342,13 +478,10 @@ async def blob_end(conn: ClientConnection, frame: frames.BlobEnd) -> None:
         )
         return
     try:
-        await asyncio.to_thread(os.fsync, upload.fd)
-        os.close(upload.fd)
-        os.replace(upload.path, service.path(frame.blob_id))
-    except OSError as exc:
-        upload.path.unlink(missing_ok=True)
+        await service.content.publish(frame.blob_id, upload.path, upload.fd)
+    except StorageError:
         await service.store.delete(frame.blob_id)
-        raise StorageError(f"cannot store the file: {exc.strerror}") from None
+        raise
     await service.store.mark_complete(frame.blob_id)
     conn.send_frame(frames.Ok(req=frame.req))
 
@@ -378,17 +511,10 @@ async def blob_get(conn: ClientConnection, frame: frames.BlobGet) -> None:
         conn.refuse(frame.req, "bad_offset", "the offset is past the end of the file")
         return
     length = min(frames.MAX_BLOB_CHUNK_BYTES, record.size - frame.offset)
-    try:
-        fd = os.open(service.path(frame.blob_id), os.O_RDONLY | os.O_NOFOLLOW)
-    except FileNotFoundError:
+    data = await service.content.read(frame.blob_id, frame.offset, length)
+    if data is None:
         conn.refuse(frame.req, "unknown_blob", "no such file, or it has expired")
         return
-    except OSError as exc:
-        raise StorageError(f"cannot read the file: {exc.strerror}") from None
-    try:
-        data = os.pread(fd, length, frame.offset)
-    finally:
-        os.close(fd)
     conn.send_frame(
         frames.BlobData(
             req=frame.req,
