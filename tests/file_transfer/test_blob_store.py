@@ -209,3 +209,18 @@ async def test_a_deleted_blob_takes_its_content_with_it(
     await store.delete(blob_id)  # in PostgreSQL the pieces go with the record
     assert await files.read(blob_id, 0, 1000) is None
     assert await store.get(blob_id) is None
+
+
+async def test_uploads_cut_off_by_a_stop_are_removed_when_the_node_starts(tmp_path: Path) -> None:
+    folder = tmp_path / "blobs"
+    folder.mkdir()
+    (folder / f"{blob('cut').blob_id}.part").write_bytes(b"half an upload")
+    (folder / blob("kept").blob_id).write_bytes(b"a finished blob")
+    sqlite = SQLiteStore(tmp_path / "bastion.db")
+    server = RelayServer(ServerConfig(data_dir=tmp_path), sqlite, LocalBus())
+    service = await blob_service(server)
+    try:
+        assert sorted(p.name for p in folder.iterdir()) == [blob("kept").blob_id]
+    finally:
+        await service.close()
+        await sqlite.close()

@@ -313,6 +313,10 @@ async def _create_service(server: RelayServer) -> BlobService:
         content = PgBlobContent(server.store)
     try:
         folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # No upload is in progress before the service exists: any partial file was
+        # left by a node that stopped mid-upload, and no one can finish it.
+        for partial in folder.glob("*.part"):
+            _discard(partial)
     except OSError as exc:
         raise StorageError(f"cannot create the blob folder: {exc.strerror}") from None
     service = BlobService(server, store, folder, content)
