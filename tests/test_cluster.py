@@ -21,7 +21,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from bastion.client import contacts, presence
+from bastion.client import contacts, devices, presence
 from bastion.client.client import Client, MessageEvent
 from bastion.client.presence import PresenceEvent
 from bastion.errors import BastionError, ServerRefusedError
@@ -341,3 +341,43 @@ async def test_an_account_disabled_in_postgresql_cannot_sign_in_on_any_node(
         await carol.connect(receive=False)  # everyone else is unaffected
     finally:
         await carol.close()
+
+
+async def test_a_device_links_through_another_node_then_signs_in_and_talks(
+    cluster: Cluster,
+) -> None:
+    """The existing device is on node A; the new one reaches the cluster through node B."""
+    alice = await cluster.register("alice", cluster.a.url)
+    bob = await cluster.register("bob", cluster.b.url)
+    laptop: Client | None = None
+    try:
+        await alice.connect(receive=False)
+        await bob.connect()
+        await befriend(alice, bob)
+        assert texts([e async for e in bob.receive(until_synced=True)]) == []
+        codes: asyncio.Queue[str] = asyncio.Queue()
+        offer = asyncio.create_task(devices.offer_link(alice, codes.put_nowait))
+        code = await asyncio.wait_for(codes.get(), 10)
+        laptop = await devices.join_with_code(
+            cluster.root / "profiles" / "alice-laptop",
+            PASSPHRASE,
+            code=code,
+            server_url=cluster.b.url,
+            fingerprint=cluster.b.fingerprint,
+        )
+        linked = await asyncio.wait_for(offer, 10)
+        assert linked.device_id == laptop.account.device_id
+        assert laptop.account.username == "alice"
+        listed = {d.device_id for d in await devices.list_devices(alice)}
+        assert listed == {alice.account.device_id, laptop.account.device_id}
+
+        await laptop.connect()  # signs in on node B with its own device key
+        assert texts([e async for e in laptop.receive(until_synced=True)]) == []
+        await laptop.send_text("bob", "from the new laptop")
+        assert texts(await next_events(bob, 1)) == ["from the new laptop"]
+        await bob.send_text("alice", "hello laptop")
+        assert texts(await next_events(laptop, 1)) == ["hello laptop"]
+    finally:
+        for client in (alice, bob, laptop):
+            if client is not None:
+                await client.close()

@@ -10,6 +10,7 @@ RedisBus tests are skipped, with the reason, when Redis is unreachable.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import secrets
 import shutil
@@ -18,12 +19,14 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis.asyncio as redis
 from redis.exceptions import RedisError
 
 from bastion.server.bus import Bus, BusEvent, KeysLow, Kick, LocalBus
+from bastion.server.link_slots import LinkError
 from bastion.server.redis_bus import RedisBus
 from bastion.server.store import QueuedEnvelope
 from tests.conftest import free_port
@@ -141,20 +144,29 @@ def envelope(seq: int, body: bytes = b"ciphertext") -> QueuedEnvelope:
     return QueuedEnvelope(seq, "bob", "b1", "alice", "a1", 1234, 1, body)
 
 
-@pytest.fixture(params=["local", "redis"])
-async def cluster(request: pytest.FixtureRequest) -> AsyncIterator[Cluster]:
-    if request.param == "local":
-        bus = LocalBus()
+@contextlib.asynccontextmanager
+async def two_nodes(kind: str, **options: Any) -> AsyncIterator[Cluster]:
+    """One LocalBus seen from both sides, or two RedisBus nodes with a prefix of their own."""
+    if kind == "local":
+        bus = LocalBus(**options)
         yield Cluster(bus, bus)
         return
     await redis_or_skip()
     prefix = f"bastion-test-{secrets.token_hex(6)}"
-    nodes = [RedisBus(REDIS_URL, prefix=prefix) for _ in range(2)]
-    for node in nodes:
-        assert await node.start()
-    yield Cluster(nodes[0], nodes[1])
-    for node in nodes:
-        await node.close()
+    nodes = [RedisBus(REDIS_URL, prefix=prefix, **options) for _ in range(2)]
+    try:
+        for node in nodes:
+            assert await node.start()
+        yield Cluster(nodes[0], nodes[1])
+    finally:
+        for node in nodes:
+            await node.close()
+
+
+@pytest.fixture(params=["local", "redis"])
+async def cluster(request: pytest.FixtureRequest) -> AsyncIterator[Cluster]:
+    async with two_nodes(request.param) as nodes:
+        yield nodes
 
 
 async def test_an_event_reaches_the_devices_subscriber_wherever_it_is(cluster: Cluster) -> None:
@@ -382,5 +394,110 @@ async def test_limits_still_hold_on_a_node_that_cannot_reach_redis() -> None:
     try:
         takes = [await bus.take("claims", "alice", 0.001, 2.0) for _ in range(3)]
         assert takes == [True, True, False]  # counted on this node alone, never waved through
+    finally:
+        await bus.close()
+
+
+# --- link slots ---------------------------------------------------------------------------------
+
+SLOT = bytes(range(32))
+ALICE_1 = ("alice", "a1")
+
+
+@dataclass
+class LinkEnd:
+    """One connection's end of a link: the blobs handed to it."""
+
+    blobs: list[bytes] = field(default_factory=list)
+
+    def __call__(self, blob: bytes) -> None:
+        self.blobs.append(blob)
+
+
+async def test_a_link_pairs_an_owner_and_a_joiner_on_any_nodes(cluster: Cluster) -> None:
+    owner, joiner = LinkEnd(), LinkEnd()
+    await cluster.a.link_open(SLOT, ALICE_1, owner)
+    await cluster.b.link_join(SLOT, b"sealed request", joiner)
+    await until(lambda: owner.blobs == [b"sealed request"])
+    await cluster.a.link_answer(SLOT, ALICE_1, b"sealed grant")
+    await until(lambda: joiner.blobs == [b"sealed grant"])
+    # The answer closed the slot: it can neither be answered nor joined again.
+    with pytest.raises(LinkError, match="no device is waiting"):
+        await cluster.a.link_answer(SLOT, ALICE_1, b"again")
+    with pytest.raises(LinkError, match="unknown, expired or already used"):
+        await cluster.b.link_join(SLOT, b"late", LinkEnd())
+    await cluster.settle()
+    assert owner.blobs == [b"sealed request"]
+    assert joiner.blobs == [b"sealed grant"]
+
+
+async def test_a_slot_takes_one_joiner_even_when_two_race_on_two_nodes(cluster: Cluster) -> None:
+    await cluster.a.link_open(SLOT, ALICE_1, LinkEnd())
+    first, second = LinkEnd(), LinkEnd()
+    results = await asyncio.gather(
+        cluster.a.link_join(SLOT, b"one", first),
+        cluster.b.link_join(SLOT, b"two", second),
+        return_exceptions=True,
+    )
+    assert sorted(type(r).__name__ for r in results) == ["LinkError", "NoneType"]
+    winner = first if results[0] is None else second
+    await cluster.b.link_answer(SLOT, ALICE_1, b"grant")  # the owner may answer through any node
+    await until(lambda: winner.blobs == [b"grant"])
+    await cluster.settle()
+    assert (first.blobs + second.blobs) == [b"grant"]
+
+
+async def test_only_the_owning_device_may_answer_and_only_after_a_join(cluster: Cluster) -> None:
+    await cluster.a.link_open(SLOT, ALICE_1, LinkEnd())
+    with pytest.raises(LinkError, match="no device is waiting"):
+        await cluster.a.link_answer(SLOT, ALICE_1, b"too early")
+    joiner = LinkEnd()
+    await cluster.b.link_join(SLOT, b"request", joiner)
+    for other in (("alice", "a2"), ("mallory", "a1")):
+        with pytest.raises(LinkError, match="no device is waiting"):
+            await cluster.b.link_answer(SLOT, other, b"forged grant")
+    await cluster.a.link_answer(SLOT, ALICE_1, b"grant")
+    await until(lambda: joiner.blobs == [b"grant"])
+
+
+async def test_a_device_holds_one_slot_and_a_taken_slot_cannot_be_opened_again(
+    cluster: Cluster,
+) -> None:
+    other_slot = bytes(32)
+    await cluster.a.link_open(SLOT, ALICE_1, LinkEnd())
+    await cluster.b.link_open(other_slot, ALICE_1, LinkEnd())  # replaces the first
+    with pytest.raises(LinkError, match="unknown"):
+        await cluster.a.link_join(SLOT, b"request", LinkEnd())
+    with pytest.raises(LinkError, match="cannot open a link now"):
+        await cluster.a.link_open(other_slot, ("bob", "b1"), LinkEnd())
+    await cluster.a.link_join(other_slot, b"request", LinkEnd())
+
+
+@pytest.mark.parametrize("kind", ["local", "redis"])
+async def test_slots_are_bounded_in_number_and_time(kind: str) -> None:
+    async with two_nodes(kind, link_ttl_s=0.5, max_link_slots=2) as nodes:
+        await nodes.a.link_open(bytes([1]) * 32, ("ann", "d1"), LinkEnd())
+        await nodes.b.link_open(bytes([2]) * 32, ("ben", "d1"), LinkEnd())
+        with pytest.raises(LinkError, match="cannot open a link now"):
+            await nodes.a.link_open(bytes([3]) * 32, ("cat", "d1"), LinkEnd())
+        await asyncio.sleep(0.6)  # both expired: the cluster has room again, and they are gone
+        with pytest.raises(LinkError, match="unknown, expired"):
+            await nodes.b.link_join(bytes([1]) * 32, b"request", LinkEnd())
+        await nodes.a.link_open(bytes([3]) * 32, ("cat", "d1"), LinkEnd())
+        await nodes.b.link_open(bytes([4]) * 32, ("dan", "d1"), LinkEnd())
+
+
+async def test_linking_fails_at_once_on_a_node_that_cannot_reach_redis() -> None:
+    bus = RedisBus(f"redis://127.0.0.1:{free_port()}/0", retry_min_s=0.05)
+    try:
+        started = time.perf_counter()
+        with pytest.raises(LinkError, match="unavailable") as caught:
+            await bus.link_open(SLOT, ALICE_1, LinkEnd())
+        assert caught.value.code == "link_failed"
+        with pytest.raises(LinkError, match="unavailable"):
+            await bus.link_join(SLOT, b"request", LinkEnd())
+        with pytest.raises(LinkError, match="unavailable"):
+            await bus.link_answer(SLOT, ALICE_1, b"grant")
+        assert time.perf_counter() - started < 10.0
     finally:
         await bus.close()

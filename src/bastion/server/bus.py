@@ -13,6 +13,7 @@ from typing import Protocol
 
 from bastion.protocol import frames
 from bastion.ratelimit import RateLimiter
+from bastion.server.link_slots import LINK_TTL_S, MAX_LINK_SLOTS, LinkDeliver, LinkSlots, Owner
 from bastion.server.store import QueuedEnvelope
 
 
@@ -85,6 +86,21 @@ class Bus(Protocol):
         """
         ...
 
+    # Link slots (see bastion.server.link_slots): the two connections of a link may
+    # be on different nodes. Each raises LinkError when the link cannot go on.
+
+    async def link_open(self, slot: bytes, owner: Owner, to_owner: LinkDeliver) -> None:
+        """Open ``slot`` for the owning device; what the joiner sends goes to ``to_owner``."""
+        ...
+
+    async def link_join(self, slot: bytes, blob: bytes, to_joiner: LinkDeliver) -> None:
+        """Take the slot's one joiner place and hand ``blob`` to its owner."""
+        ...
+
+    async def link_answer(self, slot: bytes, owner: Owner, blob: bytes) -> None:
+        """Close the owner's joined slot and hand ``blob`` to the joiner."""
+        ...
+
 
 class LocalLimits:
     """Token buckets of one node, one :class:`RateLimiter` per limit name."""
@@ -103,10 +119,13 @@ class LocalLimits:
 class LocalBus:
     """The in-process bus of a single server node."""
 
-    def __init__(self) -> None:
+    def __init__(
+        self, *, link_ttl_s: float = LINK_TTL_S, max_link_slots: int = MAX_LINK_SLOTS
+    ) -> None:
         self._subscribers: dict[tuple[str, str], Subscriber] = {}
         self._present: set[str] = set()
         self._limits = LocalLimits()
+        self._links = LinkSlots(ttl_s=link_ttl_s, max_slots=max_link_slots)
 
     def subscribe(self, user: str, device_id: str, subscriber: Subscriber) -> None:
         """Receive the device's events; the earlier subscriber is told to close."""
@@ -151,3 +170,15 @@ class LocalBus:
     async def take(self, limit: str, key: str, rate: float, burst: float) -> bool:
         """One node: its own buckets are the whole count."""
         return self._limits.take(limit, key, rate, burst)
+
+    async def link_open(self, slot: bytes, owner: Owner, to_owner: LinkDeliver) -> None:
+        """Open the slot in this process's table."""
+        self._links.open(slot, owner, to_owner, time.monotonic())
+
+    async def link_join(self, slot: bytes, blob: bytes, to_joiner: LinkDeliver) -> None:
+        """Join the slot and hand ``blob`` to its owner's connection here."""
+        self._links.join(slot, to_joiner, time.monotonic())(blob)
+
+    async def link_answer(self, slot: bytes, owner: Owner, blob: bytes) -> None:
+        """Close the slot and hand ``blob`` to the joiner's connection here."""
+        self._links.answer(slot, owner, time.monotonic())(blob)

@@ -84,7 +84,6 @@ class RelayServer:
         self._server: asyncio.Server | None = None
         limits = self.limits
         self.connection_class = ClientConnection
-        self.link_slots = devices.LinkSlots()
         self.keys_low_notified: set[tuple[str, str]] = set()
         self.all_closed = asyncio.Event()
         # State that features built on the relay keep per server (their stores, caches).
