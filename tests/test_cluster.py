@@ -24,7 +24,9 @@ import pytest
 from bastion.client import contacts, devices, presence
 from bastion.client.client import Client, MessageEvent
 from bastion.client.presence import PresenceEvent
+from bastion.crypto.olm import OlmDevice
 from bastion.errors import BastionError, ServerRefusedError
+from bastion.protocol import frames
 from bastion.server.tls import CERT_FILE, KEY_FILE
 from tests.conftest import PASSPHRASE, ServerProcess, free_port
 from tests.contacts.support import next_of
@@ -36,6 +38,7 @@ from tests.server.test_store_contract import (
     fresh_schema,
     postgres_or_skip,
 )
+from tests.test_signin import RawAccount, connect, register_raw, signin_frame
 
 pytestmark = pytest.mark.network
 
@@ -381,3 +384,55 @@ async def test_a_device_links_through_another_node_then_signs_in_and_talks(
         for client in (alice, bob, laptop):
             if client is not None:
                 await client.close()
+
+
+async def attempt_signin(
+    node: ServerProcess, account: RawAccount, signer: OlmDevice
+) -> frames.ServerFrame | ServerRefusedError:
+    """One sign-in to ``account`` signed by ``signer``, on a connection of its own."""
+    conn = await connect(node)
+    try:
+        challenge = await conn.fresh_challenge()
+        req = conn.next_req()
+        frame = signin_frame(
+            challenge, req, username=account.username, device_id=account.device_id, signer=signer
+        )
+        try:
+            return await conn.request(frame, req)
+        except ServerRefusedError as exc:
+            return exc
+    finally:
+        await conn.aclose()
+
+
+async def test_failed_sign_ins_on_one_node_hold_back_the_next_on_the_other(
+    cluster: Cluster,
+) -> None:
+    alice = await register_raw(cluster.a, "alice")
+    wrong_key = OlmDevice.create()
+    # The five free failures, then three more (the last two wait out 1 s and 2 s of
+    # back-off first), all on node A, which now blocks this address and account for 4 s.
+    failures = 0
+    while failures < 8:
+        refused = await attempt_signin(cluster.a, alice, wrong_key)
+        assert isinstance(refused, ServerRefusedError)
+        if refused.code == "rate_limited":
+            await asyncio.sleep(0.25)
+            continue
+        assert refused.code == "auth_failed"
+        failures += 1
+
+    # Node B refuses even the right key for now, and says how long to wait.
+    on_b = await attempt_signin(cluster.b, alice, alice.device)
+    assert isinstance(on_b, ServerRefusedError)
+    assert on_b.code == "rate_limited"
+    assert "try again in" in str(on_b)
+
+    # Once the wait is over, the owner signs in on node B.
+    for _ in range(80):
+        on_b = await attempt_signin(cluster.b, alice, alice.device)
+        if not isinstance(on_b, ServerRefusedError):
+            break
+        assert on_b.code == "rate_limited"
+        await asyncio.sleep(0.25)
+    assert isinstance(on_b, frames.SignedIn)

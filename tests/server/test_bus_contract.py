@@ -25,6 +25,7 @@ import pytest
 import redis.asyncio as redis
 from redis.exceptions import RedisError
 
+from bastion.ratelimit import BackoffRules
 from bastion.server.bus import Bus, BusEvent, KeysLow, Kick, LocalBus
 from bastion.server.link_slots import LinkError
 from bastion.server.redis_bus import RedisBus
@@ -501,3 +502,78 @@ async def test_linking_fails_at_once_on_a_node_that_cannot_reach_redis() -> None
         assert time.perf_counter() - started < 10.0
     finally:
         await bus.close()
+
+
+# --- failure back-off ---------------------------------------------------------------------------
+
+BACKOFF = BackoffRules(base_delay=10.0, max_delay=40.0, free_failures=2, quiet_period=1000.0)
+
+
+async def test_a_failure_back_off_is_one_count_for_every_node(cluster: Cluster) -> None:
+    async def fail(bus: Bus, key: str = "1.2.3.4/alice") -> None:
+        await bus.record_failure("signin", key, BACKOFF)
+
+    await fail(cluster.a)
+    await fail(cluster.b)  # the free failures are spent across the nodes
+    assert await cluster.a.failure_wait("signin", "1.2.3.4/alice") == 0.0
+    await fail(cluster.a)
+    assert 9.0 < await cluster.b.failure_wait("signin", "1.2.3.4/alice") <= 10.0
+    await fail(cluster.b)
+    assert 19.0 < await cluster.a.failure_wait("signin", "1.2.3.4/alice") <= 20.0
+    for _ in range(3):
+        await fail(cluster.a)
+    assert 39.0 < await cluster.b.failure_wait("signin", "1.2.3.4/alice") <= 40.0  # the most
+    assert await cluster.b.failure_wait("signin", "1.2.3.4/bob") == 0.0  # another key
+    assert await cluster.b.failure_wait("other", "1.2.3.4/alice") == 0.0  # another limit
+    await cluster.b.clear_failures("signin", "1.2.3.4/alice")
+    assert await cluster.a.failure_wait("signin", "1.2.3.4/alice") == 0.0
+
+
+async def test_a_failure_back_off_steps_down_once_per_quiet_period(cluster: Cluster) -> None:
+    rules = BackoffRules(base_delay=0.1, max_delay=100.0, free_failures=0, quiet_period=0.5)
+    for bus in (cluster.a, cluster.b, cluster.a):
+        await bus.record_failure("signin", "alice", rules)  # level 3: blocked 0.4 s
+    assert 0.3 < await cluster.b.failure_wait("signin", "alice") <= 0.4
+    await asyncio.sleep(1.1)  # over, and two quiet periods: level 1
+    assert await cluster.b.failure_wait("signin", "alice") == 0.0
+    await cluster.b.record_failure("signin", "alice", rules)
+    # Level 2 (0.2 s), where no decay would give level 4 (0.8 s).
+    assert 0.05 < await cluster.a.failure_wait("signin", "alice") < 0.5
+
+
+async def test_a_back_off_leaves_redis_once_it_no_longer_matters() -> None:
+    await redis_or_skip()
+    prefix = f"bastion-test-{secrets.token_hex(6)}"
+    bus = RedisBus(REDIS_URL, prefix=prefix)
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        rules = BackoffRules(base_delay=1.0, max_delay=8.0, free_failures=0, quiet_period=5.0)
+        for _ in range(3):
+            await bus.record_failure("signin", "alice", rules)
+        [key] = await client.keys(f"{prefix}:backoff:*")
+        # Level 3 decays to nothing 15 s after the last failure (plus a second of slack).
+        assert 14_000 < await client.pttl(key) <= 16_000
+    finally:
+        await client.aclose()
+        await bus.close()
+
+
+async def test_a_back_off_still_holds_while_redis_is_away(private_redis: RedisProcess) -> None:
+    rules = BackoffRules(base_delay=30.0, max_delay=60.0, free_failures=1, quiet_period=1000.0)
+    a = RedisBus(private_redis.url, prefix="bastion-test", retry_min_s=0.05)
+    b = RedisBus(private_redis.url, prefix="bastion-test", retry_min_s=0.05)
+    try:
+        await a.record_failure("signin", "alice", rules)
+        await a.record_failure("signin", "alice", rules)
+        assert await b.failure_wait("signin", "alice") > 29.0
+        private_redis.kill()
+        # Node a counted its own failures too: it keeps refusing, never waves them through.
+        assert await a.failure_wait("signin", "alice") > 29.0
+        # Node b saw none; failures made during the outage count on it alone.
+        assert await b.failure_wait("signin", "bob") == 0.0
+        await b.record_failure("signin", "bob", rules)
+        await b.record_failure("signin", "bob", rules)
+        assert await b.failure_wait("signin", "bob") > 29.0
+    finally:
+        await a.close()
+        await b.close()

@@ -30,6 +30,11 @@ Every node sweeps the index: a user whose nodes all expired (they died) is
 removed by exactly one sweeping node, which tells its listeners, so contacts
 are told "offline" within about ``presence_ttl_s`` of a node's death.
 
+*Limits.* Token buckets and failure back-offs are hashes updated by Lua scripts
+on Redis's clock, expiring once they no longer matter. While Redis is
+unreachable a node counts on its own (:class:`~bastion.server.bus.LocalLimits`);
+it records every back-off failure there as well, so its own stay counted.
+
 *Link slots.* A slot is a hash naming its owning device and, for each side, the
 node and a random token of the connection; an index of slot expiries bounds
 their number and a key per owning device keeps one slot per device. Lua scripts
@@ -58,6 +63,7 @@ from redis.exceptions import RedisError
 from redis.typing import EncodableT
 
 from bastion.protocol import frames
+from bastion.ratelimit import BackoffRules
 from bastion.server import link_slots
 from bastion.server.bus import BusEvent, KeysLow, Kick, LocalLimits, PresenceLost, Push, Subscriber
 from bastion.server.link_slots import LinkDeliver, LinkError, Owner
@@ -135,6 +141,48 @@ redis.call('PEXPIRE', KEYS[1], math.ceil((burst - tokens) / rate * 1000) + 1000)
 return taken
 """
 
+# KEYS: the back-off. ARGV: base delay, max delay, free failures, quiet period, max level.
+# FailureBackoff.record_failure on Redis's clock; the key lives while it still matters
+# (blocked, or a level that has not decayed to nothing).
+_FAIL = """
+local base = tonumber(ARGV[1])
+local max_delay = tonumber(ARGV[2])
+local free = tonumber(ARGV[3])
+local quiet = tonumber(ARGV[4])
+local max_level = tonumber(ARGV[5])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local s = redis.call('HMGET', KEYS[1], 'level', 'last', 'until')
+local level = tonumber(s[1])
+local last = tonumber(s[2])
+local blocked = tonumber(s[3])
+local at = now
+if level == nil or last == nil or blocked == nil then
+  level = 1
+  blocked = now
+else
+  level = math.max(0, level - math.floor(math.max(0, now - last) / quiet))
+  level = math.min(level + 1, max_level)
+  at = math.max(now, last)
+end
+local steps = level - free
+local delay = 0
+if steps > 0 then delay = math.min(base * 2 ^ (steps - 1), max_delay) end
+blocked = math.max(blocked, at + delay)
+redis.call('HSET', KEYS[1], 'level', level, 'last', string.format('%.17g', at),
+  'until', string.format('%.17g', blocked))
+local keep = math.max(blocked - now, at - now + level * quiet)
+redis.call('PEXPIRE', KEYS[1], math.ceil(keep * 1000) + 1000)
+return string.format('%.17g', math.max(0, blocked - now))
+"""
+# KEYS: the back-off. Seconds still blocked, as text (a Lua number would be cut to an integer).
+_FAIL_WAIT = """
+local blocked = tonumber(redis.call('HGET', KEYS[1], 'until'))
+if blocked == nil then return '0' end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+return string.format('%.17g', math.max(0, blocked - now))
+"""
 # KEYS: the slot, the owner's key, the slot index. ARGV: slot id, owner, node, token,
 # ttl in ms, most slots, the slot-key prefix. 1 if opened; the owner's earlier slot goes.
 _LINK_OPEN = """
@@ -335,6 +383,8 @@ class RedisBus:
         self._down = self._redis.register_script(_PRESENCE_DOWN)
         self._sweep = self._redis.register_script(_PRESENCE_SWEEP)
         self._take = self._redis.register_script(_TAKE)
+        self._fail = self._redis.register_script(_FAIL)
+        self._fail_wait = self._redis.register_script(_FAIL_WAIT)
         self._link_open = self._redis.register_script(_LINK_OPEN)
         self._link_join = self._redis.register_script(_LINK_JOIN)
         self._link_answer = self._redis.register_script(_LINK_ANSWER)
@@ -492,6 +542,47 @@ class RedisBus:
             log.warning("bus.limit_failed", extra={"error": type(exc).__name__})
             return self._local_limits.take(limit, key, rate, burst)
         return bool(taken)
+
+    async def failure_wait(self, limit: str, key: str) -> float:
+        """Seconds the cluster's back-off still blocks the key; this node's while Redis is away."""
+        try:
+            wait = await self._fail_wait(keys=[self._backoff_key(limit, key)])
+        except (RedisError, OSError) as exc:
+            log.warning("bus.limit_failed", extra={"error": type(exc).__name__})
+            return self._local_limits.failure_wait(limit, key)
+        return float(wait)
+
+    async def record_failure(self, limit: str, key: str, rules: BackoffRules) -> None:
+        """Count the failure in the cluster's back-off, and in this node's.
+
+        This node's own count is what :meth:`failure_wait` answers while Redis is
+        unreachable, so its failures keep counting through an outage.
+        """
+        self._local_limits.record_failure(limit, key, rules)
+        try:
+            await self._fail(
+                keys=[self._backoff_key(limit, key)],
+                args=[
+                    rules.base_delay,
+                    rules.max_delay,
+                    rules.free_failures,
+                    rules.quiet_period,
+                    rules.max_level,
+                ],
+            )
+        except (RedisError, OSError) as exc:
+            log.warning("bus.limit_failed", extra={"error": type(exc).__name__})
+
+    async def clear_failures(self, limit: str, key: str) -> None:
+        """Forget the key's failures in the cluster and on this node."""
+        self._local_limits.clear_failures(limit, key)
+        try:
+            await self._redis.delete(self._backoff_key(limit, key))
+        except (RedisError, OSError) as exc:
+            log.warning("bus.limit_failed", extra={"error": type(exc).__name__})
+
+    def _backoff_key(self, limit: str, key: str) -> bytes:
+        return b"%s:backoff:%s:%s" % (self._prefix, limit.encode(), key.encode())
 
     # --- link slots ---------------------------------------------------------------------------
 
