@@ -35,13 +35,8 @@ on Redis's clock, expiring once they no longer matter. While Redis is
 unreachable a node counts on its own (:class:`~bastion.server.bus.LocalLimits`);
 it records every back-off failure there as well, so its own stay counted.
 
-*Link slots.* A slot is a hash naming its owning device and, for each side, the
-node and a random token of the connection; an index of slot expiries bounds
-their number and a key per owning device keeps one slot per device. Lua scripts
-make opening, taking the one joiner place and answering atomic. A blob for the
-other side is published on that node's own channel with the token, and the
-node hands it to the connection. Without Redis no link can be made: every call
-fails with :class:`~bastion.server.link_slots.LinkError` at once.
+*Link slots* are kept in Redis by :class:`~bastion.server.redis_links.RedisLinkSlots`;
+each node listens on a channel of its own for the link blobs of its connections.
 """
 
 from __future__ import annotations
@@ -51,22 +46,20 @@ import contextlib
 import logging
 import secrets
 import time
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import msgspec
 import redis.asyncio as redis
 from redis.asyncio.client import PubSub
-from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
-from redis.typing import EncodableT
 
 from bastion.protocol import frames
 from bastion.ratelimit import BackoffRules
-from bastion.server import link_slots
 from bastion.server.bus import BusEvent, KeysLow, Kick, LocalLimits, PresenceLost, Push, Subscriber
-from bastion.server.link_slots import LinkDeliver, LinkError, Owner
+from bastion.server.link_slots import LINK_TTL_S, MAX_LINK_SLOTS, LinkDeliver, Owner
+from bastion.server.redis_links import RedisLinkSlots
 from bastion.server.store import QueuedEnvelope
 
 log = logging.getLogger("bastion.server.bus")
@@ -183,45 +176,6 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 return string.format('%.17g', math.max(0, blocked - now))
 """
-# KEYS: the slot, the owner's key, the slot index. ARGV: slot id, owner, node, token,
-# ttl in ms, most slots, the slot-key prefix. 1 if opened; the owner's earlier slot goes.
-_LINK_OPEN = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
-local previous = redis.call('GET', KEYS[2])
-if previous then
-  redis.call('DEL', ARGV[7] .. previous)
-  redis.call('ZREM', KEYS[3], previous)
-  redis.call('DEL', KEYS[2])
-end
-if redis.call('EXISTS', KEYS[1]) == 1 or redis.call('ZCARD', KEYS[3]) >= tonumber(ARGV[6]) then
-  return 0
-end
-redis.call('HSET', KEYS[1], 'owner', ARGV[2], 'onode', ARGV[3], 'otoken', ARGV[4])
-redis.call('PEXPIRE', KEYS[1], ARGV[5])
-redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[5])
-redis.call('ZADD', KEYS[3], now + tonumber(ARGV[5]), ARGV[1])
-return 1
-"""
-# KEYS: the slot. ARGV: node, token. The owner's node and token, or nil if the slot is
-# unknown, expired or already joined.
-_LINK_JOIN = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return nil end
-if redis.call('HSETNX', KEYS[1], 'jnode', ARGV[1]) == 0 then return nil end
-redis.call('HSET', KEYS[1], 'jtoken', ARGV[2])
-return redis.call('HMGET', KEYS[1], 'onode', 'otoken')
-"""
-# KEYS: the slot, the owner's key, the slot index. ARGV: owner, slot id. The joiner's node
-# and token, or nil unless the owner answers a joined slot; the slot is closed.
-_LINK_ANSWER = """
-local s = redis.call('HMGET', KEYS[1], 'owner', 'jnode', 'jtoken')
-if not s[1] or s[1] ~= ARGV[1] or not s[2] or not s[3] then return nil end
-redis.call('DEL', KEYS[1])
-redis.call('ZREM', KEYS[3], ARGV[2])
-if redis.call('GET', KEYS[2]) == ARGV[2] then redis.call('DEL', KEYS[2]) end
-return {s[2], s[3]}
-"""
 
 
 class _Deliver(msgspec.Struct, tag="e", array_like=True):
@@ -257,12 +211,7 @@ class _Resync(msgspec.Struct, tag="r", array_like=True):
     node: str
 
 
-class _Link(msgspec.Struct, tag="k", array_like=True):
-    token: str  # the receiving connection's, on the node whose channel this is
-    blob: bytes
-
-
-_Wire = _Deliver | _KeysLow | _Kick | _Push | _Claim | _Resync | _Link
+_Wire = _Deliver | _KeysLow | _Kick | _Push | _Claim | _Resync
 _decoder = msgspec.msgpack.Decoder(_Wire)
 _encoder = msgspec.msgpack.Encoder()
 
@@ -338,22 +287,11 @@ class RedisBus:
         retry_min_s: float = 0.1,
         retry_max_s: float = 2.0,
         presence_ttl_s: float = 30.0,
-        link_ttl_s: float = link_slots.LINK_TTL_S,
-        max_link_slots: int = link_slots.MAX_LINK_SLOTS,
+        link_ttl_s: float = LINK_TTL_S,
+        max_link_slots: int = MAX_LINK_SLOTS,
     ) -> None:
         self.node_id = secrets.token_hex(8)
         self._prefix = prefix.encode()
-        self._node_channel = self._prefix + b":node:" + self.node_id.encode()
-        self._link_key = self._prefix + b":link:"
-        self._link_owner_key = self._prefix + b":linkowner:"
-        self._link_index = self._prefix + b":links"
-        self._link_ttl_ms = int(link_ttl_s * 1000)
-        self._link_ttl_s = link_ttl_s
-        self._max_link_slots = max_link_slots
-        # token -> (connection, when to forget it): the link ends of this node's connections,
-        # at most two per slot the cluster may hold; and each owner's latest token here.
-        self._link_ends: OrderedDict[str, tuple[LinkDeliver, float]] = OrderedDict()
-        self._link_owners: dict[Owner, str] = {}
         self._presence_key = self._prefix + b":presence:"
         self._presence_index = self._prefix + b":presence"
         self._presence_ttl_ms = int(presence_ttl_s * 1000)
@@ -385,9 +323,13 @@ class RedisBus:
         self._take = self._redis.register_script(_TAKE)
         self._fail = self._redis.register_script(_FAIL)
         self._fail_wait = self._redis.register_script(_FAIL_WAIT)
-        self._link_open = self._redis.register_script(_LINK_OPEN)
-        self._link_join = self._redis.register_script(_LINK_JOIN)
-        self._link_answer = self._redis.register_script(_LINK_ANSWER)
+        self._links = RedisLinkSlots(
+            self._redis,
+            prefix=self._prefix,
+            node_id=self.node_id,
+            ttl_s=link_ttl_s,
+            max_slots=max_link_slots,
+        )
         self._local_limits = LocalLimits()  # while Redis is unreachable
 
     # --- lifecycle --------------------------------------------------------------------------
@@ -584,7 +526,7 @@ class RedisBus:
     def _backoff_key(self, limit: str, key: str) -> bytes:
         return b"%s:backoff:%s:%s" % (self._prefix, limit.encode(), key.encode())
 
-    # --- link slots ---------------------------------------------------------------------------
+    # --- link slots (kept by RedisLinkSlots) -------------------------------------------------
 
     async def link_open(self, slot: bytes, owner: Owner, to_owner: LinkDeliver) -> None:
         """Open the slot in Redis, owned by this device through this node.
@@ -592,26 +534,7 @@ class RedisBus:
         Raises :class:`LinkError` if the slot exists, the cluster holds the most
         slots, or Redis is unreachable.
         """
-        previous = self._link_owners.pop(owner, None)
-        if previous is not None:
-            self._link_ends.pop(previous, None)
-        token = self._link_end(to_owner)
-        owner_id = self._owner_id(owner)
-        slot_id = slot.hex()
-        try:
-            opened = await self._link_call(
-                self._link_open,
-                keys=[self._link_key + slot_id.encode(), self._link_owner_key + owner_id,
-                      self._link_index],
-                args=[slot_id, owner_id, self.node_id, token, self._link_ttl_ms,
-                      self._max_link_slots, self._link_key],
-            )  # fmt: skip
-            if not opened:
-                raise LinkError(link_slots.BUSY)
-        except LinkError:
-            self._link_ends.pop(token, None)
-            raise
-        self._link_owners[owner] = token
+        await self._links.open(slot, owner, to_owner)
 
     async def link_join(self, slot: bytes, blob: bytes, to_joiner: LinkDeliver) -> None:
         """Take the slot's one joiner place and send ``blob`` to the owner's node.
@@ -619,18 +542,7 @@ class RedisBus:
         Raises :class:`LinkError` if the slot is unknown, expired or taken, its
         owner's node is gone, or Redis is unreachable.
         """
-        token = self._link_end(to_joiner)
-        try:
-            found = await self._link_call(
-                self._link_join,
-                keys=[self._link_key + slot.hex().encode()],
-                args=[self.node_id, token],
-            )
-            if not await self._link_send(found, blob):
-                raise LinkError(link_slots.UNKNOWN)
-        except LinkError:
-            self._link_ends.pop(token, None)
-            raise
+        await self._links.join(slot, blob, to_joiner)
 
     async def link_answer(self, slot: bytes, owner: Owner, blob: bytes) -> None:
         """Close the owner's joined slot and send ``blob`` to the joiner's node.
@@ -638,78 +550,7 @@ class RedisBus:
         Raises :class:`LinkError` unless this device owns the slot and a device
         joined it, or if Redis is unreachable.
         """
-        owner_id = self._owner_id(owner)
-        slot_id = slot.hex()
-        found = await self._link_call(
-            self._link_answer,
-            keys=[self._link_key + slot_id.encode(), self._link_owner_key + owner_id,
-                  self._link_index],
-            args=[owner_id, slot_id],
-        )  # fmt: skip
-        if not await self._link_send(found, blob):
-            raise LinkError(link_slots.NOT_WAITING)
-
-    @staticmethod
-    def _owner_id(owner: Owner) -> bytes:
-        user, device_id = owner
-        return b"%d:%s:%s" % (len(user), user.encode(), device_id.encode())
-
-    def _link_end(self, deliver: LinkDeliver) -> str:
-        """Register a connection's end of a link under a fresh token, for a slot's lifetime.
-
-        Raises :class:`LinkError` while this node holds two ends for every slot the
-        cluster may hold (the memory bound).
-        """
-        now = time.monotonic()
-        while self._link_ends:
-            oldest = next(iter(self._link_ends.values()))
-            if oldest[1] > now:
-                break
-            self._link_ends.popitem(last=False)
-        if len(self._link_ends) >= 2 * self._max_link_slots:
-            raise LinkError(link_slots.BUSY)
-        token = secrets.token_hex(16)
-        self._link_ends[token] = (deliver, now + self._link_ttl_s)
-        return token
-
-    async def _link_call(
-        self, script: AsyncScript, *, keys: list[bytes], args: list[EncodableT]
-    ) -> object:
-        try:
-            return await script(keys=keys, args=args)
-        except (RedisError, OSError) as exc:
-            log.warning("bus.link_failed", extra={"error": type(exc).__name__})
-            raise LinkError(link_slots.UNAVAILABLE) from None
-
-    async def _link_send(self, found: object, blob: bytes) -> bool:
-        """Hand ``blob`` to the link end ``found`` names (node, token); False if there is none.
-
-        Raises :class:`LinkError` if Redis is unreachable.
-        """
-        if not (
-            isinstance(found, list)
-            and len(found) == 2  # node and token
-            and all(isinstance(v, bytes) for v in found)
-        ):
-            return False
-        node, token = (v.decode() for v in found)
-        if node == self.node_id:
-            return self._link_arrived(_Link(token, blob))
-        channel = self._prefix + b":node:" + node.encode()
-        try:
-            listeners = await self._redis.publish(channel, _encoder.encode(_Link(token, blob)))
-        except (RedisError, OSError) as exc:
-            log.warning("bus.link_failed", extra={"error": type(exc).__name__})
-            raise LinkError(link_slots.UNAVAILABLE) from None
-        return bool(listeners)
-
-    def _link_arrived(self, message: _Link) -> bool:
-        """Hand a link blob to this node's connection with that token; False if none."""
-        end = self._link_ends.get(message.token)
-        if end is None or end[1] <= time.monotonic():
-            return False
-        end[0](message.blob)
-        return True
+        await self._links.answer(slot, owner, blob)
 
     async def _keep_presence(self) -> None:
         period = self._presence_ttl_ms / 3000
@@ -790,7 +631,7 @@ class RedisBus:
     async def _resume(self, pubsub: PubSub, *, first: bool) -> None:
         """(Re)connect: subscribe every local device, drop stale commands, claim again."""
         await self._redis.ping()
-        await pubsub.subscribe(self._everyone, self._node_channel)
+        await pubsub.subscribe(self._everyone, self._links.channel)
         # Commands queued while offline are stale: subscriptions and claims are redone
         # below for the devices connected now, and lost events are re-read from the store.
         self._outbox.clear()
@@ -885,18 +726,6 @@ class RedisBus:
         if isinstance(wire, _Resync) and wire.node != self.node_id:
             self._notify_listeners()
 
-    def _on_node_message(self, data: bytes) -> None:
-        try:
-            wire = _decoder.decode(data)
-        except msgspec.DecodeError:
-            log.warning("bus.bad_message")
-            return
-        if isinstance(wire, _Link):
-            try:
-                self._link_arrived(wire)
-            except Exception:
-                log.exception("bus.subscriber_failed")
-
     def _kick(self, key: DeviceKey, entry: _LocalDevice) -> None:
         self._forget(key)
         entry.subscriber(Kick("signed in on another connection"))
@@ -916,8 +745,8 @@ class RedisBus:
             if message["channel"] == self._everyone:
                 self._on_broadcast(message["data"])
                 continue
-            if message["channel"] == self._node_channel:
-                self._on_node_message(message["data"])
+            if message["channel"] == self._links.channel:
+                self._links.arrived(message["data"])
                 continue
             key = self._by_channel.get(message["channel"])
             entry = None if key is None else self._local.get(key)
@@ -928,7 +757,7 @@ class RedisBus:
             except msgspec.DecodeError:
                 log.warning("bus.bad_message")
                 continue
-            if isinstance(wire, _Resync | _Link):
+            if isinstance(wire, _Resync):
                 continue
             if isinstance(wire, _Claim):
                 if wire.node == self.node_id:
