@@ -22,10 +22,12 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from bastion.client import contacts, files, presence
+from bastion.client import contacts, devices, files, presence
 from bastion.client.client import Client, MessageEvent
 from bastion.client.presence import PresenceEvent
+from bastion.crypto.olm import OlmDevice
 from bastion.errors import BastionError, ServerRefusedError
+from bastion.protocol import frames
 from bastion.server.tls import CERT_FILE, KEY_FILE
 from tests.conftest import PASSPHRASE, ServerProcess, free_port
 from tests.contacts.support import next_of
@@ -39,6 +41,7 @@ from tests.server.test_store_contract import (
     fresh_schema,
     postgres_or_skip,
 )
+from tests.test_signin import RawAccount, connect, register_raw, signin_frame
 
 pytestmark = pytest.mark.network
 
@@ -428,3 +431,95 @@ async def test_a_file_uploaded_to_one_node_is_downloaded_from_the_other(cluster:
         await conn.close()
     assert left == 0
     assert not list((cluster.a.data_dir / "blobs").glob("*"))
+
+
+async def test_a_device_links_through_another_node_then_signs_in_and_talks(
+    cluster: Cluster,
+) -> None:
+    """The existing device is on node A; the new one reaches the cluster through node B."""
+    alice = await cluster.register("alice", cluster.a.url)
+    bob = await cluster.register("bob", cluster.b.url)
+    laptop: Client | None = None
+    try:
+        await alice.connect(receive=False)
+        await bob.connect()
+        await befriend(alice, bob)
+        assert texts([e async for e in bob.receive(until_synced=True)]) == []
+        codes: asyncio.Queue[str] = asyncio.Queue()
+        offer = asyncio.create_task(devices.offer_link(alice, codes.put_nowait))
+        code = await asyncio.wait_for(codes.get(), 10)
+        laptop = await devices.join_with_code(
+            cluster.root / "profiles" / "alice-laptop",
+            PASSPHRASE,
+            code=code,
+            server_url=cluster.b.url,
+            fingerprint=cluster.b.fingerprint,
+        )
+        linked = await asyncio.wait_for(offer, 10)
+        assert linked.device_id == laptop.account.device_id
+        assert laptop.account.username == "alice"
+        listed = {d.device_id for d in await devices.list_devices(alice)}
+        assert listed == {alice.account.device_id, laptop.account.device_id}
+
+        await laptop.connect()  # signs in on node B with its own device key
+        assert texts([e async for e in laptop.receive(until_synced=True)]) == []
+        await laptop.send_text("bob", "from the new laptop")
+        assert texts(await next_events(bob, 1)) == ["from the new laptop"]
+        await bob.send_text("alice", "hello laptop")
+        assert texts(await next_events(laptop, 1)) == ["hello laptop"]
+    finally:
+        for client in (alice, bob, laptop):
+            if client is not None:
+                await client.close()
+
+
+async def attempt_signin(
+    node: ServerProcess, account: RawAccount, signer: OlmDevice
+) -> frames.ServerFrame | ServerRefusedError:
+    """One sign-in to ``account`` signed by ``signer``, on a connection of its own."""
+    conn = await connect(node)
+    try:
+        challenge = await conn.fresh_challenge()
+        req = conn.next_req()
+        frame = signin_frame(
+            challenge, req, username=account.username, device_id=account.device_id, signer=signer
+        )
+        try:
+            return await conn.request(frame, req)
+        except ServerRefusedError as exc:
+            return exc
+    finally:
+        await conn.aclose()
+
+
+async def test_failed_sign_ins_on_one_node_hold_back_the_next_on_the_other(
+    cluster: Cluster,
+) -> None:
+    alice = await register_raw(cluster.a, "alice")
+    wrong_key = OlmDevice.create()
+    # The five free failures, then three more (the last two wait out 1 s and 2 s of
+    # back-off first), all on node A, which now blocks this address and account for 4 s.
+    failures = 0
+    while failures < 8:
+        refused = await attempt_signin(cluster.a, alice, wrong_key)
+        assert isinstance(refused, ServerRefusedError)
+        if refused.code == "rate_limited":
+            await asyncio.sleep(0.25)
+            continue
+        assert refused.code == "auth_failed"
+        failures += 1
+
+    # Node B refuses even the right key for now, and says how long to wait.
+    on_b = await attempt_signin(cluster.b, alice, alice.device)
+    assert isinstance(on_b, ServerRefusedError)
+    assert on_b.code == "rate_limited"
+    assert "try again in" in str(on_b)
+
+    # Once the wait is over, the owner signs in on node B.
+    for _ in range(80):
+        on_b = await attempt_signin(cluster.b, alice, alice.device)
+        if not isinstance(on_b, ServerRefusedError):
+            break
+        assert on_b.code == "rate_limited"
+        await asyncio.sleep(0.25)
+    assert isinstance(on_b, frames.SignedIn)

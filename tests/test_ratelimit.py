@@ -9,7 +9,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from bastion.errors import ConfigError
-from bastion.ratelimit import FailureBackoff, RateLimiter, TokenBucket
+from bastion.ratelimit import BackoffRules, FailureBackoff, RateLimiter, TokenBucket
 
 # -- TokenBucket ---------------------------------------------------------------------------
 
@@ -236,3 +236,8 @@ def test_invalid_backoff_limits_are_refused() -> None:
         FailureBackoff[str](base_delay=10.0, max_delay=1.0)
     with pytest.raises(ConfigError):
         FailureBackoff[str](max_keys=0)
+    # The rules a cluster's back-off is kept by are refused just the same, up front.
+    with pytest.raises(ConfigError):
+        BackoffRules(base_delay=10.0, max_delay=1.0)
+    with pytest.raises(ConfigError):
+        BackoffRules(free_failures=-1)

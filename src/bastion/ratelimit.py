@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 from collections.abc import Hashable
+from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 from bastion.errors import ConfigError
@@ -188,6 +189,42 @@ class RateLimiter(Generic[K]):
         return True
 
 
+def failure_levels(base_delay: float, max_delay: float, free_failures: int) -> int:
+    """The failure level past which :class:`FailureBackoff` only reaches ``max_delay`` again."""
+    return free_failures + 1 + math.ceil(math.log2(max_delay / base_delay))
+
+
+@dataclass(frozen=True, slots=True)
+class BackoffRules:
+    """The rules of a :class:`FailureBackoff`, for a back-off kept elsewhere (a cluster's).
+
+    Raises :class:`ConfigError` for invalid values, as :class:`FailureBackoff` does.
+    """
+
+    base_delay: float = 1.0
+    max_delay: float = 300.0
+    quiet_period: float = 900.0
+    free_failures: int = 0
+
+    def __post_init__(self) -> None:
+        self.backoff()  # validates
+
+    @property
+    def max_level(self) -> int:
+        """The failure level past which the delay only reaches ``max_delay`` again."""
+        return failure_levels(self.base_delay, self.max_delay, self.free_failures)
+
+    def backoff(self, *, max_keys: int = DEFAULT_MAX_KEYS) -> FailureBackoff[str]:
+        """A back-off of one process that follows these rules."""
+        return FailureBackoff(
+            base_delay=self.base_delay,
+            max_delay=self.max_delay,
+            quiet_period=self.quiet_period,
+            free_failures=self.free_failures,
+            max_keys=max_keys,
+        )
+
+
 class _FailureState:
     __slots__ = ("blocked_until", "last_failure", "level")
 
@@ -235,7 +272,7 @@ class FailureBackoff(Generic[K]):
         self.max_keys = max_keys
         self.free_failures = free_failures
         # Doubling past this level only reaches max_delay again.
-        self._max_level = free_failures + 1 + math.ceil(math.log2(self.max_delay / self.base_delay))
+        self._max_level = failure_levels(self.base_delay, self.max_delay, free_failures)
         self._states: OrderedDict[K, _FailureState] = OrderedDict()
 
     def __len__(self) -> int:

@@ -10,6 +10,7 @@ RedisBus tests are skipped, with the reason, when Redis is unreachable.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import secrets
 import shutil
@@ -18,12 +19,15 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis.asyncio as redis
 from redis.exceptions import RedisError
 
+from bastion.ratelimit import BackoffRules
 from bastion.server.bus import Bus, BusEvent, KeysLow, Kick, LocalBus
+from bastion.server.link_slots import LinkError
 from bastion.server.redis_bus import RedisBus
 from bastion.server.store import QueuedEnvelope
 from tests.conftest import free_port
@@ -141,20 +145,29 @@ def envelope(seq: int, body: bytes = b"ciphertext") -> QueuedEnvelope:
     return QueuedEnvelope(seq, "bob", "b1", "alice", "a1", 1234, 1, body)
 
 
-@pytest.fixture(params=["local", "redis"])
-async def cluster(request: pytest.FixtureRequest) -> AsyncIterator[Cluster]:
-    if request.param == "local":
-        bus = LocalBus()
+@contextlib.asynccontextmanager
+async def two_nodes(kind: str, **options: Any) -> AsyncIterator[Cluster]:
+    """One LocalBus seen from both sides, or two RedisBus nodes with a prefix of their own."""
+    if kind == "local":
+        bus = LocalBus(**options)
         yield Cluster(bus, bus)
         return
     await redis_or_skip()
     prefix = f"bastion-test-{secrets.token_hex(6)}"
-    nodes = [RedisBus(REDIS_URL, prefix=prefix) for _ in range(2)]
-    for node in nodes:
-        assert await node.start()
-    yield Cluster(nodes[0], nodes[1])
-    for node in nodes:
-        await node.close()
+    nodes = [RedisBus(REDIS_URL, prefix=prefix, **options) for _ in range(2)]
+    try:
+        for node in nodes:
+            assert await node.start()
+        yield Cluster(nodes[0], nodes[1])
+    finally:
+        for node in nodes:
+            await node.close()
+
+
+@pytest.fixture(params=["local", "redis"])
+async def cluster(request: pytest.FixtureRequest) -> AsyncIterator[Cluster]:
+    async with two_nodes(request.param) as nodes:
+        yield nodes
 
 
 async def test_an_event_reaches_the_devices_subscriber_wherever_it_is(cluster: Cluster) -> None:
@@ -385,3 +398,183 @@ async def test_limits_still_hold_on_a_node_that_cannot_reach_redis() -> None:
         assert takes == [True, True, False]  # counted on this node alone, never waved through
     finally:
         await bus.close()
+
+
+# --- link slots ---------------------------------------------------------------------------------
+
+SLOT = bytes(range(32))
+ALICE_1 = ("alice", "a1")
+
+
+@dataclass
+class LinkEnd:
+    """One connection's end of a link: the blobs handed to it."""
+
+    blobs: list[bytes] = field(default_factory=list)
+
+    def __call__(self, blob: bytes) -> None:
+        self.blobs.append(blob)
+
+
+async def test_a_link_pairs_an_owner_and_a_joiner_on_any_nodes(cluster: Cluster) -> None:
+    owner, joiner = LinkEnd(), LinkEnd()
+    await cluster.a.link_open(SLOT, ALICE_1, owner)
+    await cluster.b.link_join(SLOT, b"sealed request", joiner)
+    await until(lambda: owner.blobs == [b"sealed request"])
+    await cluster.a.link_answer(SLOT, ALICE_1, b"sealed grant")
+    await until(lambda: joiner.blobs == [b"sealed grant"])
+    # The answer closed the slot: it can neither be answered nor joined again.
+    with pytest.raises(LinkError, match="no device is waiting"):
+        await cluster.a.link_answer(SLOT, ALICE_1, b"again")
+    with pytest.raises(LinkError, match="unknown, expired or already used"):
+        await cluster.b.link_join(SLOT, b"late", LinkEnd())
+    await cluster.settle()
+    assert owner.blobs == [b"sealed request"]
+    assert joiner.blobs == [b"sealed grant"]
+
+
+async def test_a_slot_takes_one_joiner_even_when_two_race_on_two_nodes(cluster: Cluster) -> None:
+    await cluster.a.link_open(SLOT, ALICE_1, LinkEnd())
+    first, second = LinkEnd(), LinkEnd()
+    results = await asyncio.gather(
+        cluster.a.link_join(SLOT, b"one", first),
+        cluster.b.link_join(SLOT, b"two", second),
+        return_exceptions=True,
+    )
+    assert sorted(type(r).__name__ for r in results) == ["LinkError", "NoneType"]
+    winner = first if results[0] is None else second
+    await cluster.b.link_answer(SLOT, ALICE_1, b"grant")  # the owner may answer through any node
+    await until(lambda: winner.blobs == [b"grant"])
+    await cluster.settle()
+    assert (first.blobs + second.blobs) == [b"grant"]
+
+
+async def test_only_the_owning_device_may_answer_and_only_after_a_join(cluster: Cluster) -> None:
+    await cluster.a.link_open(SLOT, ALICE_1, LinkEnd())
+    with pytest.raises(LinkError, match="no device is waiting"):
+        await cluster.a.link_answer(SLOT, ALICE_1, b"too early")
+    joiner = LinkEnd()
+    await cluster.b.link_join(SLOT, b"request", joiner)
+    for other in (("alice", "a2"), ("mallory", "a1")):
+        with pytest.raises(LinkError, match="no device is waiting"):
+            await cluster.b.link_answer(SLOT, other, b"forged grant")
+    await cluster.a.link_answer(SLOT, ALICE_1, b"grant")
+    await until(lambda: joiner.blobs == [b"grant"])
+
+
+async def test_a_device_holds_one_slot_and_a_taken_slot_cannot_be_opened_again(
+    cluster: Cluster,
+) -> None:
+    other_slot = bytes(32)
+    await cluster.a.link_open(SLOT, ALICE_1, LinkEnd())
+    await cluster.b.link_open(other_slot, ALICE_1, LinkEnd())  # replaces the first
+    with pytest.raises(LinkError, match="unknown"):
+        await cluster.a.link_join(SLOT, b"request", LinkEnd())
+    with pytest.raises(LinkError, match="cannot open a link now"):
+        await cluster.a.link_open(other_slot, ("bob", "b1"), LinkEnd())
+    await cluster.a.link_join(other_slot, b"request", LinkEnd())
+
+
+@pytest.mark.parametrize("kind", ["local", "redis"])
+async def test_slots_are_bounded_in_number_and_time(kind: str) -> None:
+    async with two_nodes(kind, link_ttl_s=0.5, max_link_slots=2) as nodes:
+        await nodes.a.link_open(bytes([1]) * 32, ("ann", "d1"), LinkEnd())
+        await nodes.b.link_open(bytes([2]) * 32, ("ben", "d1"), LinkEnd())
+        with pytest.raises(LinkError, match="cannot open a link now"):
+            await nodes.a.link_open(bytes([3]) * 32, ("cat", "d1"), LinkEnd())
+        await asyncio.sleep(0.6)  # both expired: the cluster has room again, and they are gone
+        with pytest.raises(LinkError, match="unknown, expired"):
+            await nodes.b.link_join(bytes([1]) * 32, b"request", LinkEnd())
+        await nodes.a.link_open(bytes([3]) * 32, ("cat", "d1"), LinkEnd())
+        await nodes.b.link_open(bytes([4]) * 32, ("dan", "d1"), LinkEnd())
+
+
+async def test_linking_fails_at_once_on_a_node_that_cannot_reach_redis() -> None:
+    bus = RedisBus(f"redis://127.0.0.1:{free_port()}/0", retry_min_s=0.05)
+    try:
+        started = time.perf_counter()
+        with pytest.raises(LinkError, match="unavailable") as caught:
+            await bus.link_open(SLOT, ALICE_1, LinkEnd())
+        assert caught.value.code == "link_failed"
+        with pytest.raises(LinkError, match="unavailable"):
+            await bus.link_join(SLOT, b"request", LinkEnd())
+        with pytest.raises(LinkError, match="unavailable"):
+            await bus.link_answer(SLOT, ALICE_1, b"grant")
+        assert time.perf_counter() - started < 10.0
+    finally:
+        await bus.close()
+
+
+# --- failure back-off ---------------------------------------------------------------------------
+
+BACKOFF = BackoffRules(base_delay=10.0, max_delay=40.0, free_failures=2, quiet_period=1000.0)
+
+
+async def test_a_failure_back_off_is_one_count_for_every_node(cluster: Cluster) -> None:
+    async def fail(bus: Bus, key: str = "1.2.3.4/alice") -> None:
+        await bus.record_failure("signin", key, BACKOFF)
+
+    await fail(cluster.a)
+    await fail(cluster.b)  # the free failures are spent across the nodes
+    assert await cluster.a.failure_wait("signin", "1.2.3.4/alice") == 0.0
+    await fail(cluster.a)
+    assert 9.0 < await cluster.b.failure_wait("signin", "1.2.3.4/alice") <= 10.0
+    await fail(cluster.b)
+    assert 19.0 < await cluster.a.failure_wait("signin", "1.2.3.4/alice") <= 20.0
+    for _ in range(3):
+        await fail(cluster.a)
+    assert 39.0 < await cluster.b.failure_wait("signin", "1.2.3.4/alice") <= 40.0  # the most
+    assert await cluster.b.failure_wait("signin", "1.2.3.4/bob") == 0.0  # another key
+    assert await cluster.b.failure_wait("other", "1.2.3.4/alice") == 0.0  # another limit
+    await cluster.b.clear_failures("signin", "1.2.3.4/alice")
+    assert await cluster.a.failure_wait("signin", "1.2.3.4/alice") == 0.0
+
+
+async def test_a_failure_back_off_steps_down_once_per_quiet_period(cluster: Cluster) -> None:
+    rules = BackoffRules(base_delay=0.1, max_delay=100.0, free_failures=0, quiet_period=0.5)
+    for bus in (cluster.a, cluster.b, cluster.a):
+        await bus.record_failure("signin", "alice", rules)  # level 3: blocked 0.4 s
+    assert 0.3 < await cluster.b.failure_wait("signin", "alice") <= 0.4
+    await asyncio.sleep(1.1)  # over, and two quiet periods: level 1
+    assert await cluster.b.failure_wait("signin", "alice") == 0.0
+    await cluster.b.record_failure("signin", "alice", rules)
+    # Level 2 (0.2 s), where no decay would give level 4 (0.8 s).
+    assert 0.05 < await cluster.a.failure_wait("signin", "alice") < 0.5
+
+
+async def test_a_back_off_leaves_redis_once_it_no_longer_matters() -> None:
+    await redis_or_skip()
+    prefix = f"bastion-test-{secrets.token_hex(6)}"
+    bus = RedisBus(REDIS_URL, prefix=prefix)
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        rules = BackoffRules(base_delay=1.0, max_delay=8.0, free_failures=0, quiet_period=5.0)
+        for _ in range(3):
+            await bus.record_failure("signin", "alice", rules)
+        [key] = await client.keys(f"{prefix}:backoff:*")
+        # Level 3 decays to nothing 15 s after the last failure (plus a second of slack).
+        assert 14_000 < await client.pttl(key) <= 16_000
+    finally:
+        await client.aclose()
+        await bus.close()
+
+
+async def test_a_back_off_still_holds_while_redis_is_away(private_redis: RedisProcess) -> None:
+    rules = BackoffRules(base_delay=30.0, max_delay=60.0, free_failures=1, quiet_period=1000.0)
+    a = RedisBus(private_redis.url, prefix="bastion-test", retry_min_s=0.05)
+    b = RedisBus(private_redis.url, prefix="bastion-test", retry_min_s=0.05)
+    try:
+        await a.record_failure("signin", "alice", rules)
+        await a.record_failure("signin", "alice", rules)
+        assert await b.failure_wait("signin", "alice") > 29.0
+        private_redis.kill()
+        # Node a counted its own failures too: it keeps refusing, never waves them through.
+        assert await a.failure_wait("signin", "alice") > 29.0
+        # Node b saw none; failures made during the outage count on it alone.
+        assert await b.failure_wait("signin", "bob") == 0.0
+        await b.record_failure("signin", "bob", rules)
+        await b.record_failure("signin", "bob", rules)
+        assert await b.failure_wait("signin", "bob") > 29.0
+    finally:
+        await a.close()
+        await b.close()

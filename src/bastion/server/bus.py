@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from bastion.protocol import frames
-from bastion.ratelimit import RateLimiter
+from bastion.ratelimit import BackoffRules, FailureBackoff, RateLimiter
+from bastion.server.link_slots import LINK_TTL_S, MAX_LINK_SLOTS, LinkDeliver, LinkSlots, Owner
 from bastion.server.store import QueuedEnvelope
 
 
@@ -85,12 +86,46 @@ class Bus(Protocol):
         """
         ...
 
+    # Failure back-off shared by every node, with the rules of FailureBackoff.
+
+    async def failure_wait(self, limit: str, key: str) -> float:
+        """Seconds ``(limit, key)`` must still wait before its next attempt (0.0: go ahead)."""
+        ...
+
+    async def record_failure(self, limit: str, key: str, rules: BackoffRules) -> None:
+        """Count a failure of ``(limit, key)`` and block it for the next delay.
+
+        The rules are those of :class:`~bastion.ratelimit.FailureBackoff`; a limit
+        is always used with the same ``rules``.
+        """
+        ...
+
+    async def clear_failures(self, limit: str, key: str) -> None:
+        """Forget the failures of ``(limit, key)`` (a success)."""
+        ...
+
+    # Link slots (see bastion.server.link_slots): the two connections of a link may
+    # be on different nodes. Each raises LinkError when the link cannot go on.
+
+    async def link_open(self, slot: bytes, owner: Owner, to_owner: LinkDeliver) -> None:
+        """Open ``slot`` for the owning device; what the joiner sends goes to ``to_owner``."""
+        ...
+
+    async def link_join(self, slot: bytes, blob: bytes, to_joiner: LinkDeliver) -> None:
+        """Take the slot's one joiner place and hand ``blob`` to its owner."""
+        ...
+
+    async def link_answer(self, slot: bytes, owner: Owner, blob: bytes) -> None:
+        """Close the owner's joined slot and hand ``blob`` to the joiner."""
+        ...
+
 
 class LocalLimits:
-    """Token buckets of one node, one :class:`RateLimiter` per limit name."""
+    """Limits of one node: a :class:`RateLimiter` and a :class:`FailureBackoff` per limit name."""
 
     def __init__(self) -> None:
         self._limiters: dict[str, RateLimiter[str]] = {}
+        self._backoffs: dict[str, FailureBackoff[str]] = {}
 
     def take(self, limit: str, key: str, rate: float, burst: float) -> bool:
         """See :meth:`Bus.take`, counted on this node only."""
@@ -99,14 +134,35 @@ class LocalLimits:
             limiter = self._limiters[limit] = RateLimiter(rate, burst)
         return limiter.allow(key, time.monotonic())
 
+    def failure_wait(self, limit: str, key: str) -> float:
+        """See :meth:`Bus.failure_wait`, for failures counted on this node."""
+        backoff = self._backoffs.get(limit)
+        return 0.0 if backoff is None else backoff.blocked_for(key, time.monotonic())
+
+    def record_failure(self, limit: str, key: str, rules: BackoffRules) -> None:
+        """See :meth:`Bus.record_failure`, counted on this node only."""
+        backoff = self._backoffs.get(limit)
+        if backoff is None:
+            backoff = self._backoffs[limit] = rules.backoff()
+        backoff.record_failure(key, time.monotonic())
+
+    def clear_failures(self, limit: str, key: str) -> None:
+        """See :meth:`Bus.clear_failures`."""
+        backoff = self._backoffs.get(limit)
+        if backoff is not None:
+            backoff.record_success(key)
+
 
 class LocalBus:
     """The in-process bus of a single server node."""
 
-    def __init__(self) -> None:
+    def __init__(
+        self, *, link_ttl_s: float = LINK_TTL_S, max_link_slots: int = MAX_LINK_SLOTS
+    ) -> None:
         self._subscribers: dict[tuple[str, str], Subscriber] = {}
         self._present: set[str] = set()
         self._limits = LocalLimits()
+        self._links = LinkSlots(ttl_s=link_ttl_s, max_slots=max_link_slots)
 
     def subscribe(self, user: str, device_id: str, subscriber: Subscriber) -> None:
         """Receive the device's events; the earlier subscriber is told to close."""
@@ -151,3 +207,27 @@ class LocalBus:
     async def take(self, limit: str, key: str, rate: float, burst: float) -> bool:
         """One node: its own buckets are the whole count."""
         return self._limits.take(limit, key, rate, burst)
+
+    async def failure_wait(self, limit: str, key: str) -> float:
+        """One node: its own back-off is the whole count."""
+        return self._limits.failure_wait(limit, key)
+
+    async def record_failure(self, limit: str, key: str, rules: BackoffRules) -> None:
+        """Count the failure in this node's back-off."""
+        self._limits.record_failure(limit, key, rules)
+
+    async def clear_failures(self, limit: str, key: str) -> None:
+        """Forget the key in this node's back-off."""
+        self._limits.clear_failures(limit, key)
+
+    async def link_open(self, slot: bytes, owner: Owner, to_owner: LinkDeliver) -> None:
+        """Open the slot in this process's table."""
+        self._links.open(slot, owner, to_owner, time.monotonic())
+
+    async def link_join(self, slot: bytes, blob: bytes, to_joiner: LinkDeliver) -> None:
+        """Join the slot and hand ``blob`` to its owner's connection here."""
+        self._links.join(slot, to_joiner, time.monotonic())(blob)
+
+    async def link_answer(self, slot: bytes, owner: Owner, blob: bytes) -> None:
+        """Close the slot and hand ``blob`` to the joiner's connection here."""
+        self._links.answer(slot, owner, time.monotonic())(blob)

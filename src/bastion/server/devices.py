@@ -4,85 +4,28 @@ The server can never add a device on its own: every device needs a
 certificate from the account identity key, which the server does not hold.
 Link slots only pair two connections; what passes through them is sealed
 under a code the server never sees (see :mod:`bastion.crypto.linking`).
-Slots are held in this node's memory for at most ``link_ttl_s`` seconds.
+Slots are kept by the bus (:mod:`bastion.server.link_slots`), so in a cluster
+the two connections may be on different nodes.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from bastion.crypto.device import DeviceCertificate, verify_published_key, verify_revocation
 from bastion.crypto.signing import verify_ed25519
-from bastion.errors import AuthenticationError, ProtocolError
+from bastion.errors import AuthenticationError
 from bastion.protocol import frames
 from bastion.protocol.auth import register_message
 from bastion.server.bus import Kick
+from bastion.server.link_slots import LinkDeliver, LinkError
 from bastion.server.store import DeviceRecord, DeviceRefusedError, KeyRecord
 
 if TYPE_CHECKING:
     from bastion.server.relay import ClientConnection
 
-LINK_TTL_S = 600.0
-MAX_LINK_SLOTS = 10_000
 REVOCATION_SKEW_MS = 86_400_000
-
-
-class LinkError(ProtocolError):
-    """A link slot is unknown, expired, already used, or not yours."""
-
-    code = "link_failed"
-
-
-@dataclass
-class LinkSlot:
-    """One pending link between an existing device and a joining one."""
-
-    owner: ClientConnection
-    username: str
-    expires_at: float
-    joiner: ClientConnection | None = None
-
-
-class LinkSlots:
-    """The link slots of this node, bounded in number and time."""
-
-    def __init__(self, *, ttl_s: float = LINK_TTL_S, max_slots: int = MAX_LINK_SLOTS) -> None:
-        self.ttl_s = ttl_s
-        self.max_slots = max_slots
-        self._slots: dict[bytes, LinkSlot] = {}
-
-    def _expire(self, now: float) -> None:
-        for slot in [s for s, v in self._slots.items() if v.expires_at <= now]:
-            del self._slots[slot]
-
-    def open(self, slot: bytes, owner: ClientConnection, username: str, now: float) -> None:
-        """Register a slot for a signed-in device (one per device: a new one replaces it)."""
-        self._expire(now)
-        for key in [k for k, v in self._slots.items() if v.owner is owner]:
-            del self._slots[key]
-        if slot in self._slots or len(self._slots) >= self.max_slots:
-            raise LinkError("cannot open a link now; try again")
-        self._slots[slot] = LinkSlot(owner, username, now + self.ttl_s)
-
-    def join(self, slot: bytes, joiner: ClientConnection, now: float) -> LinkSlot:
-        """Attach the joining connection; a slot takes one joiner only."""
-        self._expire(now)
-        entry = self._slots.get(slot)
-        if entry is None or entry.joiner is not None:
-            raise LinkError("that link code is unknown, expired or already used")
-        entry.joiner = joiner
-        return entry
-
-    def answer(self, slot: bytes, owner: ClientConnection, now: float) -> ClientConnection:
-        """Close the slot and return the joiner to hand the answer to."""
-        self._expire(now)
-        entry = self._slots.get(slot)
-        if entry is None or entry.owner is not owner or entry.joiner is None:
-            raise LinkError("no device is waiting on that link")
-        del self._slots[slot]
-        return entry.joiner
 
 
 def verify_new_device(
@@ -134,10 +77,19 @@ def verify_new_device(
     )
 
 
+def _pushes_to(conn: ClientConnection, slot: bytes) -> LinkDeliver:
+    """How a blob for ``slot`` reaches ``conn``: a ``link_push`` frame."""
+
+    def deliver(blob: bytes) -> None:
+        conn.send_frame(frames.LinkPush(slot=slot, blob=blob))
+
+    return deliver
+
+
 async def link_open(conn: ClientConnection, frame: frames.LinkOpen) -> None:
     """A signed-in device offers a link slot."""
-    username, _ = conn.session.require_signed_in()
-    conn.server.link_slots.open(frame.slot, conn, username, time.monotonic())
+    owner = conn.session.require_signed_in()
+    await conn.server.bus.link_open(frame.slot, owner, _pushes_to(conn, frame.slot))
     conn.send_frame(frames.Ok(req=frame.req))
 
 
@@ -145,16 +97,14 @@ async def link_join(conn: ClientConnection, frame: frames.LinkJoin) -> None:
     """A new device (not signed in) hands its sealed keys to the slot's owner."""
     if conn.session.username is not None:
         raise LinkError("this connection is already signed in")
-    entry = conn.server.link_slots.join(frame.slot, conn, time.monotonic())
-    entry.owner.send_frame(frames.LinkPush(slot=frame.slot, blob=frame.blob))
+    await conn.server.bus.link_join(frame.slot, frame.blob, _pushes_to(conn, frame.slot))
     conn.send_frame(frames.Ok(req=frame.req))
 
 
 async def link_answer(conn: ClientConnection, frame: frames.LinkAnswer) -> None:
     """The owner hands its sealed grant to the joining device."""
-    conn.session.require_signed_in()
-    joiner = conn.server.link_slots.answer(frame.slot, conn, time.monotonic())
-    joiner.send_frame(frames.LinkPush(slot=frame.slot, blob=frame.blob))
+    owner = conn.session.require_signed_in()
+    await conn.server.bus.link_answer(frame.slot, owner, frame.blob)
     conn.send_frame(frames.Ok(req=frame.req))
 
 

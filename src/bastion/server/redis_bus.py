@@ -29,6 +29,14 @@ Lua scripts make "first node up" and "last node down" atomic across nodes.
 Every node sweeps the index: a user whose nodes all expired (they died) is
 removed by exactly one sweeping node, which tells its listeners, so contacts
 are told "offline" within about ``presence_ttl_s`` of a node's death.
+
+*Limits.* Token buckets and failure back-offs are hashes updated by Lua scripts
+on Redis's clock, expiring once they no longer matter. While Redis is
+unreachable a node counts on its own (:class:`~bastion.server.bus.LocalLimits`);
+it records every back-off failure there as well, so its own stay counted.
+
+*Link slots* are kept in Redis by :class:`~bastion.server.redis_links.RedisLinkSlots`;
+each node listens on a channel of its own for the link blobs of its connections.
 """
 
 from __future__ import annotations
@@ -48,7 +56,10 @@ from redis.asyncio.client import PubSub
 from redis.exceptions import RedisError
 
 from bastion.protocol import frames
+from bastion.ratelimit import BackoffRules
 from bastion.server.bus import BusEvent, KeysLow, Kick, LocalLimits, PresenceLost, Push, Subscriber
+from bastion.server.link_slots import LINK_TTL_S, MAX_LINK_SLOTS, LinkDeliver, Owner
+from bastion.server.redis_links import RedisLinkSlots
 from bastion.server.store import QueuedEnvelope
 
 log = logging.getLogger("bastion.server.bus")
@@ -121,6 +132,49 @@ redis.call('HSET', KEYS[1], 'tokens', string.format('%.17g', tokens),
   'at', string.format('%.17g', at))
 redis.call('PEXPIRE', KEYS[1], math.ceil((burst - tokens) / rate * 1000) + 1000)
 return taken
+"""
+
+# KEYS: the back-off. ARGV: base delay, max delay, free failures, quiet period, max level.
+# FailureBackoff.record_failure on Redis's clock; the key lives while it still matters
+# (blocked, or a level that has not decayed to nothing).
+_FAIL = """
+local base = tonumber(ARGV[1])
+local max_delay = tonumber(ARGV[2])
+local free = tonumber(ARGV[3])
+local quiet = tonumber(ARGV[4])
+local max_level = tonumber(ARGV[5])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local s = redis.call('HMGET', KEYS[1], 'level', 'last', 'until')
+local level = tonumber(s[1])
+local last = tonumber(s[2])
+local blocked = tonumber(s[3])
+local at = now
+if level == nil or last == nil or blocked == nil then
+  level = 1
+  blocked = now
+else
+  level = math.max(0, level - math.floor(math.max(0, now - last) / quiet))
+  level = math.min(level + 1, max_level)
+  at = math.max(now, last)
+end
+local steps = level - free
+local delay = 0
+if steps > 0 then delay = math.min(base * 2 ^ (steps - 1), max_delay) end
+blocked = math.max(blocked, at + delay)
+redis.call('HSET', KEYS[1], 'level', level, 'last', string.format('%.17g', at),
+  'until', string.format('%.17g', blocked))
+local keep = math.max(blocked - now, at - now + level * quiet)
+redis.call('PEXPIRE', KEYS[1], math.ceil(keep * 1000) + 1000)
+return string.format('%.17g', math.max(0, blocked - now))
+"""
+# KEYS: the back-off. Seconds still blocked, as text (a Lua number would be cut to an integer).
+_FAIL_WAIT = """
+local blocked = tonumber(redis.call('HGET', KEYS[1], 'until'))
+if blocked == nil then return '0' end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+return string.format('%.17g', math.max(0, blocked - now))
 """
 
 
@@ -233,6 +287,8 @@ class RedisBus:
         retry_min_s: float = 0.1,
         retry_max_s: float = 2.0,
         presence_ttl_s: float = 30.0,
+        link_ttl_s: float = LINK_TTL_S,
+        max_link_slots: int = MAX_LINK_SLOTS,
     ) -> None:
         self.node_id = secrets.token_hex(8)
         self._prefix = prefix.encode()
@@ -265,6 +321,15 @@ class RedisBus:
         self._down = self._redis.register_script(_PRESENCE_DOWN)
         self._sweep = self._redis.register_script(_PRESENCE_SWEEP)
         self._take = self._redis.register_script(_TAKE)
+        self._fail = self._redis.register_script(_FAIL)
+        self._fail_wait = self._redis.register_script(_FAIL_WAIT)
+        self._links = RedisLinkSlots(
+            self._redis,
+            prefix=self._prefix,
+            node_id=self.node_id,
+            ttl_s=link_ttl_s,
+            max_slots=max_link_slots,
+        )
         self._local_limits = LocalLimits()  # while Redis is unreachable
 
     # --- lifecycle --------------------------------------------------------------------------
@@ -420,6 +485,73 @@ class RedisBus:
             return self._local_limits.take(limit, key, rate, burst)
         return bool(taken)
 
+    async def failure_wait(self, limit: str, key: str) -> float:
+        """Seconds the cluster's back-off still blocks the key; this node's while Redis is away."""
+        try:
+            wait = await self._fail_wait(keys=[self._backoff_key(limit, key)])
+        except (RedisError, OSError) as exc:
+            log.warning("bus.limit_failed", extra={"error": type(exc).__name__})
+            return self._local_limits.failure_wait(limit, key)
+        return float(wait)
+
+    async def record_failure(self, limit: str, key: str, rules: BackoffRules) -> None:
+        """Count the failure in the cluster's back-off, and in this node's.
+
+        This node's own count is what :meth:`failure_wait` answers while Redis is
+        unreachable, so its failures keep counting through an outage.
+        """
+        self._local_limits.record_failure(limit, key, rules)
+        try:
+            await self._fail(
+                keys=[self._backoff_key(limit, key)],
+                args=[
+                    rules.base_delay,
+                    rules.max_delay,
+                    rules.free_failures,
+                    rules.quiet_period,
+                    rules.max_level,
+                ],
+            )
+        except (RedisError, OSError) as exc:
+            log.warning("bus.limit_failed", extra={"error": type(exc).__name__})
+
+    async def clear_failures(self, limit: str, key: str) -> None:
+        """Forget the key's failures in the cluster and on this node."""
+        self._local_limits.clear_failures(limit, key)
+        try:
+            await self._redis.delete(self._backoff_key(limit, key))
+        except (RedisError, OSError) as exc:
+            log.warning("bus.limit_failed", extra={"error": type(exc).__name__})
+
+    def _backoff_key(self, limit: str, key: str) -> bytes:
+        return b"%s:backoff:%s:%s" % (self._prefix, limit.encode(), key.encode())
+
+    # --- link slots (kept by RedisLinkSlots) -------------------------------------------------
+
+    async def link_open(self, slot: bytes, owner: Owner, to_owner: LinkDeliver) -> None:
+        """Open the slot in Redis, owned by this device through this node.
+
+        Raises :class:`LinkError` if the slot exists, the cluster holds the most
+        slots, or Redis is unreachable.
+        """
+        await self._links.open(slot, owner, to_owner)
+
+    async def link_join(self, slot: bytes, blob: bytes, to_joiner: LinkDeliver) -> None:
+        """Take the slot's one joiner place and send ``blob`` to the owner's node.
+
+        Raises :class:`LinkError` if the slot is unknown, expired or taken, its
+        owner's node is gone, or Redis is unreachable.
+        """
+        await self._links.join(slot, blob, to_joiner)
+
+    async def link_answer(self, slot: bytes, owner: Owner, blob: bytes) -> None:
+        """Close the owner's joined slot and send ``blob`` to the joiner's node.
+
+        Raises :class:`LinkError` unless this device owns the slot and a device
+        joined it, or if Redis is unreachable.
+        """
+        await self._links.answer(slot, owner, blob)
+
     async def _keep_presence(self) -> None:
         period = self._presence_ttl_ms / 3000
         while True:
@@ -499,7 +631,7 @@ class RedisBus:
     async def _resume(self, pubsub: PubSub, *, first: bool) -> None:
         """(Re)connect: subscribe every local device, drop stale commands, claim again."""
         await self._redis.ping()
-        await pubsub.subscribe(self._everyone)
+        await pubsub.subscribe(self._everyone, self._links.channel)
         # Commands queued while offline are stale: subscriptions and claims are redone
         # below for the devices connected now, and lost events are re-read from the store.
         self._outbox.clear()
@@ -612,6 +744,9 @@ class RedisBus:
                 continue
             if message["channel"] == self._everyone:
                 self._on_broadcast(message["data"])
+                continue
+            if message["channel"] == self._links.channel:
+                self._links.arrived(message["data"])
                 continue
             key = self._by_channel.get(message["channel"])
             entry = None if key is None else self._local.get(key)

@@ -34,7 +34,7 @@ from bastion.crypto.device import verify_published_key
 from bastion.errors import AuthenticationError, BastionError, ProtocolError
 from bastion.protocol import frames
 from bastion.protocol.auth import ServerSession
-from bastion.ratelimit import FailureBackoff, RateLimiter
+from bastion.ratelimit import BackoffRules, RateLimiter
 from bastion.server import contacts, devices, handlers
 from bastion.server import features as _features  # noqa: F401 - registers feature handlers
 from bastion.server.admin import Policy
@@ -84,18 +84,11 @@ class RelayServer:
         self._server: asyncio.Server | None = None
         limits = self.limits
         self.connection_class = ClientConnection
-        self.link_slots = devices.LinkSlots()
         self.keys_low_notified: set[tuple[str, str]] = set()
         self.all_closed = asyncio.Event()
         # State that features built on the relay keep per server (their stores, caches).
         self.extensions: dict[str, object] = {}
-        self.signin_failures_by_address: FailureBackoff[str] = FailureBackoff(
-            base_delay=limits.signin_backoff_base_s,
-            max_delay=limits.signin_backoff_max_s,
-            free_failures=limits.signin_free_failures,
-        )
-        # Keyed by (address, account): failures from elsewhere never lock the owner out.
-        self.signin_failures_by_account: FailureBackoff[tuple[str, str]] = FailureBackoff(
+        self.signin_backoff = BackoffRules(
             base_delay=limits.signin_backoff_base_s,
             max_delay=limits.signin_backoff_max_s,
             free_failures=limits.signin_free_failures,
@@ -186,17 +179,26 @@ class RelayServer:
             limits.registrations_per_address_burst,
         )
 
-    def signin_wait(self, address: str, username: str, now: float) -> float:
+    # Sign-in back-off, counted across every node (Bus.record_failure): by address, and
+    # by (address, account) so that failures from elsewhere never lock the owner out.
+
+    async def signin_wait(self, address: str, username: str) -> float:
         """Seconds a sign-in from this address for this account must wait (0: go ahead)."""
         return max(
-            self.signin_failures_by_address.blocked_for(address, now),
-            self.signin_failures_by_account.blocked_for((address, username), now),
+            await self.bus.failure_wait("signin_by_address", address),
+            await self.bus.failure_wait("signin_by_account", f"{address}/{username}"),
         )
 
-    def signin_failed(self, address: str, username: str, now: float) -> None:
+    async def signin_failed(self, address: str, username: str) -> None:
         """Count a failed sign-in against the address and the account."""
-        self.signin_failures_by_address.record_failure(address, now)
-        self.signin_failures_by_account.record_failure((address, username), now)
+        await self.bus.record_failure("signin_by_address", address, self.signin_backoff)
+        await self.bus.record_failure(
+            "signin_by_account", f"{address}/{username}", self.signin_backoff
+        )
+
+    async def signin_succeeded(self, address: str, username: str) -> None:
+        """Forget the account's failures from this address; the address's count only decays."""
+        await self.bus.clear_failures("signin_by_account", f"{address}/{username}")
 
     @property
     def policy(self) -> Policy:
@@ -608,8 +610,7 @@ class ClientConnection(WSListener):
         await self._signed_in(frame.req, frame.username, device.device_id, frame.receive)
 
     async def _signin(self, frame: frames.SignIn) -> None:
-        now = time.monotonic()
-        wait = self.server.signin_wait(self.address, frame.username, now)
+        wait = await self.server.signin_wait(self.address, frame.username)
         if wait > 0:
             self.server.limit_hit("signin_backoff", f"{self.address} {frame.username}")
             self._refuse(
@@ -621,7 +622,7 @@ class ClientConnection(WSListener):
             self.session.attempts += 1  # waiting it out still spends this connection's tries
             self._rechallenge()
             return
-        nonce = self.session.take_nonce(now)
+        nonce = self.session.take_nonce(time.monotonic())
         device = await self.server.store.get_device(frame.username, frame.device_id)
         account = await self.server.store.get_account(frame.username)
         try:
@@ -635,12 +636,12 @@ class ClientConnection(WSListener):
                 signature=frame.signature,
             )
         except AuthenticationError as exc:
-            self.server.signin_failed(self.address, frame.username, time.monotonic())
+            await self.server.signin_failed(self.address, frame.username)
             self.server.audit_event(
                 "signin.failed", user=frame.username, address=self.address, reason=str(exc)[:200]
             )
             raise
-        self.server.signin_failures_by_account.record_success((self.address, frame.username))
+        await self.server.signin_succeeded(self.address, frame.username)
         log.info("signin.ok")
         self.server.audit_event(
             "signin.ok", user=frame.username, device=frame.device_id, address=self.address
