@@ -1,8 +1,10 @@
 """Server settings and limits, with safe defaults, and the optional ``bastion.toml``.
 
 The config file holds a ``[limits]`` table whose keys are the field names of
-:class:`Limits` (docs/limits.md lists them) and, for a node of a cluster, a
-``[cluster]`` table with the ``db`` and ``bus`` URLs (docs/deploy.md). Unknown
+:class:`Limits` (docs/limits.md lists them); for a node of a cluster, a
+``[cluster]`` table with the ``db`` and ``bus`` URLs; and for a node behind a
+load balancer, a ``[network]`` table whose ``proxy_protocol_from`` lists the
+balancers' addresses (docs/deploy.md). Unknown
 keys and wrong types are refused with a :class:`~bastion.errors.ConfigError`
 that names the key.
 """
@@ -10,6 +12,7 @@ that names the key.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +23,8 @@ import msgspec
 from bastion.errors import ConfigError
 
 CONFIG_FILE = "bastion.toml"
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -82,6 +87,8 @@ class ServerConfig:
     port: int = 8443
     server_name: str = ""
     limits: Limits = field(default_factory=Limits)
+    # Balancers whose connections start with a PROXY header naming the client.
+    proxy_protocol_from: tuple[Network, ...] = ()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -91,9 +98,10 @@ class Settings:
     limits: Limits = field(default_factory=Limits)
     db: str | None = None  # postgresql://... shared by every node; None: SQLite in the data folder
     bus: str | None = None  # redis://... linking the nodes; None: this process only
+    proxy_protocol_from: tuple[Network, ...] = ()  # [network]: balancers sending PROXY headers
 
 
-_SECTIONS = frozenset({"limits", "cluster"})
+_SECTIONS = frozenset({"limits", "cluster", "network"})
 _CLUSTER_KEYS = {
     "db": ("postgresql://", "postgres://"),
     "bus": ("redis://", "rediss://", "unix://"),
@@ -127,9 +135,10 @@ def parse_settings(data: bytes | str, *, source: str = CONFIG_FILE) -> Settings:
     for name in raw:
         if name not in _SECTIONS:
             raise ConfigError(
-                f"{source}: unknown setting {name!r} (expected [limits] and [cluster] tables)"
+                f"{source}: unknown setting {name!r} (expected [limits], [cluster], [network])"
             )
     cluster = _parse_cluster(raw.get("cluster", {}), source)
+    proxies = _parse_network(raw.get("network", {}), source)
     table: Any = raw.get("limits", {})
     if not isinstance(table, dict):
         raise ConfigError(f"{source}: 'limits' must be a table")
@@ -151,7 +160,36 @@ def parse_settings(data: bytes | str, *, source: str = CONFIG_FILE) -> Settings:
         limits = msgspec.convert(table, Limits)
     except msgspec.ValidationError as exc:
         raise ConfigError(f"{source}: {exc}") from None
-    return Settings(limits=limits, db=cluster.get("db"), bus=cluster.get("bus"))
+    return Settings(
+        limits=limits, db=cluster.get("db"), bus=cluster.get("bus"), proxy_protocol_from=proxies
+    )
+
+
+def parse_networks(values: Any, *, source: str) -> tuple[Network, ...]:
+    """Parse a list of ``10.0.0.0/24``-style networks or single addresses.
+
+    Raises :class:`ConfigError` naming ``source`` for anything else.
+    """
+    if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
+        raise ConfigError(f"{source} must be a list of IP addresses or networks")
+    networks: list[Network] = []
+    for value in values:
+        try:
+            networks.append(ipaddress.ip_network(value, strict=True))
+        except ValueError:
+            raise ConfigError(f"{source}: {value!r} is not an IP address or network") from None
+    return tuple(networks)
+
+
+def _parse_network(table: Any, source: str) -> tuple[Network, ...]:
+    if not isinstance(table, dict):
+        raise ConfigError(f"{source}: 'network' must be a table")
+    for name in table:
+        if name != "proxy_protocol_from":
+            raise ConfigError(f"{source}: unknown setting 'network.{name}' (proxy_protocol_from)")
+    return parse_networks(
+        table.get("proxy_protocol_from", []), source=f"{source}: 'network.proxy_protocol_from'"
+    )
 
 
 def _parse_cluster(table: Any, source: str) -> dict[str, str]:

@@ -88,7 +88,12 @@ async def serve(
     db = db if db is not None else settings.db
     bus = bus if bus is not None else settings.bus
     server_config = ServerConfig(
-        data_dir=data_dir, host=host, port=port, server_name=name, limits=limits
+        data_dir=data_dir,
+        host=host,
+        port=port,
+        server_name=name,
+        limits=limits,
+        proxy_protocol_from=settings.proxy_protocol_from,
     )
     if bus is not None and not bus.startswith(("redis://", "rediss://", "unix://")):
         raise ConfigError("the bus URL must start with redis://, rediss:// or unix://")

@@ -18,7 +18,7 @@ import secrets
 import struct
 import time
 from collections.abc import Awaitable, Coroutine
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from picows import (
     WSCloseCode,
@@ -58,6 +58,9 @@ from bastion.server.store import (
 )
 from bastion.server.tls import server_context
 
+if TYPE_CHECKING:
+    from bastion.server.proxy import ProxiedListener
+
 log = logging.getLogger("bastion.server")
 
 _FETCH_PAGE = 256
@@ -82,6 +85,7 @@ class RelayServer:
         self.bus = bus
         self.connections: set[ClientConnection] = set()
         self._server: asyncio.Server | None = None
+        self._proxied: ProxiedListener | None = None
         limits = self.limits
         self.connection_class = ClientConnection
         self.keys_low_notified: set[tuple[str, str]] = set()
@@ -108,6 +112,16 @@ class RelayServer:
         # The contact service hears of users whose node died (a cluster's bus tells one
         # node each), so it must listen before anyone has signed in here.
         await contacts.service(self)
+        if self.config.proxy_protocol_from:
+            from bastion.server.proxy import ProxiedListener  # noqa: PLC0415 - balancers only
+
+            self._proxied = ProxiedListener(
+                self._listener_for,
+                self.config.proxy_protocol_from,
+                server_context(self.config.data_dir),
+                self.limits,
+            )
+            return await self._proxied.start(self.config.host, self.config.port)
         self._server = await ws_create_server(
             self._accept,
             self.config.host,
@@ -127,10 +141,18 @@ class RelayServer:
     def _accept(self, request: WSUpgradeRequest) -> ClientConnection:
         return self.connection_class(self)
 
+    def _listener_for(self, address: str) -> ClientConnection:
+        """A connection whose client address a balancer told us (:mod:`bastion.server.proxy`)."""
+        conn = self.connection_class(self)
+        conn.forwarded_address = address
+        return conn
+
     async def stop(self) -> None:
         """Stop accepting, close every connection, then let the store finish."""
         if self._server is not None:
             self._server.close()
+        if self._proxied is not None:
+            await self._proxied.close()
         for conn in list(self.connections):
             conn.close(WSCloseCode.GOING_AWAY, "server shutting down")
         # Clients get a moment to answer the close; one that does not is cut off,
@@ -260,6 +282,7 @@ class ClientConnection(WSListener):
         )
         self.transport: WSTransport | None = None
         self.address = "unknown"
+        self.forwarded_address: str | None = None  # the client's, as a trusted balancer says
         self.bad_frames = 0
         self._tasks: set[asyncio.Task[None]] = set()
         self._stores_in_flight = 0  # messages relayed without a task (see _relay)
@@ -286,8 +309,11 @@ class ClientConnection(WSListener):
 
     def on_ws_connected(self, transport: WSTransport) -> None:
         self.transport = transport
-        peer = transport.underlying_transport.get_extra_info("peername")
-        self.address = str(peer[0]) if peer else "unknown"
+        if self.forwarded_address is not None:
+            self.address = self.forwarded_address
+        else:
+            peer = transport.underlying_transport.get_extra_info("peername")
+            self.address = str(peer[0]) if peer else "unknown"
         self.server.connections.add(self)
         if not self.server.admit(self.address):
             self.server.limit_hit("connections_per_address", self.address)

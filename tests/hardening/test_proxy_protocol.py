@@ -1,0 +1,213 @@
+"""Client addresses through a load balancer: PROXY headers, believed only from the balancer.
+
+The network tests put a small PROXY-speaking forwarder in front of a real
+server, as HAProxy with ``send-proxy-v2`` (or nginx with ``proxy_protocol on``)
+would be: it connects from 127.0.0.1, which the server's config names as its
+balancer, and says which client address each connection carries.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import socket
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from proxyprotocol.result import ProxyResult, ProxyResultIPv4, ProxyResultIPv6, ProxyResultLocal
+from proxyprotocol.v1 import ProxyProtocolV1
+from proxyprotocol.v2 import ProxyProtocolV2
+
+from bastion.client.client import Client
+from bastion.errors import BastionError, ConfigError, ServerRefusedError
+from bastion.server.config import parse_networks, parse_settings
+from bastion.server.proxy import ProxyHeaderError, is_trusted, read_client_address
+from tests.conftest import PASSPHRASE, ServerProcess, free_port
+from tests.hardening.harness import admin
+
+pytestmark = pytest.mark.network
+
+BALANCER = parse_networks(["127.0.0.1/32", "fd00::/8"], source="test")
+
+
+def v4(client: str) -> ProxyResult:
+    return ProxyResultIPv4(
+        (ipaddress.IPv4Address(client), 40000), (ipaddress.IPv4Address("10.0.0.11"), 8443)
+    )
+
+
+# --- what is believed ------------------------------------------------------------------------
+
+
+def test_only_the_balancers_own_addresses_are_trusted() -> None:
+    assert is_trusted("127.0.0.1", BALANCER)
+    assert is_trusted("::ffff:127.0.0.1", BALANCER)  # an IPv4 peer on a dual-stack socket
+    assert is_trusted("fd00::5", BALANCER)
+    assert not is_trusted("127.0.0.2", BALANCER)
+    assert not is_trusted("203.0.113.7", BALANCER)
+    assert not is_trusted("unknown", BALANCER)
+
+
+def test_the_balancers_are_named_in_the_config_file() -> None:
+    settings = parse_settings(b'[network]\nproxy_protocol_from = ["10.0.0.2", "10.1.0.0/16"]\n')
+    assert [str(n) for n in settings.proxy_protocol_from] == ["10.0.0.2/32", "10.1.0.0/16"]
+    assert parse_settings(b"").proxy_protocol_from == ()
+    for bad in (
+        b'[network]\nproxy_protocol_from = "10.0.0.2"\n',
+        b'[network]\nproxy_protocol_from = ["balancer.internal"]\n',
+        b'[network]\nproxy_protocol_from = ["10.0.0.1/8"]\n',  # host bits set: a typo
+        b'[network]\nproxy_from = ["10.0.0.2"]\n',
+    ):
+        with pytest.raises(ConfigError, match="network"):
+            parse_settings(bad, source="bastion.toml")
+
+
+async def _header_then(data: bytes) -> tuple[str | None, bytes]:
+    """Feed ``data`` to the header reader; returns the address and what it left unread."""
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    try:
+        theirs.sendall(data)
+        theirs.shutdown(socket.SHUT_WR)
+        address = await asyncio.wait_for(read_client_address(ours), 5)
+        loop = asyncio.get_running_loop()
+        rest = b""
+        while chunk := await loop.sock_recv(ours, 4096):
+            rest += chunk
+        return address, rest
+    finally:
+        ours.close()
+        theirs.close()
+
+
+@pytest.mark.parametrize("version", [ProxyProtocolV1(), ProxyProtocolV2()])
+async def test_a_header_gives_the_client_address_and_leaves_the_tls_bytes(
+    version: ProxyProtocolV1 | ProxyProtocolV2,
+) -> None:
+    hello = b"\x16\x03\x01\x02\x00" + bytes(50)  # the start of a TLS ClientHello
+    assert await _header_then(version.pack(v4("203.0.113.7")) + hello) == ("203.0.113.7", hello)
+    six = ProxyResultIPv6(
+        (ipaddress.IPv6Address("2001:db8::7"), 40000), (ipaddress.IPv6Address("fd00::11"), 8443)
+    )
+    assert await _header_then(version.pack(six) + hello) == ("2001:db8::7", hello)
+
+
+async def test_a_balancers_own_check_names_no_client() -> None:
+    assert await _header_then(ProxyProtocolV2().pack(ProxyResultLocal())) == (None, b"")
+    assert await _header_then(b"PROXY UNKNOWN\r\n") == (None, b"")
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"\x16\x03\x01\x02\x00" + bytes(50),  # TLS straight away: no header
+        b"PROXY TCP4 203.0.113.7\r\n",  # fields missing
+        b"PROXY TCP4 not-an-address 10.0.0.1 1 2\r\n",
+        b"PROXY TCP4 203.0.113.7 10.0.0.1 40000 8443",  # cut off before the line end
+        b"PROXY " + b"9" * 600 + b"\r\n",  # far longer than any header
+        ProxyProtocolV2().pack(v4("203.0.113.7"))[:20],  # cut off
+        b"",  # connected and closed: a plain TCP health check
+    ],
+)
+async def test_anything_else_from_the_balancer_is_refused(data: bytes) -> None:
+    with pytest.raises(ProxyHeaderError):
+        await _header_then(data)
+
+
+# --- through a real server -------------------------------------------------------------------
+
+
+class ProxyForwarder:
+    """A balancer in miniature: each connection is announced with a PROXY header."""
+
+    def __init__(self, backend: int, client: str, *, version: int = 2) -> None:
+        self.backend = backend
+        self.client = client
+        self.version = version
+        self.port = free_port()
+        self.url = f"wss://127.0.0.1:{self.port}"
+        self._server: asyncio.Server | None = None
+        self._pipes: set[asyncio.Task[None]] = set()
+
+    async def __aenter__(self) -> ProxyForwarder:
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", self.port)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._server is not None:
+            self._server.close()
+        for task in list(self._pipes):
+            task.cancel()
+        await asyncio.gather(*self._pipes, return_exceptions=True)
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.backend)
+        packer = ProxyProtocolV2() if self.version == 2 else ProxyProtocolV1()
+        up_writer.write(packer.pack(v4(self.client)))
+        for src, dst in ((reader, up_writer), (up_reader, writer)):
+            task = asyncio.get_running_loop().create_task(self._pipe(src, dst))
+            self._pipes.add(task)
+            task.add_done_callback(self._pipes.discard)
+
+    @staticmethod
+    async def _pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+        try:
+            while data := await src.read(65536):
+                dst.write(data)
+                await dst.drain()
+        except OSError:
+            pass
+        finally:
+            dst.close()
+
+
+@pytest.fixture
+async def behind_balancer(tmp_path: Path) -> AsyncIterator[ServerProcess]:
+    server = ServerProcess(tmp_path / "node", free_port())
+    server.data_dir.mkdir(mode=0o700)
+    (server.data_dir / "bastion.toml").write_text(
+        '[network]\nproxy_protocol_from = ["127.0.0.1"]\n'
+        "[limits]\nregistrations_per_address_burst = 2\nregistrations_per_address_per_hour = 1\n"
+    )
+    server.start()
+    yield server
+    server.kill()
+
+
+async def _register(server: ServerProcess, root: Path, name: str, url: str) -> None:
+    client = await Client.register(
+        root / name, PASSPHRASE, username=name, server_url=url, fingerprint=server.fingerprint
+    )
+    await client.close()
+
+
+async def test_limits_count_each_client_address_the_balancer_names(
+    behind_balancer: ServerProcess, tmp_path: Path
+) -> None:
+    server = behind_balancer
+    async with (
+        ProxyForwarder(server.port, "203.0.113.7") as crowd,
+        ProxyForwarder(server.port, "198.51.100.9", version=1) as other,
+    ):
+        await _register(server, tmp_path, "ann", crowd.url)
+        await _register(server, tmp_path, "ben", crowd.url)
+        with pytest.raises(ServerRefusedError) as caught:
+            await _register(server, tmp_path, "cat", crowd.url)
+        assert caught.value.code == "rate_limited"
+        # Another client behind the same balancer is not held back by the first one.
+        await _register(server, tmp_path, "dan", other.url)
+    audit = admin(server.data_dir, "audit", "show").stdout
+    assert "key=203.0.113.7" in audit  # the limit hit names the client, not the balancer
+    assert "127.0.0.1" not in audit
+
+
+async def test_a_connection_from_the_balancer_without_a_header_is_dropped(
+    behind_balancer: ServerProcess, tmp_path: Path
+) -> None:
+    with pytest.raises((BastionError, OSError)):
+        await asyncio.wait_for(
+            _register(behind_balancer, tmp_path, "sneaky", behind_balancer.url), 20
+        )
+    async with ProxyForwarder(behind_balancer.port, "203.0.113.7") as balancer:
+        await _register(behind_balancer, tmp_path, "honest", balancer.url)  # still serving
