@@ -733,7 +733,9 @@ class SQLiteStore:
         if contacts_only and not self._are_contacts(conn, sender, recipient):
             return NotContactsError(f"{sender} and {recipient} are not contacts")
         expected = {(recipient, d) for d in recipient_devices}
-        expected.update((sender, d) for d in self._device_ids_of(conn, sender) if d != sender_device)
+        expected.update(
+            (sender, d) for d in self._device_ids_of(conn, sender) if d != sender_device
+        )
         given = {(c.user, c.device_id) for c in copies}
         if len(given) != len(copies) or given != expected:
             missing = sorted(f"{u}/{d}" for u, d in expected - given)
