@@ -166,6 +166,47 @@ def test_never_allows_more_than_burst_plus_rate_times_elapsed(
                 assert total <= burst + rate * (end - start) + 1e-9
 
 
+def test_limiter_clock_stepping_back_does_not_refill() -> None:
+    limiter = RateLimiter[str](rate=1.0, burst=1.0)
+    assert limiter.allow("a", 50.0)
+    assert not limiter.allow("a", 10.0)
+    assert not limiter.allow("a", 50.5)
+    assert limiter.allow("a", 51.0)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    rate=st.sampled_from([0.5, 1.0, 3.0]),
+    burst=st.sampled_from([1.0, 2.0, 5.0]),
+    max_keys=st.integers(min_value=1, max_value=4),
+    traffic=st.lists(
+        st.tuples(
+            st.floats(min_value=0.0, max_value=3.0),
+            st.integers(min_value=0, max_value=5),
+            st.sampled_from([0.5, 1.0, 2.0, 3.0, 6.0]),
+        ),
+        max_size=60,
+    ),
+)
+def test_limiter_decides_as_one_token_bucket_per_key(
+    rate: float, burst: float, max_keys: int, traffic: list[tuple[float, int, float]]
+) -> None:
+    # Dropping a full bucket never changes a decision; a bounded table only adds refusals,
+    # and only for keys it does not hold while its oldest bucket is still refilling.
+    limiter = RateLimiter[int](rate, burst, max_keys=max_keys)
+    reference: dict[int, TokenBucket] = {}
+    now = 100.0
+    for step, key, cost in traffic:
+        now += step
+        held = len(limiter) < max_keys or limiter.retry_after(key, now, burst) == 0.0
+        expected = reference.setdefault(key, TokenBucket(rate, burst))
+        if held or expected.tokens(now) < burst:
+            assert limiter.allow(key, now, cost) == expected.allow(now, cost)
+        else:  # a newcomer to a full table: refused, while a fresh bucket would not have been
+            assert not limiter.allow(key, now, cost)
+        assert len(limiter) <= max_keys
+
+
 # -- FailureBackoff ------------------------------------------------------------------------
 
 

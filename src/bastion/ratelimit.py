@@ -31,6 +31,7 @@ K = TypeVar("K", bound=Hashable)
 
 DEFAULT_MAX_KEYS = 100_000
 _HOUSEKEEPING_PER_CALL = 2
+_INF = math.inf
 
 
 def _check_positive(name: str, value: float) -> None:
@@ -118,6 +119,10 @@ class RateLimiter(Generic[K]):
     second. At most ``max_keys`` buckets are held; see the module docstring for
     what happens when that many keys are active at once. Raises
     :class:`ConfigError` for invalid limits.
+
+    The relay asks once per message, so :meth:`allow` does the arithmetic of
+    :class:`TokenBucket` inline on a ``[tokens, updated]`` pair per key, and
+    drops full buckets only when a key is added (the only time the table grows).
     """
 
     def __init__(self, rate: float, burst: float, *, max_keys: int = DEFAULT_MAX_KEYS) -> None:
@@ -127,7 +132,8 @@ class RateLimiter(Generic[K]):
         self.rate = float(rate)
         self.burst = float(burst)
         self.max_keys = max_keys
-        self._buckets: OrderedDict[K, TokenBucket] = OrderedDict()
+        # key -> [tokens at ``updated``, updated]; least recently used first.
+        self._buckets: OrderedDict[K, list[float]] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._buckets)
@@ -138,18 +144,46 @@ class RateLimiter(Generic[K]):
         Also False for a new key while the table is full of buckets that are still
         refilling (fail closed). Raises :class:`ConfigError` for a bad ``cost`` or ``now``.
         """
-        _check_positive("cost", cost)
-        _check_now(now)
-        self._housekeep(now)
-        bucket = self._buckets.get(key)
+        # Chained comparisons are False for NaN: the checks of _check_positive and _check_now.
+        if not 0.0 < cost < _INF:
+            raise ConfigError("cost must be a positive finite number")
+        if not -_INF < now < _INF:
+            raise ConfigError("now must be a finite number of seconds")
+        buckets = self._buckets
+        bucket = buckets.get(key)
+        burst = self.burst
         if bucket is None:
-            if cost > self.burst or not self._make_room(now):
+            if cost > burst:
                 return False
-            bucket = TokenBucket(self.rate, self.burst)
-            self._buckets[key] = bucket
-        else:
-            self._buckets.move_to_end(key)
-        return bucket.allow(now, cost)
+            # A full bucket is the same as an absent one: drop up to _HOUSEKEEPING_PER_CALL
+            # of them from the least-recently-used end. If none could go and the table is
+            # full, its oldest bucket is still refilling: refuse the newcomer (fail closed).
+            for _ in range(_HOUSEKEEPING_PER_CALL):
+                if not buckets:
+                    break
+                oldest = next(iter(buckets))
+                tokens, updated = buckets[oldest]
+                if now > updated:
+                    tokens += (now - updated) * self.rate
+                if tokens < burst:
+                    break
+                del buckets[oldest]
+            if len(buckets) >= self.max_keys:
+                return False
+            buckets[key] = [burst - cost, now]
+            return True
+        buckets.move_to_end(key)
+        tokens, updated = bucket
+        if now > updated:  # a clock that steps back refills nothing
+            tokens += (now - updated) * self.rate
+            if tokens > burst:  # noqa: PLR1730 - cheaper than a call to min() once per message
+                tokens = burst
+            bucket[1] = now
+        if tokens >= cost:
+            bucket[0] = tokens - cost
+            return True
+        bucket[0] = tokens
+        return False
 
     def retry_after(self, key: K, now: float, cost: float = 1.0) -> float:
         """Seconds until ``allow(key, ..., cost)`` can succeed (0 if it can now; ``inf`` never).
@@ -162,31 +196,18 @@ class RateLimiter(Generic[K]):
             return math.inf
         bucket = self._buckets.get(key)
         if bucket is not None:
-            return bucket.retry_after(now, cost)
+            return max(0.0, (cost - self._tokens(bucket, now)) / self.rate)
         if len(self._buckets) < self.max_keys:
             return 0.0
         oldest = next(iter(self._buckets.values()))
-        return oldest.retry_after(now, oldest.burst)
+        return max(0.0, (self.burst - self._tokens(oldest, now)) / self.rate)
 
-    def _housekeep(self, now: float) -> None:
-        """Drop up to a fixed number of full buckets from the least-recently-used end."""
-        for _ in range(_HOUSEKEEPING_PER_CALL):
-            if not self._buckets:
-                return
-            key, bucket = next(iter(self._buckets.items()))
-            if not bucket.is_full(now):
-                return
-            del self._buckets[key]
-
-    def _make_room(self, now: float) -> bool:
-        """Make room for one more key; False if only still-limited keys could be dropped."""
-        if len(self._buckets) < self.max_keys:
-            return True
-        key, bucket = next(iter(self._buckets.items()))
-        if not bucket.is_full(now):
-            return False
-        del self._buckets[key]
-        return True
+    def _tokens(self, bucket: list[float], now: float) -> float:
+        """The tokens ``bucket`` holds at ``now`` (without storing the refill)."""
+        tokens, updated = bucket
+        if now > updated:
+            return min(self.burst, tokens + (now - updated) * self.rate)
+        return tokens
 
 
 def failure_levels(base_delay: float, max_delay: float, free_failures: int) -> int:

@@ -513,6 +513,13 @@ class ClientConnection(WSListener):
         except ProtocolError as exc:
             self._bad_frame(str(exc))
             return
+        # The frames of every message first; neither has a handler before sign-in.
+        if type(frame) is frames.Send and self.session.username is not None:
+            self._relay(frame)
+            return
+        if type(frame) is frames.Ack and self.session.username is not None:
+            self._ack(frame.seqs)
+            return
         if isinstance(frame, frames.Register):
             self._spawn(frame.req, self._register(frame))
             return
@@ -785,12 +792,13 @@ class ClientConnection(WSListener):
         contact rules in a task (:meth:`_relay_checked`).
         """
         started = time.perf_counter()
-        sender, sender_device = self.session.require_signed_in()
+        device = self.session.require_signed_in()
+        sender, sender_device = device
         if frame.to == sender:
             self._refuse(frame.req, frames_error("bad_recipient", "you cannot message yourself"))
             self._observe_relay(started)
             return
-        if not self.server.messages_by_device.allow((sender, sender_device), time.monotonic()):
+        if not self.server.messages_by_device.allow(device, time.monotonic()):
             self.server.limit_hit("messages_per_device", f"{sender}/{sender_device}")
             self._refuse(frame.req, frames_error("rate_limited", "sending too fast; slow down"))
             self._observe_relay(started)
@@ -800,26 +808,18 @@ class ClientConnection(WSListener):
         self._stores_in_flight += 1
         self._hold_back_if_busy()
         stored.add_done_callback(
-            functools.partial(
-                self._relay_stored,
-                frame=frame,
-                sender=sender,
-                sender_device=sender_device,
-                copies=copies,
-                started=started,
-            )
+            functools.partial(self._relay_stored, frame, device, copies, started)
         )
 
     def _relay_stored(
         self,
-        stored: asyncio.Future[StoredMessage],
-        *,
         frame: frames.Send,
-        sender: str,
-        sender_device: str,
+        device: tuple[str, str],
         copies: list[Copy],
         started: float,
+        stored: asyncio.Future[StoredMessage],
     ) -> None:
+        """The store answered a message of :meth:`_relay` (a positional partial: no kwargs dict)."""
         self._stores_in_flight -= 1
         self._resume_if_idle()
         if stored.cancelled():
@@ -829,6 +829,7 @@ class ClientConnection(WSListener):
             self._relayed(frame, stored.result())
         elif isinstance(exc, NotContactsError):
             # Timed apart, as ``relay_checked``.
+            sender, sender_device = device
             self._spawn(frame.req, self._relay_checked(frame, sender, sender_device, copies))
             return
         elif not self._refuse_message(frame, exc):

@@ -733,11 +733,13 @@ class SQLiteStore:
         if contacts_only and not self._are_contacts(conn, sender, recipient):
             return NotContactsError(f"{sender} and {recipient} are not contacts")
         expected = {(recipient, d) for d in recipient_devices}
-        expected |= {(sender, d) for d in self._device_ids_of(conn, sender) if d != sender_device}
-        given = [(c.user, c.device_id) for c in copies]
-        if len(set(given)) != len(given) or set(given) != expected:
-            missing = sorted(f"{u}/{d}" for u, d in expected - set(given))
-            extra = sorted(f"{u}/{d}" for u, d in set(given) - expected)
+        expected.update(
+            (sender, d) for d in self._device_ids_of(conn, sender) if d != sender_device
+        )
+        given = {(c.user, c.device_id) for c in copies}
+        if len(given) != len(copies) or given != expected:
+            missing = sorted(f"{u}/{d}" for u, d in expected - given)
+            extra = sorted(f"{u}/{d}" for u, d in given - expected)
             return DeviceMismatchError(missing, extra)
         return None
 
