@@ -107,6 +107,16 @@ class TokenBucket:
         """True when the bucket holds ``burst`` tokens at ``now`` (it then equals a new one)."""
         return self.tokens(now) >= self.burst
 
+    def lower_to(self, tokens: float, now: float) -> None:
+        """Hold at most ``tokens`` at ``now`` (never more than it holds already).
+
+        Raises :class:`ConfigError` for a non-finite ``tokens`` or ``now``.
+        """
+        if not math.isfinite(tokens):
+            raise ConfigError("tokens must be a finite number")
+        self._refill(now)
+        self._tokens = min(self._tokens, max(0.0, tokens))
+
     def __repr__(self) -> str:
         return f"TokenBucket(rate={self.rate}, burst={self.burst}, tokens={self._tokens:.3f})"
 
@@ -167,6 +177,36 @@ class RateLimiter(Generic[K]):
             return 0.0
         oldest = next(iter(self._buckets.values()))
         return oldest.retry_after(now, oldest.burst)
+
+    def tokens(self, key: K, now: float) -> float:
+        """The tokens ``key`` holds at ``now`` (``burst`` for a key without a bucket).
+
+        Raises :class:`ConfigError` for a bad ``now``.
+        """
+        _check_now(now)
+        bucket = self._buckets.get(key)
+        return self.burst if bucket is None else bucket.tokens(now)
+
+    def lower(self, key: K, tokens: float, now: float) -> None:
+        """Leave ``key`` at most ``tokens`` at ``now``; a bucket never gains from this.
+
+        For a bucket carried over from elsewhere (another node of a cluster). A new
+        key needs room in the table; while the table is full of refilling buckets
+        :meth:`allow` refuses that key anyway. Raises :class:`ConfigError` for a
+        non-finite ``tokens`` or ``now``.
+        """
+        _check_now(now)
+        if not math.isfinite(tokens):
+            raise ConfigError("tokens must be a finite number")
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            if tokens >= self.burst or not self._make_room(now):
+                return
+            bucket = TokenBucket(self.rate, self.burst)
+            self._buckets[key] = bucket
+        else:
+            self._buckets.move_to_end(key)
+        bucket.lower_to(tokens, now)
 
     def _housekeep(self, now: float) -> None:
         """Drop up to a fixed number of full buckets from the least-recently-used end."""
