@@ -128,7 +128,15 @@ def private_redis(tmp_path: Path) -> Iterator[RedisProcess]:
 
 
 @pytest.fixture
-async def cluster(tmp_path: Path, private_redis: RedisProcess) -> AsyncIterator[Cluster]:
+def extra_limits() -> str:
+    """More ``[limits]`` lines for both nodes; a test parametrizes this to change them."""
+    return ""
+
+
+@pytest.fixture
+async def cluster(
+    tmp_path: Path, private_redis: RedisProcess, extra_limits: str
+) -> AsyncIterator[Cluster]:
     await postgres_or_skip()
     schema = fresh_schema()
     db_url = f"{POSTGRES_URL}?schema={schema}"
@@ -148,6 +156,7 @@ async def cluster(tmp_path: Path, private_redis: RedisProcess) -> AsyncIterator[
             (node.data_dir / "bastion.toml").write_text(
                 "[limits]\npresence_ttl_s = 1.5\nadmin_poll_s = 0.2\n"
                 "registrations_per_address_burst = 4\nregistrations_per_address_per_hour = 1\n"
+                + extra_limits
             )
         with (a.data_dir / "bastion.toml").open("a") as toml:
             toml.write(f'[cluster]\ndb = "{db_url}"\nbus = "{private_redis.url}"\n')
@@ -523,3 +532,78 @@ async def test_failed_sign_ins_on_one_node_hold_back_the_next_on_the_other(
         assert on_b.code == "rate_limited"
         await asyncio.sleep(0.25)
     assert isinstance(on_b, frames.SignedIn)
+
+
+async def send_codes(client: Client, bodies: list[str]) -> list[str]:
+    """Send each text to bob; "sent" or the refusal code of each.
+
+    A refused message stays in the client's outbox: the next ``connect`` sends it again.
+    """
+    codes = []
+    for body in bodies:
+        try:
+            await client.send_text("bob", body)
+            codes.append("sent")
+        except ServerRefusedError as exc:
+            codes.append(exc.code)
+    return codes
+
+
+# Five messages at once, then one every two seconds, per device.
+SLOW_SENDER = "messages_burst = 5\nmessages_per_second = 0.5\n"
+
+
+@pytest.mark.parametrize("extra_limits", [SLOW_SENDER], ids=["slow-sender"])
+async def test_a_device_that_moves_to_another_node_brings_its_spent_burst(
+    cluster: Cluster,
+) -> None:
+    balancer = TcpForwarder([cluster.a.port])
+    await balancer.start()
+    alice = await cluster.register("alice", balancer.url)
+    bob = await cluster.register("bob", cluster.b.url)
+    try:
+        await alice.connect(receive=False)
+        await bob.connect()
+        await befriend(alice, bob)
+        burst = [f"on A {n}" for n in range(5)]
+        assert await send_codes(alice, burst) == ["sent"] * 5
+        await alice.close()
+        alice = Client.open(cluster.root / "profiles" / "alice", PASSPHRASE)
+        balancer.backends = [cluster.b.port]
+        await alice.connect(receive=False)  # node B: no fresh burst here
+        assert await send_codes(alice, ["on B, too soon"]) == ["rate_limited"]
+        await asyncio.sleep(2.2)  # one token back, at the rate
+        assert await send_codes(alice, ["on B, later", "on B, again"]) == ["sent", "rate_limited"]
+        assert texts(await next_events(bob, 6)) == [*burst, "on B, later"]
+    finally:
+        await alice.close()
+        await bob.close()
+        await balancer.close()
+
+
+@pytest.mark.parametrize("extra_limits", [SLOW_SENDER], ids=["slow-sender"])
+async def test_signing_in_on_another_node_before_the_old_connection_closes_brings_it_too(
+    cluster: Cluster,
+) -> None:
+    """The old connection, on node A, closes only when node B's sign-in pushes it out."""
+    balancer = TcpForwarder([cluster.a.port])
+    await balancer.start()
+    alice = await cluster.register("alice", balancer.url)
+    bob = await cluster.register("bob", cluster.b.url)
+    try:
+        await alice.connect()
+        await bob.connect()
+        await befriend(alice, bob)
+        assert await send_codes(alice, [f"on A {n}" for n in range(5)]) == ["sent"] * 5
+        on_a = alice.conn
+        assert on_a is not None
+        balancer.backends = [cluster.b.port]
+        await alice.connect()  # node B, while node A still holds the device
+        await asyncio.wait_for(on_a.disconnected.wait(), 5.0)
+        await asyncio.sleep(0.5)  # node A hands the bucket over as it closes the old one
+        assert await send_codes(alice, ["on B, too soon"]) == ["rate_limited"]
+        await on_a.aclose()
+    finally:
+        await alice.close()
+        await bob.close()
+        await balancer.close()

@@ -121,6 +121,51 @@ def test_flooding_with_fresh_keys_does_not_reset_a_limited_key() -> None:
     assert not limiter.allow("victim-target", now)
 
 
+def test_a_carried_over_bucket_lowers_a_key_and_refills_from_there() -> None:
+    limiter = RateLimiter[str](rate=2.0, burst=10.0, max_keys=10)
+    assert limiter.tokens("alice", 0.0) == 10.0  # no bucket: full
+    limiter.lower("alice", 1.5, 0.0)
+    assert limiter.tokens("alice", 0.0) == 1.5
+    assert limiter.allow("alice", 0.0)
+    assert not limiter.allow("alice", 0.0)  # 0.5 left
+    assert limiter.allow("alice", 0.25)  # half a second at 2/s: one more
+    assert limiter.tokens("bob", 0.25) == 10.0  # other keys untouched
+
+
+def test_lowering_never_adds_tokens_and_a_full_bucket_takes_no_room() -> None:
+    limiter = RateLimiter[str](rate=1.0, burst=5.0, max_keys=10)
+    for _ in range(4):
+        assert limiter.allow("alice", 0.0)
+    limiter.lower("alice", 4.0, 0.0)  # more than it holds: no gain
+    assert limiter.tokens("alice", 0.0) == 1.0
+    limiter.lower("bob", 5.0, 0.0)  # a full bucket is the same as none
+    assert len(limiter) == 1
+    limiter.lower("carol", -3.0, 0.0)  # never below empty
+    assert limiter.tokens("carol", 0.0) == 0.0
+    assert limiter.tokens("carol", 1.0) == 1.0
+
+
+def test_a_lowered_bucket_does_not_refill_when_the_clock_steps_back() -> None:
+    limiter = RateLimiter[str](rate=1.0, burst=5.0)
+    limiter.lower("alice", 0.0, 100.0)
+    assert limiter.tokens("alice", 50.0) == 0.0
+    assert not limiter.allow("alice", 50.0)
+    limiter.lower("alice", 3.0, 50.0)
+    assert not limiter.allow("alice", 99.0)
+    assert limiter.allow("alice", 101.0)
+
+
+def test_lowering_a_new_key_respects_the_table_bound() -> None:
+    limiter = RateLimiter[str](rate=1.0, burst=1.0, max_keys=2)
+    assert limiter.allow("a", 0.0)
+    assert limiter.allow("b", 0.0)
+    limiter.lower("c", 0.0, 0.5)  # no room: not stored, and "c" stays refused
+    assert len(limiter) == 2
+    assert not limiter.allow("c", 0.5)
+    with pytest.raises(ConfigError):
+        limiter.lower("a", math.nan, 0.5)
+
+
 @st.composite
 def _traffic(draw: st.DrawFn) -> list[tuple[float, int, float]]:
     steps = draw(st.integers(min_value=1, max_value=60))

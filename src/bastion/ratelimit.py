@@ -108,6 +108,16 @@ class TokenBucket:
         """True when the bucket holds ``burst`` tokens at ``now`` (it then equals a new one)."""
         return self.tokens(now) >= self.burst
 
+    def lower_to(self, tokens: float, now: float) -> None:
+        """Hold at most ``tokens`` at ``now`` (never more than it holds already).
+
+        Raises :class:`ConfigError` for a non-finite ``tokens`` or ``now``.
+        """
+        if not math.isfinite(tokens):
+            raise ConfigError("tokens must be a finite number")
+        self._refill(now)
+        self._tokens = min(self._tokens, max(0.0, tokens))
+
     def __repr__(self) -> str:
         return f"TokenBucket(rate={self.rate}, burst={self.burst}, tokens={self._tokens:.3f})"
 
@@ -202,12 +212,55 @@ class RateLimiter(Generic[K]):
         oldest = next(iter(self._buckets.values()))
         return max(0.0, (self.burst - self._tokens(oldest, now)) / self.rate)
 
+    def tokens(self, key: K, now: float) -> float:
+        """The tokens ``key`` holds at ``now`` (``burst`` for a key without a bucket).
+
+        Raises :class:`ConfigError` for a bad ``now``.
+        """
+        _check_now(now)
+        bucket = self._buckets.get(key)
+        return self.burst if bucket is None else self._tokens(bucket, now)
+
+    def lower(self, key: K, tokens: float, now: float) -> None:
+        """Leave ``key`` at most ``tokens`` at ``now``; a bucket never gains from this.
+
+        For a bucket carried over from elsewhere (another node of a cluster). A new
+        key needs room in the table; while the table is full of refilling buckets
+        :meth:`allow` refuses that key anyway. Raises :class:`ConfigError` for a
+        non-finite ``tokens`` or ``now``.
+        """
+        _check_now(now)
+        if not math.isfinite(tokens):
+            raise ConfigError("tokens must be a finite number")
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            if tokens >= self.burst or not self._make_room(now):
+                return
+            self._buckets[key] = [max(0.0, tokens), now]
+            return
+        self._buckets.move_to_end(key)
+        held = self._tokens(bucket, now)
+        bucket[0] = min(held, max(0.0, tokens))
+        bucket[1] = max(bucket[1], now)  # a clock that steps back moves nothing
+
     def _tokens(self, bucket: list[float], now: float) -> float:
         """The tokens ``bucket`` holds at ``now`` (without storing the refill)."""
         tokens, updated = bucket
         if now > updated:
             return min(self.burst, tokens + (now - updated) * self.rate)
         return tokens
+
+    def _make_room(self, now: float) -> bool:
+        """Room for one more key, dropping full buckets as :meth:`allow` does; False if none."""
+        buckets = self._buckets
+        for _ in range(_HOUSEKEEPING_PER_CALL):
+            if not buckets:
+                break
+            oldest = next(iter(buckets))
+            if self._tokens(buckets[oldest], now) < self.burst:
+                break
+            del buckets[oldest]
+        return len(buckets) < self.max_keys
 
 
 def failure_levels(base_delay: float, max_delay: float, free_failures: int) -> int:

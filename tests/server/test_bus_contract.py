@@ -26,7 +26,7 @@ import redis.asyncio as redis
 from redis.exceptions import RedisError
 
 from bastion.ratelimit import BackoffRules
-from bastion.server.bus import Bus, BusEvent, KeysLow, Kick, LocalBus
+from bastion.server.bus import Bus, BusEvent, KeysLow, Kick, LocalBus, RateHandover
 from bastion.server.link_slots import LinkError
 from bastion.server.redis_bus import RedisBus
 from bastion.server.store import QueuedEnvelope
@@ -106,12 +106,16 @@ def private_redis(tmp_path: Path) -> Iterator[RedisProcess]:
 
 @dataclass
 class Inbox:
-    """A subscriber that records what it is handed."""
+    """A subscriber that records what it is handed; rate handovers are counted apart."""
 
     events: list[BusEvent] = field(default_factory=list)
+    handovers: int = 0
 
     def __call__(self, event: BusEvent) -> None:
-        self.events.append(event)
+        if isinstance(event, RateHandover):
+            self.handovers += 1
+        else:
+            self.events.append(event)
 
     def kicked(self) -> bool:
         return any(isinstance(e, Kick) for e in self.events)
@@ -575,6 +579,105 @@ async def test_a_back_off_still_holds_while_redis_is_away(private_redis: RedisPr
         await b.record_failure("signin", "bob", rules)
         await b.record_failure("signin", "bob", rules)
         assert await b.failure_wait("signin", "bob") > 29.0
+    finally:
+        await a.close()
+        await b.close()
+
+
+# --- a device's message rate, handed from node to node ------------------------------------------
+
+
+async def test_one_node_keeps_a_devices_rate_to_itself() -> None:
+    bus = LocalBus()
+    await bus.hand_over_rate("alice", "a1", 0.0, 1.0, 10.0)
+    assert await bus.take_rate("alice", "a1", 1.0, 10.0) is None  # nothing left the node
+
+
+async def test_a_bucket_left_by_one_node_is_taken_once_by_the_next() -> None:
+    async with two_nodes("redis") as nodes:
+        rate, burst = 0.001, 10.0  # no refill to speak of within the test
+        await nodes.a.hand_over_rate("alice", "a1", 2.0, rate, burst)
+        taken = await nodes.b.take_rate("alice", "a1", rate, burst)
+        assert taken is not None
+        assert 2.0 <= taken < 2.01
+        assert await nodes.a.take_rate("alice", "a1", rate, burst) is None  # taken once
+        assert await nodes.b.take_rate("alice", "a1", rate, burst) is None
+        # Two nodes racing for one bucket: exactly one gets it.
+        await nodes.a.hand_over_rate("alice", "a1", 1.0, rate, burst)
+        race = await asyncio.gather(
+            *(node.take_rate("alice", "a1", rate, burst) for node in (nodes.a, nodes.b))
+        )
+        assert sorted(t is None for t in race) == [False, True]
+        # Another device of the same user left nothing.
+        assert await nodes.b.take_rate("alice", "a2", rate, burst) is None
+
+
+async def test_a_handed_over_bucket_refills_for_the_time_it_waited() -> None:
+    async with two_nodes("redis") as nodes:
+        await nodes.a.hand_over_rate("alice", "a1", 0.0, 10.0, 5.0)
+        await asyncio.sleep(0.3)  # three tokens at 10 per second
+        taken = await nodes.b.take_rate("alice", "a1", 10.0, 5.0)
+        assert taken is not None
+        assert 2.9 <= taken < 4.0
+
+
+async def test_a_bucket_left_twice_before_it_is_taken_keeps_the_lower_count() -> None:
+    async with two_nodes("redis") as nodes:
+        await nodes.a.hand_over_rate("alice", "a1", 1.0, 0.001, 10.0)
+        await nodes.b.hand_over_rate("alice", "a1", 6.0, 0.001, 10.0)
+        taken = await nodes.a.take_rate("alice", "a1", 0.001, 10.0)
+        assert taken is not None
+        assert 1.0 <= taken < 1.01
+
+
+async def test_a_bucket_stays_in_redis_only_until_it_would_be_full() -> None:
+    await redis_or_skip()
+    prefix = f"bastion-test-{secrets.token_hex(6)}"
+    bus = RedisBus(REDIS_URL, prefix=prefix)
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        await bus.hand_over_rate("alice", "a1", 5.0, 2.0, 5.0)  # full: nothing to keep
+        assert await client.keys(f"{prefix}:rate:*") == []
+        await bus.hand_over_rate("alice", "a1", 1.0, 2.0, 5.0)  # four tokens short at 2/s
+        [key] = await client.keys(f"{prefix}:rate:*")
+        assert 1_500 < await client.pttl(key) <= 2_000
+        await bus.hand_over_rate("bob", "b1", 4.98, 1.0, 5.0)  # full again in 20 ms
+        await asyncio.sleep(0.1)
+        assert await bus.take_rate("bob", "b1", 1.0, 5.0) is None
+    finally:
+        await client.aclose()
+        await bus.close()
+
+
+async def test_the_node_holding_the_device_is_told_when_a_bucket_is_left() -> None:
+    async with two_nodes("redis") as nodes:
+        inbox = Inbox()
+        nodes.b.subscribe("alice", "a1", inbox)
+        await nodes.settle()
+        await until(lambda: inbox.handovers == 1)  # its channel is heard: look once
+        await nodes.a.hand_over_rate("alice", "a1", 3.0, 0.001, 10.0)
+        await until(lambda: inbox.handovers == 2)
+        assert await nodes.b.take_rate("alice", "a1", 0.001, 10.0) is not None  # as a relay does
+        await nodes.a.hand_over_rate("alice", "a1", 10.0, 0.001, 10.0)  # full: nothing left
+        await nodes.a.hand_over_rate("bob", "b1", 3.0, 0.001, 10.0)  # another device
+        await nodes.settle()
+        await asyncio.sleep(0.1)
+        assert inbox.handovers == 2
+        assert inbox.events == []
+
+
+async def test_without_redis_a_bucket_is_neither_left_nor_taken_and_nothing_waits(
+    private_redis: RedisProcess,
+) -> None:
+    a = RedisBus(private_redis.url, prefix="bastion-test", retry_min_s=0.05)
+    b = RedisBus(private_redis.url, prefix="bastion-test", retry_min_s=0.05)
+    try:
+        await a.hand_over_rate("alice", "a1", 1.0, 0.001, 10.0)
+        private_redis.kill()
+        started = time.monotonic()
+        await a.hand_over_rate("bob", "b1", 1.0, 0.001, 10.0)  # lost, and says so in the log
+        assert await b.take_rate("alice", "a1", 0.001, 10.0) is None  # keep what b counted
+        assert time.monotonic() - started < 5.0
     finally:
         await a.close()
         await b.close()

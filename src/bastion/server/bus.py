@@ -39,7 +39,12 @@ class Push:
     frame: frames.Frame
 
 
-BusEvent = QueuedEnvelope | KeysLow | Kick | Push
+@dataclass(frozen=True, slots=True)
+class RateHandover:
+    """A node left the device's message-rate bucket for the one holding it now to take."""
+
+
+BusEvent = QueuedEnvelope | KeysLow | Kick | Push | RateHandover
 Subscriber = Callable[[BusEvent], None]
 PresenceLost = Callable[[list[str]], None]
 
@@ -83,6 +88,29 @@ class Bus(Protocol):
 
         The bucket holds ``burst`` tokens and refills at ``rate`` per second; False
         means the request is over the limit.
+        """
+        ...
+
+    # A device's message rate moves with the device. Each node checks it in memory;
+    # the node a signed-in connection closes on hands the bucket over, and the node
+    # the device signs in on next takes it.
+
+    async def hand_over_rate(
+        self, user: str, device_id: str, tokens: float, rate: float, burst: float
+    ) -> None:
+        """Leave the device's bucket, holding ``tokens`` now, for the node it signs in on next.
+
+        Kept until the bucket would be full again, on a clock every node shares. A
+        node holding the device meanwhile is told with :class:`RateHandover`. Never
+        raises: a bucket that cannot be left is lost.
+        """
+        ...
+
+    async def take_rate(self, user: str, device_id: str, rate: float, burst: float) -> float | None:
+        """Take the device's handed-over bucket: its tokens now, refilled since it was left.
+
+        None if no bucket was left (or it would be full by now), or none can be
+        fetched; the node then keeps what it counted itself. A bucket is taken once.
         """
         ...
 
@@ -207,6 +235,15 @@ class LocalBus:
     async def take(self, limit: str, key: str, rate: float, burst: float) -> bool:
         """One node: its own buckets are the whole count."""
         return self._limits.take(limit, key, rate, burst)
+
+    async def hand_over_rate(
+        self, user: str, device_id: str, tokens: float, rate: float, burst: float
+    ) -> None:
+        """One node: its own bucket of the device stays, with nobody to hand it to."""
+
+    async def take_rate(self, user: str, device_id: str, rate: float, burst: float) -> float | None:
+        """None: one node, so the device's bucket never left it."""
+        return None
 
     async def failure_wait(self, limit: str, key: str) -> float:
         """One node: its own back-off is the whole count."""

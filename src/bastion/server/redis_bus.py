@@ -35,6 +35,13 @@ on Redis's clock, expiring once they no longer matter. While Redis is
 unreachable a node counts on its own (:class:`~bastion.server.bus.LocalLimits`);
 it records every back-off failure there as well, so its own stay counted.
 
+*A device's message rate* is checked in the memory of the node holding its
+connection, and handed over through Redis when a signed-in connection closes
+(:class:`~bastion.server.redis_rates.RedisDeviceRates`): the node it signs in on
+next takes it before answering, and a node holding the device when a bucket is
+left is told on the device's channel and takes it at once. While Redis is
+unreachable a node keeps the bucket it counted itself (full if it has none).
+
 *Link slots* are kept in Redis by :class:`~bastion.server.redis_links.RedisLinkSlots`;
 each node listens on a channel of its own for the link blobs of its connections.
 """
@@ -57,9 +64,19 @@ from redis.exceptions import RedisError
 
 from bastion.protocol import frames
 from bastion.ratelimit import BackoffRules
-from bastion.server.bus import BusEvent, KeysLow, Kick, LocalLimits, PresenceLost, Push, Subscriber
+from bastion.server.bus import (
+    BusEvent,
+    KeysLow,
+    Kick,
+    LocalLimits,
+    PresenceLost,
+    Push,
+    RateHandover,
+    Subscriber,
+)
 from bastion.server.link_slots import LINK_TTL_S, MAX_LINK_SLOTS, LinkDeliver, Owner
 from bastion.server.redis_links import RedisLinkSlots
+from bastion.server.redis_rates import RedisDeviceRates
 from bastion.server.store import QueuedEnvelope
 
 log = logging.getLogger("bastion.server.bus")
@@ -202,6 +219,10 @@ class _Push(msgspec.Struct, tag="p", array_like=True):
     frame: bytes
 
 
+class _Handover(msgspec.Struct, tag="h", array_like=True):
+    pass
+
+
 class _Claim(msgspec.Struct, tag="c", array_like=True):
     node: str
     claim: int
@@ -211,9 +232,10 @@ class _Resync(msgspec.Struct, tag="r", array_like=True):
     node: str
 
 
-_Wire = _Deliver | _KeysLow | _Kick | _Push | _Claim | _Resync
+_Wire = _Deliver | _KeysLow | _Kick | _Push | _Handover | _Claim | _Resync
 _decoder = msgspec.msgpack.Decoder(_Wire)
 _encoder = msgspec.msgpack.Encoder()
+_HANDOVER = _encoder.encode(_Handover())
 
 
 def _to_wire(event: BusEvent) -> _Wire:
@@ -232,10 +254,12 @@ def _to_wire(event: BusEvent) -> _Wire:
         return _KeysLow(event.count)
     if isinstance(event, Push):
         return _Push(event.topic, frames.encode(event.frame))
+    if isinstance(event, RateHandover):
+        return _Handover()
     return _Kick(event.reason)
 
 
-def _from_wire(message: _Deliver | _KeysLow | _Kick | _Push) -> BusEvent:
+def _from_wire(message: _Deliver | _KeysLow | _Kick | _Push | _Handover) -> BusEvent:
     if isinstance(message, _Deliver):
         return QueuedEnvelope(
             message.seq,
@@ -251,6 +275,8 @@ def _from_wire(message: _Deliver | _KeysLow | _Kick | _Push) -> BusEvent:
         return KeysLow(message.count)
     if isinstance(message, _Push):
         return Push(message.topic, frames.decode_server_frame(message.frame))
+    if isinstance(message, _Handover):
+        return RateHandover()
     return Kick(message.reason)
 
 
@@ -259,6 +285,7 @@ class _LocalDevice:
     subscriber: Subscriber
     claim: int | None = None  # None until this node's claim number arrived
     highest_rival: int = 0  # the highest rival claim seen while ours was pending
+    heard: bool = False  # the subscriber was told its channel is heard (see _claim)
 
 
 @dataclass(frozen=True, slots=True)
@@ -330,6 +357,7 @@ class RedisBus:
             ttl_s=link_ttl_s,
             max_slots=max_link_slots,
         )
+        self._rates = RedisDeviceRates(self._redis, prefix=self._prefix)
         self._local_limits = LocalLimits()  # while Redis is unreachable
 
     # --- lifecycle --------------------------------------------------------------------------
@@ -484,6 +512,34 @@ class RedisBus:
             log.warning("bus.limit_failed", extra={"error": type(exc).__name__})
             return self._local_limits.take(limit, key, rate, burst)
         return bool(taken)
+
+    async def hand_over_rate(
+        self, user: str, device_id: str, tokens: float, rate: float, burst: float
+    ) -> None:
+        """Leave the bucket in Redis until it would be full; the device's channel is told.
+
+        While Redis is unreachable the bucket stays on this node only.
+        """
+        try:
+            await self._rates.store(
+                user,
+                device_id,
+                tokens,
+                rate=rate,
+                burst=burst,
+                channel=self._channel((user, device_id)),
+                notice=_HANDOVER,
+            )
+        except (RedisError, OSError) as exc:
+            log.warning("bus.rate_failed", extra={"error": type(exc).__name__})
+
+    async def take_rate(self, user: str, device_id: str, rate: float, burst: float) -> float | None:
+        """Take the bucket left in Redis, refilled on Redis's clock; None if it is unreachable."""
+        try:
+            return await self._rates.take(user, device_id, rate=rate, burst=burst)
+        except (RedisError, OSError) as exc:
+            log.warning("bus.rate_failed", extra={"error": type(exc).__name__})
+            return None
 
     async def failure_wait(self, limit: str, key: str) -> float:
         """Seconds the cluster's back-off still blocks the key; this node's while Redis is away."""
@@ -716,6 +772,14 @@ class RedisBus:
             return
         claim = _Claim(self.node_id, number)
         await self._redis.publish(command.channel, _encoder.encode(claim))
+        if not entry.heard:
+            # The device's channel is heard from now on: a bucket left after the
+            # connection took one when signing in, but before that, is taken now.
+            entry.heard = True
+            try:
+                entry.subscriber(RateHandover())
+            except Exception:
+                log.exception("bus.subscriber_failed")
 
     def _on_broadcast(self, data: bytes) -> None:
         try:

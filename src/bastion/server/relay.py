@@ -40,7 +40,7 @@ from bastion.server import features as _features  # noqa: F401 - registers featu
 from bastion.server.admin import Policy
 from bastion.server.admin_watch import AdminChannel
 from bastion.server.audit import AuditLog
-from bastion.server.bus import Bus, BusEvent, KeysLow, Kick, Push
+from bastion.server.bus import Bus, BusEvent, KeysLow, Kick, Push, RateHandover
 from bastion.server.config import ServerConfig
 from bastion.server.metrics import RelayMetrics
 from bastion.server.store import (
@@ -222,6 +222,27 @@ class RelayServer:
         """Forget the account's failures from this address; the address's count only decays."""
         await self.bus.clear_failures("signin_by_account", f"{address}/{username}")
 
+    # A device's message rate is checked in this node's memory (messages_by_device) and
+    # moves with the device between nodes (Bus.hand_over_rate, Bus.take_rate).
+
+    async def take_message_rate(self, username: str, device_id: str) -> None:
+        """Carry over the bucket the device left on the node it last used, if any."""
+        limits = self.limits
+        tokens = await self.bus.take_rate(
+            username, device_id, limits.messages_per_second, limits.messages_burst
+        )
+        if tokens is not None:
+            self.messages_by_device.lower((username, device_id), tokens, time.monotonic())
+
+    async def hand_over_message_rate(self, username: str, device_id: str) -> None:
+        """Leave the device's bucket for the node it signs in on next (a full one needs nothing)."""
+        limits = self.limits
+        tokens = self.messages_by_device.tokens((username, device_id), time.monotonic())
+        if tokens < limits.messages_burst:
+            await self.bus.hand_over_rate(
+                username, device_id, tokens, limits.messages_per_second, limits.messages_burst
+            )
+
     @property
     def policy(self) -> Policy:
         """The organisation policy as of the last admin poll (defaults without one)."""
@@ -356,6 +377,11 @@ class ClientConnection(WSListener):
                 self.session.username, self.session.device_id, self._on_bus_event
             )
             self._spawn(None, contacts.device_offline(self))
+        if self.session.username and self.session.device_id:
+            self._spawn(
+                None,
+                self.server.hand_over_message_rate(self.session.username, self.session.device_id),
+            )
         # Running requests are left to finish (an acknowledgement already read must still be
         # stored); their replies go nowhere because the connection is closed.
 
@@ -687,6 +713,11 @@ class ClientConnection(WSListener):
         if self._signin_timer is not None:
             self._signin_timer.cancel()
             self._signin_timer = None
+        # Before any message of this connection is read as signed in.
+        await self.server.take_message_rate(username, device_id)
+        if self._closed:
+            self._spawn(None, self.server.hand_over_message_rate(username, device_id))
+            return
         self.session.authenticated(username, device_id)
         count = await self.server.store.count_one_time_keys(username, device_id)
         self._send(
@@ -916,6 +947,11 @@ class ClientConnection(WSListener):
                 self._send(event.frame)
         elif isinstance(event, KeysLow):
             self._send(frames.KeysLow(one_time_keys=event.count))
+        elif isinstance(event, RateHandover):
+            if self._closed:
+                return  # this connection's own bucket is being handed over
+            username, device_id = self.session.require_signed_in()
+            self._spawn(None, self.server.take_message_rate(username, device_id))
         elif event.seq <= self._cursor and event.seq not in self._unacked:
             # Overtaken by a later envelope (stored through another node or another
             # database connection): re-read from just before it rather than skip it.
