@@ -18,7 +18,7 @@ import asyncpg
 import pytest
 
 from bastion.errors import ConfigError, StorageError
-from bastion.server.admin import AdminBackend, AdminDB, SQLiteAdmin
+from bastion.server.admin import AdminBackend, AdminDB, SQLiteAdmin, new_invite_code
 from bastion.server.admin_watch import (
     CURSOR_FILE,
     AdminChannel,
@@ -286,3 +286,9 @@ def test_a_database_from_an_older_release_resumes_at_its_first_unhandled_event(
         assert db.first_cursor() == 5
     finally:
         db.close()
+
+
+def test_invite_codes_can_be_typed_after_an_option() -> None:
+    codes = {new_invite_code() for _ in range(3000)}
+    assert len(codes) == 3000
+    assert all(len(code) == 24 and not code.startswith("-") for code in codes)

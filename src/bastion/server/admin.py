@@ -152,8 +152,14 @@ def policy_from_rows(rows: dict[str, str]) -> Policy:
 
 
 def new_invite_code() -> str:
-    """A fresh invite code: 144 random bits, URL-safe."""
-    return secrets.token_urlsafe(18)
+    """A fresh invite code: 24 URL-safe characters, about 143.9 random bits.
+
+    Never starting with ``-``, which a command line would read as an option
+    (``bastion register --invite CODE``).
+    """
+    while (code := secrets.token_urlsafe(18)).startswith("-"):
+        pass
+    return code
 
 
 def invite_hash(code: str) -> bytes:
