@@ -126,11 +126,14 @@ class ProxiedListener:
         trusted: Sequence[Network],
         context: ssl.SSLContext,
         limits: Limits,
+        *,
+        read_buffer_bytes: int,
     ) -> None:
         self._listener_for = listener_for
         self._trusted = list(trusted)
         self._context = context
         self._limits = limits
+        self._read_buffer_bytes = read_buffer_bytes
         self._socket: socket.socket | None = None
         self._acceptor: asyncio.Task[None] | None = None
         self._pending: set[asyncio.Task[None]] = set()
@@ -222,5 +225,5 @@ class ProxiedListener:
             True,  # answer pings
             limits.max_frame_bytes,
             None,  # no extra response headers
-            16 * 1024,  # initial read buffer, picows's default
+            self._read_buffer_bytes,  # the read buffer's first size; it grows as needed
         )
