@@ -192,15 +192,15 @@ class TamperingConnection(ClientConnection):
             if impostor is None:
                 log.warning("tamper.skipped", extra={"mode": "rewrite-sender"})
             else:
-                envelope = dataclasses.replace(
+                envelope = msgspec.structs.replace(
                     envelope, sender=impostor[0], sender_device=impostor[1]
                 )
         if "ghost-sender" in modes and self.ghost is not None:
-            envelope = dataclasses.replace(envelope, sender_device=self.ghost.device_id)
+            envelope = msgspec.structs.replace(envelope, sender_device=self.ghost.device_id)
         if "flip-byte" in modes and envelope.body:
             body = bytearray(envelope.body)
             body[len(body) // 2] ^= 0x01
-            envelope = dataclasses.replace(envelope, body=bytes(body))
+            envelope = msgspec.structs.replace(envelope, body=bytes(body))
         super()._push(envelope)
         if "replay" in modes:
             self._send(self._injected(envelope))

@@ -18,6 +18,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+import msgspec
+
 from bastion.errors import StorageError
 
 
@@ -74,8 +76,9 @@ class ClaimedKeyRecord:
     fallback: bool
 
 
-@dataclass(frozen=True, slots=True)
-class Copy:
+# The three records built for every relayed message are msgspec Structs: as immutable as
+# frozen dataclasses, built in ~0.12 µs instead of ~0.8 µs (docs/benchmarks.md).
+class Copy(msgspec.Struct, frozen=True, gc=False):
     """One ciphertext of a message, for one device."""
 
     user: str
@@ -84,8 +87,7 @@ class Copy:
     body: bytes
 
 
-@dataclass(frozen=True, slots=True)
-class QueuedEnvelope:
+class QueuedEnvelope(msgspec.Struct, frozen=True, gc=False):
     """A ciphertext waiting in a device's queue until the device acknowledges it."""
 
     seq: int
@@ -98,8 +100,7 @@ class QueuedEnvelope:
     body: bytes
 
 
-@dataclass(frozen=True, slots=True)
-class StoredMessage:
+class StoredMessage(msgspec.Struct, frozen=True):
     """The outcome of storing a message: when it was accepted and what was queued.
 
     ``envelopes`` is empty when the same client message id had already been stored
