@@ -16,10 +16,10 @@ import secrets
 import shutil
 import subprocess
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 import redis.asyncio as redis
@@ -341,6 +341,18 @@ async def test_a_user_is_online_while_any_node_holds_them(cluster: Cluster) -> N
     assert await cluster.b.online([]) == set()
 
 
+T = TypeVar("T")
+
+
+async def within(step: str, awaitable: Awaitable[T], seconds: float = 20.0) -> T:
+    """Await a bus call, failing with the step's name if it takes longer than ``seconds``."""
+    try:
+        async with asyncio.timeout(seconds):
+            return await awaitable
+    except TimeoutError:
+        raise AssertionError(f"the bus did not answer within {seconds} s: {step}") from None
+
+
 async def test_the_users_of_a_dead_node_go_offline_once_within_the_ttl() -> None:
     await redis_or_skip()
     prefix = f"bastion-test-{secrets.token_hex(6)}"
@@ -349,21 +361,23 @@ async def test_the_users_of_a_dead_node_go_offline_once_within_the_ttl() -> None
     lost: list[str] = []
     for node in (dying, *sweepers):
         node.on_presence_lost(lost.extend)
-        assert await node.start()
+        assert await within("start", node.start())
     try:
-        assert await dying.presence_up("carol")
-        assert await dying.presence_up("dave")
-        assert not await sweepers[0].presence_up("dave")  # dave is also on a live node
+        assert await within("presence_up", dying.presence_up("carol"))
+        assert await within("presence_up", dying.presence_up("dave"))
+        # dave is also on a live node
+        assert not await within("presence_up", sweepers[0].presence_up("dave"))
         await asyncio.sleep(1.7)  # renewals keep them online past one ttl
-        assert await sweepers[1].online(["carol", "dave"]) == {"carol", "dave"}
-        await dying.close()  # stops renewing and says nothing, as kill -9 would
+        online = await within("online", sweepers[1].online(["carol", "dave"]))
+        assert online == {"carol", "dave"}
+        await within("close", dying.close())  # stops renewing and says nothing, as kill -9 would
         await until(lambda: lost == ["carol"], within_s=8.0)
-        assert await sweepers[1].online(["carol", "dave"]) == {"dave"}
+        assert await within("online", sweepers[1].online(["carol", "dave"])) == {"dave"}
         await asyncio.sleep(1.5)
         assert lost == ["carol"]  # told by one sweeping node, once; dave stays online
     finally:
         for node in sweepers:
-            await node.close()
+            await within("close", node.close())
 
 
 async def test_a_limit_is_one_bucket_for_every_node(cluster: Cluster) -> None:

@@ -81,6 +81,8 @@ from bastion.server.store import QueuedEnvelope
 
 log = logging.getLogger("bastion.server.bus")
 
+_CLOSE_WAIT_S = 2.0  # the longest a close waits on Redis or on its own tasks
+
 DeviceKey = tuple[str, str]
 
 # KEYS: the user's node set, the index. ARGV: node, now, expiry, user. 1 if no node was up.
@@ -376,14 +378,24 @@ class RedisBus:
         return self.connected
 
     async def close(self) -> None:
-        """Stop the link and release the Redis connections."""
-        for task in (self._task, self._presence_task):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+        """Stop the link and release the Redis connections, within a few seconds at most.
+
+        A node's shutdown must not wait on Redis: a task that does not end
+        promptly once cancelled, or connections that do not close, are left
+        behind with a warning.
+        """
+        tasks = [t for t in (self._task, self._presence_task) if t is not None]
         self._task = self._presence_task = None
-        await self._redis.aclose()
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            _, stuck = await asyncio.wait(tasks, timeout=_CLOSE_WAIT_S)
+            if stuck:
+                log.warning("bus.close_stuck", extra={"tasks": len(stuck)})
+        try:
+            await asyncio.wait_for(self._redis.aclose(), _CLOSE_WAIT_S)
+        except (TimeoutError, RedisError, OSError) as exc:
+            log.warning("bus.close_failed", extra={"error": type(exc).__name__})
 
     async def flush(self) -> None:
         """Wait until Redis has processed everything handed to the bus so far.
@@ -679,8 +691,8 @@ class RedisBus:
                     if not future.done():
                         future.set_result(None)
                 self._barriers.clear()
-                with contextlib.suppress(RedisError, OSError):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+                with contextlib.suppress(RedisError, OSError, TimeoutError):
+                    await asyncio.wait_for(pubsub.aclose(), _CLOSE_WAIT_S)  # type: ignore[no-untyped-call]
             await asyncio.sleep(delay)
             delay = min(delay * 2, self._retry_max_s)
 
