@@ -33,7 +33,7 @@ from tests.conftest import PASSPHRASE, ServerProcess, free_port
 from tests.contacts.support import next_of
 from tests.file_transfer.conftest import next_offer
 from tests.hardening.harness import admin
-from tests.helpers import drain, next_events, texts
+from tests.helpers import TcpForwarder, drain, next_events, texts
 from tests.server.test_bus_contract import RedisProcess
 from tests.server.test_store_contract import (
     POSTGRES_URL,
@@ -44,53 +44,6 @@ from tests.server.test_store_contract import (
 from tests.test_signin import RawAccount, connect, register_raw, signin_frame
 
 pytestmark = pytest.mark.network
-
-
-class TcpForwarder:
-    """A load balancer in miniature: each connection goes to the first backend that answers."""
-
-    def __init__(self, backends: list[int]) -> None:
-        self.backends = backends
-        self.port = free_port()
-        self.url = f"wss://127.0.0.1:{self.port}"
-        self._server: asyncio.Server | None = None
-        self._pipes: set[asyncio.Task[None]] = set()
-
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._accept, "127.0.0.1", self.port)
-
-    async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
-        for task in list(self._pipes):
-            task.cancel()
-        await asyncio.gather(*self._pipes, return_exceptions=True)
-
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        for port in self.backends:
-            try:
-                up_reader, up_writer = await asyncio.open_connection("127.0.0.1", port)
-                break
-            except OSError:
-                continue
-        else:
-            writer.close()
-            return
-        for src, dst in ((reader, up_writer), (up_reader, writer)):
-            task = asyncio.get_running_loop().create_task(self._pipe(src, dst))
-            self._pipes.add(task)
-            task.add_done_callback(self._pipes.discard)
-
-    @staticmethod
-    async def _pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-        try:
-            while data := await src.read(65536):
-                dst.write(data)
-                await dst.drain()
-        except OSError:
-            pass
-        finally:
-            dst.close()
 
 
 @dataclass

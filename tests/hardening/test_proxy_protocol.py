@@ -25,6 +25,7 @@ from bastion.server.config import parse_networks, parse_settings
 from bastion.server.proxy import ProxyHeaderError, is_trusted, read_client_address
 from tests.conftest import PASSPHRASE, ServerProcess, free_port
 from tests.hardening.harness import admin
+from tests.helpers import TcpForwarder
 
 pytestmark = pytest.mark.network
 
@@ -118,48 +119,24 @@ async def test_anything_else_from_the_balancer_is_refused(data: bytes) -> None:
 # --- through a real server -------------------------------------------------------------------
 
 
-class ProxyForwarder:
-    """A balancer in miniature: each connection is announced with a PROXY header."""
+class ProxyForwarder(TcpForwarder):
+    """A balancer in miniature that announces each connection with a PROXY header."""
 
     def __init__(self, backend: int, client: str, *, version: int = 2) -> None:
-        self.backend = backend
+        super().__init__([backend])
         self.client = client
         self.version = version
-        self.port = free_port()
-        self.url = f"wss://127.0.0.1:{self.port}"
-        self._server: asyncio.Server | None = None
-        self._pipes: set[asyncio.Task[None]] = set()
+
+    def greeting(self) -> bytes:
+        packer = ProxyProtocolV2() if self.version == 2 else ProxyProtocolV1()
+        return packer.pack(v4(self.client))
 
     async def __aenter__(self) -> ProxyForwarder:
-        self._server = await asyncio.start_server(self._accept, "127.0.0.1", self.port)
+        await self.start()
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        if self._server is not None:
-            self._server.close()
-        for task in list(self._pipes):
-            task.cancel()
-        await asyncio.gather(*self._pipes, return_exceptions=True)
-
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.backend)
-        packer = ProxyProtocolV2() if self.version == 2 else ProxyProtocolV1()
-        up_writer.write(packer.pack(v4(self.client)))
-        for src, dst in ((reader, up_writer), (up_reader, writer)):
-            task = asyncio.get_running_loop().create_task(self._pipe(src, dst))
-            self._pipes.add(task)
-            task.add_done_callback(self._pipes.discard)
-
-    @staticmethod
-    async def _pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-        try:
-            while data := await src.read(65536):
-                dst.write(data)
-                await dst.drain()
-        except OSError:
-            pass
-        finally:
-            dst.close()
+        await self.close()
 
 
 @pytest.fixture
@@ -211,3 +188,27 @@ async def test_a_connection_from_the_balancer_without_a_header_is_dropped(
         )
     async with ProxyForwarder(behind_balancer.port, "203.0.113.7") as balancer:
         await _register(behind_balancer, tmp_path, "honest", balancer.url)  # still serving
+
+
+async def test_a_client_that_is_not_the_balancer_cannot_claim_an_address(tmp_path: Path) -> None:
+    """Only the listed balancers are believed: from anywhere else a PROXY header is no TLS."""
+    server = ServerProcess(tmp_path / "node", free_port())
+    server.data_dir.mkdir(mode=0o700)
+    (server.data_dir / "bastion.toml").write_text(
+        '[network]\nproxy_protocol_from = ["10.0.0.0/8"]\n'  # the balancer is elsewhere
+        "[limits]\nregistrations_per_address_burst = 1\nregistrations_per_address_per_hour = 1\n"
+    )
+    server.start()
+    try:
+        async with ProxyForwarder(server.port, "203.0.113.7") as spoofer:
+            with pytest.raises((BastionError, OSError)):
+                await asyncio.wait_for(_register(server, tmp_path, "spoof", spoofer.url), 20)
+        # Served as usual, counted under its own address: the first registration passes,
+        # the second from the same address is over the limit.
+        await _register(server, tmp_path, "direct", server.url)
+        with pytest.raises(ServerRefusedError) as caught:
+            await _register(server, tmp_path, "again", server.url)
+        assert caught.value.code == "rate_limited"
+    finally:
+        server.kill()
+    assert "key=127.0.0.1" in admin(server.data_dir, "audit", "show").stdout
