@@ -1,39 +1,57 @@
 # Two commands for a fresh machine:
 #   make serve   set up and start a server on 127.0.0.1:8443 (data in ./var)
 #   make test    set up and run formatting, lint, type checks and the whole test suite
+# Both install exactly the versions in requirements/*.txt (hashes checked); `make lock`
+# refreshes those files from pyproject.toml.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 HOST ?= 127.0.0.1
 PORT ?= 8443
 DATA ?= var
+UV_VERSION := 0.13.9
+LOCK_FLAGS := --universal --python-version 3.11 --generate-hashes --quiet \
+	--custom-compile-command "make lock"
+PIP_LOCKED := $(BIN)/python -m pip install --quiet --require-hashes --no-deps
 
-.PHONY: serve test check lint typecheck pytest test-slow bench clean
+.PHONY: serve test check-lock lock lint test-slow bench fuzz clean
+
+check-lock:
+	@$(PYTHON) tools/lock.py check
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
 
-$(VENV)/.installed: pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet -e .
+$(VENV)/.installed: pyproject.toml requirements/runtime.txt requirements/build.txt | check-lock $(BIN)/python
+	$(PIP_LOCKED) -r requirements/build.txt
+	$(PIP_LOCKED) -r requirements/runtime.txt
+	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $@
 
-$(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+$(VENV)/.installed-dev: pyproject.toml requirements/dev.txt $(VENV)/.installed | check-lock
+	$(PIP_LOCKED) -r requirements/dev.txt
 	touch $@
 
-serve: $(VENV)/.installed
+serve: check-lock $(VENV)/.installed
 	$(BIN)/bastion server run --data $(DATA) --host $(HOST) --port $(PORT)
 
-test: $(VENV)/.installed-dev
-	$(BIN)/ruff format --check src tests bench
-	$(BIN)/ruff check src tests bench
+test: check-lock $(VENV)/.installed-dev
+	$(BIN)/ruff format --check src tests bench tools
+	$(BIN)/ruff check src tests bench tools
 	$(BIN)/mypy --strict
 	$(BIN)/pytest
 
+# Re-resolve every dependency from pyproject.toml (newest versions its ranges allow).
+lock: | $(BIN)/python
+	$(BIN)/python -m pip install --quiet "uv==$(UV_VERSION)"
+	$(PYTHON) tools/lock.py build-requires | $(BIN)/uv pip compile - $(LOCK_FLAGS) -o requirements/build.txt
+	$(BIN)/uv pip compile pyproject.toml $(LOCK_FLAGS) -o requirements/runtime.txt
+	$(BIN)/uv pip compile pyproject.toml --extra dev $(LOCK_FLAGS) -o requirements/dev.txt
+	$(PYTHON) tools/lock.py stamp
+
 lint: $(VENV)/.installed-dev
-	$(BIN)/ruff format src tests bench
-	$(BIN)/ruff check --fix src tests bench
+	$(BIN)/ruff format src tests bench tools
+	$(BIN)/ruff check --fix src tests bench tools
 
 test-slow: $(VENV)/.installed-dev
 	$(BIN)/pytest -m slow
@@ -42,7 +60,6 @@ bench: $(VENV)/.installed-dev
 	$(BIN)/python bench/relay.py
 
 # Coverage-guided fuzzing of the decoders for FUZZ_SECONDS (default 60); crashes land in fuzz/.
-.PHONY: fuzz
 fuzz: $(VENV)/.installed-dev
 	$(BIN)/python -m pip install --quiet -e '.[fuzz]'
 	mkdir -p fuzz/corpus

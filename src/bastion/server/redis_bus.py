@@ -692,7 +692,7 @@ class RedisBus:
                         future.set_result(None)
                 self._barriers.clear()
                 with contextlib.suppress(RedisError, OSError, TimeoutError):
-                    await asyncio.wait_for(pubsub.aclose(), _CLOSE_WAIT_S)  # type: ignore[no-untyped-call]
+                    await asyncio.wait_for(pubsub.aclose(), _CLOSE_WAIT_S)
             await asyncio.sleep(delay)
             delay = min(delay * 2, self._retry_max_s)
 
