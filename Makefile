@@ -10,7 +10,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8443
 DATA ?= var
 UV_VERSION := 0.13.9
-LOCK_FLAGS := --universal --python-version 3.11 --generate-hashes --quiet \
+LOCK_FLAGS := $(if $(UPGRADE),--upgrade) --universal --python-version 3.11 --generate-hashes --quiet \
 	--custom-compile-command "make lock"
 PIP_LOCKED := $(BIN)/python -m pip install --quiet --require-hashes --no-deps
 
@@ -41,12 +41,14 @@ test: check-lock $(VENV)/.installed-dev
 	$(BIN)/mypy --strict
 	$(BIN)/pytest
 
-# Re-resolve every dependency from pyproject.toml (newest versions its ranges allow).
+# Resolve the locks again from pyproject.toml, keeping locked versions that still fit
+# (`make lock UPGRADE=1` takes the newest its ranges allow). The runtime set is taken at
+# the dev set's versions, so the tests run exactly what a server runs.
 lock: | $(BIN)/python
 	$(BIN)/python -m pip install --quiet "uv==$(UV_VERSION)"
 	$(PYTHON) tools/lock.py build-requires | $(BIN)/uv pip compile - $(LOCK_FLAGS) -o requirements/build.txt
-	$(BIN)/uv pip compile pyproject.toml $(LOCK_FLAGS) -o requirements/runtime.txt
 	$(BIN)/uv pip compile pyproject.toml --extra dev $(LOCK_FLAGS) -o requirements/dev.txt
+	$(BIN)/uv pip compile pyproject.toml -c requirements/dev.txt $(LOCK_FLAGS) -o requirements/runtime.txt
 	$(PYTHON) tools/lock.py stamp
 
 lint: $(VENV)/.installed-dev
