@@ -124,7 +124,7 @@ def test_the_corpus_is_blocked_with_the_right_reason(
 CLEAN = [
     ("paper.pdf", pdf(), ContentType.PDF),
     ("dot.png", png(), ContentType.PNG),
-    ("notes.txt", "Notes: the MZ and 7z formats; Rar! is a magic.\n".encode(), ContentType.TEXT),
+    ("notes.txt", b"Notes: the MZ and 7z formats; Rar! is a magic.\n", ContentType.TEXT),
     ("photos.zip", make_zip({"a/b.txt": b"hi", "c.png": png()}), ContentType.ZIP),
     ("page.html", b"<!DOCTYPE html><html><body><p>Hello, <b>world</b>.</p>", ContentType.HTML),
     ("icon.svg", b'<svg xmlns="http://www.w3.org/2000/svg"><circle r="4"/></svg>', ContentType.SVG),
