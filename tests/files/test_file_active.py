@@ -148,6 +148,11 @@ def test_the_prefix_search_is_bounded() -> None:
     assert (hit.kind, hit.offset) == (ContentType.SEVEN_ZIP, active.EMBEDDED_SEARCH_BYTES - 100)
 
 
+def test_decoy_signatures_cannot_hide_a_real_one(tmp_path: Path) -> None:
+    decoys = b"MZ" * (active.MAX_HITS_PER_MAGIC + 1)
+    assert_blocked(scan(tmp_path, "notes.bin", b"x" + decoys + pe()), "too often to check")
+
+
 def test_a_stray_magic_is_not_a_program() -> None:
     # "MZ" and "\x7fELF" in ordinary data, without the structure behind them.
     window = b"xxMZ" + b"\x00" * 100 + b"yy\x7fELF\x09\x09" + b"Rar!\x1a\x07\x09" + b"\x00" * 64

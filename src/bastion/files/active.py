@@ -33,7 +33,9 @@ from bastion.files.content_type import ContentType
 EMBEDDED_SEARCH_BYTES = 1024 * 1024
 _MARKUP_PIECE_BYTES = 1024 * 1024
 _MARKUP_OVERLAP_BYTES = 256
-_MAX_HITS_PER_MAGIC = 4096
+#: Unconfirmed hits of one magic checked before the window counts as crowded (ordinary
+#: data has a few dozen ``MZ`` per MiB at most; only a file built to hide one has more).
+MAX_HITS_PER_MAGIC = 4096
 
 #: Magic numbers worth finding past the start, in the order they are reported.
 _MAGICS: tuple[tuple[bytes, ContentType], ...] = (
@@ -54,10 +56,17 @@ _ACTIVE_MARKUP = re.compile(
 
 @dataclass(frozen=True, slots=True)
 class Embedded:
-    """A signature found past the start of a file: what it is and where it starts."""
+    """A signature found past the start of a file: what it is and where it starts.
+
+    ``crowded`` means the magic occurred more than :data:`MAX_HITS_PER_MAGIC`
+    times without a confirmed hit: too many to check, so it is reported rather
+    than let a real one hide behind decoys (``offset`` is then where the search
+    stopped).
+    """
 
     kind: ContentType
     offset: int
+    crowded: bool = False
 
 
 def find_embedded(window: bytes) -> list[Embedded]:
@@ -70,7 +79,7 @@ def find_embedded(window: bytes) -> list[Embedded]:
     found = []
     for magic, kind in _MAGICS:
         start = 1
-        for _ in range(_MAX_HITS_PER_MAGIC):
+        for _ in range(MAX_HITS_PER_MAGIC):
             at = window.find(magic, start)
             if at == -1:
                 break
@@ -78,6 +87,8 @@ def find_embedded(window: bytes) -> list[Embedded]:
                 found.append(Embedded(kind, at))
                 break
             start = at + 1
+        else:
+            found.append(Embedded(kind, start, crowded=True))
     return found
 
 

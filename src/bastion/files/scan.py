@@ -261,7 +261,12 @@ class _Scan:
         window = stream.read(active.EMBEDDED_SEARCH_BYTES)
         stream.seek(0)
         for hit in active.find_embedded(window):
-            if hit.kind in OPAQUE_ARCHIVES:
+            if hit.crowded:
+                self.blocked.append(
+                    f"{where} repeats the signature of {hit.kind.value} more than "
+                    f"{active.MAX_HITS_PER_MAGIC} times, too often to check"
+                )
+            elif hit.kind in OPAQUE_ARCHIVES:
                 self.blocked.append(
                     f"{where} hides {hit.kind.value} after {hit.offset} bytes of other data, "
                     "which cannot be checked"
