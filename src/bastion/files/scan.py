@@ -83,6 +83,7 @@ _INSPECTED_ARCHIVES = frozenset(
 _ZIP_KINDS = frozenset(
     {ContentType.ZIP, ContentType.OOXML, ContentType.ODF, ContentType.APK, ContentType.JAR}
 )
+_BLOCKED_BY_TYPE = EXECUTABLE_TYPES | LAUNCHER_TYPES | OPAQUE_ARCHIVES
 #: Names a browser opens as a page or an image that can run script, whatever the content.
 _WEB_EXTENSIONS = {
     **dict.fromkeys(("html", "htm", "xhtml", "xht", "shtml"), ContentType.HTML),
@@ -237,7 +238,8 @@ class _Scan:
                 f"{where} is named .{extension_of(name)} but is really {kind.value}"
             )
         self._check_active_markup(stream, kind, extension_of(name), where)
-        self._check_embedded(stream, where)
+        if kind not in _BLOCKED_BY_TYPE:  # what those hold adds nothing to the verdict
+            self._check_embedded(stream, where)
         if kind in _INSPECTED_ARCHIVES:
             self._look_inside(stream, kind, name, size, depth=depth, where=where)
         elif kind not in _ZIP_KINDS and kind not in EXECUTABLE_TYPES and _hides_zip(stream):
