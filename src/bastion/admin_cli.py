@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bastion.display import escape_text
 from bastion.errors import ConfigError, StorageError
 
 EXIT_BAD_LOG = 1
@@ -198,7 +199,8 @@ def cmd_audit_show(args: argparse.Namespace) -> int:
         else:
             fields.pop("signature", None)
             detail = " ".join(f"{k}={v}" for k, v in sorted(fields.items()))
-            print(f"{record.seq:>6} {record.time} {record.event} {detail}".rstrip(), flush=True)
+            line = f"{record.seq:>6} {record.time} {record.event} {detail}".rstrip()
+            print(escape_text(line), flush=True)
     return 0
 
 

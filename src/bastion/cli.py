@@ -33,6 +33,7 @@ from bastion.client.client import (
     WarningEvent,
 )
 from bastion.client.records import HistoryRecord
+from bastion.display import escape_body, escape_text
 from bastion.errors import BastionError, KeyChangedError, ServerRefusedError
 
 EXIT_ERROR = 1
@@ -94,9 +95,9 @@ def print_event(event: Event, as_json: bool) -> None:
     elif isinstance(event, MessageEvent):
         print(format_message(event.record), flush=True)
     elif isinstance(event, FeatureEvent):
-        print(event.describe(), flush=True)
+        print(escape_text(event.describe()), flush=True)
     else:
-        print(f"warning: {describe_notice(event)}", file=sys.stderr, flush=True)
+        print(f"warning: {escape_text(describe_notice(event))}", file=sys.stderr, flush=True)
 
 
 def describe_notice(
@@ -122,11 +123,15 @@ def describe_notice(
 
 
 def format_message(record: HistoryRecord) -> str:
-    """One line for a person."""
+    """A message for a person: one line, and a marked line for each further line of its text.
+
+    Controls and bidi characters in the names and the text are shown escaped
+    (:mod:`bastion.display`), so a message cannot fake another message's line.
+    """
     when = datetime.datetime.fromtimestamp(record.sent_at / 1000, datetime.UTC)
-    who = "you" if record.direction == "out" else record.sender
-    to = f" -> {record.peer}" if record.direction == "out" else ""
-    return f"[{when:%Y-%m-%d %H:%M:%S}Z] {who}{to}: {record.text}"
+    who = "you" if record.direction == "out" else escape_text(record.sender)
+    to = f" -> {escape_text(record.peer)}" if record.direction == "out" else ""
+    return f"[{when:%Y-%m-%d %H:%M:%S}Z] {who}{to}: {escape_body(record.text)}"
 
 
 # --- profile and passphrase ------------------------------------------------------------------
@@ -428,10 +433,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return int(args.sync(args))
         return int(asyncio.run(args.run(args)))
     except KeyChangedError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {escape_text(str(exc))}", file=sys.stderr)
         return EXIT_ERROR
     except (BastionError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {escape_text(str(exc))}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         return 130

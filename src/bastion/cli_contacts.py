@@ -8,6 +8,7 @@ import json
 from bastion.cli import with_client
 from bastion.client import contacts, presence
 from bastion.client.client import Client
+from bastion.display import escape_text
 
 
 def _print_state(args: argparse.Namespace, state: str) -> None:
@@ -15,9 +16,9 @@ def _print_state(args: argparse.Namespace, state: str) -> None:
     if args.json:
         print(json.dumps({"type": "contact", "user": args.user, "state": shown}))
     elif shown == "none":
-        print(f"{args.user} is not in your contacts")
+        print(f"{escape_text(args.user)} is not in your contacts")
     else:
-        print(f"{args.user}: {shown}")
+        print(f"{escape_text(args.user)}: {shown}")
 
 
 async def cmd_contacts_add(args: argparse.Namespace) -> int:
@@ -46,7 +47,8 @@ async def cmd_contacts_list(args: argparse.Namespace) -> int:
                 status = f" ({contact.status})" if contact.status else ""
                 shown = contact.presence if contact.state == "accepted" else ""
                 note = f' "{contact.note}"' if contact.note else ""
-                print(f"{contact.user}  {contact.state}  {shown}{status}{note}".rstrip())
+                line = f"{contact.user}  {contact.state}  {shown}{status}{note}".rstrip()
+                print(escape_text(line))
         return 0
 
     return await with_client(args, work)
@@ -58,9 +60,10 @@ async def cmd_presence_set(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps({"type": "presence_set", "state": args.state, "status": args.status}))
         else:
-            print(f"you are {args.state}" + (f" ({args.status})" if args.status else ""))
+            status = f" ({escape_text(args.status)})" if args.status else ""
+            print(f"you are {args.state}{status}")
         for user in missed:
-            print(f"warning: {user} could not be told", flush=True)
+            print(f"warning: {escape_text(user)} could not be told", flush=True)
         return 0
 
     return await with_client(args, work)
@@ -75,9 +78,10 @@ async def cmd_presence_show(args: argparse.Namespace) -> int:
             for event in events:
                 print(json.dumps(event.to_json()))
         else:
-            print(f"you are {mine.state}" + (f" ({mine.status})" if mine.status else ""))
+            status = f" ({escape_text(mine.status)})" if mine.status else ""
+            print(f"you are {mine.state}{status}")
             for event in events:
-                print(event.describe())
+                print(escape_text(event.describe()))
         return 0
 
     return await with_client(args, work)

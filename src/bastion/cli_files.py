@@ -17,6 +17,7 @@ from typing import Any
 from bastion.cli import iso, with_client
 from bastion.client import files, groups
 from bastion.client.client import Client
+from bastion.display import escape_text
 from bastion.errors import BastionError
 from bastion.groups.chain import GroupState
 
@@ -86,7 +87,8 @@ async def cmd_file_send(args: argparse.Namespace) -> int:
                 )
             )
         else:
-            print(f"sent {sent.name} ({files.human_size(sent.size)}) to {args.user}")
+            size = files.human_size(sent.size)
+            print(escape_text(f"sent {sent.name} ({size}) to {args.user}"))
         return 0
 
     return await with_client(args, work)
@@ -115,10 +117,11 @@ async def cmd_file_list(args: argparse.Namespace) -> int:
                 print(json.dumps(_record_json(record)))
             else:
                 verdict = f" ({record.verdict})" if record.verdict else ""
-                print(
-                    f"{record.id}  {record.sender}  {record.name!r}  "
+                line = (
+                    f"{record.id}  {record.sender}  '{record.name}'  "
                     f"{files.human_size(record.plaintext_size)}  {record.state}{verdict}"
                 )
+                print(escape_text(line))
         return 0
 
     return await with_client(args, work, connect=False)
@@ -127,7 +130,8 @@ async def cmd_file_list(args: argparse.Namespace) -> int:
 def _confirm_override(name: str) -> bool:
     """Ask the user to type ``yes`` before a blocked file is saved."""
     print(
-        f"{name!r} was blocked by the checks above. Saving it may let it run on this machine.\n"
+        f"'{escape_text(name)}' was blocked by the checks above. "
+        "Saving it may let it run on this machine.\n"
         "Type 'yes' to save it anyway: ",
         end="",
         file=sys.stderr,
@@ -143,7 +147,7 @@ async def cmd_file_get(args: argparse.Namespace) -> int:
         result = await files.get_file(client, args.id, to_dir)
         if not result.verdict.is_clean and args.allow_blocked:
             for reason in result.verdict.reasons:
-                print(f"  {reason}", file=sys.stderr)
+                print(f"  {escape_text(reason)}", file=sys.stderr)
             if not _confirm_override(result.record.name):
                 raise BastionError("not confirmed; the file stays in quarantine")
             result = await files.get_file(client, args.id, to_dir, allow_blocked=True)
@@ -151,13 +155,15 @@ async def cmd_file_get(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps(_record_json(record)))
         elif result.saved_to is not None and record.state == "saved":
-            print(f"clean: saved {record.name!r} as {result.saved_to}")
+            print(escape_text(f"clean: saved '{record.name}' as {result.saved_to}"))
         elif result.saved_to is not None:
-            print(f"{result.verdict.kind}: saved anyway as {result.saved_to} (not executable)")
+            saved = escape_text(str(result.saved_to))
+            print(f"{result.verdict.kind}: saved anyway as {saved} (not executable)")
         else:
-            print(f"{result.verdict.kind}: {record.name!r} stays in quarantine, not saved")
+            name = escape_text(record.name)
+            print(f"{result.verdict.kind}: '{name}' stays in quarantine, not saved")
             for reason in result.verdict.reasons:
-                print(f"  {reason}")
+                print(f"  {escape_text(reason)}")
         return 0 if result.saved_to is not None else 3
 
     return await with_client(args, work)

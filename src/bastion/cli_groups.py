@@ -9,6 +9,7 @@ from typing import Any
 from bastion.cli import iso, with_client
 from bastion.client import groups
 from bastion.client.client import Client
+from bastion.display import escape_text
 from bastion.errors import BastionError
 from bastion.groups import chain
 
@@ -28,7 +29,7 @@ def _describe(state: chain.GroupState) -> dict[str, Any]:
 def _print_notices(client: Client, as_json: bool) -> None:
     for event in client.notices:
         if isinstance(event, groups.GroupWarningEvent | groups.GroupChangeEvent):
-            print(json.dumps(event.to_json()) if as_json else event.describe())
+            print(json.dumps(event.to_json()) if as_json else escape_text(event.describe()))
     client.notices.clear()
 
 
@@ -75,7 +76,8 @@ async def cmd_list(args: argparse.Namespace) -> int:
             if args.json:
                 print(json.dumps(_describe(state)))
             else:
-                print(f"{state.group_id.hex()[:16]}  {state.name}  ({len(state.members)} members)")
+                count = len(state.members)
+                print(f"{state.group_id.hex()[:16]}  {escape_text(state.name)}  ({count} members)")
         return 0
 
     return await with_client(args, work, connect=False)
@@ -96,10 +98,11 @@ async def cmd_info(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps(info))
         else:
-            print(f"{state.name} ({state.group_id.hex()})")
+            print(f"{escape_text(state.name)} ({state.group_id.hex()})")
             for user in sorted(state.members):
                 role = "admin" if user in state.admins else "member"
-                print(f"  {user} ({role}): {', '.join(devices[user]) or 'no known devices'}")
+                known = ", ".join(devices[user]) or "no known devices"
+                print(escape_text(f"  {user} ({role}): {known}"))
         return 0
 
     return await with_client(args, work)

@@ -17,6 +17,7 @@ from bastion.cli import passphrase, profile_dir, with_client
 from bastion.client import devices, policy, trust, verification
 from bastion.client.client import Client
 from bastion.crypto.safety import render_qr_text, save_qr_png
+from bastion.display import escape_text
 from bastion.errors import BastionError
 
 
@@ -116,7 +117,7 @@ async def cmd_devices_list(args: argparse.Namespace) -> int:
                     )
                 )
             else:
-                print(f"{d.device_id}{'  (this device)' if mine else ''}")
+                print(f"{escape_text(d.device_id)}{'  (this device)' if mine else ''}")
         return 0
 
     return await with_client(args, work)
@@ -141,7 +142,7 @@ async def cmd_devices_link(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps({"type": "linked", "device": linked.device_id}))
         else:
-            print(f"linked device {linked.device_id}")
+            print(f"linked device {escape_text(linked.device_id)}")
         return 0
 
     return await with_client(args, work, receive=False)
@@ -189,7 +190,7 @@ async def cmd_server_info(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps(info))
             return 0
-        print(f"server {account.server_url} ({account.server_name})")
+        print(escape_text(f"server {account.server_url} ({account.server_name})"))
         print(f"certificate {account.fingerprint}")
         print(f"policy key {info['policy_key']} (pinned; checked on every connection)")
         print(

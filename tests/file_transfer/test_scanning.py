@@ -50,14 +50,66 @@ async def test_each_dangerous_file_is_quarantined_with_its_reason(pair: Pair) ->
         assert any(reason in line for line in result.verdict.reasons), (name, result.verdict)
         assert files.find_file(pair.bob, offer.id).reasons == list(result.verdict.reasons)
         assert list(to.iterdir()) == [], name
-    # Each one waits in quarantine: private, never executable, under a name without extension.
+    # Each one waits in quarantine: private, never executable, under a name without extension,
+    # and sealed: the ciphertext, never the plaintext.
     held = pair.quarantine()
     assert len(held) == len(BLOCKED)
     for path in held:
         assert stat.S_IMODE(path.stat().st_mode) == 0o600
         assert "." not in path.name
+        assert path.name.startswith("sealed-")
+    assert_no_plaintext(pair, [build() for _, _, build, _ in BLOCKED])
     states = {r.name: (r.state, r.verdict) for r in files.list_files(pair.bob)}
     assert states["invoicetxt.exe"] == ("blocked", "blocked")
+
+
+def assert_no_plaintext(pair: Pair, contents: list[bytes]) -> None:
+    """Nothing in the quarantine holds any of ``contents`` (or their first bytes) in clear."""
+    for path in pair.quarantine():
+        held = path.read_bytes()
+        for data in contents:
+            assert data[:32] not in held, (path.name, data[:32])
+
+
+async def test_a_blocked_file_is_kept_encrypted_and_can_still_be_saved_anyway(pair: Pair) -> None:
+    to = pair.folder("downloads")
+    program = elf() + b"unique payload 5f1c0a"
+    await hostile_offer(pair.alice, "bob", program, "tool", None)
+    offer = await next_offer(pair.bob)
+    first = await files.get_file(pair.bob, offer.id, to)
+    assert first.record.state == "blocked"
+    [held] = pair.quarantine()
+    assert b"unique payload 5f1c0a" not in held.read_bytes()
+    assert_no_plaintext(pair, [program])
+    # The blob is gone from the server (downloaded): the sealed copy is what is kept.
+    assert pair.blobs() == []
+    # Scanning again (say, after a rule update) decrypts it again, and removes the plaintext.
+    again = await files.get_file(pair.bob, offer.id, to)
+    assert again.record.state == "blocked"
+    assert pair.quarantine() == [held]
+    saved = await files.get_file(pair.bob, offer.id, to, allow_blocked=True)
+    assert saved.saved_to is not None
+    assert saved.saved_to.read_bytes() == program
+    assert pair.quarantine() == []
+
+
+async def test_a_file_that_could_not_be_scanned_is_not_kept_in_clear(
+    pair: Pair, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(files.CLAMD_SOCKET_ENV, str(pair.root / "no-such.sock"))
+    to = pair.folder("downloads")
+    notes = b"private notes 77e0b2, not scanned yet\n"
+    await hostile_offer(pair.alice, "bob", notes, "notes.txt", None)
+    offer = await next_offer(pair.bob)
+    result = await files.get_file(pair.bob, offer.id, to)
+    assert result.record.state == "error"
+    assert len(pair.quarantine()) == 1
+    assert_no_plaintext(pair, [notes])
+    monkeypatch.delenv(files.CLAMD_SOCKET_ENV)
+    retried = await files.get_file(pair.bob, offer.id, to)
+    assert retried.saved_to is not None
+    assert retried.saved_to.read_bytes() == notes
+    assert pair.quarantine() == []
 
 
 async def test_clean_documents_are_saved(pair: Pair) -> None:

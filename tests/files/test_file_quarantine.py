@@ -5,14 +5,15 @@ from __future__ import annotations
 import io
 import os
 import stat
+import time
 from pathlib import Path
 
 import pytest
 
 from bastion.errors import SecurityError, StorageError
-from bastion.files.cipher import encrypt_stream
+from bastion.files.cipher import FileKey, encrypt_file, encrypt_stream
 from bastion.files.errors import FileIntegrityError
-from bastion.files.quarantine import Quarantine
+from bastion.files.quarantine import PLAINTEXT_MAX_AGE_S, Quarantine
 from bastion.files.scan import Verdict, VerdictKind, scan_file
 
 
@@ -137,3 +138,42 @@ def test_tampered_download_leaves_quarantine_empty(tmp_path: Path) -> None:
             expected_size=sealed.size,
         )
     assert os.listdir(tmp_path / "q") == []
+
+
+def seal(tmp_path: Path, data: bytes) -> tuple[Path, FileKey, bytes, int]:
+    plain = tmp_path / "plain"
+    plain.write_bytes(data)
+    blob = tmp_path / "download.blob"
+    encrypted = encrypt_file(plain, blob)
+    plain.unlink()
+    return blob, encrypted.key, encrypted.sha256, encrypted.size
+
+
+def test_a_held_file_is_ciphertext_and_opens_only_for_a_scan(tmp_path: Path) -> None:
+    quarantine = Quarantine(tmp_path / "q")
+    blob, key, sha256, size = seal(tmp_path, b"MZ secret program bytes")
+    sealed = quarantine.hold(blob)
+    assert not blob.exists()
+    assert sealed.parent == tmp_path / "q"
+    assert mode_of(sealed) == 0o600
+    assert b"secret program" not in sealed.read_bytes()
+    plaintext = quarantine.open_sealed(sealed, key, expected_sha256=sha256, expected_size=size)
+    assert plaintext.read_bytes() == b"MZ secret program bytes"
+    assert sealed.exists()  # still held, for a later scan or a save anyway
+    with pytest.raises(FileIntegrityError):
+        quarantine.open_sealed(sealed, key, expected_sha256=b"\x00" * 32, expected_size=size)
+
+
+def test_plaintext_left_by_a_crash_is_swept(tmp_path: Path) -> None:
+    quarantine = Quarantine(tmp_path / "q")
+    blob, key, sha256, size = seal(tmp_path, b"left behind")
+    sealed = quarantine.hold(blob)
+    old = quarantine.open_sealed(sealed, key, expected_sha256=sha256, expected_size=size)
+    partial = quarantine.folder / ".bastion-partial-0123456789abcdef"
+    partial.write_bytes(b"half a file")
+    fresh = quarantine.open_sealed(sealed, key, expected_sha256=sha256, expected_size=size)
+    hour_ago = time.time() - PLAINTEXT_MAX_AGE_S - 10
+    for path in (old, partial):
+        os.utime(path, (hour_ago, hour_ago))
+    assert quarantine.sweep_plaintext() == 2
+    assert sorted(p.name for p in quarantine.folder.iterdir()) == sorted([sealed.name, fresh.name])

@@ -8,12 +8,15 @@ and size, the name and the claimed type.
 
 Receiving: an offer is only recorded (never downloaded or opened on its own).
 :func:`get_file` downloads the blob (resuming a partial download), checks its
-size and SHA-256, decrypts it into the quarantine folder inside the profile,
-scans it (:mod:`bastion.files.scan`, plus clamd when a socket is configured) and
-copies it to the folder the user chose only when the verdict is clean. The
-verdict is kept with the offer. ``allow_blocked`` saves a blocked file anyway
-(mode 0600, never executable); the front end must have asked the user first,
-and the decision is logged in the profile.
+size and SHA-256, keeps the ciphertext sealed in the quarantine folder inside
+the profile (its key is only in the encrypted profile), decrypts it there for
+the scan (:mod:`bastion.files.scan`, plus clamd when a socket is configured),
+copies it to the folder the user chose only when the verdict is clean, and
+deletes the plaintext whatever the verdict: a blocked, unscanned or failed file
+stays only as ciphertext. The verdict is kept with the offer. ``allow_blocked``
+decrypts the sealed file again and saves it anyway (mode 0600, never
+executable); the front end must have asked the user first, and the decision is
+logged in the profile.
 """
 
 from __future__ import annotations
@@ -49,7 +52,7 @@ from bastion.files.cipher import (
 )
 from bastion.files.errors import FileIntegrityError
 from bastion.files.names import extension_of, sanitize_filename
-from bastion.files.quarantine import Quarantine
+from bastion.files.quarantine import SEALED_PREFIX, Quarantine
 from bastion.files.scan import Verdict, VerdictKind, scan_file
 from bastion.groups.chain import GroupState
 from bastion.protocol import frames
@@ -506,16 +509,6 @@ def _file_sha256(path: Path) -> tuple[bytes, int]:
     return digest.digest(), size
 
 
-def _decrypt_into(quarantine: Quarantine, part: Path, record: FileRecord) -> Path:
-    try:
-        with open(part, "rb") as src:
-            return quarantine.receive(
-                src, FileKey(record.key), expected_sha256=record.sha256, expected_size=record.size
-            )
-    except OSError as exc:
-        raise StorageError(f"could not read the download: {exc.strerror}") from None
-
-
 def clamd_socket_from_env() -> Path | None:
     """The clamd socket named by ``BASTION_CLAMD_SOCKET``, if set."""
     value = os.environ.get(CLAMD_SOCKET_ENV, "").strip()
@@ -524,7 +517,8 @@ def clamd_socket_from_env() -> Path | None:
 
 async def _fetch_into_quarantine(
     client: Client, record: FileRecord, quarantine: Quarantine, window: int
-) -> Path:
+) -> tuple[Path, Path]:
+    """Download, check and seal the blob; return the sealed file and a decrypted copy."""
     conn = _connection(client)
     part = _private_dir(client.profile.path / "downloads") / f"{record.id}.blob"
     try:
@@ -532,17 +526,59 @@ async def _fetch_into_quarantine(
         digest, size = await asyncio.to_thread(_file_sha256, part)
         if size != record.size or not hmac.compare_digest(digest, record.sha256):
             raise FileIntegrityError("the downloaded file's hash is not the one the sender sent")
-        quarantined = await asyncio.to_thread(_decrypt_into, quarantine, part, record)
     except FileIntegrityError:
         part.unlink(missing_ok=True)
         raise
-    part.unlink(missing_ok=True)
+    sealed = await asyncio.to_thread(quarantine.hold, part)
+    try:
+        plaintext = await asyncio.to_thread(_open_sealed, quarantine, sealed, record)
+    except FileIntegrityError:
+        quarantine.discard(sealed)
+        raise
     req = conn.next_req()
     try:
         await conn.request(frames.BlobDone(req=req, blob_id=record.blob), req)
     except ServerRefusedError as exc:
         log.info("file.done_refused", extra={"code": exc.code})
-    return quarantined
+    return sealed, plaintext
+
+
+def _open_sealed(quarantine: Quarantine, sealed: Path, record: FileRecord) -> Path:
+    return quarantine.open_sealed(
+        sealed, FileKey(record.key), expected_sha256=record.sha256, expected_size=record.size
+    )
+
+
+async def _sealed_and_plaintext(
+    client: Client, record: FileRecord, quarantine: Quarantine, window: int
+) -> tuple[FileRecord, Path, Path]:
+    """The offer's sealed file in quarantine (downloaded if needed) and a decrypted copy.
+
+    Raises FileIntegrityError (the offer is then marked failed and nothing of it
+    is kept), ServerRefusedError, StorageError.
+    """
+    held = quarantine.folder / record.quarantined if record.quarantined else None
+    if held is not None and not held.name.startswith(SEALED_PREFIX):
+        quarantine.discard(held)  # plaintext kept by an earlier version: never again
+        held = None
+    try:
+        if held is not None and held.is_file():
+            try:
+                plaintext = await asyncio.to_thread(_open_sealed, quarantine, held, record)
+            except FileIntegrityError:
+                quarantine.discard(held)
+                raise
+            return record, held, plaintext
+        held, plaintext = await _fetch_into_quarantine(client, record, quarantine, window)
+    except FileIntegrityError as exc:
+        failed = msgspec.structs.replace(
+            record, state="failed", reasons=[str(exc)], quarantined=None
+        )
+        _save(client, failed)
+        raise
+    record = msgspec.structs.replace(record, quarantined=held.name)
+    _save(client, record)
+    return record, held, plaintext
 
 
 async def get_file(
@@ -567,40 +603,38 @@ async def get_file(
     if not await asyncio.to_thread(to_dir.is_dir):
         raise ValueError(f"{to_dir} is not a folder")
     quarantine = Quarantine(client.profile.path / "quarantine")
-    quarantined = quarantine.folder / record.quarantined if record.quarantined else None
-    if quarantined is None or not quarantined.is_file():
-        try:
-            quarantined = await _fetch_into_quarantine(client, record, quarantine, window)
-        except FileIntegrityError as exc:
-            _save(client, msgspec.structs.replace(record, state="failed", reasons=[str(exc)]))
-            raise
-        record = msgspec.structs.replace(record, quarantined=quarantined.name)
-        _save(client, record)
+    await asyncio.to_thread(quarantine.sweep_plaintext)
+    record, sealed, plaintext = await _sealed_and_plaintext(client, record, quarantine, window)
     socket = clamd_socket if clamd_socket is not None else clamd_socket_from_env()
-    verdict = await asyncio.to_thread(
-        scan_file,
-        quarantined,
-        record.claimed_name,
-        record.content_type,
-        clamd_socket=socket,
-    )
     saved: Path | None = None
-    state = str(verdict.kind)
-    if verdict.is_clean:
-        saved = await asyncio.to_thread(
-            quarantine.release, quarantined, verdict, to_dir, record.claimed_name
+    try:
+        verdict = await asyncio.to_thread(
+            scan_file,
+            plaintext,
+            record.claimed_name,
+            record.content_type,
+            clamd_socket=socket,
         )
-        state = "saved"
-    elif allow_blocked:
-        saved = await asyncio.to_thread(_release_anyway, quarantined, to_dir, record.claimed_name)
-        state = "saved_anyway"
-        _log_override(client, record, verdict)
+        state = str(verdict.kind)
+        if verdict.is_clean:
+            saved = await asyncio.to_thread(
+                quarantine.release, plaintext, verdict, to_dir, record.claimed_name
+            )
+            state = "saved"
+        elif allow_blocked:
+            saved = await asyncio.to_thread(_release_anyway, plaintext, to_dir, record.claimed_name)
+            state = "saved_anyway"
+            _log_override(client, record, verdict)
+    finally:
+        plaintext.unlink(missing_ok=True)  # blocked or not, no plaintext stays in quarantine
+    if saved is not None:
+        quarantine.discard(sealed)
     record = msgspec.structs.replace(
         record,
         state=state,
         verdict=str(verdict.kind),
         reasons=list(verdict.reasons),
-        quarantined=None if saved is not None else quarantined.name,
+        quarantined=None if saved is not None else sealed.name,
         saved_to=str(saved) if saved is not None else None,
     )
     _save(client, record)

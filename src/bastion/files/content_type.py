@@ -14,6 +14,7 @@ member names, which the first bytes cannot show.
 from __future__ import annotations
 
 import enum
+import re
 import struct
 
 
@@ -41,6 +42,10 @@ class ContentType(enum.StrEnum):
     RAR = "a RAR archive"
     CAB = "a Windows cabinet archive"
     TEXT = "plain text"
+    HTML = "a web page (HTML)"
+    SVG = "an SVG image"
+    ONENOTE = "a OneNote section (it can carry programs that run with one click)"
+    CLICKONCE = "a ClickOnce application or shortcut (it installs and runs a program)"
     UNKNOWN = "an unrecognised binary format"
     # Refinements of ZIP, decided from member names by the scanner.
     APK = "an Android app (APK)"
@@ -66,10 +71,18 @@ EXECUTABLE_TYPES = frozenset(
 #: Archives that cannot be looked into, so their contents cannot be vouched for.
 OPAQUE_ARCHIVES = frozenset({ContentType.SEVEN_ZIP, ContentType.RAR, ContentType.CAB})
 
+#: Documents that start a program on a click, always blocked.
+LAUNCHER_TYPES = frozenset({ContentType.ONENOTE, ContentType.CLICKONCE})
+
+#: Markup a browser runs: blocked when it holds active content.
+WEB_TYPES = frozenset({ContentType.HTML, ContentType.SVG})
+
 #: How many leading bytes :func:`sniff` needs.
 HEAD_BYTES = 4096
 
 _ZIPS = frozenset({ContentType.ZIP, ContentType.OOXML, ContentType.ODF})
+# Text that happens to be markup is still text to an editor; active markup is caught apart.
+_TEXTS = frozenset({ContentType.TEXT, ContentType.HTML, ContentType.SVG})
 
 #: Extension -> the content types it may hold. Extensions not listed are not checked
 #: for a mismatch (their content is still checked).
@@ -95,11 +108,11 @@ EXPECTED_BY_EXTENSION: dict[str, frozenset[ContentType]] = {
     "bz2": frozenset({ContentType.BZIP2}),
     "xz": frozenset({ContentType.XZ}),
     "tar": frozenset({ContentType.TAR}),
-    "txt": frozenset({ContentType.TEXT}),
-    "csv": frozenset({ContentType.TEXT}),
-    "md": frozenset({ContentType.TEXT}),
-    "log": frozenset({ContentType.TEXT}),
-    "json": frozenset({ContentType.TEXT}),
+    "txt": _TEXTS,
+    "csv": _TEXTS,
+    "md": _TEXTS,
+    "log": _TEXTS,
+    "json": _TEXTS,
 }
 
 #: Declared MIME type -> the content types it may hold (others are not checked).
@@ -111,9 +124,9 @@ EXPECTED_BY_MIME: dict[str, frozenset[ContentType]] = {
     "application/zip": _ZIPS,
     "application/gzip": frozenset({ContentType.GZIP}),
     "application/x-tar": frozenset({ContentType.TAR}),
-    "text/plain": frozenset({ContentType.TEXT}),
-    "text/csv": frozenset({ContentType.TEXT}),
-    "text/markdown": frozenset({ContentType.TEXT}),
+    "text/plain": _TEXTS,
+    "text/csv": _TEXTS,
+    "text/markdown": _TEXTS,
     "application/msword": frozenset({ContentType.OLE}),
     "application/vnd.ms-excel": frozenset({ContentType.OLE}),
     "application/vnd.ms-powerpoint": frozenset({ContentType.OLE}),
@@ -146,6 +159,17 @@ _OLE_MAGIC = bytes.fromhex("d0cf11e0a1b11ae1")
 _TEXT_CONTROLS = frozenset(b"\t\n\r\f\b\x1b")
 _PDF_SEARCH = 1024
 _TAR_MAGIC_OFFSET = 257
+_ONENOTE_SECTION = bytes.fromhex("e4525c7b8cd8a74daeb15378d02996d3")  # {7B5C52E4-D88C-...}
+# The root element of a page or image, after an XML declaration, doctype or comments.
+_MARKUP_ROOT = re.compile(
+    rb"\A(?:\xef\xbb\xbf)?\s*(?:<\?xml[^>]{0,200}>\s*)?(?:<!--.{0,2000}?-->\s*)*"
+    rb"<(!doctype\s+html|html|head|body|script|iframe|!doctype\s+svg|svg)\b",
+    re.DOTALL,
+)
+_CLICKONCE_MANIFEST = re.compile(
+    rb"<(?:[a-z0-9]+:)?assembly\b[^>]{0,2000}urn:schemas-microsoft-com:asm\.v[123]", re.DOTALL
+)
+_CLICKONCE_SHORTCUT = re.compile(r"\.application#.{0,300}publickeytoken=", re.DOTALL)
 
 
 def sniff(head: bytes) -> ContentType:
@@ -195,11 +219,32 @@ def sniff(head: bytes) -> ContentType:
         return ContentType.CAB
     if head[_TAR_MAGIC_OFFSET : _TAR_MAGIC_OFFSET + 5] == b"ustar":
         return ContentType.TAR
+    if head.startswith(_ONENOTE_SECTION):
+        return ContentType.ONENOTE
     if b"%PDF-" in head[:_PDF_SEARCH]:
         return ContentType.PDF
     if _looks_like_text(head):
-        return ContentType.TEXT
+        return _kind_of_text(head)
     return ContentType.UNKNOWN
+
+
+def _kind_of_text(head: bytes) -> ContentType:
+    """Plain text, or markup a browser renders, or a ClickOnce manifest or shortcut."""
+    if head.startswith((b"\xff\xfe", b"\xfe\xff")):
+        encoding = "utf-16-le" if head.startswith(b"\xff\xfe") else "utf-16-be"
+        text = head[2 : len(head) & ~1].decode(encoding, errors="replace").lower()
+        if _CLICKONCE_SHORTCUT.search(text):
+            return ContentType.CLICKONCE
+        head = text.encode("utf-8", errors="replace")
+    lowered = head.lower()
+    if _CLICKONCE_MANIFEST.search(lowered) or _CLICKONCE_SHORTCUT.search(
+        lowered.decode("utf-8", errors="replace")
+    ):
+        return ContentType.CLICKONCE
+    root = _MARKUP_ROOT.match(lowered)
+    if root is None:
+        return ContentType.TEXT
+    return ContentType.SVG if root.group(1).endswith(b"svg") else ContentType.HTML
 
 
 def _looks_like_text(head: bytes) -> bool:

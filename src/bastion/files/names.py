@@ -54,6 +54,8 @@ RISKY_EXTENSIONS = frozenset(
         "lnk", "url", "website", "desktop", "scf", "inf", "reg", "library-ms",
         "searchconnector-ms", "settingcontent-ms", "appref-ms", "diagcab", "mof",
         "chm", "hlp", "gadget", "cab", "iso", "img", "vhd", "vhdx",
+        # documents that launch programs: OneNote, ClickOnce
+        "one", "onepkg", "application", "xbap",
         # macro-enabled Office documents and templates
         "docm", "dotm", "xlsm", "xltm", "xlam", "xla", "pptm", "potm", "ppsm", "ppam",
         "sldm", "accde", "accdb", "mdb", "mde", "ade", "adp",

@@ -1,11 +1,17 @@
 """The quarantine folder where received files wait for their verdict.
 
-The folder is private to the user (0700). Decrypted files land in it under a
-random name without extension, mode 0600, so no file manager or shell runs or
-previews them. Only a file whose verdict is clean can be released: copied to a
-folder of the user's choice under its sanitised name, never over an existing
-file (``report (1).pdf`` instead), mode 0644 without any execute bit. Nothing
-here ever opens or runs a file.
+The folder is private to the user (0700). A received file is held here
+*sealed*: the downloaded ciphertext, still encrypted under the file's own key,
+which only the encrypted profile holds (:meth:`Quarantine.hold`). It is
+decrypted under a random name without extension, mode 0600, only for the scan
+and for the moment it is released (:meth:`Quarantine.receive`), so no file
+manager or shell runs or previews it, and a blocked or unscanned file never
+sits here as plaintext; the caller deletes the plaintext when the scan is done,
+and :meth:`Quarantine.sweep_plaintext` removes what a crash left behind. Only a
+file whose verdict is clean can be released: copied to a folder of the user's
+choice under its sanitised name, never over an existing file
+(``report (1).pdf`` instead), mode 0644 without any execute bit. Nothing here
+ever opens or runs a file.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import os
 import secrets
 import shutil
 import stat
+import time
 from pathlib import Path
 from typing import BinaryIO
 
@@ -26,6 +33,10 @@ FOLDER_MODE = 0o700
 QUARANTINED_MODE = 0o600
 RELEASED_MODE = 0o644
 MAX_NAME_ATTEMPTS = 1000
+SEALED_PREFIX = "sealed-"
+PLAINTEXT_PREFIXES = ("received-", ".bastion-partial-")
+#: A plaintext older than this is left over from a scan that never finished.
+PLAINTEXT_MAX_AGE_S = 3600.0
 
 
 class Quarantine:
@@ -66,6 +77,60 @@ class Quarantine:
             expected_size=expected_size,
         )
         return destination
+
+    def hold(self, downloaded: Path) -> Path:
+        """Move a downloaded ciphertext into the quarantine; return the sealed file.
+
+        ``downloaded`` must be on the same file system (the profile's downloads
+        folder). Raises :class:`StorageError` if it cannot be moved.
+        """
+        sealed = self.folder / f"{SEALED_PREFIX}{secrets.token_hex(12)}"
+        try:
+            os.chmod(downloaded, QUARANTINED_MODE)
+            os.replace(downloaded, sealed)
+        except OSError as exc:
+            raise StorageError(f"could not keep the download: {exc.strerror}") from None
+        return sealed
+
+    def open_sealed(
+        self, sealed: Path, key: FileKey, *, expected_sha256: bytes, expected_size: int
+    ) -> Path:
+        """Decrypt a sealed file into the quarantine for a scan; return the plaintext file.
+
+        The caller deletes the plaintext when done (:meth:`discard`). Raises
+        :class:`~bastion.files.errors.FileIntegrityError` or :class:`StorageError`.
+        """
+        self._check_inside(sealed)
+        try:
+            with open(sealed, "rb") as src:
+                return self.receive(
+                    src, key, expected_sha256=expected_sha256, expected_size=expected_size
+                )
+        except OSError as exc:
+            raise StorageError(f"could not read the quarantined file: {exc.strerror}") from None
+
+    def sweep_plaintext(
+        self, *, now: float | None = None, max_age_s: float = PLAINTEXT_MAX_AGE_S
+    ) -> int:
+        """Delete decrypted files older than ``max_age_s`` (left by a crash); return how many."""
+        cutoff = (time.time() if now is None else now) - max_age_s
+        removed = 0
+        try:
+            entries = list(os.scandir(self.folder))
+        except OSError:
+            return 0
+        for entry in entries:
+            if not entry.name.startswith(PLAINTEXT_PREFIXES):
+                continue
+            try:
+                if entry.stat(follow_symlinks=False).st_mtime < cutoff:
+                    os.unlink(entry.path)
+                    removed += 1
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                raise StorageError(f"could not clean the quarantine: {exc.strerror}") from None
+        return removed
 
     def discard(self, quarantined: Path) -> None:
         """Delete a quarantined file. Raises :class:`StorageError` if it is not ours."""

@@ -9,7 +9,10 @@
    files, OOXML with a VBA project, ODF with macros, archives that cannot be
    looked into, and a content that is not what the name or declared type says;
 3. archives (zip, tar, gzip, bzip2, xz, nested) looked into with the same checks
-   on every member's name and content, within :class:`ArchiveLimits`;
+   on every member's name and content, within :class:`ArchiveLimits`; archives
+   and programs that start after other bytes (:mod:`bastion.files.active`), a
+   ZIP archive after other data looked into; OneNote sections and ClickOnce
+   files; web pages and SVG images with scripts or other active content;
 4. the YARA rules shipped with Bastion, on the file and on every member;
 5. ClamAV's clamd, when a socket is configured.
 
@@ -26,7 +29,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from bastion.errors import ConfigError
-from bastion.files import archives
+from bastion.files import active, archives
 from bastion.files.archives import ArchiveBudget, ArchiveLimits, ArchiveRefused
 from bastion.files.clamd import DEFAULT_MAX_STREAM_BYTES, clamd_scan_file
 from bastion.files.content_type import (
@@ -34,7 +37,9 @@ from bastion.files.content_type import (
     EXPECTED_BY_EXTENSION,
     EXPECTED_BY_MIME,
     HEAD_BYTES,
+    LAUNCHER_TYPES,
     OPAQUE_ARCHIVES,
+    WEB_TYPES,
     ContentType,
     sniff,
 )
@@ -75,6 +80,15 @@ _INSPECTED_ARCHIVES = frozenset(
         ContentType.XZ,
     }
 )
+_ZIP_KINDS = frozenset(
+    {ContentType.ZIP, ContentType.OOXML, ContentType.ODF, ContentType.APK, ContentType.JAR}
+)
+_BLOCKED_BY_TYPE = EXECUTABLE_TYPES | LAUNCHER_TYPES | OPAQUE_ARCHIVES
+#: Names a browser opens as a page or an image that can run script, whatever the content.
+_WEB_EXTENSIONS = {
+    **dict.fromkeys(("html", "htm", "xhtml", "xht", "shtml"), ContentType.HTML),
+    "svg": ContentType.SVG,
+}
 _OLE_VBA_MARKERS = ("_VBA_PROJECT".encode("utf-16-le"),)
 _MSI_CLSID = bytes.fromhex("84100c0000000000c000000000000046")
 
@@ -212,7 +226,7 @@ class _Scan:
         kind = sniff(head)
         if kind is ContentType.ZIP:
             kind = self._check_zip(stream, where)
-        if kind in EXECUTABLE_TYPES:
+        if kind in EXECUTABLE_TYPES or kind in LAUNCHER_TYPES:
             self.blocked.append(f"{where} is {kind.value}")
         elif kind is ContentType.OLE:
             self._check_ole(stream, where)
@@ -223,9 +237,46 @@ class _Scan:
             self.blocked.append(
                 f"{where} is named .{extension_of(name)} but is really {kind.value}"
             )
+        self._check_active_markup(stream, kind, extension_of(name), where)
+        if kind not in _BLOCKED_BY_TYPE:  # what those hold adds nothing to the verdict
+            self._check_embedded(stream, where)
         if kind in _INSPECTED_ARCHIVES:
             self._look_inside(stream, kind, name, size, depth=depth, where=where)
+        elif kind not in _ZIP_KINDS and kind not in EXECUTABLE_TYPES and _hides_zip(stream):
+            self._look_inside(
+                stream, ContentType.ZIP, name, size, depth=depth,
+                where=f"{where} (a ZIP archive after other data)",
+            )  # fmt: skip
         return kind
+
+    def _check_active_markup(
+        self, stream: BinaryIO, kind: ContentType, ext: str, where: str
+    ) -> None:
+        shown_as = kind if kind in WEB_TYPES else _WEB_EXTENSIONS.get(ext)
+        if shown_as is None:
+            return
+        found = active.find_active_markup(stream)
+        if found is not None:
+            self.blocked.append(f"{where} is {shown_as.value} with active content ({found})")
+
+    def _check_embedded(self, stream: BinaryIO, where: str) -> None:
+        window = stream.read(active.EMBEDDED_SEARCH_BYTES)
+        stream.seek(0)
+        for hit in active.find_embedded(window):
+            if hit.crowded:
+                self.blocked.append(
+                    f"{where} repeats the signature of {hit.kind.value} more than "
+                    f"{active.MAX_HITS_PER_MAGIC} times, too often to check"
+                )
+            elif hit.kind in OPAQUE_ARCHIVES:
+                self.blocked.append(
+                    f"{where} hides {hit.kind.value} after {hit.offset} bytes of other data, "
+                    "which cannot be checked"
+                )
+            else:
+                self.blocked.append(
+                    f"{where} hides {hit.kind.value} after {hit.offset} bytes of other data"
+                )
 
     def check_declared_type(self, claimed_type: str | None, kind: ContentType) -> None:
         mime = (claimed_type or "").split(";", 1)[0].strip().lower()
@@ -329,6 +380,16 @@ class _Scan:
             return
         if result.found:
             self.blocked.append(f"the virus scanner found {result.signature}")
+
+
+def _hides_zip(stream: BinaryIO) -> bool:
+    """Whether a ZIP reader (7-Zip, WinRAR, unzip) finds a ZIP archive in a file of another kind."""
+    try:
+        return bool(archives.zip_names(stream))
+    except archives.PARSE_ERRORS:
+        return False  # no central directory: nothing a ZIP reader would open
+    finally:
+        stream.seek(0)
 
 
 def _stream_contains(stream: BinaryIO, needles: tuple[bytes, ...]) -> set[bytes]:

@@ -38,6 +38,7 @@ from bastion.tui.conversations import (
     group_state,
     is_group,
     matches,
+    safe_text,
     send_to,
 )
 from bastion.tui.people import PeopleActions
@@ -221,7 +222,7 @@ class ChatScreen(PeopleActions, FileActions):
         """Say something inside ``peer``'s conversation (if open) and as a notification."""
         if peer == self.current:
             self.query_one("#messages", VerticalScroll).mount(NoticeLine(text))
-        self.notify(text, severity="warning", timeout=8)
+        self.notify(safe_text(text), severity="warning", timeout=8, markup=False)
 
     # --- search -------------------------------------------------------------------------------
 
@@ -434,7 +435,7 @@ class ChatScreen(PeopleActions, FileActions):
             self.notify(f"{event.user} asks to be your contact; answer on the left.", timeout=8)
         elif isinstance(event, contacts.ContactChangedEvent | presence.PresenceEvent):
             if isinstance(event, contacts.ContactChangedEvent):
-                self.notify(event.describe(), timeout=8)
+                self.notify(safe_text(event.describe()), timeout=8, markup=False)
                 if event.state == "accepted":
                     if self.index.find(event.user) is None:
                         self.index.touch(event.user, at=event.at)
@@ -464,4 +465,4 @@ class ChatScreen(PeopleActions, FileActions):
             if event.peer == self.current:
                 self.load_messages()  # 'sent' becomes 'delivered'
         elif isinstance(event, FeatureEvent):
-            self.notify(event.describe(), timeout=8)
+            self.notify(safe_text(event.describe()), timeout=8, markup=False)

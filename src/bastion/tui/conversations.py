@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import msgspec
 
+from bastion import display
 from bastion.client import groups
 from bastion.client.client import Client
 from bastion.client.records import ContactRecord, HistoryRecord
@@ -181,22 +182,16 @@ def matches(record: HistoryRecord, query: str) -> bool:
     return not needle or needle in record.text.casefold() or needle in record.sender.casefold()
 
 
-_BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069\u200e\u200f")
-
-
 def safe_text(text: str) -> str:
-    """Text from others made safe to put on a terminal.
+    """Text from others made safe to put on a terminal, as one line.
 
-    Control characters (escape sequences among them) and bidirectional overrides
-    (which can make text read differently than it is) become a visible ``\ufffd``.
+    The rule every front end shares (:func:`bastion.display.escape_text`):
+    controls (escape sequences among them), line breaks and bidirectional
+    overrides are shown visibly (``\\x1b``, ``\\n``, ``⟨U+202E⟩``), never obeyed.
     """
-    out = []
-    for ch in text:
-        code = ord(ch)
-        if ch in "\n\t":
-            out.append(ch)
-        elif code < 0x20 or 0x7F <= code < 0xA0 or ch in _BIDI_CONTROLS:
-            out.append("\ufffd")
-        else:
-            out.append(ch)
-    return "".join(out)
+    return display.escape_text(text)
+
+
+def safe_body(text: str) -> str:
+    """A message body made safe: lines kept, every line after the first marked as such."""
+    return display.escape_body(text)

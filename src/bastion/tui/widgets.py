@@ -19,6 +19,7 @@ from bastion.tui.conversations import (
     delivery_label,
     format_time,
     lock_badge,
+    safe_body,
     safe_text,
 )
 
@@ -80,7 +81,7 @@ class MessageLine(Static):
         text.append(f"{when} ", style="dim")
         text.append(safe_text(who), style="bold")
         text.append(": ")
-        text.append(safe_text(record.text))
+        text.append(safe_body(record.text))
         state = delivery_label(record)
         if state:
             style = "bold reverse" if record.state == "failed" else "dim italic"
