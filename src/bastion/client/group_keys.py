@@ -25,7 +25,7 @@ from bastion.crypto.signing import signing_input, verify_ed25519
 from bastion.errors import AuthenticationError, RejectedMessageError
 from bastion.protocol.frames import DeviceId, Key32, MessageId, Millis, Seq, Signature, Username
 
-GROUP_MESSAGE_CONTEXT: Final = "bastion/v2/group-message"
+GROUP_MESSAGE_CONTEXT: Final = "bastion/v1/group-message"
 ROTATE_AFTER_MESSAGES: Final = 100
 ROTATE_AFTER_MS: Final = 7 * 86_400_000
 ROOM_KEY_KIND: Final = "group.key"

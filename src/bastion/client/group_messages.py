@@ -19,6 +19,7 @@ from bastion.client import group_heads, group_keys
 from bastion.client.client import (
     TRANSIENT_ERRORS,
     Client,
+    DevicesChangedEvent,
     Event,
     MessageEvent,
     WarningEvent,
@@ -93,6 +94,20 @@ async def _member_devices(
             )
         else:
             devices.append(entry)
+    if devices != contact.devices:
+        before = {d.device_id for d in contact.devices}
+        after = {d.device_id for d in devices}
+        if contact.devices and before != after and user != client.account.username:
+            client.notices.append(
+                DevicesChangedEvent(
+                    user=user,
+                    added=tuple(sorted(after - before)),
+                    removed=tuple(sorted(before - after)),
+                    at=now_ms(),
+                )
+            )
+        with client.profile.transaction():
+            client.profile.put("contact:" + user, msgspec.structs.replace(contact, devices=devices))
     return devices, events
 
 
