@@ -97,7 +97,7 @@ async def _member_devices(
     if devices != contact.devices:
         before = {d.device_id for d in contact.devices}
         after = {d.device_id for d in devices}
-        if contact.devices and before != after and user != client.account.username:
+        if contact.devices and before != after:
             client.notices.append(
                 DevicesChangedEvent(
                     user=user,
