@@ -55,7 +55,6 @@ async def test_a_second_key_directory_answer_gets_no_room_key(
         carol = await fresh(profiles, "carol")
         # Carol adds Alice and Bob: Alice has never looked Bob up before she sends.
         ops = await groups.create(carol, "ops", ["alice", "bob"])
-        await drain(alice)
         await groups.send_text(alice, ops, "secret plans")
         real = {c.account.device_id for c in (alice, bob, carol)}
         for direction, data in read_record(record):
@@ -97,13 +96,14 @@ async def test_a_withheld_removal_stops_sending_before_a_key_is_shared(
 
         ops = await groups.change(alice, ops, chain.RemoveMember(user="xavier"))
         await groups.send_text(alice, ops, "xavier is out")
+        bob = await profiles.online("bob")
         events = await drain(bob)
         assert group_texts(events) == []
         refused = [e.reason for e in events if isinstance(e, WarningEvent)]
         assert any("position 1" in r and "could not verify" in r for r in refused)
         with pytest.raises(StateError, match="alice named position 1"):
             await groups.send_text(bob, ops, "after")
-        await drain(xavier)
+        await drain(await profiles.online("xavier"))
         assert _inbound(xavier, ops, bob) == 1  # no new key from Bob reached Xavier
     finally:
         await profiles.close()
@@ -143,6 +143,7 @@ async def test_a_fork_by_a_removed_admin_is_reported_and_refused_until_settled(
         ops = await groups.change(alice, ops, chain.RemoveMember(user="mallory"))
         await groups.send_text(alice, ops, "mallory is out")
 
+        carol = await profiles.online("carol")
         events = await drain(carol)
         assert group_texts(events) == []
         assert any("fork" in w for w in group_warnings(events))
