@@ -31,6 +31,7 @@ from bastion.client.groups import (
     MAX_UNKNOWN_GROUP_KEYS,
     MAX_UNKNOWN_GROUP_KEYS_PER_SENDER,
     UNKNOWN_KEYS,
+    GroupWarningEvent,
     InboundSessions,
     _compare_members,
     _inbound_name,
@@ -308,6 +309,8 @@ def on_room_key(
         )
     elif key.chain_seq >= len(hashes):
         group_heads.announce(client, group_id, payload.sender, key.chain_seq)
+    else:
+        event = _converged(client, group_id, payload.sender, key.chain_seq)
     inbound = group_keys.import_room_key(
         key,
         group_id=group_id,
@@ -433,6 +436,20 @@ async def _check_head(
                 f"{who} wrote from another branch of the group's chain (a fork at position"
                 f" {seq}); the message is refused"
             )
+    else:
+        settled = _converged(client, group_id, who, seq)
+        if settled is not None:
+            client.notices.append(settled)
+
+
+def _converged(client: Client, group_id: bytes, who: str, seq: int) -> GroupWarningEvent | None:
+    """Clear a fork once the member who named the other branch names ours at or past it."""
+    status = group_heads.status_of(client, group_id)
+    if status.fork is None or status.fork.by != who or seq < status.fork.seq:
+        return None
+    status.fork = None
+    group_heads.save_status(client, group_id, status)
+    return _warning(group_id, f"fork settled: {who} now follows the same chain as this client")
 
 
 def _accept(
