@@ -209,3 +209,35 @@ async def test_room_keys_for_unknown_groups_are_capped(profiles: Profiles) -> No
         is not None
     ]
     assert held == sent[: groups.MAX_UNKNOWN_GROUP_KEYS_PER_SENDER]
+
+
+async def test_a_rejected_change_stops_sending_with_the_reason(
+    tmp_path: Path,
+    server_factory: Callable[..., ServerProcess],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    fork_file = tmp_path / "forged.bin"
+    monkeypatch.setenv(FORK_FILE_ENV, str(fork_file))
+    monkeypatch.setenv(FORK_USERS_ENV, "carol")
+    profiles = Profiles(tmp_path, server_factory(script=LYING_CHAIN))
+    try:
+        await profiles.register("carol")
+        bob = await profiles.register("bob")
+        alice = await fresh(profiles, "alice")
+        ops = await groups.create(alice, "ops", ["bob", "carol"])
+        # Bob is no admin: the change the server shows Carol breaks the rules.
+        forged = chain.make_change(
+            bob.identity(), ops, "bob", chain.Rename(name="bob's now"), now=1_800_000_000
+        )
+        fork_file.write_bytes(chain.encode_change(forged))
+        ops = await groups.change(alice, ops, chain.Rename(name="ops-2"))
+        carol = await fresh(profiles, "carol")
+        with pytest.raises(StateError, match=r"could not be verified .*only an admin"):
+            await groups.send_text(carol, ops, "hello")
+        fork_file.unlink()
+        await groups.send_text(carol, ops, "hello")
+        state = groups.state_of(carol, ops.group_id)
+        assert state is not None
+        assert state.name == "ops-2"
+    finally:
+        await profiles.close()
