@@ -6,6 +6,10 @@ shows every change as a :class:`GroupChangeEvent`. Room keys go only to devices
 whose certificates verify under the key that the verified state names for the
 member; when the server's idea of the member list differs, the user gets a
 :class:`GroupWarningEvent` and nothing is shared with the difference.
+
+This module keeps the chain (sync, ingest, create and change, forks settled by
+the removal rule); :mod:`bastion.client.group_messages` sends and receives
+messages and room keys, and its public functions are re-exported here.
 """
 
 from __future__ import annotations
