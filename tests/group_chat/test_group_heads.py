@@ -11,7 +11,7 @@ import msgspec
 import pytest
 
 from bastion.client import group_keys, groups
-from bastion.client.client import WarningEvent
+from bastion.client.client import Client, WarningEvent
 from bastion.errors import StateError
 from bastion.groups import chain
 from bastion.protocol import frames
@@ -31,7 +31,7 @@ pytestmark = pytest.mark.network
 LYING_CHAIN = [sys.executable, str(Path(__file__).resolve().parent / "lying_chain_server.py")]
 
 
-def _inbound(client: groups.Client, group: chain.GroupState, sender: groups.Client) -> int:
+def _inbound(client: Client, group: chain.GroupState, sender: Client) -> int:
     held = client.profile.get(
         f"group-in:{group.group_id.hex()}:{sender.account.username}:{sender.account.device_id}",
         groups.InboundSessions,
