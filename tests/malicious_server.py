@@ -22,6 +22,10 @@ that tampers with what it delivers, as chosen by the environment.
   the account's) and a signed one-time key for it to every key claim.
 - ``ghost-sender``: deliver an envelope as if the sender's ghost device sent it.
 - ``forge-policy``: flip a bit of the signature on the signed policy.
+- ``second-key-answer``: answer each signed-in user's first key query about a
+  user named in ``BASTION_TEST_LIE_ABOUT`` truthfully, and every later one with
+  an account key the server holds and the ghost device certified under it (plus
+  a one-time key for the ghost in key claims).
 - ``record``: change nothing (recording follows ``BASTION_TEST_RECORD`` alone).
 
 ``BASTION_TEST_TAMPER_ONLY``: comma-separated 1-based numbers of the deliveries
@@ -69,9 +73,11 @@ MODES = frozenset(
         "ghost-device",
         "ghost-sender",
         "forge-policy",
+        "second-key-answer",
         "record",
     }
 )
+LIE_ABOUT_ENV = "BASTION_TEST_LIE_ABOUT"
 # Sequence numbers of injected deliveries: far above anything the store hands out.
 INJECTED_SEQ_BASE = 2**62
 
@@ -147,6 +153,7 @@ class TamperingConnection(ClientConnection):
     ghost: ClassVar[GhostDevice | None] = None
     deliveries: ClassVar[itertools.count[int]] = itertools.count(1)
     injected: ClassVar[itertools.count[int]] = itertools.count(INJECTED_SEQ_BASE)
+    answered: ClassVar[set[tuple[str, str]]] = set()  # (asker, user) told the truth once
 
     # --- recording ----------------------------------------------------------------------------
 
@@ -163,7 +170,9 @@ class TamperingConnection(ClientConnection):
     # --- sending ------------------------------------------------------------------------------
 
     def _send(self, frame: frames.Frame) -> None:
-        if self.ghost is not None:
+        if "second-key-answer" in self.plan.modes and self.ghost is not None:
+            frame = self._second_answer(frame, self.ghost)
+        elif self.ghost is not None:
             frame = self._add_ghost(frame, self.ghost)
         if "forge-policy" in self.plan.modes and isinstance(frame, frames.PolicyInfo):
             forged = bytes([frame.signature[0] ^ 1]) + frame.signature[1:]
@@ -171,6 +180,22 @@ class TamperingConnection(ClientConnection):
         if not self._closed and self.transport is not None:
             self._record("out", frames.encode(frame))
         super()._send(frame)
+
+    def _second_answer(self, frame: frames.Frame, ghost: GhostDevice) -> frames.Frame:
+        lie_about = set(os.environ.get(LIE_ABOUT_ENV, "").split(","))
+        asker = self.session.username
+        if isinstance(frame, frames.KeysResult) and frame.user in lie_about and asker:
+            if (asker, frame.user) not in self.answered:
+                self.answered.add((asker, frame.user))
+                return frame
+            return msgspec.structs.replace(
+                frame,
+                identity_key=ghost.forger.public_bytes,
+                devices=[ghost.keys_for(frame.user)],
+            )
+        if isinstance(frame, frames.ClaimResult) and frame.user in lie_about:
+            return msgspec.structs.replace(frame, keys=[*frame.keys, ghost.claimed_key()])
+        return frame
 
     @staticmethod
     def _add_ghost(frame: frames.Frame, ghost: GhostDevice) -> frames.Frame:
@@ -267,7 +292,7 @@ def main() -> None:
     args = parser.parse_args()
     plan = TamperPlan.from_env()
     TamperingConnection.plan = plan
-    if plan.modes & {"ghost-device", "ghost-sender"}:
+    if plan.modes & {"ghost-device", "ghost-sender", "second-key-answer"}:
         TamperingConnection.ghost = GhostDevice()
     # Everything else (store, audit log, signals, shutdown, output) is the real server's.
     if getattr(server_main, "RelayServer", None) is not RelayServer:

@@ -26,7 +26,9 @@ async def test_a_member_cannot_slip_in_a_room_key_for_another_sender(profiles: P
     # Bob makes a Megolm session of his own and shares its key with Carol over Olm...
     now = 1_800_000_000_000
     fake = group_keys.new_outbound(ops.group_id, bob.profile.pickle_key, now)
-    key = group_keys.room_key(fake, bob.profile.pickle_key)
+    key = group_keys.room_key(
+        fake, bob.profile.pickle_key, chain_seq=ops.seq, chain_hash=ops.state_hash
+    )
     await bob.send_payload("carol", group_keys.ROOM_KEY_KIND, msgspec.json.encode(key).decode())
     # ...then has the server deliver a message from that session as if from Alice's device.
     claimed = group_keys.GroupPlaintext(
@@ -36,6 +38,8 @@ async def test_a_member_cannot_slip_in_a_room_key_for_another_sender(profiles: P
         message_id=bytes(16),
         sent_at=now,
         body="forged",
+        chain_seq=ops.seq,
+        chain_hash=ops.state_hash,
     )
     _, ciphertext = group_keys.encrypt(fake, claimed, bob._device().sign, bob.profile.pickle_key)
     carol = await fresh(profiles, "carol")
@@ -67,7 +71,9 @@ async def test_a_room_key_in_the_group_channel_is_refused(profiles: Profiles) ->
     alice = await fresh(profiles, "alice")
     ops = await groups.create(alice, "ops", ["bob"])
     out = group_keys.new_outbound(ops.group_id, alice.profile.pickle_key, 1)
-    key = group_keys.room_key(out, alice.profile.pickle_key)
+    key = group_keys.room_key(
+        out, alice.profile.pickle_key, chain_seq=ops.seq, chain_hash=ops.state_hash
+    )
     bob = await profiles.online("bob")
     assert group_texts(await drain(bob)) == []
     smuggled = frames.Deliver(

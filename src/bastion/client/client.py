@@ -577,6 +577,51 @@ class Client:
             return self._mark_sent(record, reply)
         raise ServerRefusedError("device_mismatch", "the recipient's devices keep changing")
 
+    async def send_payload_to_devices(
+        self,
+        to: str,
+        theirs: list[DeviceEntry],
+        mine: list[DeviceEntry],
+        kind: str,
+        body: str,
+    ) -> HistoryRecord:
+        """Encrypt a signed payload of ``kind`` to exactly ``theirs`` and ``mine``, and send it.
+
+        No key-directory lookup happens here: the caller has checked these
+        devices (``theirs`` of ``to``, ``mine`` our own other devices), and nothing
+        else gets a copy. A room key goes to the device set checked against a
+        group's chain in this one step (DESIGN §5). Nothing is kept in the
+        history. Raises ValueError, ServerRefusedError (``device_mismatch`` when
+        the server's device list is not the checked one: then nothing is sent).
+        """
+        check_username(to)
+        if to == self.account.username:
+            raise ValueError("you cannot send a message to yourself")
+        if not theirs:
+            raise ServerRefusedError("no_devices", f"{to} has no checked device")
+        me = self.account.username
+        await self._claim_sessions(to, theirs)
+        await self._claim_sessions(me, mine)
+        message_id = secrets.token_bytes(16)
+        frame, record = self._encrypt(
+            message_id,
+            to,
+            kind,
+            body,
+            [(to, d) for d in theirs] + [(me, d) for d in mine],
+            history=False,
+        )
+        conn = self._connection()
+        req = conn.next_req()
+        try:
+            reply = await conn.request(msgspec.structs.replace(frame, req=req), req)
+        except ServerRefusedError as exc:
+            if exc.code not in TRANSIENT_ERRORS:
+                with self.profile.transaction():
+                    self.profile.sent(message_id)  # refused for good: never resent
+            raise
+        return self._mark_sent(record, reply)
+
     def _encrypt(
         self,
         message_id: bytes,

@@ -4,9 +4,11 @@ Each sender device has one outbound Megolm session per group. Its key travels
 only over Olm (payload kind ``group.key``), and a receiver files it under the
 device that sent it, so a key is only ever used for messages from that device.
 Inside the Megolm ciphertext the plaintext names the group, the sender user and
-device, a message id and the time, and is signed by the sender device's Ed25519
-key (DESIGN §4): a ciphertext moved to another group, or claimed by another
-device, fails the checks.
+device, a message id, the time, the message's kind and the sender's chain head
+(position and hash of the verified group state it was sent from), and is signed
+by the sender device's Ed25519 key (DESIGN §4, §5): a ciphertext moved to another
+group, claimed by another device, or with its kind or head changed fails the
+checks. A room key names the sharer's chain head the same way.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from msgspec import Meta
 from bastion.crypto.payload import MAX_TEXT_CHARS
 from bastion.crypto.signing import signing_input, verify_ed25519
 from bastion.errors import AuthenticationError, RejectedMessageError
-from bastion.protocol.frames import DeviceId, Key32, MessageId, Millis, Signature, Username
+from bastion.protocol.frames import DeviceId, Key32, MessageId, Millis, Seq, Signature, Username
 
 GROUP_MESSAGE_CONTEXT: Final = "bastion/v1/group-message"
 ROTATE_AFTER_MESSAGES: Final = 100
@@ -39,6 +41,8 @@ class GroupPlaintext(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw
     sent_at: Millis
     body: Annotated[str, Meta(max_length=MAX_TEXT_CHARS)]
     kind: Annotated[str, Meta(pattern=r"^(text|file\.offer)\Z")] = "text"
+    chain_seq: Seq
+    chain_hash: Key32
     signature: Signature = b""
 
 
@@ -48,6 +52,8 @@ class RoomKey(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     group_id: str
     session_id: Annotated[str, Meta(max_length=128)]
     session_key: Annotated[str, Meta(max_length=4096)]
+    chain_seq: Seq
+    chain_hash: Annotated[str, Meta(pattern=r"^[0-9a-f]{64}\Z")]
 
 
 class OutboundSession(msgspec.Struct, kw_only=True):
@@ -77,7 +83,17 @@ _plaintext_decoder = msgspec.msgpack.Decoder(GroupPlaintext)
 
 
 def _signed_parts(p: GroupPlaintext) -> list[bytes | str | int]:
-    return [p.group_id, p.sender, p.sender_device, p.message_id, p.sent_at, p.body]
+    return [
+        p.group_id,
+        p.sender,
+        p.sender_device,
+        p.message_id,
+        p.sent_at,
+        p.kind,
+        p.chain_seq,
+        p.chain_hash,
+        p.body,
+    ]
 
 
 def new_outbound(group_id: bytes, pickle_key: bytes, now_ms: int) -> OutboundSession:
@@ -105,10 +121,18 @@ def needs_rotation(
     return out.sent >= max_messages or now_ms - out.created_at >= max_age_ms
 
 
-def room_key(out: OutboundSession, pickle_key: bytes) -> RoomKey:
-    """The key to share for ``out`` at its current message index."""
+def room_key(
+    out: OutboundSession, pickle_key: bytes, *, chain_seq: int, chain_hash: bytes
+) -> RoomKey:
+    """The key to share for ``out`` at its current message index, naming the chain head."""
     session = vodozemac.GroupSession.from_pickle(out.pickle, pickle_key)
-    return RoomKey(out.group_id.hex(), session.session_id, session.session_key.to_base64())
+    return RoomKey(
+        out.group_id.hex(),
+        session.session_id,
+        session.session_key.to_base64(),
+        chain_seq,
+        chain_hash.hex(),
+    )
 
 
 def encrypt(

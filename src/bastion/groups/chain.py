@@ -39,14 +39,25 @@ Hashes (all SHA-256 over :func:`signing_input` encodings):
 
 A member whose account key changes must be removed and added again with the new
 key; until then changes signed with the new key do not verify.
+
+Usernames in a chain follow the account username rule (``frames.USERNAME_PATTERN``:
+3 to 32 of ``a-z 0-9 . _ -``), so a chain cannot name a look-alike such as a
+Cyrillic a (U+0430) or hide text behind a bidi control.
+
+Forks: an honest server keeps one chain, but a lying one can show two changes at
+the same position to different members. :func:`settle_fork` decides between two
+branches that leave a common state with the removal rule: a change signed by an
+admin at or after the position where the other branch removed or demoted that
+admin is void. A fork the rule does not settle stays a fork.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 import secrets
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Annotated, Final
@@ -68,6 +79,7 @@ from bastion.errors import (
     ProtocolError,
     StateError,
 )
+from bastion.protocol.frames import USERNAME_PATTERN
 
 GROUP_CHANGE_CONTEXT: Final = "bastion/v1/group-change"
 GROUP_ID_CONTEXT: Final = "bastion/v1/group-id"
@@ -77,7 +89,8 @@ GROUP_STATE_CONTEXT: Final = "bastion/v1/group-state"
 GROUP_ID_BYTES: Final = 32
 HASH_BYTES: Final = 32
 NONCE_BYTES: Final = 16
-MAX_USERNAME_CHARS: Final = 64
+MAX_USERNAME_CHARS: Final = 32
+_USERNAME_RE: Final = re.compile(USERNAME_PATTERN)
 MAX_GROUP_NAME_CHARS: Final = 256
 DEFAULT_MAX_MEMBERS: Final = 1000
 DEFAULT_MAX_CHANGE_BYTES: Final = 256 * 1024
@@ -111,7 +124,7 @@ class GroupSignatureError(AuthenticationError):
 
 # -- wire types -----------------------------------------------------------------------
 
-Username = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_USERNAME_CHARS)]
+Username = Annotated[str, msgspec.Meta(pattern=USERNAME_PATTERN)]
 GroupName = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_GROUP_NAME_CHARS)]
 AccountKey = Annotated[
     bytes, msgspec.Meta(min_length=ED25519_KEY_BYTES, max_length=ED25519_KEY_BYTES)
@@ -359,6 +372,70 @@ def verify_chain(
     return state
 
 
+def verify_branch(
+    base: GroupState,
+    changes: Iterable[GroupChange],
+    *,
+    max_members: int = DEFAULT_MAX_MEMBERS,
+    pinned: Mapping[str, bytes] | None = None,
+) -> list[GroupState]:
+    """Apply ``changes`` one by one on top of ``base``; the state after each, in order.
+
+    Raises what :func:`apply_change` raises for the first bad change.
+    """
+    states: list[GroupState] = []
+    state = base
+    for change in changes:
+        state = apply_change(state, change, max_members=max_members, pinned=pinned)
+        states.append(state)
+    return states
+
+
+def admin_removals(changes: Iterable[GroupChange]) -> dict[str, int]:
+    """Where each admin lost their power in ``changes``: username to the first position.
+
+    Counts ``remove_member`` and ``demote`` of a user, and a ``leave`` by its author.
+    """
+    removed: dict[str, int] = {}
+    for change in changes:
+        args = change.args
+        if isinstance(args, RemoveMember | Demote):
+            removed.setdefault(args.user, change.seq)
+        elif isinstance(args, Leave):
+            removed.setdefault(change.author, change.seq)
+    return removed
+
+
+def void_change(branch: Sequence[GroupChange], removals: Mapping[str, int]) -> GroupChange | None:
+    """The first change of ``branch`` signed at or after its author's removal, or None.
+
+    ``removals`` comes from :func:`admin_removals` over the other branch of a fork.
+    """
+    for change in branch:
+        removed_at = removals.get(change.author)
+        if removed_at is not None and change.seq >= removed_at:
+            return change
+    return None
+
+
+def settle_fork(ours: Sequence[GroupChange], theirs: Sequence[GroupChange]) -> str | None:
+    """Which of two branches from one common state stands: ``"ours"``, ``"theirs"`` or None.
+
+    Both branches must already verify (:func:`verify_branch`) from the common
+    state. A branch is void when it holds a change signed by an admin at or
+    after the position where the other branch removed or demoted that admin.
+    When exactly one branch is void the other stands; otherwise (both void, or
+    neither) the fork is not settled and None is returned.
+    """
+    ours_void = void_change(ours, admin_removals(theirs)) is not None
+    theirs_void = void_change(theirs, admin_removals(ours)) is not None
+    if ours_void and not theirs_void:
+        return "theirs"
+    if theirs_void and not ours_void:
+        return "ours"
+    return None
+
+
 # -- building changes -----------------------------------------------------------------
 
 
@@ -553,8 +630,10 @@ def _arg_parts(args: ChangeArgs) -> list[Part]:
 
 
 def _check_user(user: str) -> None:
-    if not 1 <= len(user) <= MAX_USERNAME_CHARS:
-        raise GroupRuleError("username is empty or too long")
+    if not _USERNAME_RE.match(user):
+        raise GroupRuleError(
+            "a member name must be 3 to 32 of a-z, 0-9, '.', '_' or '-' (no look-alikes)"
+        )
 
 
 def _check_name(name: str) -> None:
