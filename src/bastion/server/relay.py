@@ -620,13 +620,18 @@ class ClientConnection(WSListener):
         self._refuse(frame.req, frames_error(code, message))
         return False
 
-    async def _take_invite(self, frame: frames.Register) -> bool:
-        """Under an invite-only policy, take one use of the frame's invite code."""
+    async def _take_invite(self, frame: frames.Register) -> tuple[bool, str | None]:
+        """Under an invite-only policy, take one use of the frame's invite code.
+
+        Returns whether the registration may go on, and the code whose use was taken:
+        None when no use was (no invite needed; a code sent anyway is left alone), so a
+        failed registration gives back only a use it took.
+        """
         if self.server.policy.registration != "invite":
-            return True
+            return True, None
         admin = self.server.admin
         if frame.invite is not None and admin is not None and await admin.use_invite(frame.invite):
-            return True
+            return True, frame.invite
         self.server.audit_event(
             "registration.refused", reason="bad_invite", user=frame.username, address=self.address
         )
@@ -634,7 +639,7 @@ class ClientConnection(WSListener):
             frame.req, frames_error("bad_invite", "the invite code is unknown, used up or expired")
         )
         self._rechallenge()
-        return False
+        return False, None
 
     async def _register(self, frame: frames.Register) -> None:
         if not await self._may_register(frame):
@@ -651,7 +656,8 @@ class ClientConnection(WSListener):
             one_time_keys=frame.one_time_keys,
             fallback_key=frame.fallback_key,
         )
-        if not await self._take_invite(frame):
+        may_register, invite_taken = await self._take_invite(frame)
+        if not may_register:
             return
         now = _now_ms()
         try:
@@ -662,8 +668,8 @@ class ClientConnection(WSListener):
                 KeyRecord(frame.fallback_key.key, frame.fallback_key.signature),
             )
         except UsernameTakenError:
-            if frame.invite is not None and self.server.admin is not None:
-                await self.server.admin.return_invite(frame.invite)
+            if invite_taken is not None and self.server.admin is not None:
+                await self.server.admin.return_invite(invite_taken)
             self._refuse(frame.req, frames_error("username_taken", "that username is taken"))
             self._send(self.session.challenge(time.monotonic(), secrets.token_bytes(32)))
             return
@@ -673,7 +679,7 @@ class ClientConnection(WSListener):
             user=frame.username,
             device=device.device_id,
             address=self.address,
-            invited=frame.invite is not None,
+            invited=invite_taken is not None,
         )
         await self._signed_in(frame.req, frame.username, device.device_id, frame.receive)
 
