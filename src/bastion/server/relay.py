@@ -26,8 +26,6 @@ from picows import (
     WSListener,
     WSMsgType,
     WSTransport,
-    WSUpgradeRequest,
-    ws_create_server,
 )
 
 from bastion.crypto.device import verify_published_key
@@ -91,7 +89,6 @@ class RelayServer:
         self.store = store
         self.bus = bus
         self.connections: set[ClientConnection] = set()
-        self._server: asyncio.Server | None = None
         self._proxied: ProxiedListener | None = None
         limits = self.limits
         self.connection_class = ClientConnection
@@ -119,47 +116,27 @@ class RelayServer:
         # The contact service hears of users whose node died (a cluster's bus tells one
         # node each), so it must listen before anyone has signed in here.
         await contacts.service(self)
-        if self.config.proxy_protocol_from:
-            from bastion.server.proxy import ProxiedListener  # noqa: PLC0415 - balancers only
+        # The accept loop is ours (not the transport library's): when the process runs out
+        # of descriptors it backs off and logs once instead of spinning (bastion.server.proxy).
+        from bastion.server.proxy import ProxiedListener  # noqa: PLC0415 - imports aiofastnet
 
-            self._proxied = ProxiedListener(
-                self._listener_for,
-                self.config.proxy_protocol_from,
-                server_context(self.config.data_dir),
-                self.limits,
-                read_buffer_bytes=READ_BUFFER_INIT_BYTES,
-            )
-            return await self._proxied.start(self.config.host, self.config.port)
-        self._server = await ws_create_server(
-            self._accept,
-            self.config.host,
-            self.config.port,
-            ssl=server_context(self.config.data_dir),
-            max_frame_size=self.limits.max_frame_bytes,
-            enable_auto_ping=True,
-            auto_ping_idle_timeout=self.limits.heartbeat_idle_s,
-            auto_ping_reply_timeout=self.limits.heartbeat_reply_s,
-            websocket_handshake_timeout=self.limits.websocket_open_timeout_s,
-            logger_name="server",
-            ssl_handshake_timeout=self.limits.tls_handshake_timeout_s,
-            read_buffer_init_size=READ_BUFFER_INIT_BYTES,
+        self._proxied = ProxiedListener(
+            self._listener_for,
+            self.config.proxy_protocol_from,
+            server_context(self.config.data_dir),
+            self.limits,
+            read_buffer_bytes=READ_BUFFER_INIT_BYTES,
         )
-        sockets = self._server.sockets
-        return int(sockets[0].getsockname()[1]) if sockets else self.config.port
-
-    def _accept(self, request: WSUpgradeRequest) -> ClientConnection:
-        return self.connection_class(self)
+        return await self._proxied.start(self.config.host, self.config.port)
 
     def _listener_for(self, address: str) -> ClientConnection:
-        """A connection whose client address a balancer told us (:mod:`bastion.server.proxy`)."""
+        """A connection from ``address``: the peer's, or the client's as a balancer told us."""
         conn = self.connection_class(self)
         conn.forwarded_address = address
         return conn
 
     async def stop(self) -> None:
         """Stop accepting, close every connection, then let the store finish."""
-        if self._server is not None:
-            self._server.close()
         if self._proxied is not None:
             await self._proxied.close()
         for conn in list(self.connections):
@@ -171,9 +148,6 @@ class RelayServer:
                 await asyncio.wait_for(self.all_closed.wait(), self.limits.shutdown_grace_s)
         for conn in list(self.connections):
             conn.abort()
-        if self._server is not None:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._server.wait_closed(), self.limits.shutdown_grace_s)
         await self.store.close()
 
     def resync(self) -> None:
