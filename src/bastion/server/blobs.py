@@ -14,9 +14,12 @@ cannot read. The flow, every step on an authenticated connection:
 * ``BlobGet{blob_id, offset}`` -> ``BlobData``: any offset, so downloads resume;
 * ``BlobDone{blob_id}`` -> ``Ok``: once every recipient said so, it is deleted.
 
-An account has at most 8 uploads in progress on a node, and each blob counts
-at least 64 KiB against its quota. An upload in progress is a file
-``DATA/blobs/<id>.part`` (0600) on the node receiving it. A finished blob is
+An account has at most 8 uploads in progress on a node, a node at most
+``blob_uploads_max``, and each blob counts at least 64 KiB against its quota.
+An upload in progress is a file ``DATA/blobs/<id>.part`` (0600), open on the
+node receiving it, and belongs to the connection that began it: when that
+connection closes, or no piece arrives for ``blob_upload_idle_s``, the upload is
+dropped with its file, descriptor and record (so its quota is free again). A finished blob is
 the file ``DATA/blobs/<id>`` on a single server (:class:`LocalBlobFiles`), and
 1 MiB pieces in PostgreSQL in a cluster (:class:`PgBlobContent`), so that every
 node can serve it. A periodic sweep deletes blobs older than
@@ -28,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import hmac
 import logging
@@ -85,6 +89,8 @@ class _Upload:
     sha256: bytes
     fd: int
     path: Path
+    connection: ClientConnection  # the upload lives and dies with it
+    active_at: float  # monotonic time of the last piece (or of the start)
     written: int = 0
     digest: hashlib._Hash = field(default_factory=hashlib.sha256)
 
@@ -229,8 +235,49 @@ class BlobService:
         self.folder = folder
         self.content = content
         self.uploads: dict[str, _Upload] = {}
+        self.starting: dict[str, int] = {}  # owner -> uploads between their checks and start
         self._records: dict[str, tuple[float, BlobRecord]] = {}
         self._sweeper: asyncio.Task[None] | None = None
+        self._reaper: asyncio.Task[None] | None = None
+        self._deletions: set[asyncio.Task[None]] = set()
+
+    def in_progress(self, owner: str | None = None) -> int:
+        """Uploads in progress or starting on this node: all of them, or ``owner``'s."""
+        if owner is None:
+            return len(self.uploads) + sum(self.starting.values())
+        mine = sum(u.owner == owner for u in self.uploads.values())
+        return mine + self.starting.get(owner, 0)
+
+    def drop_upload(self, blob_id: str) -> None:
+        """Abort an upload in progress and delete its record, freeing its quota (in a task)."""
+        if blob_id not in self.uploads:
+            return
+        self.abort_upload(blob_id)
+        self._records.pop(blob_id, None)
+        task = asyncio.get_running_loop().create_task(self._delete_record(blob_id))
+        self._deletions.add(task)
+        task.add_done_callback(self._deletions.discard)
+
+    async def _delete_record(self, blob_id: str) -> None:
+        try:
+            await self.store.delete(blob_id)
+        except StorageError as exc:  # the sweep deletes it after blob_upload_ttl_s
+            log.warning("blobs.delete_failed", extra={"error": str(exc)})
+
+    def release_connection(self, conn: ClientConnection) -> None:
+        """Drop every upload of a connection that closed: its descriptors, files and quota."""
+        for blob_id in [b for b, u in self.uploads.items() if u.connection is conn]:
+            self.drop_upload(blob_id)
+
+    def reap_idle(self, now: float) -> int:
+        """Drop uploads that received nothing for ``blob_upload_idle_s``; returns how many."""
+        idle_s = self.server.limits.blob_upload_idle_s
+        stale = [b for b, u in self.uploads.items() if now - u.active_at > idle_s]
+        for blob_id in stale:
+            self.drop_upload(blob_id)
+        if stale:
+            log.info("blobs.idle_uploads_dropped", extra={"count": len(stale)})
+        return len(stale)
 
     async def record(self, blob_id: str) -> BlobRecord | None:
         """A complete blob's record, cached a few seconds (downloads ask once per chunk)."""
@@ -277,16 +324,24 @@ class BlobService:
         """Run :meth:`sweep` every ``blob_sweep_s`` seconds while the server runs."""
         if self._sweeper is None:
             self._sweeper = asyncio.get_running_loop().create_task(self._sweep_forever())
+        if self._reaper is None:
+            self._reaper = asyncio.get_running_loop().create_task(self._reap_forever())
 
     async def close(self) -> None:
         """Stop the sweep and drop uploads in progress."""
         for blob_id in list(self.uploads):
             self.abort_upload(blob_id)
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sweeper
-            self._sweeper = None
+        for task in (self._sweeper, self._reaper):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._sweeper = self._reaper = None
+
+    async def _reap_forever(self) -> None:
+        while True:
+            await asyncio.sleep(max(0.5, self.server.limits.blob_upload_idle_s / 4))
+            self.reap_idle(time.monotonic())
 
     async def _sweep_forever(self) -> None:
         while True:
@@ -385,10 +440,33 @@ async def blob_begin(conn: ClientConnection, frame: frames.BlobBegin) -> None:
             conn.refuse(frame.req, "unknown_user", f"there is no user named {user}")
             return
     service = await blob_service(conn.server)
-    if sum(u.owner == username for u in service.uploads.values()) >= MAX_UPLOADS_PER_ACCOUNT:
+    if service.in_progress(username) >= MAX_UPLOADS_PER_ACCOUNT:
         conn.server.limit_hit("uploads_per_account", username)
         conn.refuse(frame.req, "rate_limited", "too many uploads at once; finish one first")
         return
+    if service.in_progress() >= conn.limits.blob_uploads_max:
+        conn.server.limit_hit("uploads_in_progress", username)
+        conn.refuse(
+            frame.req, "rate_limited", "the server has too many uploads in progress; try later"
+        )
+        return
+    service.starting[username] = service.starting.get(username, 0) + 1
+    try:
+        await _start_upload(conn, service, frame, username, recipients)
+    finally:
+        left = service.starting.pop(username) - 1
+        if left:
+            service.starting[username] = left
+
+
+async def _start_upload(
+    conn: ClientConnection,
+    service: BlobService,
+    frame: frames.BlobBegin,
+    username: str,
+    recipients: list[str],
+) -> None:
+    """Create the upload's record (charging the quota) and its partial file."""
     blob_id = secrets.token_hex(16)
     record = BlobRecord(
         blob_id=blob_id,
@@ -420,7 +498,15 @@ async def blob_begin(conn: ClientConnection, frame: frames.BlobBegin) -> None:
         sha256=frame.sha256,
         fd=fd,
         path=partial,
+        connection=conn,
+        active_at=time.monotonic(),
     )
+    # An upload is not resumed from another connection: one that closes lets go of its
+    # uploads at once (descriptor, partial file, quota), not after blob_upload_ttl_s.
+    conn.on_disconnect[EXTENSION_KEY] = functools.partial(service.release_connection, conn)
+    if conn.disconnected:  # it closed while the record was being written
+        service.release_connection(conn)
+        return
     conn.send_frame(frames.BlobStarted(req=frame.req, blob_id=blob_id))
 
 
@@ -457,6 +543,7 @@ async def blob_chunk(conn: ClientConnection, frame: frames.BlobChunk) -> None:
         raise StorageError(f"cannot store the file: {exc.strerror}") from None
     upload.digest.update(frame.data)
     upload.written += len(frame.data)
+    upload.active_at = time.monotonic()
     conn.send_frame(frames.Ok(req=frame.req))
 
 

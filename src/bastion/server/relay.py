@@ -17,7 +17,7 @@ import logging
 import secrets
 import struct
 import time
-from collections.abc import Awaitable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
 from picows import (
@@ -308,6 +308,8 @@ class ClientConnection(WSListener):
         self._loop = asyncio.get_running_loop()  # a connection lives in one loop
         # Push topics this connection asked for (features: contacts and presence).
         self.topics: set[str] = set()
+        # What features hold for this connection and let go of when it closes (uploads).
+        self.on_disconnect: dict[str, Callable[[], None]] = {}
 
     # --- picows callbacks -------------------------------------------------------------------
 
@@ -365,6 +367,9 @@ class ClientConnection(WSListener):
                 None,
                 self.server.hand_over_message_rate(self.session.username, self.session.device_id),
             )
+        for release in self.on_disconnect.values():
+            release()
+        self.on_disconnect.clear()
         # Running requests are left to finish (an acknowledgement already read must still be
         # stored); their replies go nowhere because the connection is closed.
 
@@ -438,6 +443,11 @@ class ClientConnection(WSListener):
         if buffered > self.limits.max_write_buffer_bytes:
             log.warning("connection.slow_reader", extra={"buffered": buffered})
             self.close(WSCloseCode.POLICY_VIOLATION, "not reading")
+
+    @property
+    def disconnected(self) -> bool:
+        """True once the connection is gone (``on_disconnect`` has run or never will)."""
+        return self.transport is not None and self.transport.is_disconnected
 
     def send_frame(self, frame: frames.Frame) -> None:
         """Send a frame to this client (no-op once closed)."""
