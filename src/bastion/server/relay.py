@@ -15,6 +15,7 @@ import contextlib
 import functools
 import logging
 import secrets
+import socket
 import struct
 import time
 from collections.abc import Awaitable, Callable, Coroutine
@@ -76,6 +77,13 @@ def _now_ms() -> int:
 # 16 KiB, an idle TLS connection cost 52 KiB of memory; at 2 KiB it costs 38 KiB
 # (docs/benchmarks.md).
 READ_BUFFER_INIT_BYTES = 2048
+
+# The kernel's send buffer of a connection (Linux doubles it for its bookkeeping). Past
+# it, frames wait in the transport, whose high-water mark (64 KiB) tells the connection
+# that the client does not read (pause_writing): it is cut off after slow_reader_grace_s.
+# With the kernel's autotuning (up to 4 MiB) a client that never read held a megabyte
+# there unnoticed until the heartbeat cut it.
+KERNEL_SEND_BUFFER_BYTES = 128 * 1024
 
 
 class RelayServer:
@@ -320,6 +328,10 @@ class ClientConnection(WSListener):
         else:
             peer = transport.underlying_transport.get_extra_info("peername")
             self.address = str(peer[0]) if peer else "unknown"
+        sock = transport.underlying_transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, KERNEL_SEND_BUFFER_BYTES)
         self.server.connections.add(self)
         if not self.server.admit(self.address):
             self.server.limit_hit("connections_per_address", self.address)
@@ -376,12 +388,7 @@ class ClientConnection(WSListener):
     def pause_writing(self) -> None:
         loop = asyncio.get_running_loop()
         if self._slow_timer is None:
-            self._slow_timer = loop.call_later(
-                self.limits.slow_reader_grace_s,
-                self.close,
-                WSCloseCode.POLICY_VIOLATION,
-                "not reading",
-            )
+            self._slow_timer = loop.call_later(self.limits.slow_reader_grace_s, self._cut_off)
 
     def resume_writing(self) -> None:
         if self._slow_timer is not None:
@@ -405,6 +412,24 @@ class ClientConnection(WSListener):
     def _abort_if_open(self) -> None:
         if self.transport is not None and not self.transport.is_disconnected:
             self.transport.disconnect(graceful=False)
+
+    def _cut_off(self) -> None:
+        """Drop a client that does not read: reset the socket rather than close it.
+
+        A close frame would never be read, and a graceful close leaves the socket in
+        FIN-WAIT-1 with everything the kernel buffered for the client; a reset (linger
+        0) frees it at once.
+        """
+        transport = self.transport
+        if transport is None or transport.is_disconnected:
+            return
+        log.info("connection.not_reading")
+        self._closed = True
+        sock = transport.underlying_transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        transport.disconnect(graceful=False)
 
     def abort(self) -> None:
         """Drop the connection at once, without waiting for the peer."""
@@ -442,7 +467,7 @@ class ClientConnection(WSListener):
         buffered = transport.underlying_transport.get_write_buffer_size()
         if buffered > self.limits.max_write_buffer_bytes:
             log.warning("connection.slow_reader", extra={"buffered": buffered})
-            self.close(WSCloseCode.POLICY_VIOLATION, "not reading")
+            self._cut_off()
 
     @property
     def disconnected(self) -> bool:
