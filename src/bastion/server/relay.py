@@ -33,7 +33,7 @@ from bastion.crypto.device import verify_published_key
 from bastion.errors import AuthenticationError, BastionError, ProtocolError
 from bastion.protocol import frames
 from bastion.protocol.auth import ServerSession
-from bastion.ratelimit import BackoffRules, RateLimiter
+from bastion.ratelimit import BackoffRules, RateLimiter, address_key
 from bastion.server import contacts, devices, handlers
 from bastion.server import features as _features  # noqa: F401 - registers feature handlers
 from bastion.server.admin import Policy
@@ -294,6 +294,7 @@ class ClientConnection(WSListener):
         )
         self.transport: WSTransport | None = None
         self.address = "unknown"
+        self.limit_key = "unknown"  # what per-address limits count the address as
         self.forwarded_address: str | None = None  # the client's, as a trusted balancer says
         self.bad_frames = 0
         self._tasks: set[asyncio.Task[None]] = set()
@@ -328,13 +329,14 @@ class ClientConnection(WSListener):
         else:
             peer = transport.underlying_transport.get_extra_info("peername")
             self.address = str(peer[0]) if peer else "unknown"
+        self.limit_key = address_key(self.address)  # an IPv6 client counts as its /64
         sock = transport.underlying_transport.get_extra_info("socket")
         if sock is not None:
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, KERNEL_SEND_BUFFER_BYTES)
         self.server.connections.add(self)
-        if not self.server.admit(self.address):
-            self.server.limit_hit("connections_per_address", self.address)
+        if not self.server.admit(self.limit_key):
+            self.server.limit_hit("connections_per_address", self.limit_key)
             self.close(WSCloseCode.TRY_AGAIN_LATER, "too many connections from your address")
             return
         self._admitted = True
@@ -365,7 +367,7 @@ class ClientConnection(WSListener):
             self.server.all_closed.set()
         if self._admitted:
             self._admitted = False
-            self.server.release(self.address)
+            self.server.release(self.limit_key)
         for timer in (self._signin_timer, self._slow_timer):
             if timer is not None:
                 timer.cancel()
@@ -617,8 +619,8 @@ class ClientConnection(WSListener):
             code, message = "registration_closed", "this server does not accept new accounts"
         elif mode == "invite" and frame.invite is None:
             code, message = "invite_required", "this server accepts new accounts by invite only"
-        elif not await self.server.allow_registration(self.address):
-            self.server.limit_hit("registrations_per_address", self.address)
+        elif not await self.server.allow_registration(self.limit_key):
+            self.server.limit_hit("registrations_per_address", self.limit_key)
             code, message = "rate_limited", "too many registrations from your address; try later"
         else:
             return True
@@ -693,9 +695,9 @@ class ClientConnection(WSListener):
         await self._signed_in(frame.req, frame.username, device.device_id, frame.receive)
 
     async def _signin(self, frame: frames.SignIn) -> None:
-        wait = await self.server.signin_wait(self.address, frame.username)
+        wait = await self.server.signin_wait(self.limit_key, frame.username)
         if wait > 0:
-            self.server.limit_hit("signin_backoff", f"{self.address} {frame.username}")
+            self.server.limit_hit("signin_backoff", f"{self.limit_key} {frame.username}")
             self._refuse(
                 frame.req,
                 frames_error(
@@ -719,12 +721,12 @@ class ClientConnection(WSListener):
                 signature=frame.signature,
             )
         except AuthenticationError as exc:
-            await self.server.signin_failed(self.address, frame.username)
+            await self.server.signin_failed(self.limit_key, frame.username)
             self.server.audit_event(
                 "signin.failed", user=frame.username, address=self.address, reason=str(exc)[:200]
             )
             raise
-        await self.server.signin_succeeded(self.address, frame.username)
+        await self.server.signin_succeeded(self.limit_key, frame.username)
         log.info("signin.ok")
         self.server.audit_event(
             "signin.ok", user=frame.username, device=frame.device_id, address=self.address
