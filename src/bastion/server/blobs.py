@@ -40,11 +40,12 @@ import secrets
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
 from bastion.errors import StorageError
 from bastion.protocol import frames
 from bastion.server import handlers
+from bastion.server.blob_content import BlobContent, LocalBlobFiles, PgBlobContent, discard
 from bastion.server.blob_store import (
     BlobRecord,
     BlobStore,
@@ -55,7 +56,6 @@ from bastion.server.blob_store import (
 from bastion.server.sqlite_store import SQLiteStore
 
 if TYPE_CHECKING:
-    from bastion.server.pg_store import PgStore
     from bastion.server.relay import ClientConnection, RelayServer
 
 log = logging.getLogger("bastion.server.blobs")
@@ -68,7 +68,6 @@ MIN_CHARGE_BYTES = 64 * 1024
 MAX_UPLOADS_PER_ACCOUNT = 8
 _RECORD_CACHE_S = 5.0
 _RECORD_CACHE_MAX = 1024
-PIECE_BYTES = MIB  # a cluster's blobs are stored in pieces of this size
 
 REFUSAL_MESSAGES = {
     "file_transfer_off": "file transfer is turned off on this server",
@@ -93,135 +92,6 @@ class _Upload:
     active_at: float  # monotonic time of the last piece (or of the start)
     written: int = 0
     digest: hashlib._Hash = field(default_factory=hashlib.sha256)
-
-
-def _discard(path: Path) -> None:
-    """Remove a file if it is there (one metadata operation; fine on the event loop)."""
-    path.unlink(missing_ok=True)
-
-
-class BlobContent(Protocol):
-    """Where finished blobs' ciphertext is kept. Methods raise :class:`StorageError`."""
-
-    async def publish(self, blob_id: str, partial: Path, fd: int) -> None:
-        """Make a finished upload durable as the blob's content.
-
-        ``fd`` is the upload's file, open on ``partial``; both are consumed
-        (closed and removed) whether or not this succeeds.
-        """
-        ...
-
-    async def read(self, blob_id: str, offset: int, length: int) -> bytes | None:
-        """Up to ``length`` bytes from ``offset``; None if the blob has no content (any more)."""
-        ...
-
-    async def remove(self, blob_id: str) -> None:
-        """Delete the blob's content (nothing if there is none)."""
-        ...
-
-
-class LocalBlobFiles:
-    """A single server's blobs: one file each in its data folder."""
-
-    def __init__(self, folder: Path) -> None:
-        self.folder = folder
-
-    def path(self, blob_id: str) -> Path:
-        """Where a complete blob's ciphertext is kept."""
-        return self.folder / blob_id
-
-    async def publish(self, blob_id: str, partial: Path, fd: int) -> None:
-        """fsync the upload and rename it into place."""
-        try:
-            try:
-                await asyncio.to_thread(os.fsync, fd)
-            finally:
-                os.close(fd)
-            os.replace(partial, self.path(blob_id))
-        except OSError as exc:
-            _discard(partial)
-            raise StorageError(f"cannot store the file: {exc.strerror}") from None
-
-    async def read(self, blob_id: str, offset: int, length: int) -> bytes | None:
-        """Read from the blob's file."""
-        try:
-            fd = os.open(self.path(blob_id), os.O_RDONLY | os.O_NOFOLLOW)
-        except FileNotFoundError:
-            return None
-        except OSError as exc:
-            raise StorageError(f"cannot read the file: {exc.strerror}") from None
-        try:
-            return os.pread(fd, length, offset)
-        except OSError as exc:
-            raise StorageError(f"cannot read the file: {exc.strerror}") from None
-        finally:
-            os.close(fd)
-
-    async def remove(self, blob_id: str) -> None:
-        """Delete the blob's file."""
-        _discard(self.path(blob_id))
-
-
-class PgBlobContent:
-    """A cluster's blobs: pieces of :data:`PIECE_BYTES` in PostgreSQL, readable from every node.
-
-    A blob's pieces are written in one transaction before it is marked
-    complete, so no node ever serves half of one; they go with the blob's record.
-    """
-
-    def __init__(self, store: PgStore) -> None:
-        self._store = store
-
-    async def publish(self, blob_id: str, partial: Path, fd: int) -> None:
-        """Copy the upload into PostgreSQL piece by piece (durable at commit), drop the file."""
-        try:
-            os.close(fd)  # opened for writing; the copy reads through its own descriptor
-            reader = os.open(partial, os.O_RDONLY | os.O_NOFOLLOW)
-        except OSError as exc:
-            _discard(partial)
-            raise StorageError(f"cannot store the file: {exc.strerror}") from None
-        try:
-            async with self._store.connection() as conn, conn.transaction():
-                piece = 0
-                while data := await asyncio.to_thread(
-                    os.pread, reader, PIECE_BYTES, piece * PIECE_BYTES
-                ):
-                    await conn.execute(
-                        "INSERT INTO blob_pieces (blob_id, piece, data) VALUES ($1, $2, $3)",
-                        blob_id,
-                        piece,
-                        data,
-                    )
-                    piece += 1
-        finally:
-            os.close(reader)
-            _discard(partial)
-
-    async def read(self, blob_id: str, offset: int, length: int) -> bytes | None:
-        """Read the slices of the pieces that hold the range (only those slices leave the disk)."""
-        if length <= 0:
-            return b""  # the end of the blob (an empty blob has no pieces at all)
-        first, last = offset // PIECE_BYTES, (offset + length - 1) // PIECE_BYTES
-        async with self._store.connection() as conn:
-            rows = await conn.fetch(
-                "SELECT substring(data FROM greatest($3::bigint - piece::bigint * $5, 0)::int + 1"
-                " FOR $4) AS part FROM blob_pieces"
-                " WHERE blob_id = $1 AND piece BETWEEN $2 AND $6 ORDER BY piece",
-                blob_id,
-                first,
-                offset,
-                length,
-                PIECE_BYTES,
-                last,
-            )
-        if not rows:
-            return None
-        return b"".join(row["part"] for row in rows)[:length]
-
-    async def remove(self, blob_id: str) -> None:
-        """Delete the blob's pieces."""
-        async with self._store.connection() as conn:
-            await conn.execute("DELETE FROM blob_pieces WHERE blob_id = $1", blob_id)
 
 
 class BlobService:
@@ -371,7 +241,7 @@ async def _create_service(server: RelayServer) -> BlobService:
         # No upload is in progress before the service exists: any partial file was
         # left by a node that stopped mid-upload, and no one can finish it.
         for partial in folder.glob("*.part"):
-            _discard(partial)
+            discard(partial)
     except OSError as exc:
         raise StorageError(f"cannot create the blob folder: {exc.strerror}") from None
     service = BlobService(server, store, folder, content)
