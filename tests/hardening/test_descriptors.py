@@ -63,7 +63,7 @@ def _cpu_seconds(server: ServerProcess) -> float:
 
 async def _register(server: ServerProcess, username: str) -> ServerConnection:
     """Register ``username`` frame by frame; returns the signed-in connection."""
-    conn = await ServerConnection.open(server.url, pin=server.fingerprint, wait_s=10)
+    conn = await ServerConnection.open(server.url, pin=server.fingerprint, wait_s=20)
     challenge = conn.challenge
     identity = AccountIdentity.generate()
     device = OlmDevice.create()
@@ -134,7 +134,7 @@ async def test_uploads_abandoned_by_hanging_up_give_back_their_descriptors(
                 await asyncio.gather(
                     *(_begin_uploads_and_hang_up(server, n, 8) for n in names[start : start + 10])
                 )
-        for _ in range(50):  # the server notices each hang-up on its own (at most 10 s)
+        for _ in range(100):  # the server notices each hang-up on its own (at most 20 s)
             if _open_fds(server) <= baseline + 16:
                 break
             await asyncio.sleep(0.2)
