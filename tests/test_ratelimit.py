@@ -9,7 +9,15 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from bastion.errors import ConfigError
-from bastion.ratelimit import BackoffRules, FailureBackoff, RateLimiter, TokenBucket
+from bastion.ratelimit import (
+    DEFAULT_MAX_KEYS,
+    BackoffRules,
+    FailureBackoff,
+    RateLimiter,
+    TokenBucket,
+    address_key,
+)
+from bastion.server.bus import LocalLimits
 
 # -- TokenBucket ---------------------------------------------------------------------------
 
@@ -327,3 +335,58 @@ def test_invalid_backoff_limits_are_refused() -> None:
         BackoffRules(base_delay=10.0, max_delay=1.0)
     with pytest.raises(ConfigError):
         BackoffRules(free_failures=-1)
+
+
+# -- keys anyone can mint: client addresses --------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("address", "key"),
+    [
+        ("203.0.113.7", "203.0.113.7"),
+        ("::ffff:203.0.113.7", "203.0.113.7"),
+        ("2001:db8:1:2::1", "2001:db8:1:2::/64"),
+        ("2001:db8:1:2:ffff:ffff:ffff:ffff", "2001:db8:1:2::/64"),
+        ("2001:db8:1:3::1", "2001:db8:1:3::/64"),
+        ("unknown", "unknown"),
+    ],
+)
+def test_an_ipv6_address_counts_as_its_64(address: str, key: str) -> None:
+    assert address_key(address) == key
+
+
+def test_a_full_evicting_table_forgets_its_least_recently_used_key() -> None:
+    limiter = RateLimiter[str](rate=1.0, burst=1.0, max_keys=3, evict_when_full=True)
+    for name in ("a", "b", "c"):
+        assert limiter.allow(name, 0.0)
+    assert limiter.allow("newcomer", 0.5)  # a full table of refilling buckets refuses no one
+    assert limiter.retry_after("another", 0.5) == 0.0
+    assert len(limiter) == 3
+    assert not limiter.allow("c", 0.5)  # the recently used keys are still limited
+    assert not limiter.allow("newcomer", 0.5)
+
+
+def test_an_evicting_backoff_blocks_no_newcomer_when_full() -> None:
+    backoff = FailureBackoff[str](
+        base_delay=10.0, max_delay=10.0, free_failures=0, max_keys=3, evict_when_full=True
+    )
+    for name in ("a", "b", "c"):
+        backoff.record_failure(name, 0.0)
+    assert backoff.blocked_for("newcomer", 1.0) == 0.0
+    backoff.record_failure("d", 1.0)
+    assert len(backoff) == 3
+    assert backoff.blocked_for("d", 1.0) == 10.0
+    assert backoff.blocked_for("c", 1.0) == 9.0
+
+
+def test_a_flood_of_addresses_does_not_lock_everyone_out_of_a_node() -> None:
+    # One party with a large IPv6 range fills the node's tables with drained buckets and
+    # blocked addresses: the next client must still be served.
+    limits = LocalLimits()
+    rules = BackoffRules(base_delay=300.0, max_delay=300.0)
+    for i in range(DEFAULT_MAX_KEYS + 10):
+        flooder = f"2001:db8:{i >> 16:x}:{i & 0xFFFF:x}::/64"
+        limits.take("registrations_per_address", flooder, 1 / 3600, 1)
+        limits.record_failure("signin_by_address", flooder, rules)
+    assert limits.take("registrations_per_address", "198.51.100.9", 1 / 3600, 1)
+    assert limits.failure_wait("signin_by_address", "198.51.100.9") == 0.0

@@ -434,6 +434,12 @@ MALFORMED = {
     "wrong-type": msgspec.msgpack.encode({"type": "query_keys", "req": "one", "user": "alice"}),
     "bad-username": msgspec.msgpack.encode({"type": "query_keys", "req": 1, "user": "../etc"}),
     "server-frame": frames.encode(frames.Synced()),
+    # About 1 KiB: an unknown field nested 1,000 deep, placed before the type tag so the
+    # decoder must skip it (msgspec raised RecursionError: closed 1011, not bad_frame).
+    "deep-unknown-field": b"\x83\xa1z"
+    + b"\x91" * 1000
+    + b"\x00"
+    + msgspec.msgpack.encode({"type": "query_keys", "req": 1})[1:],
 }
 
 

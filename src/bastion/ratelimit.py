@@ -15,10 +15,20 @@ and only the oldest end is ever looked at, so no call scans the table:
 - :class:`FailureBackoff` forgets a key only once its block has ended (which at
   worst shortens that key's *next* delay, never a current one); when every tracked
   key is still blocked, a new key is blocked too, for the same reason.
+
+Failing closed suits keys an attacker cannot mint cheaply (signed-in devices). For
+keys that anyone can mint, such as client addresses (an IPv6 host may own 2**64 of
+them), it would let one party refuse everyone: there ``evict_when_full`` makes a
+full table forget its least recently used key instead, and :func:`address_key`
+counts an IPv6 address under its /64 network, so that minting keys takes a network
+per key. An evicted key starts again with a full bucket (or no block): a party
+holding more networks than the table has rows can get one burst per network per
+cycle through the table, which it could get from that many networks anyway.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import math
 from collections import OrderedDict
 from collections.abc import Hashable
@@ -32,6 +42,25 @@ K = TypeVar("K", bound=Hashable)
 DEFAULT_MAX_KEYS = 100_000
 _HOUSEKEEPING_PER_CALL = 2
 _INF = math.inf
+
+
+def address_key(address: str) -> str:
+    """The key that per-address limits count ``address`` under.
+
+    An IPv4 address (also when written as an IPv4-mapped IPv6 address) is its own
+    key; an IPv6 address counts as its /64 network, the smallest block a network
+    hands out (one host or household can use all of it). Anything else (``unknown``)
+    is its own key.
+    """
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip)
 
 
 def _check_positive(name: str, value: float) -> None:
@@ -135,13 +164,21 @@ class RateLimiter(Generic[K]):
     drops full buckets only when a key is added (the only time the table grows).
     """
 
-    def __init__(self, rate: float, burst: float, *, max_keys: int = DEFAULT_MAX_KEYS) -> None:
+    def __init__(
+        self,
+        rate: float,
+        burst: float,
+        *,
+        max_keys: int = DEFAULT_MAX_KEYS,
+        evict_when_full: bool = False,
+    ) -> None:
         _check_positive("rate", rate)
         _check_positive("burst", burst)
         _check_max_keys(max_keys)
         self.rate = float(rate)
         self.burst = float(burst)
         self.max_keys = max_keys
+        self.evict_when_full = evict_when_full
         # key -> [tokens at ``updated``, updated]; least recently used first.
         self._buckets: OrderedDict[K, list[float]] = OrderedDict()
 
@@ -179,7 +216,9 @@ class RateLimiter(Generic[K]):
                     break
                 del buckets[oldest]
             if len(buckets) >= self.max_keys:
-                return False
+                if not self.evict_when_full:
+                    return False
+                del buckets[next(iter(buckets))]  # the least recently used
             buckets[key] = [burst - cost, now]
             return True
         buckets.move_to_end(key)
@@ -207,7 +246,7 @@ class RateLimiter(Generic[K]):
         bucket = self._buckets.get(key)
         if bucket is not None:
             return max(0.0, (cost - self._tokens(bucket, now)) / self.rate)
-        if len(self._buckets) < self.max_keys:
+        if len(self._buckets) < self.max_keys or self.evict_when_full:
             return 0.0
         oldest = next(iter(self._buckets.values()))
         return max(0.0, (self.burst - self._tokens(oldest, now)) / self.rate)
@@ -260,6 +299,8 @@ class RateLimiter(Generic[K]):
             if self._tokens(buckets[oldest], now) < self.burst:
                 break
             del buckets[oldest]
+        if len(buckets) >= self.max_keys and self.evict_when_full and buckets:
+            del buckets[next(iter(buckets))]
         return len(buckets) < self.max_keys
 
 
@@ -288,7 +329,9 @@ class BackoffRules:
         """The failure level past which the delay only reaches ``max_delay`` again."""
         return failure_levels(self.base_delay, self.max_delay, self.free_failures)
 
-    def backoff(self, *, max_keys: int = DEFAULT_MAX_KEYS) -> FailureBackoff[str]:
+    def backoff(
+        self, *, max_keys: int = DEFAULT_MAX_KEYS, evict_when_full: bool = False
+    ) -> FailureBackoff[str]:
         """A back-off of one process that follows these rules."""
         return FailureBackoff(
             base_delay=self.base_delay,
@@ -296,6 +339,7 @@ class BackoffRules:
             quiet_period=self.quiet_period,
             free_failures=self.free_failures,
             max_keys=max_keys,
+            evict_when_full=evict_when_full,
         )
 
 
@@ -331,6 +375,7 @@ class FailureBackoff(Generic[K]):
         quiet_period: float = 900.0,
         max_keys: int = DEFAULT_MAX_KEYS,
         free_failures: int = 0,
+        evict_when_full: bool = False,
     ) -> None:
         _check_positive("base_delay", base_delay)
         if free_failures < 0:
@@ -345,6 +390,7 @@ class FailureBackoff(Generic[K]):
         self.quiet_period = float(quiet_period)
         self.max_keys = max_keys
         self.free_failures = free_failures
+        self.evict_when_full = evict_when_full
         # Doubling past this level only reaches max_delay again.
         self._max_level = failure_levels(self.base_delay, self.max_delay, free_failures)
         self._states: OrderedDict[K, _FailureState] = OrderedDict()
@@ -403,7 +449,7 @@ class FailureBackoff(Generic[K]):
         state = self._states.get(key)
         if state is not None:
             return max(0.0, state.blocked_until - now)
-        if len(self._states) < self.max_keys:
+        if len(self._states) < self.max_keys or self.evict_when_full:
             return 0.0
         oldest = next(iter(self._states.values()))
         return max(0.0, oldest.blocked_until - now)
@@ -423,7 +469,7 @@ class FailureBackoff(Generic[K]):
         if len(self._states) < self.max_keys:
             return True
         key, state = next(iter(self._states.items()))
-        if state.blocked_until > now:
+        if state.blocked_until > now and not self.evict_when_full:
             return False
         del self._states[key]
         return True

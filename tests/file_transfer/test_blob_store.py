@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from bastion.server.blob_content import PIECE_BYTES, BlobContent, LocalBlobFiles, PgBlobContent
 from bastion.server.blob_store import (
     BlobRecord,
     BlobStore,
@@ -16,14 +17,7 @@ from bastion.server.blob_store import (
     QuotaExceededError,
     SQLiteBlobStore,
 )
-from bastion.server.blobs import (
-    DAY_MS,
-    PIECE_BYTES,
-    BlobContent,
-    LocalBlobFiles,
-    PgBlobContent,
-    blob_service,
-)
+from bastion.server.blobs import DAY_MS, blob_service
 from bastion.server.bus import LocalBus
 from bastion.server.config import Limits, ServerConfig
 from bastion.server.pg_store import PgStore

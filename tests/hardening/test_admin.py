@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from bastion.client.client import Client
 from bastion.errors import ServerRefusedError
 from tests.conftest import PASSPHRASE, REPO, Profiles
 from tests.hardening.harness import ConfiguredServers, admin
@@ -148,6 +149,51 @@ async def test_invite_only_and_closed_registration(
     audit = _ok(admin(server.data_dir, "audit", "show"))
     assert "policy.changed by=admin setting=registration value=invite" in audit
     assert "reason=bad_invite" in audit
+
+
+async def test_failed_registrations_under_the_open_policy_add_no_uses_to_an_invite(
+    tmp_path: Path, servers: ConfiguredServers
+) -> None:
+    server = servers.start(admin_poll_s=POLL)
+    profiles = Profiles(tmp_path, server)
+    try:
+        await profiles.register("taken")
+        code = _ok(admin(server.data_dir, "invites", "create", "--uses", "1")).strip()
+        # Under the open policy no use is taken, so a failed registration gives none back.
+        for attempt in range(3):
+            with pytest.raises(ServerRefusedError) as caught:
+                await Client.register(
+                    tmp_path / f"retry{attempt}",
+                    PASSPHRASE,
+                    username="taken",
+                    server_url=server.url,
+                    fingerprint=server.fingerprint,
+                    invite=code,
+                )
+            assert caught.value.code == "username_taken"
+        _ok(admin(server.data_dir, "policy", "set", "registration=invite"))
+        await asyncio.sleep(POLL * 4)
+        joined = await Client.register(
+            tmp_path / "first",
+            PASSPHRASE,
+            username="first",
+            server_url=server.url,
+            fingerprint=server.fingerprint,
+            invite=code,
+        )
+        await joined.close()
+        with pytest.raises(ServerRefusedError) as caught:
+            await Client.register(
+                tmp_path / "second",
+                PASSPHRASE,
+                username="second",
+                server_url=server.url,
+                fingerprint=server.fingerprint,
+                invite=code,
+            )
+        assert caught.value.code == "bad_invite"
+    finally:
+        await profiles.close()
 
 
 def test_policy_show_and_set_on_a_stopped_server(tmp_path: Path) -> None:

@@ -129,6 +129,13 @@ class ProxyForwarder(TcpForwarder):
 
     def greeting(self) -> bytes:
         packer = ProxyProtocolV2() if self.version == 2 else ProxyProtocolV1()
+        if ":" in self.client:
+            return packer.pack(
+                ProxyResultIPv6(
+                    (ipaddress.IPv6Address(self.client), 40000),
+                    (ipaddress.IPv6Address("fd00::11"), 8443),
+                )
+            )
         return packer.pack(v4(self.client))
 
     async def __aenter__(self) -> ProxyForwarder:
@@ -177,6 +184,28 @@ async def test_limits_count_each_client_address_the_balancer_names(
     audit = admin(server.data_dir, "audit", "show").stdout
     assert "key=203.0.113.7" in audit  # the limit hit names the client, not the balancer
     assert "127.0.0.1" not in audit
+
+
+async def test_an_ipv6_client_is_counted_by_its_64_network(
+    behind_balancer: ServerProcess, tmp_path: Path
+) -> None:
+    server = behind_balancer
+    async with (
+        ProxyForwarder(server.port, "2001:db8:1:2::1") as first,
+        ProxyForwarder(server.port, "2001:db8:1:2::2") as second,
+        ProxyForwarder(server.port, "2001:db8:1:2:a:b:c:d") as third,
+        ProxyForwarder(server.port, "2001:db8:1:3::1") as neighbour,
+    ):
+        await _register(server, tmp_path, "ann", first.url)
+        await _register(server, tmp_path, "ben", second.url)
+        # A third address of the same /64 is the same client: over the burst of 2.
+        with pytest.raises(ServerRefusedError) as caught:
+            await _register(server, tmp_path, "cat", third.url)
+        assert caught.value.code == "rate_limited"
+        # The next /64 is someone else.
+        await _register(server, tmp_path, "dan", neighbour.url)
+    audit = admin(server.data_dir, "audit", "show").stdout
+    assert "key=2001:db8:1:2::/64" in audit
 
 
 async def test_a_connection_from_the_balancer_without_a_header_is_dropped(

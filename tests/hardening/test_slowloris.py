@@ -206,3 +206,51 @@ async def test_client_that_stops_reading_is_cut_off_and_its_buffer_freed(
         assert grown < pushed // 2, (grown, pushed)
     finally:
         await profiles.close()
+
+
+async def test_client_that_never_reads_is_cut_within_the_grace_and_its_socket_aborted(
+    tmp_path: Path, servers: ConfiguredServers
+) -> None:
+    # Heartbeats far off: only slow_reader_grace_s may cut the reader here.
+    server = servers.start(slow_reader_grace_s=1, messages_per_second=1000, messages_burst=1000)
+    profiles = Profiles(tmp_path, server)
+    try:
+        sender = await profiles.online("sender", receive=False)
+        reader = await profiles.online("reader")
+        await profiles.befriend("sender", "reader")
+        await drain(reader)
+        transport = _pause(reader)
+        sock = transport.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        client_port = sock.getsockname()[1]
+        assert sender.conn is not None
+        conn = sender.conn
+        body = secrets.token_bytes(frames.MAX_BODY_BYTES - 1024)
+        copy = frames.DeviceCiphertext(
+            user="reader", device_id=reader.account.device_id, kind=1, body=body
+        )
+
+        async def push_one() -> None:
+            req = conn.next_req()
+            send = frames.Send(
+                req=req, client_msg_id=secrets.token_bytes(16), to="reader", ciphertexts=[copy]
+            )
+            await conn.request(send, req)
+
+        # 1.5 MiB: far less than max_write_buffer_bytes, and little enough that the kernel's
+        # autotuned buffers once took it all, so the server never noticed (until the heartbeat).
+        for _ in range(3):
+            await asyncio.gather(*(push_one() for _ in range(8)))
+        pushed_at = time.monotonic()
+        states = []
+        for _ in range(100):  # 10 s at most: the grace (1 s) and a generous margin
+            states = _server_socket_states(server, client_port)
+            if not states:
+                break
+            await asyncio.sleep(0.1)
+        took = time.monotonic() - pushed_at
+        # Aborted, not closed gracefully: no FIN-WAIT-1 socket holding the unread megabytes.
+        assert states == [], (states, took)
+        assert took < 1 + 5
+    finally:
+        await profiles.close()

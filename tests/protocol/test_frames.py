@@ -470,6 +470,21 @@ def test_deep_nesting_in_an_unknown_field_is_a_frame_error() -> None:
         decode_client_frame(nested)
 
 
+@pytest.mark.parametrize("tag", [{"type": "ack", "seqs": [1]}, {"type": "synced"}])
+def test_deep_nesting_before_the_type_tag_is_a_frame_error(tag: dict[str, object]) -> None:
+    # The decoder skips an unknown field's value while it looks for the tag: 1,000 levels
+    # (a 1 KiB frame) took it past the recursion limit, and RecursionError escaped.
+    deep = b"\xa1z" + b"\x91" * 1000 + b"\x00"
+    head = raw(tag)
+    data = bytes([head[0] + 1]) + deep + head[1:]
+    for decode in (decode_client_frame, decode_server_frame):
+        with pytest.raises(FrameError, match="nested too deeply"):
+            decode(data)
+    item = raw({"item": "message", "group_id": "g"})
+    with pytest.raises(FrameError, match="nested too deeply"):
+        frames.decode_item(bytes([item[0] + 1]) + deep + item[1:])
+
+
 # --- properties --------------------------------------------------------------------------------
 
 usernames = st.from_regex(r"[a-z0-9._-]{3,32}", fullmatch=True)

@@ -794,7 +794,11 @@ class Client:
         if deliver.kind not in {0, 1}:
             special = self.deliver_handlers.get(deliver.kind)
             if special is not None:
-                return await special(deliver)
+                handled = await special(deliver)
+                if isinstance(handled, WarningEvent):  # a rejected group message, say
+                    with self.profile.transaction():
+                        self._count_rejected()
+                return handled
         try:
             sender_device = await self._sender_device(deliver.sender, deliver.sender_device)
             with self.profile.transaction():
@@ -807,14 +811,18 @@ class Client:
             reason = exc.reason if isinstance(exc, RejectedMessageError) else str(exc)
             with self.profile.transaction():
                 self.profile.mark_seen("env", envelope)
-                stats = self.profile.get("stats", Stats) or Stats()
-                self.profile.put("stats", Stats(rejected=stats.rejected + 1))
+                self._count_rejected()
             return WarningEvent(
                 reason=reason,
                 sender=deliver.sender,
                 device=deliver.sender_device,
                 at=deliver.server_ts,
             )
+
+    def _count_rejected(self) -> None:
+        """Add one to the rejected-messages counter (inside the caller's transaction)."""
+        stats = self.profile.get("stats", Stats) or Stats()
+        self.profile.put("stats", msgspec.structs.replace(stats, rejected=stats.rejected + 1))
 
     async def _sender_device(self, user: str, device_id: str) -> DeviceEntry:
         contact = self.contact(user)

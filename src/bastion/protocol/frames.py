@@ -20,6 +20,7 @@ MAX_BODY_BYTES: Final = 64 * 1024
 MAX_DEVICES_PER_SEND: Final = 64
 MAX_KEYS_PER_UPLOAD: Final = 100
 MAX_ACKS_PER_FRAME: Final = 1024
+_TOO_DEEP: Final = "values nested too deeply"
 
 USERNAME_PATTERN: Final = r"^[a-z0-9._-]{3,32}\Z"
 
@@ -445,6 +446,8 @@ def decode_item(data: bytes) -> GroupItems:
         return _item_decoder.decode(data)
     except (msgspec.ValidationError, msgspec.DecodeError, UnicodeDecodeError) as exc:
         raise FrameError(f"invalid group item: {exc}") from None
+    except RecursionError:
+        raise FrameError(f"invalid group item: {_TOO_DEEP}") from None
 
 
 # --- contacts and presence (see server/contacts.py) -----------------------------------------
@@ -621,3 +624,8 @@ def _decode(decoder: msgspec.msgpack.Decoder[T], data: bytes, max_bytes: int) ->
         raise FrameError(f"invalid frame: {exc}") from None
     except (msgspec.DecodeError, UnicodeDecodeError) as exc:
         raise FrameError(f"undecodable frame: {exc}") from None
+    except RecursionError:
+        # msgspec skips an unknown field's value before it refuses the field (when the
+        # field comes before the type tag); a value nested past the interpreter's recursion
+        # limit then stops the decoder with RecursionError instead of a ValidationError.
+        raise FrameError(f"undecodable frame: {_TOO_DEEP}") from None

@@ -14,9 +14,12 @@ cannot read. The flow, every step on an authenticated connection:
 * ``BlobGet{blob_id, offset}`` -> ``BlobData``: any offset, so downloads resume;
 * ``BlobDone{blob_id}`` -> ``Ok``: once every recipient said so, it is deleted.
 
-An account has at most 8 uploads in progress on a node, and each blob counts
-at least 64 KiB against its quota. An upload in progress is a file
-``DATA/blobs/<id>.part`` (0600) on the node receiving it. A finished blob is
+An account has at most 8 uploads in progress on a node, a node at most
+``blob_uploads_max``, and each blob counts at least 64 KiB against its quota.
+An upload in progress is a file ``DATA/blobs/<id>.part`` (0600), open on the
+node receiving it, and belongs to the connection that began it: when that
+connection closes, or no piece arrives for ``blob_upload_idle_s``, the upload is
+dropped with its file, descriptor and record (so its quota is free again). A finished blob is
 the file ``DATA/blobs/<id>`` on a single server (:class:`LocalBlobFiles`), and
 1 MiB pieces in PostgreSQL in a cluster (:class:`PgBlobContent`), so that every
 node can serve it. A periodic sweep deletes blobs older than
@@ -28,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import hmac
 import logging
@@ -36,11 +40,12 @@ import secrets
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
 from bastion.errors import StorageError
 from bastion.protocol import frames
 from bastion.server import handlers
+from bastion.server.blob_content import BlobContent, LocalBlobFiles, PgBlobContent, discard
 from bastion.server.blob_store import (
     BlobRecord,
     BlobStore,
@@ -51,7 +56,6 @@ from bastion.server.blob_store import (
 from bastion.server.sqlite_store import SQLiteStore
 
 if TYPE_CHECKING:
-    from bastion.server.pg_store import PgStore
     from bastion.server.relay import ClientConnection, RelayServer
 
 log = logging.getLogger("bastion.server.blobs")
@@ -64,7 +68,6 @@ MIN_CHARGE_BYTES = 64 * 1024
 MAX_UPLOADS_PER_ACCOUNT = 8
 _RECORD_CACHE_S = 5.0
 _RECORD_CACHE_MAX = 1024
-PIECE_BYTES = MIB  # a cluster's blobs are stored in pieces of this size
 
 REFUSAL_MESSAGES = {
     "file_transfer_off": "file transfer is turned off on this server",
@@ -85,137 +88,10 @@ class _Upload:
     sha256: bytes
     fd: int
     path: Path
+    connection: ClientConnection  # the upload lives and dies with it
+    active_at: float  # monotonic time of the last piece (or of the start)
     written: int = 0
     digest: hashlib._Hash = field(default_factory=hashlib.sha256)
-
-
-def _discard(path: Path) -> None:
-    """Remove a file if it is there (one metadata operation; fine on the event loop)."""
-    path.unlink(missing_ok=True)
-
-
-class BlobContent(Protocol):
-    """Where finished blobs' ciphertext is kept. Methods raise :class:`StorageError`."""
-
-    async def publish(self, blob_id: str, partial: Path, fd: int) -> None:
-        """Make a finished upload durable as the blob's content.
-
-        ``fd`` is the upload's file, open on ``partial``; both are consumed
-        (closed and removed) whether or not this succeeds.
-        """
-        ...
-
-    async def read(self, blob_id: str, offset: int, length: int) -> bytes | None:
-        """Up to ``length`` bytes from ``offset``; None if the blob has no content (any more)."""
-        ...
-
-    async def remove(self, blob_id: str) -> None:
-        """Delete the blob's content (nothing if there is none)."""
-        ...
-
-
-class LocalBlobFiles:
-    """A single server's blobs: one file each in its data folder."""
-
-    def __init__(self, folder: Path) -> None:
-        self.folder = folder
-
-    def path(self, blob_id: str) -> Path:
-        """Where a complete blob's ciphertext is kept."""
-        return self.folder / blob_id
-
-    async def publish(self, blob_id: str, partial: Path, fd: int) -> None:
-        """fsync the upload and rename it into place."""
-        try:
-            try:
-                await asyncio.to_thread(os.fsync, fd)
-            finally:
-                os.close(fd)
-            os.replace(partial, self.path(blob_id))
-        except OSError as exc:
-            _discard(partial)
-            raise StorageError(f"cannot store the file: {exc.strerror}") from None
-
-    async def read(self, blob_id: str, offset: int, length: int) -> bytes | None:
-        """Read from the blob's file."""
-        try:
-            fd = os.open(self.path(blob_id), os.O_RDONLY | os.O_NOFOLLOW)
-        except FileNotFoundError:
-            return None
-        except OSError as exc:
-            raise StorageError(f"cannot read the file: {exc.strerror}") from None
-        try:
-            return os.pread(fd, length, offset)
-        except OSError as exc:
-            raise StorageError(f"cannot read the file: {exc.strerror}") from None
-        finally:
-            os.close(fd)
-
-    async def remove(self, blob_id: str) -> None:
-        """Delete the blob's file."""
-        _discard(self.path(blob_id))
-
-
-class PgBlobContent:
-    """A cluster's blobs: pieces of :data:`PIECE_BYTES` in PostgreSQL, readable from every node.
-
-    A blob's pieces are written in one transaction before it is marked
-    complete, so no node ever serves half of one; they go with the blob's record.
-    """
-
-    def __init__(self, store: PgStore) -> None:
-        self._store = store
-
-    async def publish(self, blob_id: str, partial: Path, fd: int) -> None:
-        """Copy the upload into PostgreSQL piece by piece (durable at commit), drop the file."""
-        try:
-            os.close(fd)  # opened for writing; the copy reads through its own descriptor
-            reader = os.open(partial, os.O_RDONLY | os.O_NOFOLLOW)
-        except OSError as exc:
-            _discard(partial)
-            raise StorageError(f"cannot store the file: {exc.strerror}") from None
-        try:
-            async with self._store.connection() as conn, conn.transaction():
-                piece = 0
-                while data := await asyncio.to_thread(
-                    os.pread, reader, PIECE_BYTES, piece * PIECE_BYTES
-                ):
-                    await conn.execute(
-                        "INSERT INTO blob_pieces (blob_id, piece, data) VALUES ($1, $2, $3)",
-                        blob_id,
-                        piece,
-                        data,
-                    )
-                    piece += 1
-        finally:
-            os.close(reader)
-            _discard(partial)
-
-    async def read(self, blob_id: str, offset: int, length: int) -> bytes | None:
-        """Read the slices of the pieces that hold the range (only those slices leave the disk)."""
-        if length <= 0:
-            return b""  # the end of the blob (an empty blob has no pieces at all)
-        first, last = offset // PIECE_BYTES, (offset + length - 1) // PIECE_BYTES
-        async with self._store.connection() as conn:
-            rows = await conn.fetch(
-                "SELECT substring(data FROM greatest($3::bigint - piece::bigint * $5, 0)::int + 1"
-                " FOR $4) AS part FROM blob_pieces"
-                " WHERE blob_id = $1 AND piece BETWEEN $2 AND $6 ORDER BY piece",
-                blob_id,
-                first,
-                offset,
-                length,
-                PIECE_BYTES,
-                last,
-            )
-        if not rows:
-            return None
-        return b"".join(row["part"] for row in rows)[:length]
-
-    async def remove(self, blob_id: str) -> None:
-        """Delete the blob's pieces."""
-        async with self._store.connection() as conn:
-            await conn.execute("DELETE FROM blob_pieces WHERE blob_id = $1", blob_id)
 
 
 class BlobService:
@@ -229,8 +105,49 @@ class BlobService:
         self.folder = folder
         self.content = content
         self.uploads: dict[str, _Upload] = {}
+        self.starting: dict[str, int] = {}  # owner -> uploads between their checks and start
         self._records: dict[str, tuple[float, BlobRecord]] = {}
         self._sweeper: asyncio.Task[None] | None = None
+        self._reaper: asyncio.Task[None] | None = None
+        self._deletions: set[asyncio.Task[None]] = set()
+
+    def in_progress(self, owner: str | None = None) -> int:
+        """Uploads in progress or starting on this node: all of them, or ``owner``'s."""
+        if owner is None:
+            return len(self.uploads) + sum(self.starting.values())
+        mine = sum(u.owner == owner for u in self.uploads.values())
+        return mine + self.starting.get(owner, 0)
+
+    def drop_upload(self, blob_id: str) -> None:
+        """Abort an upload in progress and delete its record, freeing its quota (in a task)."""
+        if blob_id not in self.uploads:
+            return
+        self.abort_upload(blob_id)
+        self._records.pop(blob_id, None)
+        task = asyncio.get_running_loop().create_task(self._delete_record(blob_id))
+        self._deletions.add(task)
+        task.add_done_callback(self._deletions.discard)
+
+    async def _delete_record(self, blob_id: str) -> None:
+        try:
+            await self.store.delete(blob_id)
+        except StorageError as exc:  # the sweep deletes it after blob_upload_ttl_s
+            log.warning("blobs.delete_failed", extra={"error": str(exc)})
+
+    def release_connection(self, conn: ClientConnection) -> None:
+        """Drop every upload of a connection that closed: its descriptors, files and quota."""
+        for blob_id in [b for b, u in self.uploads.items() if u.connection is conn]:
+            self.drop_upload(blob_id)
+
+    def reap_idle(self, now: float) -> int:
+        """Drop uploads that received nothing for ``blob_upload_idle_s``; returns how many."""
+        idle_s = self.server.limits.blob_upload_idle_s
+        stale = [b for b, u in self.uploads.items() if now - u.active_at > idle_s]
+        for blob_id in stale:
+            self.drop_upload(blob_id)
+        if stale:
+            log.info("blobs.idle_uploads_dropped", extra={"count": len(stale)})
+        return len(stale)
 
     async def record(self, blob_id: str) -> BlobRecord | None:
         """A complete blob's record, cached a few seconds (downloads ask once per chunk)."""
@@ -277,16 +194,24 @@ class BlobService:
         """Run :meth:`sweep` every ``blob_sweep_s`` seconds while the server runs."""
         if self._sweeper is None:
             self._sweeper = asyncio.get_running_loop().create_task(self._sweep_forever())
+        if self._reaper is None:
+            self._reaper = asyncio.get_running_loop().create_task(self._reap_forever())
 
     async def close(self) -> None:
         """Stop the sweep and drop uploads in progress."""
         for blob_id in list(self.uploads):
             self.abort_upload(blob_id)
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sweeper
-            self._sweeper = None
+        for task in (self._sweeper, self._reaper):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._sweeper = self._reaper = None
+
+    async def _reap_forever(self) -> None:
+        while True:
+            await asyncio.sleep(max(0.5, self.server.limits.blob_upload_idle_s / 4))
+            self.reap_idle(time.monotonic())
 
     async def _sweep_forever(self) -> None:
         while True:
@@ -316,7 +241,7 @@ async def _create_service(server: RelayServer) -> BlobService:
         # No upload is in progress before the service exists: any partial file was
         # left by a node that stopped mid-upload, and no one can finish it.
         for partial in folder.glob("*.part"):
-            _discard(partial)
+            discard(partial)
     except OSError as exc:
         raise StorageError(f"cannot create the blob folder: {exc.strerror}") from None
     service = BlobService(server, store, folder, content)
@@ -385,10 +310,33 @@ async def blob_begin(conn: ClientConnection, frame: frames.BlobBegin) -> None:
             conn.refuse(frame.req, "unknown_user", f"there is no user named {user}")
             return
     service = await blob_service(conn.server)
-    if sum(u.owner == username for u in service.uploads.values()) >= MAX_UPLOADS_PER_ACCOUNT:
+    if service.in_progress(username) >= MAX_UPLOADS_PER_ACCOUNT:
         conn.server.limit_hit("uploads_per_account", username)
         conn.refuse(frame.req, "rate_limited", "too many uploads at once; finish one first")
         return
+    if service.in_progress() >= conn.limits.blob_uploads_max:
+        conn.server.limit_hit("uploads_in_progress", username)
+        conn.refuse(
+            frame.req, "rate_limited", "the server has too many uploads in progress; try later"
+        )
+        return
+    service.starting[username] = service.starting.get(username, 0) + 1
+    try:
+        await _start_upload(conn, service, frame, username, recipients)
+    finally:
+        left = service.starting.pop(username) - 1
+        if left:
+            service.starting[username] = left
+
+
+async def _start_upload(
+    conn: ClientConnection,
+    service: BlobService,
+    frame: frames.BlobBegin,
+    username: str,
+    recipients: list[str],
+) -> None:
+    """Create the upload's record (charging the quota) and its partial file."""
     blob_id = secrets.token_hex(16)
     record = BlobRecord(
         blob_id=blob_id,
@@ -420,7 +368,15 @@ async def blob_begin(conn: ClientConnection, frame: frames.BlobBegin) -> None:
         sha256=frame.sha256,
         fd=fd,
         path=partial,
+        connection=conn,
+        active_at=time.monotonic(),
     )
+    # An upload is not resumed from another connection: one that closes lets go of its
+    # uploads at once (descriptor, partial file, quota), not after blob_upload_ttl_s.
+    conn.on_disconnect[EXTENSION_KEY] = functools.partial(service.release_connection, conn)
+    if conn.disconnected:  # it closed while the record was being written
+        service.release_connection(conn)
+        return
     conn.send_frame(frames.BlobStarted(req=frame.req, blob_id=blob_id))
 
 
@@ -457,6 +413,7 @@ async def blob_chunk(conn: ClientConnection, frame: frames.BlobChunk) -> None:
         raise StorageError(f"cannot store the file: {exc.strerror}") from None
     upload.digest.update(frame.data)
     upload.written += len(frame.data)
+    upload.active_at = time.monotonic()
     conn.send_frame(frames.Ok(req=frame.req))
 
 

@@ -149,7 +149,11 @@ class Bus(Protocol):
 
 
 class LocalLimits:
-    """Limits of one node: a :class:`RateLimiter` and a :class:`FailureBackoff` per limit name."""
+    """Limits of one node: a :class:`RateLimiter` and a :class:`FailureBackoff` per limit name.
+
+    Their keys (addresses, accounts) can be minted by anyone, so a full table forgets
+    its least recently used key rather than refuse every newcomer (``evict_when_full``).
+    """
 
     def __init__(self) -> None:
         self._limiters: dict[str, RateLimiter[str]] = {}
@@ -159,7 +163,7 @@ class LocalLimits:
         """See :meth:`Bus.take`, counted on this node only."""
         limiter = self._limiters.get(limit)
         if limiter is None:
-            limiter = self._limiters[limit] = RateLimiter(rate, burst)
+            limiter = self._limiters[limit] = RateLimiter(rate, burst, evict_when_full=True)
         return limiter.allow(key, time.monotonic())
 
     def failure_wait(self, limit: str, key: str) -> float:
@@ -171,7 +175,7 @@ class LocalLimits:
         """See :meth:`Bus.record_failure`, counted on this node only."""
         backoff = self._backoffs.get(limit)
         if backoff is None:
-            backoff = self._backoffs[limit] = rules.backoff()
+            backoff = self._backoffs[limit] = rules.backoff(evict_when_full=True)
         backoff.record_failure(key, time.monotonic())
 
     def clear_failures(self, limit: str, key: str) -> None:

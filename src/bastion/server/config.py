@@ -75,6 +75,8 @@ class Limits:
     blob_quota_mb: int = 2048
     blob_expiry_days: float = 7.0
     blob_upload_ttl_s: float = 86_400.0
+    blob_upload_idle_s: float = 300.0
+    blob_uploads_max: int = 256
     blob_sweep_s: float = 3600.0
 
 

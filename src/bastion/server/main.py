@@ -19,7 +19,7 @@ from bastion.server.admin_watch import AdminChannel
 from bastion.server.audit import AUDIT_DIR, AuditLog, ensure_audit_key
 from bastion.server.bus import Bus, LocalBus
 from bastion.server.config import CONFIG_FILE, Limits, ServerConfig, Settings, load_settings
-from bastion.server.logs import JsonFormatter
+from bastion.server.logs import JsonFormatter, handle_loop_errors
 from bastion.server.metrics import RelayMetrics
 from bastion.server.policy import ensure_policy_key
 from bastion.server.relay import RelayServer
@@ -132,6 +132,12 @@ async def serve(
         server.metrics = RelayMetrics()
         server.metrics.watch(lambda: len(server.connections), lambda: admin.queue_depth)
         server.metrics.serve(metrics_port)
+
+    def count_tls_failure() -> None:
+        if server.metrics is not None:
+            server.metrics.tls_handshake_failures.inc()
+
+    handle_loop_errors(asyncio.get_running_loop(), count_tls_failure)
     audit.append("server.started", time.time())
     audit.flush()
     bound = await server.start()

@@ -34,6 +34,11 @@ class RelayMetrics:
         self.errors = Counter(
             "bastion_errors", "Error frames sent to clients", ["code"], registry=self.registry
         )
+        self.tls_handshake_failures = Counter(
+            "bastion_tls_handshake_failures",
+            "TLS handshakes a peer broke off or botched (scans, health checks)",
+            registry=self.registry,
+        )
         self.latency = Histogram(
             "bastion_request_seconds",
             "Time to handle a request",

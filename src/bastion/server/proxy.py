@@ -12,12 +12,16 @@ is never believed (it is not TLS, so the handshake fails).
 Parsing is done by the ``proxy-protocol`` library; this module only reads the
 exact bytes it asks for from the accepted socket, so not one byte of the TLS
 handshake that follows is consumed.
+
+The same listener, with no balancer named, serves every connection of a node
+that is not behind one: the accept loop is ours in both cases.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import ipaddress
 import logging
 import socket
@@ -41,6 +45,9 @@ from bastion.server.config import Limits, Network
 
 log = logging.getLogger("bastion.server")
 
+# After accept() fails the listener waits this long, doubling up to the maximum.
+ACCEPT_RETRY_FIRST_S = 0.05
+ACCEPT_RETRY_MAX_S = 1.0
 MAX_HEADER_BYTES = 536  # the longest v2 header with addresses and a few TLVs; v1 is at most 107
 ListenerFor = Callable[[str], WSListener]
 
@@ -114,10 +121,12 @@ async def read_client_address(sock: socket.socket) -> str | None:
 
 
 class ProxiedListener:
-    """Accepts connections itself, reads trusted peers' PROXY headers, then starts TLS.
+    """The relay's listener: accepts connections, reads trusted peers' PROXY headers, starts TLS.
 
-    The WebSocket layer is picows's own protocol over aiofastnet's TLS, as with
-    ``picows.ws_create_server``; only the accept step is ours.
+    With no trusted peers it is a plain listener. The WebSocket layer is picows's
+    own protocol over aiofastnet's TLS, as with ``picows.ws_create_server``; only
+    the accept step is ours, so that running out of descriptors backs off and is
+    logged once instead of spinning the loop (aiofastnet's own accept loop did).
     """
 
     def __init__(
@@ -167,13 +176,27 @@ class ProxiedListener:
 
     async def _accept_forever(self, listening: socket.socket) -> None:
         loop = asyncio.get_running_loop()
+        delay = 0.0
+        failures = 0
         while True:
             try:
                 sock, peer = await loop.sock_accept(listening)
-            except OSError as exc:  # out of descriptors, say: wait a little, keep serving
-                log.warning("accept.failed", extra={"error": type(exc).__name__})
-                await asyncio.sleep(0.1)
+            except OSError as exc:
+                # Out of descriptors (or kernel memory), say: every retry fails until something
+                # closes, so wait, doubling up to a second, and say so once per episode. The
+                # connection waits in the backlog meanwhile and is served once there is room.
+                if failures == 0:
+                    log.warning(
+                        "accept.failed",
+                        extra={"error": errno.errorcode.get(exc.errno or 0, type(exc).__name__)},
+                    )
+                failures += 1
+                delay = min(max(delay * 2, ACCEPT_RETRY_FIRST_S), ACCEPT_RETRY_MAX_S)
+                await asyncio.sleep(delay)
                 continue
+            if failures:
+                log.warning("accept.recovered", extra={"failures": failures})
+                delay, failures = 0.0, 0
             task = loop.create_task(self._serve(sock, str(peer[0])))
             self._pending.add(task)
             task.add_done_callback(self._pending.discard)

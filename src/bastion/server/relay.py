@@ -15,9 +15,10 @@ import contextlib
 import functools
 import logging
 import secrets
+import socket
 import struct
 import time
-from collections.abc import Awaitable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
 from picows import (
@@ -26,15 +27,13 @@ from picows import (
     WSListener,
     WSMsgType,
     WSTransport,
-    WSUpgradeRequest,
-    ws_create_server,
 )
 
 from bastion.crypto.device import verify_published_key
 from bastion.errors import AuthenticationError, BastionError, ProtocolError
 from bastion.protocol import frames
 from bastion.protocol.auth import ServerSession
-from bastion.ratelimit import BackoffRules, RateLimiter
+from bastion.ratelimit import BackoffRules, RateLimiter, address_key
 from bastion.server import contacts, devices, handlers
 from bastion.server import features as _features  # noqa: F401 - registers feature handlers
 from bastion.server.admin import Policy
@@ -79,6 +78,13 @@ def _now_ms() -> int:
 # (docs/benchmarks.md).
 READ_BUFFER_INIT_BYTES = 2048
 
+# The kernel's send buffer of a connection (Linux doubles it for its bookkeeping). Past
+# it, frames wait in the transport, whose high-water mark (64 KiB) tells the connection
+# that the client does not read (pause_writing): it is cut off after slow_reader_grace_s.
+# With the kernel's autotuning (up to 4 MiB) a client that never read held a megabyte
+# there unnoticed until the heartbeat cut it.
+KERNEL_SEND_BUFFER_BYTES = 128 * 1024
+
 
 class RelayServer:
     """The relay: accepts connections, authenticates devices, stores and routes ciphertext."""
@@ -91,7 +97,6 @@ class RelayServer:
         self.store = store
         self.bus = bus
         self.connections: set[ClientConnection] = set()
-        self._server: asyncio.Server | None = None
         self._proxied: ProxiedListener | None = None
         limits = self.limits
         self.connection_class = ClientConnection
@@ -119,47 +124,27 @@ class RelayServer:
         # The contact service hears of users whose node died (a cluster's bus tells one
         # node each), so it must listen before anyone has signed in here.
         await contacts.service(self)
-        if self.config.proxy_protocol_from:
-            from bastion.server.proxy import ProxiedListener  # noqa: PLC0415 - balancers only
+        # The accept loop is ours (not the transport library's): when the process runs out
+        # of descriptors it backs off and logs once instead of spinning (bastion.server.proxy).
+        from bastion.server.proxy import ProxiedListener  # noqa: PLC0415 - imports aiofastnet
 
-            self._proxied = ProxiedListener(
-                self._listener_for,
-                self.config.proxy_protocol_from,
-                server_context(self.config.data_dir),
-                self.limits,
-                read_buffer_bytes=READ_BUFFER_INIT_BYTES,
-            )
-            return await self._proxied.start(self.config.host, self.config.port)
-        self._server = await ws_create_server(
-            self._accept,
-            self.config.host,
-            self.config.port,
-            ssl=server_context(self.config.data_dir),
-            max_frame_size=self.limits.max_frame_bytes,
-            enable_auto_ping=True,
-            auto_ping_idle_timeout=self.limits.heartbeat_idle_s,
-            auto_ping_reply_timeout=self.limits.heartbeat_reply_s,
-            websocket_handshake_timeout=self.limits.websocket_open_timeout_s,
-            logger_name="server",
-            ssl_handshake_timeout=self.limits.tls_handshake_timeout_s,
-            read_buffer_init_size=READ_BUFFER_INIT_BYTES,
+        self._proxied = ProxiedListener(
+            self._listener_for,
+            self.config.proxy_protocol_from,
+            server_context(self.config.data_dir),
+            self.limits,
+            read_buffer_bytes=READ_BUFFER_INIT_BYTES,
         )
-        sockets = self._server.sockets
-        return int(sockets[0].getsockname()[1]) if sockets else self.config.port
-
-    def _accept(self, request: WSUpgradeRequest) -> ClientConnection:
-        return self.connection_class(self)
+        return await self._proxied.start(self.config.host, self.config.port)
 
     def _listener_for(self, address: str) -> ClientConnection:
-        """A connection whose client address a balancer told us (:mod:`bastion.server.proxy`)."""
+        """A connection from ``address``: the peer's, or the client's as a balancer told us."""
         conn = self.connection_class(self)
         conn.forwarded_address = address
         return conn
 
     async def stop(self) -> None:
         """Stop accepting, close every connection, then let the store finish."""
-        if self._server is not None:
-            self._server.close()
         if self._proxied is not None:
             await self._proxied.close()
         for conn in list(self.connections):
@@ -171,9 +156,6 @@ class RelayServer:
                 await asyncio.wait_for(self.all_closed.wait(), self.limits.shutdown_grace_s)
         for conn in list(self.connections):
             conn.abort()
-        if self._server is not None:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._server.wait_closed(), self.limits.shutdown_grace_s)
         await self.store.close()
 
     def resync(self) -> None:
@@ -312,6 +294,7 @@ class ClientConnection(WSListener):
         )
         self.transport: WSTransport | None = None
         self.address = "unknown"
+        self.limit_key = "unknown"  # what per-address limits count the address as
         self.forwarded_address: str | None = None  # the client's, as a trusted balancer says
         self.bad_frames = 0
         self._tasks: set[asyncio.Task[None]] = set()
@@ -334,6 +317,8 @@ class ClientConnection(WSListener):
         self._loop = asyncio.get_running_loop()  # a connection lives in one loop
         # Push topics this connection asked for (features: contacts and presence).
         self.topics: set[str] = set()
+        # What features hold for this connection and let go of when it closes (uploads).
+        self.on_disconnect: dict[str, Callable[[], None]] = {}
 
     # --- picows callbacks -------------------------------------------------------------------
 
@@ -344,9 +329,14 @@ class ClientConnection(WSListener):
         else:
             peer = transport.underlying_transport.get_extra_info("peername")
             self.address = str(peer[0]) if peer else "unknown"
+        self.limit_key = address_key(self.address)  # an IPv6 client counts as its /64
+        sock = transport.underlying_transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, KERNEL_SEND_BUFFER_BYTES)
         self.server.connections.add(self)
-        if not self.server.admit(self.address):
-            self.server.limit_hit("connections_per_address", self.address)
+        if not self.server.admit(self.limit_key):
+            self.server.limit_hit("connections_per_address", self.limit_key)
             self.close(WSCloseCode.TRY_AGAIN_LATER, "too many connections from your address")
             return
         self._admitted = True
@@ -377,7 +367,7 @@ class ClientConnection(WSListener):
             self.server.all_closed.set()
         if self._admitted:
             self._admitted = False
-            self.server.release(self.address)
+            self.server.release(self.limit_key)
         for timer in (self._signin_timer, self._slow_timer):
             if timer is not None:
                 timer.cancel()
@@ -391,18 +381,16 @@ class ClientConnection(WSListener):
                 None,
                 self.server.hand_over_message_rate(self.session.username, self.session.device_id),
             )
+        for release in self.on_disconnect.values():
+            release()
+        self.on_disconnect.clear()
         # Running requests are left to finish (an acknowledgement already read must still be
         # stored); their replies go nowhere because the connection is closed.
 
     def pause_writing(self) -> None:
         loop = asyncio.get_running_loop()
         if self._slow_timer is None:
-            self._slow_timer = loop.call_later(
-                self.limits.slow_reader_grace_s,
-                self.close,
-                WSCloseCode.POLICY_VIOLATION,
-                "not reading",
-            )
+            self._slow_timer = loop.call_later(self.limits.slow_reader_grace_s, self._cut_off)
 
     def resume_writing(self) -> None:
         if self._slow_timer is not None:
@@ -426,6 +414,24 @@ class ClientConnection(WSListener):
     def _abort_if_open(self) -> None:
         if self.transport is not None and not self.transport.is_disconnected:
             self.transport.disconnect(graceful=False)
+
+    def _cut_off(self) -> None:
+        """Drop a client that does not read: reset the socket rather than close it.
+
+        A close frame would never be read, and a graceful close leaves the socket in
+        FIN-WAIT-1 with everything the kernel buffered for the client; a reset (linger
+        0) frees it at once.
+        """
+        transport = self.transport
+        if transport is None or transport.is_disconnected:
+            return
+        log.info("connection.not_reading")
+        self._closed = True
+        sock = transport.underlying_transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        transport.disconnect(graceful=False)
 
     def abort(self) -> None:
         """Drop the connection at once, without waiting for the peer."""
@@ -463,7 +469,12 @@ class ClientConnection(WSListener):
         buffered = transport.underlying_transport.get_write_buffer_size()
         if buffered > self.limits.max_write_buffer_bytes:
             log.warning("connection.slow_reader", extra={"buffered": buffered})
-            self.close(WSCloseCode.POLICY_VIOLATION, "not reading")
+            self._cut_off()
+
+    @property
+    def disconnected(self) -> bool:
+        """True once the connection is gone (``on_disconnect`` has run or never will)."""
+        return self.transport is not None and self.transport.is_disconnected
 
     def send_frame(self, frame: frames.Frame) -> None:
         """Send a frame to this client (no-op once closed)."""
@@ -608,8 +619,8 @@ class ClientConnection(WSListener):
             code, message = "registration_closed", "this server does not accept new accounts"
         elif mode == "invite" and frame.invite is None:
             code, message = "invite_required", "this server accepts new accounts by invite only"
-        elif not await self.server.allow_registration(self.address):
-            self.server.limit_hit("registrations_per_address", self.address)
+        elif not await self.server.allow_registration(self.limit_key):
+            self.server.limit_hit("registrations_per_address", self.limit_key)
             code, message = "rate_limited", "too many registrations from your address; try later"
         else:
             return True
@@ -620,13 +631,18 @@ class ClientConnection(WSListener):
         self._refuse(frame.req, frames_error(code, message))
         return False
 
-    async def _take_invite(self, frame: frames.Register) -> bool:
-        """Under an invite-only policy, take one use of the frame's invite code."""
+    async def _take_invite(self, frame: frames.Register) -> tuple[bool, str | None]:
+        """Under an invite-only policy, take one use of the frame's invite code.
+
+        Returns whether the registration may go on, and the code whose use was taken:
+        None when no use was (no invite needed; a code sent anyway is left alone), so a
+        failed registration gives back only a use it took.
+        """
         if self.server.policy.registration != "invite":
-            return True
+            return True, None
         admin = self.server.admin
         if frame.invite is not None and admin is not None and await admin.use_invite(frame.invite):
-            return True
+            return True, frame.invite
         self.server.audit_event(
             "registration.refused", reason="bad_invite", user=frame.username, address=self.address
         )
@@ -634,7 +650,7 @@ class ClientConnection(WSListener):
             frame.req, frames_error("bad_invite", "the invite code is unknown, used up or expired")
         )
         self._rechallenge()
-        return False
+        return False, None
 
     async def _register(self, frame: frames.Register) -> None:
         if not await self._may_register(frame):
@@ -651,7 +667,8 @@ class ClientConnection(WSListener):
             one_time_keys=frame.one_time_keys,
             fallback_key=frame.fallback_key,
         )
-        if not await self._take_invite(frame):
+        may_register, invite_taken = await self._take_invite(frame)
+        if not may_register:
             return
         now = _now_ms()
         try:
@@ -662,8 +679,8 @@ class ClientConnection(WSListener):
                 KeyRecord(frame.fallback_key.key, frame.fallback_key.signature),
             )
         except UsernameTakenError:
-            if frame.invite is not None and self.server.admin is not None:
-                await self.server.admin.return_invite(frame.invite)
+            if invite_taken is not None and self.server.admin is not None:
+                await self.server.admin.return_invite(invite_taken)
             self._refuse(frame.req, frames_error("username_taken", "that username is taken"))
             self._send(self.session.challenge(time.monotonic(), secrets.token_bytes(32)))
             return
@@ -673,14 +690,14 @@ class ClientConnection(WSListener):
             user=frame.username,
             device=device.device_id,
             address=self.address,
-            invited=frame.invite is not None,
+            invited=invite_taken is not None,
         )
         await self._signed_in(frame.req, frame.username, device.device_id, frame.receive)
 
     async def _signin(self, frame: frames.SignIn) -> None:
-        wait = await self.server.signin_wait(self.address, frame.username)
+        wait = await self.server.signin_wait(self.limit_key, frame.username)
         if wait > 0:
-            self.server.limit_hit("signin_backoff", f"{self.address} {frame.username}")
+            self.server.limit_hit("signin_backoff", f"{self.limit_key} {frame.username}")
             self._refuse(
                 frame.req,
                 frames_error(
@@ -704,12 +721,12 @@ class ClientConnection(WSListener):
                 signature=frame.signature,
             )
         except AuthenticationError as exc:
-            await self.server.signin_failed(self.address, frame.username)
+            await self.server.signin_failed(self.limit_key, frame.username)
             self.server.audit_event(
                 "signin.failed", user=frame.username, address=self.address, reason=str(exc)[:200]
             )
             raise
-        await self.server.signin_succeeded(self.address, frame.username)
+        await self.server.signin_succeeded(self.limit_key, frame.username)
         log.info("signin.ok")
         self.server.audit_event(
             "signin.ok", user=frame.username, device=frame.device_id, address=self.address
