@@ -129,10 +129,8 @@ async def cmd_devices_link(args: argparse.Namespace) -> int:
             if args.json:
                 print(json.dumps({"type": "link_code", "code": code}), flush=True)
             else:
-                command = (
-                    f"bastion link {code} --server {client.account.server_url} "
-                    f"--fingerprint {client.account.fingerprint}"
-                )
+                # The new device learns the certificate to pin from the sealed answer.
+                command = f"bastion link {code} --server {client.account.server_url}"
                 print("On the new machine, run (or scan the code below):", flush=True)
                 print(f"  {command}", flush=True)
                 print(render_qr_text(command.encode()), flush=True)
@@ -272,7 +270,10 @@ def add_commands(
     join = sub.add_parser("link", parents=[common], help="join an account with a link code")
     join.add_argument("code")
     join.add_argument("--server", required=True)
-    join.add_argument("--fingerprint")
+    join.add_argument(
+        "--fingerprint",
+        help="not needed: the other device tells this one which certificate to pin",
+    )
     join.set_defaults(run=cmd_link)
 
     info = sub.add_parser(
