@@ -19,13 +19,16 @@ from pathlib import Path
 import msgspec
 import pytest
 
+from bastion.cli import event_json
 from bastion.client import devices, trust
 from bastion.client.client import Client, DevicesChangedEvent
 from bastion.crypto.safety import safety_number
 from bastion.errors import BastionError
+from bastion.protocol import frames
 from bastion.server.tls import ensure_certificate, server_context
 from bastion.tlsprofile import pinning_client_context
 from tests.conftest import PASSPHRASE, Profiles, ServerProcess, free_port
+from tests.helpers import next_events, texts
 from tests.test_cli import bastion, befriend, register
 from tests.test_devices import link_second_device, replace_account_on_server
 
@@ -361,6 +364,35 @@ async def test_an_invalid_name_fails_at_once_instead_of_waiting(profiles: Profil
         await asyncio.wait_for(alice.devices_of("Not A Name"), 5)
     with pytest.raises(ValueError, match="not a valid username"):
         await asyncio.wait_for(trust.safety_number_with(alice, "x"), 5)
+    # Any request the strict schema refuses fails unsent, with the reason.
+    conn = alice._connection()
+    req = conn.next_req()
+    with pytest.raises(ValueError, match="the server would refuse it: invalid frame"):
+        await asyncio.wait_for(conn.request(frames.ClaimKeys(req=req, user="B@D"), req), 5)
+    assert [d.device_id for d in await alice.devices_of("alice")] == [alice.account.device_id]
+
+
+async def test_listening_reports_a_new_device_before_its_first_message(
+    profiles: Profiles,
+) -> None:
+    await profiles.online("alice", receive=False)
+    bob = await profiles.online("bob", receive=False)
+    await profiles.befriend("alice", "bob")
+    await bob.send_text("alice", "hello")
+    laptop = await link_second_device(profiles, "alice", "alice-laptop")
+    await laptop.send_text("bob", "from my new laptop")
+    await bob.close()
+    bob = await profiles.online("bob")
+    events = await next_events(bob, 2)
+    change, message = events
+    assert isinstance(change, DevicesChangedEvent)
+    assert (change.user, change.added) == ("alice", (laptop.account.device_id,))
+    assert texts([message]) == ["from my new laptop"]
+    as_json = event_json(change)
+    assert as_json["type"] == "devices_changed"
+    assert as_json["added"] == [laptop.account.device_id]
+    assert as_json["own_account"] is False
+    assert len(as_json["certified_at"]) == 1
 
 
 class TlsInterceptor:
