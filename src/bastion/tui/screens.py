@@ -158,14 +158,12 @@ class KeyChangeScreen(ModalScreen[bool]):
             )
             yield Static(
                 Text(
-                    f"The server now shows a different account key for {user}. This "
-                    "happens when someone reinstalls Bastion or loses all their devices, "
-                    "but it is also exactly what an impersonator would cause.\n\n"
-                    f"Messages to and from {user} are held until you decide.\n\n"
-                    f"What to do: ask {user} in person or on a call whether they "
-                    "reinstalled, and compare the safety number above with theirs. Accept "
-                    "only if it matches: exactly this key is accepted, and it is not "
-                    "verified until you verify it (Ctrl+V)."
+                    f"The server now shows a different account key for {user}: a "
+                    "reinstall, or exactly what an impersonator would cause. Messages "
+                    f"to and from {user} are held until you decide.\n\n"
+                    f"Ask {user} in person or on a call, and compare this number with "
+                    "theirs. Accept only if it matches: exactly this key is accepted, "
+                    "unverified until you verify it (Ctrl+V)."
                 )
             )
             with Horizontal(classes="buttons"):
