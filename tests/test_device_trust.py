@@ -22,8 +22,10 @@ import pytest
 from bastion.cli import event_json
 from bastion.client import devices, trust
 from bastion.client.client import Client, DevicesChangedEvent
+from bastion.crypto.device import SignedDeviceList
 from bastion.crypto.safety import safety_number
-from bastion.errors import BastionError
+from bastion.crypto.signing import AccountIdentity
+from bastion.errors import BastionError, ServerRefusedError
 from bastion.protocol import frames
 from bastion.server.tls import ensure_certificate, server_context
 from bastion.tlsprofile import pinning_client_context
@@ -475,3 +477,33 @@ async def test_link_without_fingerprint_pins_the_server_of_the_other_device(
     profiles.clients.append(laptop)
     assert laptop.account.fingerprint == server.fingerprint
     await laptop.connect()
+
+
+async def test_the_server_stores_only_newer_lists_signed_by_the_account(
+    profiles: Profiles,
+) -> None:
+    alice = await profiles.online("alice", receive=False)
+    conn = alice._connection()
+    me = alice.account.device_id
+
+    async def publish(identity: AccountIdentity, version: int) -> str:
+        signed = SignedDeviceList.issue(
+            identity, username="alice", version=version, device_ids=[me]
+        )
+        req = conn.next_req()
+        wire = frames.DeviceList(
+            version=version, device_ids=list(signed.device_ids), signature=signed.signature
+        )
+        try:
+            await conn.request(frames.PublishDeviceList(req=req, device_list=wire), req)
+        except ServerRefusedError as exc:
+            return exc.code
+        return "ok"
+
+    assert await publish(AccountIdentity.generate(), 9) == "bad_device_list"
+    assert await publish(alice.identity(), 1) == "stale_device_list"  # registration made 1
+    assert await publish(alice.identity(), 2) == "ok"
+    await alice.devices_of("alice")
+    record = alice.contact("alice")
+    assert record is not None
+    assert (record.device_list_version, record.listed_devices) == (2, [me])

@@ -209,7 +209,11 @@ async def publish(conn: ClientConnection, frame: frames.PublishDeviceList) -> No
         raise AuthenticationError("account no longer exists")
     listed = frame.device_list
     signed = SignedDeviceList(username, listed.version, tuple(listed.device_ids), listed.signature)
-    signed.verify(account.identity_key)
+    try:
+        signed.verify(account.identity_key)
+    except AuthenticationError:
+        conn.refuse(frame.req, "bad_device_list", "the device list is not signed by the account")
+        return
     try:
         await (await store_of(conn.server)).replace(
             username,
