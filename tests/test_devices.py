@@ -178,12 +178,14 @@ async def test_changed_account_key_blocks_sending_until_accepted(
     with pytest.raises(KeyChangedError):
         await trust.safety_number_with(bob, "alice")
 
-    trust.accept_new_key(bob, "alice")
+    with pytest.raises(StateError, match="nothing was accepted"):
+        trust.accept_new_key(bob, "alice", number.digits)  # the old key's number
+    trust.accept_new_key(bob, "alice", trust.pending_safety_number(bob, "alice").digits)
     contact = bob.contact("alice")
     assert contact is not None
     assert contact.trust == "unverified"
     with pytest.raises(StateError):
-        trust.accept_new_key(bob, "alice")
+        trust.accept_new_key(bob, "alice", number.digits)
     await bob.close()
 
     # The message that waited on the server is delivered now, unverified.

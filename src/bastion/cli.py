@@ -76,7 +76,9 @@ def event_json(event: Event) -> dict[str, Any]:
             "type": "devices_changed",
             "user": event.user,
             "added": list(event.added),
+            "certified_at": [iso(ms) for ms in event.certified_at],
             "removed": list(event.removed),
+            "own_account": event.own_account,
             "at": iso(event.at),
         }
     return {
@@ -88,7 +90,7 @@ def event_json(event: Event) -> dict[str, Any]:
     }
 
 
-def print_event(event: Event, as_json: bool) -> None:
+def print_event(event: Event, as_json: bool, *, server_url: str | None = None) -> None:
     """Print an event for a person or, with ``as_json``, for a program."""
     if as_json:
         print(json.dumps(event_json(event)), flush=True)
@@ -97,11 +99,55 @@ def print_event(event: Event, as_json: bool) -> None:
     elif isinstance(event, FeatureEvent):
         print(escape_text(event.describe()), flush=True)
     else:
-        print(f"warning: {escape_text(describe_notice(event))}", file=sys.stderr, flush=True)
+        text = describe_notice(event, server_url=server_url)
+        print(f"warning: {escape_text(text)}", file=sys.stderr, flush=True)
+
+
+def print_device_changes(client: Client, as_json: bool) -> None:
+    """Print the device changes a command learned on standard error, and take them off.
+
+    Commands that are not listening would otherwise drop them: a device added to
+    a contact's account, or to this account with a stolen account key, is always shown.
+    """
+    kept: list[Event] = []
+    for event in client.notices:
+        if not isinstance(event, DevicesChangedEvent):
+            kept.append(event)
+        elif as_json:
+            print(json.dumps(event_json(event)), file=sys.stderr, flush=True)
+        else:
+            text = describe_notice(event, server_url=client.account.server_url)
+            print(f"warning: {escape_text(text)}", file=sys.stderr, flush=True)
+    client.notices[:] = kept
+
+
+def describe_device_change(event: DevicesChangedEvent, *, server_url: str | None = None) -> str:
+    """Who, which device, when it was certified; loud for a new device on this account."""
+    when = dict(zip(event.added, event.certified_at, strict=False))
+    added = [f"{d} (certified {iso(when[d])})" if d in when else d for d in event.added]
+    if event.own_account and event.added:
+        server = server_url or "YOUR_SERVER"
+        revoke = "; ".join(f"bastion devices revoke {d}" for d in event.added)
+        return (
+            f"a new device was added to YOUR account ({event.user}): {', '.join(added)}. "
+            f"If this was not you, someone holds your account key: revoke it now ({revoke}) "
+            f"and move your account, because whoever has the key can add devices again: "
+            f"bastion register NEW_NAME --server {server} --profile NEW_FOLDER, then tell "
+            f"your contacts and verify each of them again (bastion verify USER)."
+        )
+    parts = []
+    if event.added:
+        parts.append("new device " + ", ".join(added))
+    if event.removed:
+        parts.append("removed " + ", ".join(event.removed))
+    whose = f"your account's ({event.user})" if event.own_account else f"{event.user}'s"
+    return f"{whose} devices changed: " + "; ".join(parts)
 
 
 def describe_notice(
     event: WarningEvent | KeyChangedEvent | DevicesChangedEvent | FeatureEvent,
+    *,
+    server_url: str | None = None,
 ) -> str:
     """A sentence about a warning or notice."""
     if isinstance(event, FeatureEvent):
@@ -109,16 +155,12 @@ def describe_notice(
     if isinstance(event, KeyChangedEvent):
         return (
             f"{event.user}'s account key has changed; their messages wait until you decide. "
-            f"Compare safety numbers (bastion verify {event.user}), then run "
-            f"'bastion trust {event.user} --accept-new-key' if it is really them."
+            f"See the new safety number (bastion verify {event.user}), compare it with "
+            f"{event.user}, and only if it matches run "
+            f"'bastion trust {event.user} --accept-new-key NUMBER_OR_FINGERPRINT'."
         )
     if isinstance(event, DevicesChangedEvent):
-        parts = []
-        if event.added:
-            parts.append("added " + ", ".join(event.added))
-        if event.removed:
-            parts.append("removed " + ", ".join(event.removed))
-        return f"{event.user}'s devices changed: " + "; ".join(parts)
+        return describe_device_change(event, server_url=server_url)
     return f"a message claiming to be from {event.sender} was rejected: {event.reason}"
 
 
@@ -178,6 +220,7 @@ async def with_client(
             await client.connect(receive=receive)
         return await work(client)
     finally:
+        print_device_changes(client, bool(getattr(args, "json", False)))
         await client.close()
 
 
@@ -245,7 +288,7 @@ async def cmd_inbox(args: argparse.Namespace) -> int:
     async def work(client: Client) -> int:
         receipts.enable(client)
         async for event in client.receive(until_synced=True):
-            print_event(event, args.json)
+            print_event(event, args.json, server_url=client.account.server_url)
         return 0
 
     return await with_client(args, work, receive=True)
@@ -262,7 +305,7 @@ async def cmd_listen(args: argparse.Namespace) -> int:
 
         async def pump() -> None:
             async for event in client.receive():
-                print_event(event, args.json)
+                print_event(event, args.json, server_url=client.account.server_url)
 
         from bastion.client import presence  # noqa: PLC0415 - a feature of the client
 
@@ -434,6 +477,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(asyncio.run(args.run(args)))
     except KeyChangedError as exc:
         print(f"error: {escape_text(str(exc))}", file=sys.stderr)
+        print(
+            f"'bastion verify {exc.user}' shows the safety number with the new key.",
+            file=sys.stderr,
+        )
         return EXIT_ERROR
     except (BastionError, ValueError) as exc:
         print(f"error: {escape_text(str(exc))}", file=sys.stderr)

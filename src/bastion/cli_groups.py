@@ -27,10 +27,13 @@ def _describe(state: chain.GroupState) -> dict[str, Any]:
 
 
 def _print_notices(client: Client, as_json: bool) -> None:
+    kept = []
     for event in client.notices:
         if isinstance(event, groups.GroupWarningEvent | groups.GroupChangeEvent):
             print(json.dumps(event.to_json()) if as_json else escape_text(event.describe()))
-    client.notices.clear()
+        else:
+            kept.append(event)  # device changes are printed by the command's wrapper
+    client.notices[:] = kept
 
 
 async def cmd_create(args: argparse.Namespace) -> int:

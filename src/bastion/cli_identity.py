@@ -54,6 +54,9 @@ async def cmd_verify(args: argparse.Namespace) -> int:
         return await cmd_verify_sas(args)
 
     async def work(client: Client) -> int:
+        waiting = client.contact(args.user)
+        if waiting is not None and waiting.trust == "changed":
+            return show_new_key(client, args)
         number = await trust.safety_number_with(client, args.user)
         contact = client.contact(args.user)
         state = contact.trust if contact is not None else "unverified"
@@ -86,11 +89,50 @@ async def cmd_verify(args: argparse.Namespace) -> int:
     return await with_client(args, work)
 
 
+def show_new_key(client: Client, args: argparse.Namespace) -> int:
+    """While a key change waits: the safety number with the new key, and how to accept it."""
+    user = args.user
+    number = trust.pending_safety_number(client, user)
+    contact = client.contact(user)
+    if contact is None or contact.pending_key is None:
+        raise BastionError(f"no key change is waiting for {user}")
+    fingerprint = trust.key_fingerprint(contact.pending_key)
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "type": "safety_number",
+                    "user": user,
+                    "safety_number": " ".join(number.groups),
+                    "fingerprint": fingerprint,
+                    "trust": "changed",
+                }
+            )
+        )
+        return 0
+    print(f"{user}'s account key has CHANGED. Their messages wait until you decide.")
+    print(f"Safety number with {user}'s NEW key (compare it with theirs, in person or by call):")
+    print(str(number))
+    print(f"New key fingerprint: {fingerprint}")
+    if args.qr:
+        save_qr_png(number.qr_payload(), Path(args.qr))
+    else:
+        print(render_qr_text(number.qr_payload()))
+    print(
+        f"If it matches what {user} sees, accept exactly this key:\n"
+        f"  bastion trust {user} --accept-new-key {fingerprint}"
+    )
+    return 0
+
+
 async def cmd_trust(args: argparse.Namespace) -> int:
     async def work(client: Client) -> int:
         if not args.accept_new_key:
-            raise BastionError("say what to do: --accept-new-key")
-        contact = trust.accept_new_key(client, args.user)
+            raise BastionError(
+                "say what to do: --accept-new-key NUMBER_OR_FINGERPRINT "
+                f"(bastion verify {args.user} shows them)"
+            )
+        contact = trust.accept_new_key(client, args.user, " ".join(args.accept_new_key))
         print(
             f"accepted {args.user}'s new account key; they are {contact.trust} until you "
             f"compare safety numbers again (bastion verify {args.user})"
@@ -129,10 +171,8 @@ async def cmd_devices_link(args: argparse.Namespace) -> int:
             if args.json:
                 print(json.dumps({"type": "link_code", "code": code}), flush=True)
             else:
-                command = (
-                    f"bastion link {code} --server {client.account.server_url} "
-                    f"--fingerprint {client.account.fingerprint}"
-                )
+                # The new device learns the certificate to pin from the sealed answer.
+                command = f"bastion link {code} --server {client.account.server_url}"
                 print("On the new machine, run (or scan the code below):", flush=True)
                 print(f"  {command}", flush=True)
                 print(render_qr_text(command.encode()), flush=True)
@@ -256,7 +296,12 @@ def add_commands(
 
     trust_cmd = sub.add_parser("trust", parents=[common], help="decide about a changed key")
     trust_cmd.add_argument("user")
-    trust_cmd.add_argument("--accept-new-key", action="store_true")
+    trust_cmd.add_argument(
+        "--accept-new-key",
+        nargs="+",
+        metavar="NUMBER_OR_FINGERPRINT",
+        help="pin the new key whose safety number or fingerprint 'bastion verify USER' showed",
+    )
     trust_cmd.set_defaults(run=cmd_trust)
 
     devices_cmd = sub.add_parser("devices", help="this account's devices")
@@ -272,7 +317,10 @@ def add_commands(
     join = sub.add_parser("link", parents=[common], help="join an account with a link code")
     join.add_argument("code")
     join.add_argument("--server", required=True)
-    join.add_argument("--fingerprint")
+    join.add_argument(
+        "--fingerprint",
+        help="not needed: the other device tells this one which certificate to pin",
+    )
     join.set_defaults(run=cmd_link)
 
     info = sub.add_parser(

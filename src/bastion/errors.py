@@ -12,6 +12,7 @@ escaping the package is a bug.
     ├── SecurityError            a protection tripped; never shown as success
     │   ├── UntrustedServerError the server certificate or name is not the pinned one
     │   ├── KeyChangedError      a contact's pinned account key changed
+    │   ├── DeviceListError      the signed device list is missing, older, or omits a device
     │   └── RejectedMessageError a received message failed a check and was dropped
     ├── ServerRefusedError       the server answered a request with an error frame
     ├── StateError               our state: missing profile, wrong passphrase, corrupt store
@@ -66,6 +67,10 @@ class KeyChangedError(SecurityError):
             f"someone is impersonating them. Compare safety numbers before you trust it."
         )
         self.user = user
+
+
+class DeviceListError(SecurityError):
+    """The server's answer about an account's devices fails the signed device list."""
 
 
 class RejectedMessageError(SecurityError):

@@ -13,6 +13,7 @@ from bastion.crypto.device import (
     CERTIFICATE_CONTEXT,
     REVOCATION_CONTEXT,
     DeviceCertificate,
+    SignedDeviceList,
     device_id_for,
     key_signing_input,
     sign_revocation,
@@ -265,3 +266,33 @@ def test_a_device_key_cannot_revoke(device: OlmDevice, account: AccountIdentity)
     forged = device.sign(signing_input(REVOCATION_CONTEXT, ["alice", OTHER.device_id, CREATED]))
     with pytest.raises(AuthenticationError):
         verify_revocation(account.public_bytes, forged, "alice", OTHER.device_id, CREATED)
+
+
+def test_device_list_verifies_only_as_signed(account: AccountIdentity) -> None:
+    ids = ["bbbbbbbbbbbbbbbb", "aaaaaaaaaaaaaaaa"]
+    signed = SignedDeviceList.issue(account, username="alice", version=3, device_ids=ids)
+    assert signed.device_ids == ("aaaaaaaaaaaaaaaa", "bbbbbbbbbbbbbbbb")
+    signed.verify(account.public_bytes)
+    altered = [
+        dataclasses.replace(signed, version=2),
+        dataclasses.replace(signed, version=4),
+        dataclasses.replace(signed, device_ids=("aaaaaaaaaaaaaaaa",)),
+        dataclasses.replace(signed, device_ids=(*signed.device_ids, "cccccccccccccccc")),
+        dataclasses.replace(signed, device_ids=tuple(reversed(signed.device_ids))),
+        dataclasses.replace(signed, username="mallory"),
+    ]
+    for bad in altered:
+        with pytest.raises(AuthenticationError):
+            bad.verify(account.public_bytes)
+    with pytest.raises(AuthenticationError):
+        signed.verify(AccountIdentity.generate().public_bytes)
+
+
+def test_a_revocation_signature_is_not_a_device_list_signature(account: AccountIdentity) -> None:
+    # Same key, another purpose: the context string keeps them apart.
+    signature = sign_revocation(account, "alice", "aaaaaaaaaaaaaaaa", 1)
+    forged = SignedDeviceList("alice", 1, ("aaaaaaaaaaaaaaaa",), signature)
+    with pytest.raises(AuthenticationError):
+        forged.verify(account.public_bytes)
+    with pytest.raises(ValueError):
+        SignedDeviceList.issue(account, username="alice", version=0, device_ids=[])

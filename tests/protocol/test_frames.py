@@ -137,6 +137,10 @@ CLIENT_FRAMES: list[frames.Frame] = [
         req=12, device_id=OTHER_DEVICE, revoked_at=1_700_000_000_000, signature=SIG
     ),
     frames.GetPolicy(req=13),
+    frames.PublishDeviceList(
+        req=14,
+        device_list=frames.DeviceList(version=3, device_ids=[DEVICE, OTHER_DEVICE], signature=SIG),
+    ),
     # files
     frames.BlobBegin(req=30, size=2**40, sha256=KEY, recipients=["bob"]),
     frames.BlobChunk(req=31, blob_id="0123456789abcdef" * 2, offset=0, data=b"\x06" * 65536),
@@ -160,6 +164,13 @@ SERVER_FRAMES: list[frames.Frame] = [
     frames.Ok(req=3),
     frames.Error(req=None, code="bad_frame", message="unknown frame type"),
     frames.KeysResult(req=4, user="bob", identity_key=KEY, devices=[DEVICE_KEYS]),
+    frames.KeysResult(
+        req=4,
+        user="bob",
+        identity_key=KEY,
+        devices=[DEVICE_KEYS],
+        device_list=frames.DeviceList(version=1, device_ids=[DEVICE], signature=SIG),
+    ),
     frames.ClaimResult(
         req=5,
         user="bob",

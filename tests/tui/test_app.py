@@ -24,6 +24,7 @@ from bastion.client import (
     verification,
 )
 from bastion.client.client import Client, MessageEvent
+from bastion.crypto.safety import safety_number
 from bastion.tui.app import ChatApp
 from bastion.tui.screens import (
     FileScreen,
@@ -202,6 +203,11 @@ async def test_a_changed_key_blocks_the_contact_until_accepted(
 
         await pilot.press("ctrl+v")
         await wait_until(pilot, lambda: isinstance(app.screen, KeyChangeScreen), what="review")
+        # The safety number with the new key is on the screen that accepts it.
+        expected = safety_number(
+            "bob", screen.client.identity().public_bytes, "alice", new_alice.identity().public_bytes
+        )
+        assert str(expected) in plain(app.screen.query_one("#new-safety-number"))
         await pilot.click("#accept")
         await wait_until(
             pilot,

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 from textual.pilot import Pilot
+from textual.widgets import Static
 
 from bastion.client.client import Client
 from bastion.tui.app import ChatApp
@@ -129,6 +130,14 @@ def test_key_change_screen(snap_compare: SnapCompare, alice_profile: Path) -> No
         assert isinstance(pilot.app, ChatApp)
         chat_screen(pilot.app).open_conversation("dave")
         await pilot.press("ctrl+v")
+        await pilot.pause(0.2)
+        # The number depends on alice's random key: a fixed stand-in keeps the picture
+        # stable (tests/tui/test_app.py checks the real number is shown).
+        pilot.app.screen.query_one("#new-safety-number", Static).update(
+            "Safety number with dave's NEW key:\n"
+            "12345 67890 12345 67890\n12345 67890 12345 67890\n12345 67890 12345 67890\n"
+            "Fingerprint: 0123-4567-89ab-cdef-0123\n"
+        )
         await pilot.pause(0.2)
 
     assert snap_compare(chat_app(alice_profile), run_before=review)

@@ -20,6 +20,7 @@ from typing import Any
 
 import msgspec
 
+from bastion.client import device_list
 from bastion.client.profile import Profile
 from bastion.client.records import (
     AccountInfo,
@@ -35,6 +36,7 @@ from bastion.crypto.payload import Payload, direct_conversation, open_signed, se
 from bastion.crypto.signing import AccountIdentity
 from bastion.errors import (
     AuthenticationError,
+    DeviceListError,
     KeyChangedError,
     ProfileError,
     RejectedMessageError,
@@ -138,6 +140,8 @@ class DevicesChangedEvent:
     added: tuple[str, ...]
     removed: tuple[str, ...]
     at: int
+    certified_at: tuple[int, ...] = ()  # when each added device was certified, in order
+    own_account: bool = False  # the devices of this device's own account changed
 
 
 class FeatureEvent:
@@ -334,7 +338,18 @@ class Client:
                 receive=False,
             )
         await conn.request(frame, req)
-        return cls(profile, account)
+        client = cls(profile, account)
+        client.conn = conn  # signed in by the registration; borrowed to publish the list
+        try:
+            await client.devices_of(username, publish_missing_list=False)
+            own = client.contact(username)
+            if own is None or device.device_id not in own.listed_devices:
+                await device_list.update_own_list(client, add=[device.device_id])
+        except ServerRefusedError:
+            pass  # published on this device's next look at its own account
+        finally:
+            client.conn = None
+        return client
 
     def identity(self) -> AccountIdentity:
         """The account identity key (private), from the encrypted profile."""
@@ -438,12 +453,20 @@ class Client:
         """The pinned record of a user, if any."""
         return self.profile.get("contact:" + user, ContactRecord)
 
-    async def devices_of(self, user: str) -> list[DeviceEntry]:
+    async def devices_of(
+        self, user: str, *, publish_missing_list: bool = True
+    ) -> list[DeviceEntry]:
         """A user's devices whose certificates verify under the pinned account key.
 
-        Pins the account key on first sight. Raises :class:`KeyChangedError`
-        when the server shows a different key than the pinned one.
+        Pins the account key on first sight. Raises ValueError for a name the
+        server would refuse (at once, without asking), :class:`KeyChangedError`
+        when the server shows a different key than the pinned one, and
+        :class:`DeviceListError` when the answer fails the signed device list
+        (see :mod:`bastion.client.device_list`). A change in the device set is
+        added to :attr:`notices`. For this account with no signed list yet,
+        ``publish_missing_list`` publishes the first one.
         """
+        check_username(user)
         conn = self._connection()
         req = conn.next_req()
         reply = await conn.request(frames.QueryKeys(req=req, user=user), req)
@@ -466,6 +489,10 @@ class Client:
             for d in reply.devices
             if (entry := certified_device(user, reply.identity_key, d)) is not None
         ]
+        me = self.account.username
+        signed = device_list.checked_list(
+            user, reply, devices, pinned, this_device=self.account.device_id if user == me else None
+        )
         if pinned is None:
             record = ContactRecord(user=user, identity_key=reply.identity_key, devices=devices)
         else:
@@ -473,16 +500,22 @@ class Client:
             before = {d.device_id for d in pinned.devices}
             after = {d.device_id for d in devices}
             if pinned.devices and before != after:
+                added = [d for d in devices if d.device_id not in before]
+                added.sort(key=lambda d: d.device_id)
                 self.notices.append(
                     DevicesChangedEvent(
                         user=user,
-                        added=tuple(sorted(after - before)),
+                        added=tuple(d.device_id for d in added),
                         removed=tuple(sorted(before - after)),
                         at=now_ms(),
+                        certified_at=tuple(d.created_at for d in added),
+                        own_account=user == self.account.username,
                     )
                 )
         with self.profile.transaction():
-            self.profile.put("contact:" + user, record)
+            self.profile.put("contact:" + user, device_list.pinned_record(record, signed))
+        if signed is None and user == self.account.username and publish_missing_list:
+            await device_list.update_own_list(self)
         return devices
 
     async def _claim_sessions(self, user: str, devices: list[DeviceEntry]) -> None:
@@ -836,6 +869,8 @@ class Client:
                 if exc.code in TRANSIENT_ERRORS:
                     raise  # not acknowledged: it is delivered again on the next connection
                 raise RejectedMessageError("sender is unknown to the server") from None
+            except DeviceListError as exc:
+                raise RejectedMessageError(str(exc)) from None
         if device_id not in known:
             raise RejectedMessageError("sender device has no valid certificate")
         return known[device_id]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hmac
 import json
 import os
 from collections.abc import Awaitable, Callable
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import msgspec
 
+from bastion.client import device_list
 from bastion.client.client import Client, check_username, now_ms
 from bastion.client.profile import Profile
 from bastion.client.records import DeviceEntry
@@ -27,7 +29,13 @@ from bastion.crypto.atrest import SALT_BYTES, KdfParams, SecretBox, derive_maste
 from bastion.crypto.device import device_id_for, sign_revocation
 from bastion.crypto.olm import OlmDevice
 from bastion.crypto.signing import AccountIdentity
-from bastion.errors import AuthenticationError, ProfileError, ServerRefusedError, StateError
+from bastion.errors import (
+    AuthenticationError,
+    ProfileError,
+    ServerRefusedError,
+    StateError,
+    UntrustedServerError,
+)
 from bastion.protocol import frames
 
 LINK_WAIT_S = 600.0
@@ -66,16 +74,45 @@ async def offer_link(
         await shown
     push = await asyncio.wait_for(_next_link_push(conn, slot), wait_s)
     request = linking.open_request(key, slot, push.blob)
+    new_id = device_id_for(request.ed25519, request.curve25519)
+    # The signed list names the new device before it joins, so no contact ever sees
+    # it served without being listed; this device knows of it and will not warn.
+    await device_list.update_own_list(client, add=[new_id])
+    _remember_own_devices(
+        client,
+        add=DeviceEntry(
+            device_id=new_id,
+            ed25519=request.ed25519,
+            curve25519=request.curve25519,
+            created_at=request.created_at,
+        ),
+    )
     grant = linking.LinkGrant(
         username=client.account.username,
         identity_private=client.identity().private_bytes(),
         server_name=client.account.server_name,
+        server_fingerprint=client.account.fingerprint,
     )
     req = conn.next_req()
     await conn.request(
         frames.LinkAnswer(req=req, slot=slot, blob=linking.seal_grant(key, slot, grant)), req
     )
-    return LinkedDevice(device_id_for(request.ed25519, request.curve25519))
+    return LinkedDevice(new_id)
+
+
+def _remember_own_devices(
+    client: Client, *, add: DeviceEntry | None = None, remove: str | None = None
+) -> None:
+    """Record a change this device made itself, so it is not reported back to it as news."""
+    me = client.account.username
+    with client.profile.transaction():
+        record = client.contact(me)
+        if record is None:
+            return
+        kept = [d for d in record.devices if d.device_id != remove]
+        if add is not None and all(d.device_id != add.device_id for d in kept):
+            kept.append(add)
+        client.profile.put("contact:" + me, msgspec.structs.replace(record, devices=kept))
 
 
 async def _next_link_push(conn: ServerConnection, slot: bytes) -> frames.LinkPush:
@@ -117,6 +154,7 @@ async def join_with_code(
         push = await asyncio.wait_for(_next_link_push(conn, slot), wait_s)
         grant = linking.open_grant(key, slot, push.blob)
         check_username(grant.username)
+        _check_same_server(conn, grant, fingerprint)
         challenge = conn.challenge
         if grant.server_name != challenge.server_name:
             raise AuthenticationError("the other device belongs to another server")
@@ -135,6 +173,32 @@ async def join_with_code(
         await conn.aclose()
 
 
+def _check_same_server(
+    conn: ServerConnection, grant: linking.LinkGrant, fingerprint: str | None
+) -> None:
+    """Refuse unless this connection reached the server the existing device has pinned.
+
+    The grant (sealed under the code) names that server's certificate, so no
+    ``--fingerprint`` is needed; a grant from an older version names none, and
+    then only an explicit fingerprint will do.
+    """
+    if not grant.server_fingerprint:
+        if fingerprint is None:
+            raise UntrustedServerError(
+                "the other device did not say which server certificate it trusts; "
+                "run bastion link again with --fingerprint (bastion server-info on the "
+                "other device shows it)"
+            )
+        return
+    seen = conn.fingerprint or ""
+    if not hmac.compare_digest(seen.lower(), grant.server_fingerprint.lower()):
+        raise UntrustedServerError(
+            f"the server reached here presents certificate {seen}, but your other device "
+            f"uses {grant.server_fingerprint}: someone may be intercepting this connection. "
+            "Nothing was linked."
+        )
+
+
 async def revoke_device(client: Client, device_id: str) -> None:
     """Revoke another device of this account with the account key's signature."""
     if device_id == client.account.device_id:
@@ -149,6 +213,9 @@ async def revoke_device(client: Client, device_id: str) -> None:
         ),
         req,
     )
+    _remember_own_devices(client, remove=device_id)
+    # Contacts refuse a device the signed list no longer names, even if a server keeps it.
+    await device_list.update_own_list(client, remove=[device_id])
 
 
 class AccountExport(msgspec.Struct, forbid_unknown_fields=True, frozen=True):

@@ -26,13 +26,19 @@ class DeviceEntry(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class ContactRecord(msgspec.Struct, frozen=True, kw_only=True):
-    """A pinned account key (trust on first use until verified) and known devices."""
+    """A pinned account key (trust on first use until verified) and known devices.
+
+    ``device_list_version`` is the highest signed device list version seen under
+    ``identity_key`` (0: the account never showed one), ``listed_devices`` its ids.
+    """
 
     user: str
     identity_key: bytes
     trust: str = "unverified"  # unverified | verified | changed
     devices: list[DeviceEntry] = msgspec.field(default_factory=list)
     pending_key: bytes | None = None
+    device_list_version: int = 0
+    listed_devices: list[str] = msgspec.field(default_factory=list)
 
 
 class HistoryRecord(msgspec.Struct, frozen=True, kw_only=True):

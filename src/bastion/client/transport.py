@@ -186,14 +186,23 @@ class ServerConnection:
     async def request(
         self, frame: frames.Frame, req: int, *, wait_s: float = 30.0
     ) -> frames.ServerFrame:
-        """Send a request frame and wait for its reply; an error reply raises ServerRefusedError."""
+        """Send a request frame and wait for its reply; an error reply raises ServerRefusedError.
+
+        A frame the protocol's strict schema refuses (the server would answer it
+        with an error that names no request) raises ValueError at once, unsent.
+        """
         if self._failure is not None:
             raise self._failure
         if self._transport is None or self.disconnected.is_set():
             raise ServerRefusedError("disconnected", "not connected to the server")
+        data = frames.encode(frame)
+        try:
+            frames.decode_client_frame(data)
+        except FrameError as exc:
+            raise ValueError(f"not sent, the server would refuse it: {exc}") from None
         future: asyncio.Future[frames.ServerFrame] = asyncio.get_running_loop().create_future()
         self._pending[req] = future
-        self._transport.send(WSMsgType.BINARY, frames.encode(frame))
+        self._transport.send(WSMsgType.BINARY, data)
         try:
             reply = await asyncio.wait_for(future, wait_s)
         except TimeoutError:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from bastion.crypto.signing import AccountIdentity, signing_input, verify_signed
@@ -20,6 +21,7 @@ CERTIFICATE_CONTEXT = "bastion/v1/device-certificate"
 ONE_TIME_KEY_CONTEXT = "bastion/v1/one-time-key"
 FALLBACK_KEY_CONTEXT = "bastion/v1/fallback-key"
 REVOCATION_CONTEXT = "bastion/v1/device-revocation"
+DEVICE_LIST_CONTEXT = "bastion/v1/device-list"
 
 
 def device_id_for(ed25519: bytes, curve25519: bytes) -> str:
@@ -91,3 +93,39 @@ def verify_revocation(
 ) -> None:
     """Check a revocation; raises :class:`AuthenticationError`."""
     verify_signed(identity_key, signature, REVOCATION_CONTEXT, [username, device_id, revoked_at])
+
+
+@dataclass(frozen=True, slots=True)
+class SignedDeviceList:
+    """The account key's statement of which devices the account has, at a version.
+
+    Every link and revocation publishes a new list with a higher version.
+    Clients pin the highest version they have seen and refuse a lower one, and
+    refuse a device the server lists that the signed list does not name (a
+    revoked device the server still hands out).
+    """
+
+    username: str
+    version: int
+    device_ids: tuple[str, ...]
+    signature: bytes
+
+    def _parts(self) -> list[bytes | str | int]:
+        return [self.username, self.version, len(self.device_ids), *self.device_ids]
+
+    @classmethod
+    def issue(
+        cls, identity: AccountIdentity, *, username: str, version: int, device_ids: Iterable[str]
+    ) -> SignedDeviceList:
+        """Sign the set ``device_ids`` (stored sorted) as ``version`` of the account's list."""
+        if version < 1:
+            raise ValueError("a device list version starts at 1")
+        ids = tuple(sorted(set(device_ids)))
+        unsigned = cls(username, version, ids, b"")
+        return cls(username, version, ids, identity.sign(DEVICE_LIST_CONTEXT, unsigned._parts()))
+
+    def verify(self, identity_key: bytes) -> None:
+        """Check the signature and canonical order; raises :class:`AuthenticationError`."""
+        if list(self.device_ids) != sorted(set(self.device_ids)) or self.version < 1:
+            raise AuthenticationError("the device list is not in canonical form")
+        verify_signed(identity_key, self.signature, DEVICE_LIST_CONTEXT, self._parts())

@@ -40,14 +40,17 @@ class LinkRequest(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
 
 
 class LinkGrant(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
-    """What the existing device hands over: the account name and its identity key.
+    """What the existing device hands over: the account name, its identity key, the server.
 
-    The new device then certifies its own keys with the account key.
+    The new device then certifies its own keys with the account key. It checks
+    that the server it reached presents ``server_fingerprint``, the certificate
+    the existing device has pinned, and pins that one.
     """
 
     username: str
     identity_private: bytes
     server_name: str
+    server_fingerprint: str = ""
 
     def __repr__(self) -> str:
         return f"LinkGrant({self.username}, <redacted>)"

@@ -63,6 +63,14 @@ class DeviceKeys(Record):
     certificate: Signature
 
 
+class DeviceList(Record):
+    """The account key's signed list of the account's devices, at a version."""
+
+    version: Annotated[int, Meta(ge=1, le=2**53)]
+    device_ids: Annotated[list[DeviceId], Meta(max_length=MAX_DEVICES_PER_SEND)]
+    signature: Signature
+
+
 class SignedKey(Record):
     """A Curve25519 one-time or fallback key signed by its device's Ed25519 key."""
 
@@ -195,6 +203,13 @@ class RevokeDevice(Frame, tag="revoke_device"):
     signature: Signature
 
 
+class PublishDeviceList(Frame, tag="publish_device_list"):
+    """Store a newer signed device list for the signed-in account."""
+
+    req: RequestId
+    device_list: DeviceList
+
+
 class Ack(Frame, tag="ack"):
     """Acknowledge delivered envelopes; the server then deletes them."""
 
@@ -243,6 +258,7 @@ class KeysResult(Frame, tag="keys"):
     user: Username
     identity_key: Key32
     devices: Annotated[list[DeviceKeys], Meta(max_length=MAX_DEVICES_PER_SEND)]
+    device_list: DeviceList | None = None
 
 
 class ClaimResult(Frame, tag="claimed"):
@@ -555,6 +571,7 @@ ClientFrame = (
     | LinkAnswer
     | AddDevice
     | RevokeDevice
+    | PublishDeviceList
     | BlobBegin
     | BlobChunk
     | BlobEnd

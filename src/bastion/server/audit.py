@@ -118,6 +118,7 @@ EVENTS: Final = frozenset(
         "signin.failed",
         "device.added",
         "device.revoked",
+        "device_list.published",
         "key.changed",
         "limit.hit",
         "policy.changed",

@@ -8,6 +8,7 @@ from __future__ import annotations
 from bastion.server import (
     blobs,  # noqa: F401 - file transfer
     contacts,  # noqa: F401 - contacts and presence
+    device_lists,  # noqa: F401 - signed device lists
     groups,  # noqa: F401 - group chats
     policy,  # noqa: F401 - signed organisation policy
 )

@@ -34,7 +34,7 @@ from bastion.errors import AuthenticationError, BastionError, ProtocolError
 from bastion.protocol import frames
 from bastion.protocol.auth import ServerSession
 from bastion.ratelimit import BackoffRules, RateLimiter, address_key
-from bastion.server import contacts, devices, handlers
+from bastion.server import contacts, device_lists, devices, handlers
 from bastion.server import features as _features  # noqa: F401 - registers feature handlers
 from bastion.server.admin import Policy
 from bastion.server.admin_watch import AdminChannel
@@ -765,6 +765,7 @@ class ClientConnection(WSListener):
             )
             return
         devices = await self.server.store.list_devices(frame.user)
+        device_list = await device_lists.latest_frame(self.server, frame.user, account.identity_key)
         self._send(
             frames.KeysResult(
                 req=frame.req,
@@ -780,6 +781,7 @@ class ClientConnection(WSListener):
                     )
                     for d in devices
                 ],
+                device_list=device_list,
             )
         )
 

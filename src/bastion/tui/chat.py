@@ -430,6 +430,14 @@ class ChatScreen(PeopleActions, FileActions):
             parts = [f"added {', '.join(event.added)}"] if event.added else []
             parts += [f"removed {', '.join(event.removed)}"] if event.removed else []
             self.add_notice(event.user, f"{event.user}'s devices changed: {'; '.join(parts)}")
+            if event.own_account and event.added:
+                self.notify(
+                    f"A new device was added to YOUR account: {', '.join(event.added)}. "
+                    "If this was not you, someone holds your account key: revoke it "
+                    f"(bastion devices revoke {event.added[0]}) and move to a new account.",
+                    severity="error",
+                    timeout=60,
+                )
         elif isinstance(event, contacts.ContactRequestEvent):
             self.show_requests()
             self.notify(f"{event.user} asks to be your contact; answer on the left.", timeout=8)

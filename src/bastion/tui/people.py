@@ -8,7 +8,7 @@ from textual import on, work
 from textual.widgets import Input, ListView
 
 from bastion.client import contacts, presence, trust, verification
-from bastion.errors import BastionError, KeyChangedError
+from bastion.errors import BastionError, KeyChangedError, StateError
 from bastion.tui.base import ChatScreenBase
 from bastion.tui.conversations import is_group
 from bastion.tui.screens import (
@@ -218,6 +218,15 @@ class PeopleActions(ChatScreenBase):
         """Show the key-change screen for ``user`` (once at a time)."""
         if user in self.key_change_open:
             return
+        try:
+            number = trust.pending_safety_number(self.client, user)
+            contact = self.client.contact(user)
+            if contact is None or contact.pending_key is None:
+                raise StateError(f"no key change is waiting for {user}")
+        except BastionError as exc:
+            self.notify(str(exc), severity="error")
+            return
+        fingerprint = trust.key_fingerprint(contact.pending_key)
         self.key_change_open.add(user)
 
         def decided(accept: bool | None) -> None:
@@ -226,7 +235,8 @@ class PeopleActions(ChatScreenBase):
                 self.show_contact()
                 return
             try:
-                trust.accept_new_key(self.client, user)
+                # Exactly the key whose number was on screen; refused if it changed since.
+                trust.accept_new_key(self.client, user, number.digits)
             except BastionError as exc:
                 self.notify(str(exc), severity="error")
                 return
@@ -236,7 +246,7 @@ class PeopleActions(ChatScreenBase):
                 self.query_one("#message", Input).focus()
             self.reconnect()  # the held messages are delivered again on a new sign-in
 
-        self.app.push_screen(KeyChangeScreen(user), decided)
+        self.app.push_screen(KeyChangeScreen(user, str(number), fingerprint), decided)
 
     async def sync_contacts(self) -> None:
         """Ask for contact and presence pushes and show the list as the server has it."""

@@ -139,9 +139,11 @@ class KeyChangeScreen(ModalScreen[bool]):
 
     BINDINGS: ClassVar[list[BindingType]] = [Binding("escape", "dismiss(False)", "Not now")]
 
-    def __init__(self, user: str) -> None:
+    def __init__(self, user: str, new_number: str, new_fingerprint: str) -> None:
         super().__init__()
         self.user = user
+        self.new_number = new_number
+        self.new_fingerprint = new_fingerprint
 
     def compose(self) -> ComposeResult:
         user = safe_text(self.user)
@@ -149,13 +151,19 @@ class KeyChangeScreen(ModalScreen[bool]):
             yield Label(f"{user}'s key has changed", classes="title")
             yield Static(
                 Text(
-                    f"The server now shows a different account key for {user}. This "
-                    "happens when someone reinstalls Bastion or loses all their devices, "
-                    "but it is also exactly what an impersonator would cause.\n\n"
-                    f"Messages to and from {user} are held until you decide.\n\n"
-                    f"What to do: ask {user} in person or on a call whether they "
-                    "reinstalled. Accept only if they did; then compare safety numbers "
-                    "again (Ctrl+V), because the new key is not verified."
+                    f"Safety number with {user}'s NEW key:\n{self.new_number}\n"
+                    f"Fingerprint: {self.new_fingerprint}\n"
+                ),
+                id="new-safety-number",
+            )
+            yield Static(
+                Text(
+                    f"The server now shows a different account key for {user}: a "
+                    "reinstall, or exactly what an impersonator would cause. Messages "
+                    f"to and from {user} are held until you decide.\n\n"
+                    f"Ask {user} in person or on a call, and compare this number with "
+                    "theirs. Accept only if it matches: exactly this key is accepted, "
+                    "unverified until you verify it (Ctrl+V)."
                 )
             )
             with Horizontal(classes="buttons"):
