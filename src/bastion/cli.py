@@ -396,7 +396,7 @@ def report_kept(args: argparse.Namespace, record: HistoryRecord) -> int:
         with_profile(
             "warning: the connection to the server was lost before it confirmed the message; "
             "it is kept and goes out on the next connection, so do not send it again "
-            "(bastion outbox lists it)"
+            "(run 'bastion outbox' to see it)"
         ),
         file=sys.stderr,
     )
@@ -633,6 +633,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+async def quietly(command: Awaitable[int]) -> int:
+    """Run ``command`` with the event loop's own reports of failed TLS handshakes silenced.
+
+    A connection that fails is already reported as one sentence by the client
+    library; the loop would add a traceback about the same handshake.
+    """
+    loop = asyncio.get_running_loop()
+
+    def handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        if str(context.get("message", "")).startswith("SSL handshake failed"):
+            return
+        loop.default_exception_handler(context)
+
+    loop.set_exception_handler(handler)
+    return await command
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``bastion`` command."""
     global hint_profile  # noqa: PLW0603 - one command per process
@@ -642,7 +659,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if hasattr(args, "sync"):
             return int(args.sync(args))
-        return int(asyncio.run(args.run(args)))
+        return int(asyncio.run(quietly(args.run(args))))
     except KeyChangedError as exc:
         print(f"error: {escape_text(with_profile(str(exc)))}", file=sys.stderr)
         print(
