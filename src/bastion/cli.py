@@ -434,7 +434,7 @@ async def pick_up_waiting(
         if exc.code not in OFFLINE_CODES:
             raise
         print(
-            f"warning: {exc}; showing what this device knows, which may be stale",
+            f"warning: {exc} (showing what this device knows; it may be stale)",
             file=sys.stderr,
         )
         return False
