@@ -22,6 +22,7 @@ from bastion.client.client import (
     FeatureEvent,
     KeyChangedEvent,
     MessageEvent,
+    SendRefusedError,
     WarningEvent,
 )
 from bastion.client.records import HistoryRecord
@@ -325,6 +326,13 @@ class ChatScreen(PeopleActions, FileActions):
                 self.restore_draft(peer, text)
                 self.show_contact()
                 self.review_key_change(exc.user)
+                return
+            except SendRefusedError as exc:
+                # Shown as NOT SENT in the conversation; Enter on the draft retries it.
+                self.restore_draft(peer, text)
+                if peer == self.current:
+                    self.add_line(exc.record)
+                self.notify(f"Not sent: {exc}", severity="error", timeout=8)
                 return
             except (BastionError, ValueError) as exc:
                 self.restore_draft(peer, text)
