@@ -90,9 +90,9 @@ class _Listener(WSListener):
 class ServerConnection:
     """One open connection; requests are matched to replies by request id."""
 
-    def __init__(self, pin: str | None, *, pin_given: bool = False) -> None:
+    def __init__(self, pin: str | None) -> None:
         self.pin = pin
-        self.pin_given = pin_given
+        self.pin_given = False  # the user gave ``pin`` for a new profile (see ``open``)
         self.fingerprint: str | None = None
         self.close_reason: str | None = None
         self.incoming: asyncio.Queue[Incoming | _Closed] = asyncio.Queue()
@@ -116,7 +116,8 @@ class ServerConnection:
         """
         if not url.startswith("wss://"):
             raise UntrustedServerError("the server address must start with wss://")
-        conn = cls(pin, pin_given=pin_given)
+        conn = cls(pin)
+        conn.pin_given = pin_given
         factory: Callable[[], _Listener] = lambda: _Listener(conn)  # noqa: E731
         try:
             transport, _ = await asyncio.wait_for(
