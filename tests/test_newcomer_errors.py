@@ -9,7 +9,6 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -127,20 +126,21 @@ def test_a_link_code_whose_device_stopped_waiting_says_to_link_again(
 @pytest.mark.parametrize(
     ("command", "hint"),
     [
-        (lambda: ["file", "get", "nosuch"], "(see: bastion file list --profile {dir})"),
-        (lambda: ["inbox"], "(bastion contacts accept alice --profile {dir})"),
+        (["file", "get", "nosuch"], "(see: bastion file list --profile {dir})"),
+        (["inbox"], "(bastion contacts accept alice --profile {dir})"),
+        (["verify", "alice"], "bastion verify alice --mark-verified --profile {dir}"),
     ],
 )
 def test_hints_carry_the_profile_they_were_given(
     server: ServerProcess,
     tmp_path: Path,
-    command: Callable[[], list[str]],
+    command: list[str],
     hint: str,
 ) -> None:
     alice = register(server, "alice", tmp_path)
     bob = register(server, "bob", tmp_path)
     bastion("contacts", "add", "bob", "--profile", str(alice))
-    result = bastion(*command(), "--profile", str(bob), check=False)
+    result = bastion(*command, "--profile", str(bob), check=False)
     assert hint.format(dir=bob) in result.stdout + result.stderr
 
 
