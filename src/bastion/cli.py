@@ -26,7 +26,7 @@ from typing import Any
 import platformdirs
 
 from bastion import __version__
-from bastion.client import outbox, receipts
+from bastion.client import outbox, receipts, receiving
 from bastion.client.client import (
     Client,
     DevicesChangedEvent,
@@ -422,9 +422,15 @@ async def pick_up_waiting(
 
     What arrives is printed as ``inbox`` prints it (and acknowledged, so ``inbox``
     does not print it again), except what the list itself is about to show.
+    While another process receives for this profile, nothing is taken over.
     Offline, a warning says the list may be stale.
     """
     try:
+        if receiving.held_elsewhere(client.profile.path):
+            # Another process (listen, chat) receives and stores into this profile:
+            # the local lists are current, and taking over would cut it off.
+            await client.connect(receive=False)
+            return True
         await client.connect(receive=True)
         receipts.enable(client)
         async for event in client.receive(until_synced=True):

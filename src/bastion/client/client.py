@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import secrets
 import time
@@ -20,7 +21,7 @@ from typing import Any
 
 import msgspec
 
-from bastion.client import device_list
+from bastion.client import device_list, receiving
 from bastion.client.profile import Profile
 from bastion.client.records import (
     AccountInfo,
@@ -187,6 +188,7 @@ class Client:
         self.failed: list[HistoryRecord] = []
         # Kept messages the last connect() handed to the server (see send_payload).
         self.flushed: list[HistoryRecord] = []
+        self._receiving: int | None = None  # see bastion.client.receiving
         # Extension points for features built on the core (verification, contacts, files,
         # groups): handlers of checked payloads by kind, and of server pushes by frame type.
         self.payload_handlers: dict[str, PayloadHandler] = {}
@@ -421,6 +423,8 @@ class Client:
             raise
         if isinstance(reply, frames.SignedIn) and reply.one_time_keys < ONE_TIME_KEY_LOW:
             await self.top_up_keys(reply.one_time_keys)
+        if receive and self._receiving is None:
+            self._receiving = receiving.hold(self.profile.path)
         self.flushed = []
         self.failed = await self.flush_outbox()
 
@@ -429,6 +433,9 @@ class Client:
         if self.conn is not None:
             await self.conn.aclose()
             self.conn = None
+        if self._receiving is not None:
+            os.close(self._receiving)
+            self._receiving = None
         self.profile.close()
 
     def _connection(self) -> ServerConnection:
