@@ -104,11 +104,16 @@ async def bastion(*args: str) -> tuple[int, str, str]:
 
 
 async def make_pair(
-    server: ServerProcess, root: Path, alice_url: str, *, friends: bool = True
+    server: ServerProcess,
+    root: Path,
+    alice_url: str,
+    *,
+    friends: bool = True,
+    bob_url: str | None = None,
 ) -> tuple[Path, Path]:
-    """alice (connecting through ``alice_url``) and bob, made contacts if ``friends``."""
+    """alice (through ``alice_url``) and bob (through ``bob_url``), contacts if ``friends``."""
     made = {}
-    for name, url in (("alice", alice_url), ("bob", server.url)):
+    for name, url in (("alice", alice_url), ("bob", bob_url or server.url)):
         made[name] = await Client.register(
             root / name, PASSPHRASE, username=name, server_url=url, fingerprint=server.fingerprint
         )

@@ -1,4 +1,4 @@
-"""``bastion chat``'s sign-up shows the certificate it pins, and a refused message shows as such."""
+"""``bastion chat``: sign-up shows the pinned certificate; refused and kept messages say so."""
 
 from __future__ import annotations
 
@@ -9,11 +9,13 @@ import pytest
 from textual.pilot import Pilot
 from textual.widgets import Input
 
-from bastion.client.client import Client
+from bastion.client.client import Client, MessageEvent
 from bastion.tui.app import ChatApp
 from bastion.tui.screens import FirstRunScreen
 from bastion.tui.widgets import MessageLine
 from tests.conftest import PASSPHRASE, Profiles, ServerProcess
+from tests.helpers import drain
+from tests.test_send_outcomes import LONG_TEXT, CuttingForwarder, make_pair
 from tests.tui.support import chat_screen, online, plain, wait_until
 
 pytestmark = pytest.mark.network
@@ -100,3 +102,50 @@ async def test_a_refused_message_shows_not_sent_in_the_conversation(profiles: Pr
         [line] = screen.query(MessageLine)
         assert line.record.state == "failed"
         assert "not accepted you as a contact" in line.record.reason
+
+
+async def test_a_message_whose_answer_was_lost_is_kept_and_goes_out_once(
+    server: ServerProcess, tmp_path: Path
+) -> None:
+    forwarder = CuttingForwarder(server.port)
+    await forwarder.start()
+    try:
+        alice_path, bob_path = await make_pair(server, tmp_path, server.url, bob_url=forwarder.url)
+        app = app_for(bob_path)
+        async with app.run_test(size=SIZE) as pilot:
+            await wait_until(pilot, lambda: online(app), what="the app to sign in")
+            await pilot.press("ctrl+n")
+            await type_text(pilot, "alice")
+            await pilot.press("enter")
+            screen = chat_screen(app)
+            await wait_until(pilot, lambda: screen.current == "alice", what="the chat to open")
+            forwarder.cut = "before"
+            forwarder.down_after_cut = True
+            draft = screen.query_one("#message", Input)
+            draft.value = LONG_TEXT
+            draft.focus()
+            await pilot.press("enter")
+            await wait_until(
+                pilot,
+                lambda: [x.record.state for x in screen.query(MessageLine)] == ["pending"],
+                what="the kept message",
+            )
+            assert draft.value == ""  # nothing to retype: it goes out on its own
+            forwarder.down = False
+            await wait_until(
+                pilot,
+                lambda: [x.record.state for x in screen.query(MessageLine)] == ["sent"],
+                what="the kept message to be confirmed",
+                wait_s=20,
+            )
+        alice = Client.open(alice_path, PASSPHRASE)
+        try:
+            await alice.connect(receive=True)
+            events = await drain(alice)
+            assert [e.record.text for e in events if isinstance(e, MessageEvent)] == [
+                LONG_TEXT.strip()  # the app trims the draft
+            ]
+        finally:
+            await alice.close()
+    finally:
+        await forwarder.close()
