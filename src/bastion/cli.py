@@ -384,7 +384,7 @@ def report_refused(args: argparse.Namespace, record: HistoryRecord) -> int:
                 {"type": "refused", "id": record.id.hex(), "to": record.peer, "reason": reason}
             )
         )
-    print(f"error: not sent: the server refused it: {reason}", file=sys.stderr)
+    print(f"error: not sent: the server refused it: {escape_text(reason)}", file=sys.stderr)
     return EXIT_ERROR
 
 
