@@ -48,9 +48,7 @@ EXIT_KEPT = 75  # sysexits' EX_TEMPFAIL: the message is kept and goes out on the
 RECONNECT_S = 5.0  # how long ``send`` tries to reconnect when the connection drops mid-send
 OFFLINE_CODES = frozenset({"disconnected", "timeout", "unreachable"})
 # Commands a hint tells the user to run on this profile (not on another person's machine).
-HINT_RE = re.compile(
-    r"bastion (?:verify|trust|contacts|file|outbox|inbox|history|group|send)\b[^)'\n]*"
-)
+HINT_RE = re.compile(r"bastion (?:verify|trust|contacts|file|outbox|inbox|history|group)\b[^)'\n]*")
 hint_profile: str | None = None  # --profile of the running command, added to hints
 
 
