@@ -1,7 +1,9 @@
 """The ``bastion`` command line: a thin front end over the client library and the server.
 
 Errors go to standard error as one sentence, with a non-zero exit status. With
-``--json``, output is one JSON object per line.
+``--json``, output is one JSON object per line. Exit statuses: 0 done, 1 error
+(including a message the server refused), 2 usage, 75 (:data:`EXIT_KEPT`) a
+message is kept and goes out on the next connection, 130 interrupted.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import datetime
 import getpass
 import json
 import os
+import re
+import shlex
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
@@ -22,7 +26,7 @@ from typing import Any
 import platformdirs
 
 from bastion import __version__
-from bastion.client import receipts
+from bastion.client import outbox, receipts, receiving
 from bastion.client.client import (
     Client,
     DevicesChangedEvent,
@@ -30,14 +34,30 @@ from bastion.client.client import (
     FeatureEvent,
     KeyChangedEvent,
     MessageEvent,
+    SendRefusedError,
     WarningEvent,
 )
+from bastion.client.passphrase import check_new_passphrase, weakness
 from bastion.client.records import HistoryRecord
 from bastion.display import escape_body, escape_text
 from bastion.errors import BastionError, KeyChangedError, ServerRefusedError
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
+EXIT_KEPT = 75  # sysexits' EX_TEMPFAIL: the message is kept and goes out on the next connection
+RECONNECT_S = 5.0  # how long ``send`` tries to reconnect when the connection drops mid-send
+OFFLINE_CODES = frozenset({"disconnected", "timeout", "unreachable"})
+# Commands a hint tells the user to run on this profile (not on another person's machine).
+HINT_RE = re.compile(r"bastion (?:verify|trust|contacts|file|outbox|inbox|history|group)\b[^)'\n]*")
+hint_profile: str | None = None  # --profile of the running command, added to hints
+
+
+def with_profile(text: str) -> str:
+    """``text`` with ``--profile DIR`` added to every command it suggests, if one was given."""
+    if not hint_profile:
+        return text
+    suffix = " --profile " + shlex.quote(hint_profile)
+    return HINT_RE.sub(lambda m: m.group(0).rstrip() + suffix, text)
 
 
 def iso(ms: int) -> str:
@@ -50,8 +70,8 @@ def iso(ms: int) -> str:
 
 
 def message_json(record: HistoryRecord, verified: bool) -> dict[str, Any]:
-    """The ``--json`` form of a message."""
-    return {
+    """The ``--json`` form of a message; our own carry their state (and why one failed)."""
+    out: dict[str, Any] = {
         "type": "message",
         "id": record.id.hex(),
         "from": record.sender,
@@ -61,6 +81,11 @@ def message_json(record: HistoryRecord, verified: bool) -> dict[str, Any]:
         "sent_at": iso(record.sent_at),
         "verified": verified,
     }
+    if record.direction == "out":
+        out["state"] = record.state
+        if record.state == "failed":
+            out["reason"] = record.reason or "refused by the server"
+    return out
 
 
 def event_json(event: Event) -> dict[str, Any]:
@@ -97,10 +122,10 @@ def print_event(event: Event, as_json: bool, *, server_url: str | None = None) -
     elif isinstance(event, MessageEvent):
         print(format_message(event.record), flush=True)
     elif isinstance(event, FeatureEvent):
-        print(escape_text(event.describe()), flush=True)
+        print(escape_text(with_profile(event.describe())), flush=True)
     else:
         text = describe_notice(event, server_url=server_url)
-        print(f"warning: {escape_text(text)}", file=sys.stderr, flush=True)
+        print(f"warning: {escape_text(with_profile(text))}", file=sys.stderr, flush=True)
 
 
 def print_device_changes(client: Client, as_json: bool) -> None:
@@ -117,7 +142,7 @@ def print_device_changes(client: Client, as_json: bool) -> None:
             print(json.dumps(event_json(event)), file=sys.stderr, flush=True)
         else:
             text = describe_notice(event, server_url=client.account.server_url)
-            print(f"warning: {escape_text(text)}", file=sys.stderr, flush=True)
+            print(f"warning: {escape_text(with_profile(text))}", file=sys.stderr, flush=True)
     client.notices[:] = kept
 
 
@@ -173,7 +198,12 @@ def format_message(record: HistoryRecord) -> str:
     when = datetime.datetime.fromtimestamp(record.sent_at / 1000, datetime.UTC)
     who = "you" if record.direction == "out" else escape_text(record.sender)
     to = f" -> {escape_text(record.peer)}" if record.direction == "out" else ""
-    return f"[{when:%Y-%m-%d %H:%M:%S}Z] {who}{to}: {escape_body(record.text)}"
+    line = f"[{when:%Y-%m-%d %H:%M:%S}Z] {who}{to}: {escape_body(record.text)}"
+    if record.direction == "out" and record.state == "failed":
+        line += f"  [NOT SENT: {escape_text(record.reason or 'refused by the server')}]"
+    elif record.direction == "out" and record.state == "pending":
+        line += "  [kept: goes out on the next connection]"
+    return line
 
 
 # --- profile and passphrase ------------------------------------------------------------------
@@ -189,21 +219,35 @@ def profile_dir(args: argparse.Namespace) -> Path:
     return Path(platformdirs.user_data_dir("bastion")) / "profile"
 
 
-def passphrase(*, confirm: bool = False) -> str:
-    """The passphrase from BASTION_PASSPHRASE or an interactive prompt."""
+def passphrase(*, confirm: bool = False, user: str = "") -> str:
+    """The passphrase from BASTION_PASSPHRASE or an interactive prompt.
+
+    With ``confirm`` it is for a new profile: too short is refused, easy to guess
+    is warned about on standard error.
+    """
     env = os.environ.get("BASTION_PASSPHRASE")
     if env is not None:
         if not env:
             raise BastionError("BASTION_PASSPHRASE is set but empty")
-        return env
+        return _checked_new(env, user) if confirm else env
     if not sys.stdin.isatty():
         raise BastionError("no passphrase: set BASTION_PASSPHRASE or run in a terminal")
     first = getpass.getpass("Profile passphrase: ")
-    if confirm and getpass.getpass("Repeat passphrase: ") != first:
-        raise BastionError("the passphrases do not match")
     if not first:
         raise BastionError("the passphrase must not be empty")
+    if confirm:
+        _checked_new(first, user)
+        if getpass.getpass("Repeat passphrase: ") != first:
+            raise BastionError("the passphrases do not match")
     return first
+
+
+def _checked_new(value: str, user: str) -> str:
+    check_new_passphrase(value)
+    weak = weakness(value, user_inputs=[user] if user else [])
+    if weak is not None:
+        print(f"warning: {weak}", file=sys.stderr, flush=True)
+    return value
 
 
 async def with_client(
@@ -230,7 +274,7 @@ async def with_client(
 async def cmd_register(args: argparse.Namespace) -> int:
     client = await Client.register(
         profile_dir(args),
-        passphrase(confirm=True),
+        passphrase(confirm=True, user=args.username),
         username=args.username,
         server_url=args.server,
         fingerprint=args.fingerprint,
@@ -267,7 +311,21 @@ async def cmd_send(args: argparse.Namespace) -> int:
         raise BastionError("usage: bastion send USER TEXT (or --group GROUP TEXT)")
 
     async def work(client: Client) -> int:
-        record = await client.send_text(args.user, args.text)
+        # A kept copy of this very message went out as we connected: do not send it twice.
+        record = outbox.take_flushed(client, args.user, args.text)
+        if record is None:
+            try:
+                record = await client.send_text(args.user, args.text)
+            except SendRefusedError as exc:
+                return report_refused(args, exc.record)
+            except ServerRefusedError as exc:
+                if exc.code not in OFFLINE_CODES:
+                    raise
+                record = await confirm_after_drop(client, args.user, args.text)
+        if record.state == "failed":
+            return report_refused(args, record)
+        if record.state == "pending":
+            return report_kept(args, record)
         if args.json:
             print(
                 json.dumps(
@@ -275,13 +333,116 @@ async def cmd_send(args: argparse.Namespace) -> int:
                         "type": "sent",
                         "id": record.id.hex(),
                         "to": args.user,
+                        "state": "stored",
                         "server_ts": iso(record.server_ts),
                     }
                 )
             )
+        else:
+            print(f"stored on the server for {args.user}; their devices receive it as they connect")
         return 0
 
     return await with_client(args, work)
+
+
+async def confirm_after_drop(client: Client, to: str, text: str) -> HistoryRecord:
+    """Reconnect for a few seconds so the kept message goes out, and return its record.
+
+    The connection dropped before the server answered; the message is in the
+    outbox, and connecting sends it again under the same id (stored once).
+    The record is still ``pending`` if no connection could be made in time.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + RECONNECT_S
+    kept = [r for r in outbox.kept_messages(client) if r.peer == to and r.text == text]
+    if not kept:
+        raise ServerRefusedError("disconnected", "the connection to the server was lost")
+    record = kept[-1]
+    while loop.time() < deadline:
+        if client.conn is not None:
+            await client.conn.aclose()
+            client.conn = None
+        try:
+            await asyncio.wait_for(client.connect(receive=False), max(0.5, deadline - loop.time()))
+        except (ServerRefusedError, TimeoutError) as exc:
+            if isinstance(exc, ServerRefusedError) and exc.code not in OFFLINE_CODES:
+                raise
+            await asyncio.sleep(min(0.5, max(0.0, deadline - loop.time())))
+            continue
+        break
+    return client.profile.message(record.id, HistoryRecord) or record
+
+
+def report_refused(args: argparse.Namespace, record: HistoryRecord) -> int:
+    """Say that the server refused the message, and why; it shows as not sent in history."""
+    reason = record.reason or "refused by the server"
+    if args.json:
+        print(
+            json.dumps(
+                {"type": "refused", "id": record.id.hex(), "to": record.peer, "reason": reason}
+            )
+        )
+    print(f"error: not sent: the server refused it: {escape_text(reason)}", file=sys.stderr)
+    return EXIT_ERROR
+
+
+def report_kept(args: argparse.Namespace, record: HistoryRecord) -> int:
+    """Say that the message is kept for the next connection (exit status EXIT_KEPT)."""
+    if args.json:
+        print(json.dumps({"type": "kept", "id": record.id.hex(), "to": record.peer}))
+    print(
+        with_profile(
+            "warning: the connection to the server was lost before it confirmed the message; "
+            "it is kept and goes out on the next connection, so do not send it again "
+            "(run 'bastion outbox' to see it)"
+        ),
+        file=sys.stderr,
+    )
+    return EXIT_KEPT
+
+
+async def cmd_outbox(args: argparse.Namespace) -> int:
+    async def work(client: Client) -> int:
+        for record in outbox.kept_messages(client):
+            if args.json:
+                print(json.dumps(message_json(record, verified=False)))
+            else:
+                print(format_message(record))
+        return 0
+
+    return await with_client(args, work, connect=False)
+
+
+async def pick_up_waiting(
+    client: Client, args: argparse.Namespace, *, shown_by_list: Callable[[Event], bool]
+) -> bool:
+    """Receive what waits on the server before a list is printed; False when offline.
+
+    What arrives is printed as ``inbox`` prints it (and acknowledged, so ``inbox``
+    does not print it again), except what the list itself is about to show.
+    While another process receives for this profile, nothing is taken over.
+    Offline, a warning says the list may be stale.
+    """
+    try:
+        if receiving.held_elsewhere(client.profile.path):
+            # Another process (listen, chat) receives and stores into this profile:
+            # the local lists are current, and taking over would cut it off.
+            await client.connect(receive=False)
+            return True
+        await client.connect(receive=True)
+        receipts.enable(client)
+        async for event in client.receive(until_synced=True):
+            if not shown_by_list(event):
+                print_event(event, args.json)
+    except ServerRefusedError as exc:
+        if exc.code not in OFFLINE_CODES:
+            raise
+        print(
+            f"warning: {exc} (showing what this device knows; it may be stale)",
+            file=sys.stderr,
+        )
+        return False
+    return True
 
 
 async def cmd_inbox(args: argparse.Namespace) -> int:
@@ -333,6 +494,11 @@ async def cmd_history(args: argparse.Namespace) -> int:
     async def work(client: Client) -> int:
         contact = client.contact(args.user)
         verified = contact is not None and contact.trust == "verified"
+
+        def in_this_conversation(event: Event) -> bool:
+            return isinstance(event, MessageEvent) and event.record.peer == args.user
+
+        await pick_up_waiting(client, args, shown_by_list=in_this_conversation)
         for record in client.history(args.user):
             if args.json:
                 print(json.dumps(message_json(record, verified)))
@@ -440,6 +606,10 @@ def build_parser() -> argparse.ArgumentParser:
     inbox.set_defaults(run=cmd_inbox)
     listen = sub.add_parser("listen", parents=[common], help="stay connected and print messages")
     listen.set_defaults(run=cmd_listen)
+    kept = sub.add_parser(
+        "outbox", parents=[common], help="list messages kept until the server confirms them"
+    )
+    kept.set_defaults(run=cmd_outbox)
     history = sub.add_parser("history", parents=[common], help="show a conversation")
     history.add_argument("user")
     history.set_defaults(run=cmd_history)
@@ -467,23 +637,42 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+async def quietly(command: Awaitable[int]) -> int:
+    """Run ``command`` with the event loop's own reports of failed TLS handshakes silenced.
+
+    A connection that fails is already reported as one sentence by the client
+    library; the loop would add a traceback about the same handshake.
+    """
+    loop = asyncio.get_running_loop()
+
+    def handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        if str(context.get("message", "")).startswith("SSL handshake failed"):
+            return
+        loop.default_exception_handler(context)
+
+    loop.set_exception_handler(handler)
+    return await command
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``bastion`` command."""
+    global hint_profile  # noqa: PLW0603 - one command per process
     os.umask(0o077)
     args = build_parser().parse_args(argv)
+    hint_profile = getattr(args, "profile", None)
     try:
         if hasattr(args, "sync"):
             return int(args.sync(args))
-        return int(asyncio.run(args.run(args)))
+        return int(asyncio.run(quietly(args.run(args))))
     except KeyChangedError as exc:
-        print(f"error: {escape_text(str(exc))}", file=sys.stderr)
+        print(f"error: {escape_text(with_profile(str(exc)))}", file=sys.stderr)
         print(
-            f"'bastion verify {exc.user}' shows the safety number with the new key.",
+            with_profile(f"'bastion verify {exc.user}' shows the safety number with the new key."),
             file=sys.stderr,
         )
         return EXIT_ERROR
     except (BastionError, ValueError) as exc:
-        print(f"error: {escape_text(str(exc))}", file=sys.stderr)
+        print(f"error: {escape_text(with_profile(str(exc)))}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         return 130

@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 
-from bastion.cli import with_client
+from bastion.cli import pick_up_waiting, with_client
 from bastion.client import contacts, presence
-from bastion.client.client import Client
+from bastion.client.client import Client, Event
 from bastion.display import escape_text
 
 
@@ -40,7 +40,12 @@ async def cmd_contacts_action(args: argparse.Namespace) -> int:
 
 async def cmd_contacts_list(args: argparse.Namespace) -> int:
     async def work(client: Client) -> int:
-        for contact in await contacts.sync(client):
+        def request_or_answer(event: Event) -> bool:
+            return isinstance(event, (contacts.ContactRequestEvent, contacts.ContactChangedEvent))
+
+        online = await pick_up_waiting(client, args, shown_by_list=request_or_answer)
+        listing = await contacts.sync(client) if online else contacts.local_contacts(client)
+        for contact in listing:
             if args.json:
                 print(json.dumps(contact.to_json()))
             else:
@@ -51,7 +56,7 @@ async def cmd_contacts_list(args: argparse.Namespace) -> int:
                 print(escape_text(line))
         return 0
 
-    return await with_client(args, work)
+    return await with_client(args, work, connect=False)
 
 
 async def cmd_presence_set(args: argparse.Namespace) -> int:

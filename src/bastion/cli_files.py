@@ -14,9 +14,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from bastion.cli import iso, with_client
+from bastion.cli import iso, pick_up_waiting, with_client
 from bastion.client import files, groups
-from bastion.client.client import Client
+from bastion.client.client import Client, Event
 from bastion.display import escape_text
 from bastion.errors import BastionError
 from bastion.groups.chain import GroupState
@@ -112,6 +112,10 @@ def _record_json(record: files.FileRecord) -> dict[str, Any]:
 
 async def cmd_file_list(args: argparse.Namespace) -> int:
     async def work(client: Client) -> int:
+        def offer(event: Event) -> bool:
+            return isinstance(event, files.FileEvent)
+
+        await pick_up_waiting(client, args, shown_by_list=offer)
         for record in files.list_files(client):
             if args.json:
                 print(json.dumps(_record_json(record)))

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import msgspec
 
-from bastion.cli import passphrase, profile_dir, with_client
+from bastion.cli import passphrase, profile_dir, with_client, with_profile
 from bastion.client import devices, policy, trust, verification
 from bastion.client.client import Client
 from bastion.crypto.safety import render_qr_text, save_qr_png
@@ -83,7 +83,7 @@ async def cmd_verify(args: argparse.Namespace) -> int:
             print(render_qr_text(number.qr_payload()))
         print(f"{args.user} is {state}.")
         if state != "verified":
-            print(f"If the numbers match: bastion verify {args.user} --mark-verified")
+            print(with_profile(f"If the numbers match: bastion verify {args.user} --mark-verified"))
         return 0
 
     return await with_client(args, work)
@@ -134,8 +134,10 @@ async def cmd_trust(args: argparse.Namespace) -> int:
             )
         contact = trust.accept_new_key(client, args.user, " ".join(args.accept_new_key))
         print(
-            f"accepted {args.user}'s new account key; they are {contact.trust} until you "
-            f"compare safety numbers again (bastion verify {args.user})"
+            with_profile(
+                f"accepted {args.user}'s new account key; they are {contact.trust} until you "
+                f"compare safety numbers again (bastion verify {args.user})"
+            )
         )
         return 0
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import secrets
 import time
@@ -20,7 +21,7 @@ from typing import Any
 
 import msgspec
 
-from bastion.client import device_list
+from bastion.client import device_list, receiving
 from bastion.client.profile import Profile
 from bastion.client.records import (
     AccountInfo,
@@ -50,6 +51,9 @@ USERNAME_RE = re.compile(frames.USERNAME_PATTERN)
 ONE_TIME_KEY_TARGET = 40
 ONE_TIME_KEY_LOW = 15
 TRANSIENT_ERRORS = frozenset({"disconnected", "timeout", "unreachable", "rate_limited", "internal"})
+# No answer came: the server may or may not have stored the message, so it stays kept.
+UNANSWERED = frozenset({"disconnected", "timeout"})
+RETRY_LOOKBACK = 50  # how far back a retry looks for the failed copy it replaces
 
 
 def now_ms() -> int:
@@ -94,6 +98,14 @@ def certified_device(user: str, identity_key: bytes, keys: frames.DeviceKeys) ->
         curve25519=keys.curve25519,
         created_at=keys.created_at,
     )
+
+
+class SendRefusedError(ServerRefusedError):
+    """The server refused a message; ``record`` is its history entry, now marked failed."""
+
+    def __init__(self, code: str, message: str, record: HistoryRecord) -> None:
+        super().__init__(code, message)
+        self.record = record
 
 
 def check_username(username: str) -> str:
@@ -174,6 +186,9 @@ class Client:
         self.conn: ServerConnection | None = None
         self.notices: list[Event] = []
         self.failed: list[HistoryRecord] = []
+        # Kept messages the last connect() handed to the server (see send_payload).
+        self.flushed: list[HistoryRecord] = []
+        self._receiving: int | None = None  # see bastion.client.receiving
         # Extension points for features built on the core (verification, contacts, files,
         # groups): handlers of checked payloads by kind, and of server pushes by frame type.
         self.payload_handlers: dict[str, PayloadHandler] = {}
@@ -220,7 +235,7 @@ class Client:
         certificate mismatch.
         """
         check_username(username)
-        conn = await ServerConnection.open(server_url, pin=fingerprint)
+        conn = await ServerConnection.open(server_url, pin=fingerprint, pin_given=True)
         try:
             challenge = conn.challenge
             with Profile.provisional(path, passphrase) as profile:
@@ -408,6 +423,9 @@ class Client:
             raise
         if isinstance(reply, frames.SignedIn) and reply.one_time_keys < ONE_TIME_KEY_LOW:
             await self.top_up_keys(reply.one_time_keys)
+        if receive and self._receiving is None:
+            self._receiving = receiving.hold(self.profile.path)
+        self.flushed = []
         self.failed = await self.flush_outbox()
 
     async def close(self) -> None:
@@ -415,6 +433,9 @@ class Client:
         if self.conn is not None:
             await self.conn.aclose()
             self.conn = None
+        if self._receiving is not None:
+            os.close(self._receiving)
+            self._receiving = None
         self.profile.close()
 
     def _connection(self) -> ServerConnection:
@@ -579,7 +600,7 @@ class Client:
         contact = self.contact(to)
         if contact is not None and contact.trust == "changed":
             raise KeyChangedError(to)
-        message_id = secrets.token_bytes(16)
+        message_id = (self._failed_copy(to, body) if history else None) or secrets.token_bytes(16)
         for attempt in range(2):
             theirs = await self.devices_of(to)
             if not theirs:
@@ -606,7 +627,10 @@ class Client:
             except ServerRefusedError as exc:
                 if exc.code == "device_mismatch" and attempt == 0:
                     continue
-                raise
+                if exc.code in UNANSWERED:
+                    raise  # kept in the outbox: it goes out (once) on the next connection
+                failed = self._mark_failed(record, exc.message)
+                raise SendRefusedError(exc.code, exc.message, failed) from None
             return self._mark_sent(record, reply)
         raise ServerRefusedError("device_mismatch", "the recipient's devices keep changing")
 
@@ -727,9 +751,24 @@ class Client:
             self.profile.queue_outgoing(message_id, frames.encode(frame))
         return frame, record
 
+    def _failed_copy(self, to: str, text: str) -> bytes | None:
+        """The id of a recent refused copy of this message, so a retry replaces it."""
+        for record in reversed(self.history(to, limit=RETRY_LOOKBACK)):
+            if record.direction == "out" and record.state == "failed" and record.text == text:
+                return record.id
+        return None
+
+    def _mark_failed(self, record: HistoryRecord, reason: str) -> HistoryRecord:
+        """The server refused ``record``: it is not kept for resending, and shows as failed."""
+        failed = msgspec.structs.replace(record, state="failed", reason=reason)
+        with self.profile.transaction():
+            self.profile.update_message(record.id, failed)
+            self.profile.sent(record.id)
+        return failed
+
     def _mark_sent(self, record: HistoryRecord, reply: frames.ServerFrame) -> HistoryRecord:
         server_ts = reply.server_ts if isinstance(reply, frames.Sent) else now_ms()
-        sent = msgspec.structs.replace(record, state="sent", server_ts=server_ts)
+        sent = msgspec.structs.replace(record, state="sent", server_ts=server_ts, reason="")
         with self.profile.transaction():
             self.profile.update_message(record.id, sent)
             self.profile.sent(record.id)
@@ -756,13 +795,13 @@ class Client:
                 with self.profile.transaction():
                     self.profile.sent(frame.client_msg_id)
                     if record is not None:
-                        record = msgspec.structs.replace(record, state="failed")
+                        record = msgspec.structs.replace(record, state="failed", reason=exc.message)
                         self.profile.update_message(record.id, record)
                 if record is not None:
                     failed.append(record)
                 continue
             if record is not None:
-                self._mark_sent(record, reply)
+                self.flushed.append(self._mark_sent(record, reply))
             else:
                 with self.profile.transaction():
                     self.profile.sent(frame.client_msg_id)

@@ -42,6 +42,12 @@ LINK_WAIT_S = 600.0
 EXPORT_AAD = b"bastion/v1/account-export"
 
 
+LINK_ABANDONED = (
+    "the device that showed this code is no longer waiting; "
+    "run 'bastion devices link' again on it and use the new code"
+)
+
+
 @dataclass(frozen=True, slots=True)
 class LinkedDevice:
     """The device that joined through a link."""
@@ -140,7 +146,7 @@ async def join_with_code(
     """
     slot, key = linking.slot_and_key(linking.parse_code(code))
     device = OlmDevice.create()
-    conn = await ServerConnection.open(server_url, pin=fingerprint)
+    conn = await ServerConnection.open(server_url, pin=fingerprint, pin_given=True)
     try:
         blob = linking.seal_request(
             key,
@@ -151,7 +157,13 @@ async def join_with_code(
         )
         req = conn.next_req()
         await conn.request(frames.LinkJoin(req=req, slot=slot, blob=blob), req)
-        push = await asyncio.wait_for(_next_link_push(conn, slot), wait_s)
+        try:
+            push = await asyncio.wait_for(_next_link_push(conn, slot), wait_s)
+        except (TimeoutError, ServerRefusedError) as exc:
+            if isinstance(exc, ServerRefusedError) and exc.code != "disconnected":
+                raise
+            # The slot took our request but nobody answered: the showing device is gone.
+            raise ServerRefusedError("link_abandoned", LINK_ABANDONED) from None
         grant = linking.open_grant(key, slot, push.blob)
         check_username(grant.username)
         _check_same_server(conn, grant, fingerprint)

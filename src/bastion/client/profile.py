@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 
 import msgspec
 
+from bastion.client.passphrase import check_new_passphrase
 from bastion.crypto.atrest import (
     SALT_BYTES,
     KdfParams,
@@ -77,9 +78,14 @@ class Profile:
 
     @classmethod
     def create(cls, path: Path, passphrase: str, *, params: KdfParams | None = None) -> Profile:
-        """Create a new, empty profile; raises :class:`ProfileError` if one exists there."""
+        """Create a new, empty profile.
+
+        Raises :class:`ProfileError` if one exists there or the passphrase is too
+        short (see :mod:`bastion.client.passphrase`).
+        """
         if not passphrase:
             raise ProfileError("a passphrase is required to protect the profile")
+        check_new_passphrase(passphrase)
         if cls.exists(path):
             raise ProfileError(f"a profile already exists in {path}")
         params = params or KdfParams()

@@ -53,7 +53,8 @@ class HistoryRecord(msgspec.Struct, frozen=True, kw_only=True):
     sent_at: int
     server_ts: int
     direction: str  # in | out
-    state: str  # pending | sent | received | failed
+    state: str  # pending | sent | delivered | received | failed
+    reason: str = ""  # why a failed message was refused (the server's words)
 
 
 class Stats(msgspec.Struct, frozen=True, kw_only=True):

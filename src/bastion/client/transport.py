@@ -47,6 +47,17 @@ class _Listener(WSListener):
         self.conn.fingerprint = seen
         pin = self.conn.pin
         if pin is not None and not hmac.compare_digest(seen.lower(), pin.lower()):
+            if self.conn.pin_given:
+                # Nothing was pinned yet: the user typed or pasted a fingerprint that is wrong.
+                self.conn.fail(
+                    UntrustedServerError(
+                        f"the server's certificate is {seen}, not the fingerprint you gave "
+                        f"({pin}); check it with the server's operator (bastion server "
+                        "fingerprint --data DIR prints it on the server) and try again"
+                    )
+                )
+                transport.disconnect(graceful=False)
+                return
             self.conn.fail(
                 UntrustedServerError(
                     f"the server's certificate changed: expected {pin}, got {seen}. "
@@ -81,6 +92,7 @@ class ServerConnection:
 
     def __init__(self, pin: str | None) -> None:
         self.pin = pin
+        self.pin_given = False  # the user gave ``pin`` for a new profile (see ``open``)
         self.fingerprint: str | None = None
         self.close_reason: str | None = None
         self.incoming: asyncio.Queue[Incoming | _Closed] = asyncio.Queue()
@@ -94,11 +106,18 @@ class ServerConnection:
         self.disconnected = asyncio.Event()
 
     @classmethod
-    async def open(cls, url: str, *, pin: str | None, wait_s: float = 10.0) -> ServerConnection:
-        """Connect to ``wss://HOST:PORT`` and wait for the server's challenge."""
+    async def open(
+        cls, url: str, *, pin: str | None, pin_given: bool = False, wait_s: float = 10.0
+    ) -> ServerConnection:
+        """Connect to ``wss://HOST:PORT`` and wait for the server's challenge.
+
+        ``pin_given`` says the fingerprint was given by the user for a new profile
+        (not pinned earlier), which changes what a mismatch means.
+        """
         if not url.startswith("wss://"):
             raise UntrustedServerError("the server address must start with wss://")
         conn = cls(pin)
+        conn.pin_given = pin_given
         factory: Callable[[], _Listener] = lambda: _Listener(conn)  # noqa: E731
         try:
             transport, _ = await asyncio.wait_for(
@@ -114,9 +133,9 @@ class ServerConnection:
                 ),
                 wait_s,
             )
-        except (OSError, TimeoutError) as exc:
+        except (OSError, TimeoutError):
             raise ServerRefusedError(
-                "unreachable", f"cannot reach the server at {url}: {exc or 'timed out'}"
+                "unreachable", f"cannot reach {url}: is the server running?"
             ) from None
         except Exception as exc:  # picows raises its own handshake errors
             if conn._failure is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
+import errno
 import gc
 import logging
 import os
@@ -27,8 +28,32 @@ from bastion.server.sqlite_store import SQLiteStore
 from bastion.server.store import Store
 from bastion.server.tls import certificate_fingerprint, ensure_certificate
 
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not on POSIX
+    fcntl = None  # type: ignore[assignment]
+
 NAME_FILE = "server-name"
 DB_FILE = "bastion.db"
+LOCK_FILE = "server.lock"
+
+
+def lock_data_dir(data_dir: Path) -> int:
+    """Hold the data folder for this process; raises ConfigError if a server already does.
+
+    The lock is released when the process exits (or the returned descriptor is closed).
+    """
+    fd = os.open(data_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+    if fcntl is not None:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise ConfigError(
+                f"another server is already using {data_dir}; stop it first, "
+                "or give this one its own folder with --data"
+            ) from None
+    return fd
 
 
 def prepare_data_dir(data_dir: Path, host: str, port: int) -> str:
@@ -82,6 +107,35 @@ async def serve(
     :class:`StorageError` if the database or audit log cannot be opened.
     """
     name = prepare_data_dir(data_dir, host, port)
+    lock = lock_data_dir(data_dir)
+    try:
+        await _serve_locked(
+            data_dir,
+            name,
+            host=host,
+            port=port,
+            limits=limits,
+            config=config,
+            db=db,
+            bus=bus,
+            metrics_port=metrics_port,
+        )
+    finally:
+        os.close(lock)
+
+
+async def _serve_locked(
+    data_dir: Path,
+    name: str,
+    *,
+    host: str,
+    port: int,
+    limits: Limits | None,
+    config: Path | None,
+    db: str | None,
+    bus: str | None,
+    metrics_port: int | None,
+) -> None:
     settings = server_settings(data_dir, config)
     if limits is None:
         limits = settings.limits
@@ -140,7 +194,17 @@ async def serve(
     handle_loop_errors(asyncio.get_running_loop(), count_tls_failure)
     audit.append("server.started", time.time())
     audit.flush()
-    bound = await server.start()
+    try:
+        bound = await server.start()
+    except OSError as exc:
+        audit.close(time.time())
+        await admin.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise ConfigError(
+                f"port {port} on {host} is already in use (another server?); stop what "
+                "listens there or choose another port with --port"
+            ) from None
+        raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
     # Long-lived startup objects leave the collector's view, and young-generation
     # collections run less often: collection was a quarter of the CPU per message.
     gc.freeze()

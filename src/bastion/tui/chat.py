@@ -15,13 +15,15 @@ from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.widgets import Footer, Input, Label, ListView, ProgressBar
 
-from bastion.client import contacts, files, groups, presence, receipts, verification
+from bastion.client import contacts, files, groups, outbox, presence, receipts, verification
 from bastion.client.client import (
+    UNANSWERED,
     DevicesChangedEvent,
     Event,
     FeatureEvent,
     KeyChangedEvent,
     MessageEvent,
+    SendRefusedError,
     WarningEvent,
 )
 from bastion.client.records import HistoryRecord
@@ -29,6 +31,7 @@ from bastion.errors import (
     AuthenticationError,
     BastionError,
     KeyChangedError,
+    ServerRefusedError,
     UntrustedServerError,
 )
 from bastion.tui.base import PAGE
@@ -326,7 +329,26 @@ class ChatScreen(PeopleActions, FileActions):
                 self.show_contact()
                 self.review_key_change(exc.user)
                 return
+            except SendRefusedError as exc:
+                # Shown as NOT SENT in the conversation; Enter on the draft retries it.
+                self.restore_draft(peer, text)
+                if peer == self.current:
+                    self.add_line(exc.record)
+                self.notify(f"Not sent: {exc}", severity="error", timeout=8)
+                return
             except (BastionError, ValueError) as exc:
+                kept = self.kept_copy(exc, peer, text)
+                if kept is not None:
+                    # Sent again on its own when the connection is back: no retyping.
+                    if peer == self.current:
+                        self.add_line(kept)
+                    self.notify(
+                        "The connection dropped before the server confirmed this message; "
+                        "it is kept and goes out when the connection is back.",
+                        severity="warning",
+                        timeout=8,
+                    )
+                    return
                 self.restore_draft(peer, text)
                 self.notify(f"Not sent: {exc}", severity="error", timeout=8)
                 return
@@ -337,6 +359,13 @@ class ChatScreen(PeopleActions, FileActions):
         if peer == self.current:
             self.add_line(record)
         self.refresh_list()
+
+    def kept_copy(self, exc: Exception, peer: str, text: str) -> HistoryRecord | None:
+        """The kept message if ``exc`` means the server never answered, else None."""
+        if not isinstance(exc, ServerRefusedError) or exc.code not in UNANSWERED:
+            return None
+        kept = [r for r in outbox.kept_messages(self.client) if r.peer == peer and r.text == text]
+        return kept[-1] if kept else None
 
     def flush_notices(self) -> None:
         """Show what the client library noted while sending (e.g. a group member's warning)."""
@@ -390,6 +419,9 @@ class ChatScreen(PeopleActions, FileActions):
             self.add_groups()
             for record in client.failed:
                 self.add_notice(record.peer, f"A message to {record.peer} could not be sent.")
+            for record in client.flushed:  # kept messages the server has now confirmed
+                if record.peer == self.current:
+                    self.add_line(record)
             try:
                 async for event in client.receive():
                     self.handle(event)

@@ -19,6 +19,9 @@ from textual.widgets import Button, Input, Label, Static
 
 from bastion.client import devices
 from bastion.client.client import USERNAME_RE, Client, check_username
+from bastion.client.passphrase import check_new_passphrase, weakness
+from bastion.client.transport import ServerConnection
+from bastion.crypto import linking
 from bastion.crypto.safety import SafetyNumber, render_qr_text
 from bastion.errors import BastionError, ProfileError
 from bastion.tui.conversations import safe_text
@@ -63,12 +66,25 @@ class FirstRunScreen(Screen[Client]):
     The first field holds a username (register) or the link code another device of
     the account shows (link); the second the server address, optionally followed by
     its certificate fingerprint. A passphrase field appears only when none was given.
+    Without a fingerprint, the first Enter fetches the server's and shows it with what
+    pinning means; the next Enter pins it.
     """
+
+    PINNING = (
+        "Pinning means this device will only ever talk to a server showing this exact "
+        "certificate, so nobody else can pose as it."
+    )
+
+    NEITHER = (
+        "{who!r} is neither a username (3 to 32 lowercase letters, digits, '.', '_' "
+        "or '-') nor a link code."
+    )
 
     def __init__(self, path: Path, *, passphrase: str | None = None) -> None:
         super().__init__()
         self.path = path
         self.passphrase = passphrase
+        self.shown_pin: tuple[str, str] | None = None  # (server, fingerprint) shown, to confirm
 
     def compose(self) -> ComposeResult:
         with Vertical(classes="dialog"):
@@ -103,7 +119,37 @@ class FirstRunScreen(Screen[Client]):
         if not server.startswith("wss://"):
             error.update("The server address starts with wss://")
             return
-        error.update("Connecting…")
+        if not USERNAME_RE.fullmatch(who):
+            try:
+                linking.parse_code(who)
+            except ValueError:
+                error.update(self.NEITHER.format(who=who))
+                return
+        try:
+            check_new_passphrase(passphrase)
+        except ProfileError as exc:
+            error.update(f"Could not start: {exc}")
+            return
+        weak = weakness(passphrase, user_inputs=[who])
+        caution = f"Warning: {weak} " if weak else ""
+        pin = fingerprint.strip()
+        if not pin:
+            if self.shown_pin is None or self.shown_pin[0] != server:
+                error.update("Fetching the server's certificate…")
+                try:
+                    probe = await ServerConnection.open(server, pin=None)
+                except (BastionError, OSError, TimeoutError) as exc:
+                    error.update(f"Could not start: {exc}")
+                    return
+                await probe.aclose()
+                self.shown_pin = (server, probe.fingerprint or "")
+                error.update(
+                    f"{caution}The server's certificate is {self.shown_pin[1]}. {self.PINNING} "
+                    "Check it with the server's operator, then press Enter to pin it."
+                )
+                return
+            pin = self.shown_pin[1]
+        error.update(f"{caution}Connecting and pinning {pin}. {self.PINNING}")
         try:
             if USERNAME_RE.fullmatch(who):
                 client = await Client.register(
@@ -111,7 +157,7 @@ class FirstRunScreen(Screen[Client]):
                     passphrase,
                     username=who,
                     server_url=server,
-                    fingerprint=fingerprint.strip() or None,
+                    fingerprint=pin,
                 )
             else:
                 error.update("Waiting for your other device to answer…")
@@ -120,13 +166,10 @@ class FirstRunScreen(Screen[Client]):
                     passphrase,
                     code=who,
                     server_url=server,
-                    fingerprint=fingerprint.strip() or None,
+                    fingerprint=pin,
                 )
         except ValueError:
-            error.update(
-                f"{who!r} is neither a username (3 to 32 lowercase letters, digits, '.', '_' "
-                "or '-') nor a link code."
-            )
+            error.update(self.NEITHER.format(who=who))
             return
         except (BastionError, OSError, TimeoutError) as exc:
             error.update(f"Could not start: {exc}")
