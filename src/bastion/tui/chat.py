@@ -56,6 +56,7 @@ from bastion.tui.widgets import (
 )
 
 SEARCH_LIMIT = 5000
+NOTICES_KEPT = 200  # per conversation, for as long as the app runs
 
 
 class ChatScreen(PeopleActions, FileActions):
@@ -63,11 +64,12 @@ class ChatScreen(PeopleActions, FileActions):
 
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("ctrl+n", "new_chat", "New chat", priority=True),
-        Binding("ctrl+v", "verify", "Verify", priority=True),
+        Binding("ctrl+t", "verify", "Verify", priority=True),
+        Binding("ctrl+y", "answer_request", "Answer request", show=False, priority=True),
         Binding("ctrl+r", "search", "Search", priority=True),
         Binding("question_mark", "help", "Keys", priority=True),
         Binding("f1", "help", "Keys", show=False),
-        Binding("ctrl+f", "send_file", "File", show=False, priority=True),
+        Binding("ctrl+o", "send_file", "File", show=False, priority=True),
         Binding("ctrl+g", "get_file", "Get file", show=False, priority=True),
         Binding("ctrl+p", "presence", "Presence", show=False, priority=True),
         Binding("ctrl+up", "cycle(-1)", "Previous", show=False, priority=True),
@@ -129,10 +131,16 @@ class ChatScreen(PeopleActions, FileActions):
     def open_conversation(self, peer: str) -> None:
         """Show ``peer``'s conversation from the local history and focus the input."""
         changed = self.current != peer
+        previous = self.current
         self.current = peer
+        message = self.query_one("#message", Input)
         if changed:
             self.limit = PAGE
             self.close_search()
+            # A draft belongs to its conversation: never carried into another one.
+            if previous is not None and message.value:
+                self.drafts[previous] = message.value
+            message.value = self.drafts.pop(peer, "")
         if self.index.find(peer) is None:
             self.index.touch(peer, at=0, title=self.title_of(peer))
             self.index.save(self.client)
@@ -141,7 +149,6 @@ class ChatScreen(PeopleActions, FileActions):
         self.refresh_list()
         self.show_contact()
         self.load_messages()
-        message = self.query_one("#message", Input)
         if not message.disabled:
             message.focus()
 
@@ -170,7 +177,7 @@ class ChatScreen(PeopleActions, FileActions):
         blocked = contact is not None and contact.trust == "changed"
         message.disabled = blocked
         message.placeholder = (
-            "Blocked until you review the key change (Ctrl+V)"
+            "Blocked until you review the key change (Ctrl+T)"
             if blocked
             else f"Message {self.current} (Enter sends)"
         )
@@ -187,7 +194,14 @@ class ChatScreen(PeopleActions, FileActions):
         lines = [MessageLine(r, now_ms=now, tz=self.settings.tz) for r in records]
         for line in lines:
             line.display = matches(line.record, query)
-        pane.mount_all(lines)
+        since = (records[0].server_ts or records[0].sent_at) if len(records) >= self.limit else 0
+        timed: list[tuple[int, MessageLine | NoticeLine]] = [
+            (line.record.server_ts or line.record.sent_at, line) for line in lines
+        ]
+        timed += [
+            (at, NoticeLine(text)) for at, text in self.notices_of(self.current) if at >= since
+        ]
+        pane.mount_all([line for _, line in sorted(timed, key=lambda x: x[0])])
         if keep is not None:
             anchor = next((x for x in lines if x.record.id == keep.record.id), None)
             if anchor is not None:
@@ -221,11 +235,30 @@ class ChatScreen(PeopleActions, FileActions):
         if at_end:
             self.call_after_refresh(pane.scroll_end, animate=False)
 
-    def add_notice(self, peer: str, text: str) -> None:
-        """Say something inside ``peer``'s conversation (if open) and as a notification."""
+    def add_notice(self, peer: str, text: str, *, keep: bool = True) -> None:
+        """Say something inside ``peer``'s conversation (if open) and as a notification.
+
+        Kept notices come back when the conversation is reloaded (search, reopen);
+        ``keep=False`` is for notices the conversation rebuilds from the store itself.
+        """
+        if keep:
+            log = self.notice_log.setdefault(peer, [])
+            log.append((self.settings.clock(), text))
+            del log[:-NOTICES_KEPT]
         if peer == self.current:
             self.query_one("#messages", VerticalScroll).mount(NoticeLine(text))
         self.notify(safe_text(text), severity="warning", timeout=8, markup=False)
+
+    def notices_of(self, peer: str) -> list[tuple[int, str]]:
+        """What was said inside ``peer``'s conversation, with file offers from the store."""
+        said = list(self.notice_log.get(peer, []))
+        if not is_group(peer):
+            said += [
+                (offer.received_at, offer_text(offer))
+                for offer in files.list_files(self.client)
+                if offer.sender == peer
+            ]
+        return sorted(said, key=lambda x: x[0])
 
     # --- search -------------------------------------------------------------------------------
 
@@ -334,7 +367,11 @@ class ChatScreen(PeopleActions, FileActions):
                 self.restore_draft(peer, text)
                 if peer == self.current:
                     self.add_line(exc.record)
-                self.notify(f"Not sent: {exc}", severity="error", timeout=8)
+                self.notify(
+                    f"Not sent to {peer}: {exc}. The text is back in {peer}'s input.",
+                    severity="error",
+                    timeout=12,
+                )
                 return
             except (BastionError, ValueError) as exc:
                 kept = self.kept_copy(exc, peer, text)
@@ -350,7 +387,11 @@ class ChatScreen(PeopleActions, FileActions):
                     )
                     return
                 self.restore_draft(peer, text)
-                self.notify(f"Not sent: {exc}", severity="error", timeout=8)
+                self.notify(
+                    f"Not sent to {peer}: {exc}. The text is back in {peer}'s input.",
+                    severity="error",
+                    timeout=12,
+                )
                 return
             finally:
                 self.flush_notices()
@@ -366,6 +407,17 @@ class ChatScreen(PeopleActions, FileActions):
             return None
         kept = [r for r in outbox.kept_messages(self.client) if r.peer == peer and r.text == text]
         return kept[-1] if kept else None
+
+    def open_latest(self) -> None:
+        """With no conversation open yet (a new or freshly linked device), open the latest."""
+        ordered = self.index.ordered()
+        if self.current is None and ordered:
+            self.open_conversation(ordered[0].peer)
+
+    def ring(self, peer: str) -> None:
+        """The terminal bell for news in a conversation that is not on screen (if on)."""
+        if self.settings.bell and peer != self.current:
+            self.app.bell()
 
     def flush_notices(self) -> None:
         """Show what the client library noted while sending (e.g. a group member's warning)."""
@@ -383,10 +435,16 @@ class ChatScreen(PeopleActions, FileActions):
         self.refresh_list()
 
     def restore_draft(self, peer: str, text: str) -> None:
-        """Put an unsent message back into the input so nothing typed is lost."""
+        """Put an unsent message back into its own conversation's input; nothing is lost.
+
+        If another conversation is open, it waits as that conversation's draft.
+        """
         message = self.query_one("#message", Input)
-        if peer == self.current and not message.value:
-            message.value = text
+        if peer == self.current:
+            message.value = f"{text} {message.value}" if message.value else text
+        else:
+            old = self.drafts.get(peer, "")
+            self.drafts[peer] = f"{text} {old}" if old else text
 
     # --- receiving ----------------------------------------------------------------------------
 
@@ -417,6 +475,7 @@ class ChatScreen(PeopleActions, FileActions):
             self.set_status("online")
             await self.sync_contacts()
             self.add_groups()
+            self.open_latest()
             for record in client.failed:
                 self.add_notice(record.peer, f"A message to {record.peer} could not be sent.")
             for record in client.flushed:  # kept messages the server has now confirmed
@@ -445,13 +504,21 @@ class ChatScreen(PeopleActions, FileActions):
             self.index.save(self.client)
             if record.peer == self.current:
                 self.add_line(record)
+            elif incoming:
+                self.ring(record.peer)
             self.refresh_list()
+            self.open_latest()
         elif isinstance(event, KeyChangedEvent):
             self.index.touch(event.user, at=event.at)
             self.index.save(self.client)
             self.refresh_list()
             if event.user == self.current:
                 self.show_contact()
+            self.add_notice(
+                event.user,
+                f"{event.user}'s account key changed. Messages are held until you review it "
+                "(Ctrl+T).",
+            )
             self.review_key_change(event.user)
         elif isinstance(event, WarningEvent):
             self.add_notice(
@@ -472,7 +539,10 @@ class ChatScreen(PeopleActions, FileActions):
                 )
         elif isinstance(event, contacts.ContactRequestEvent):
             self.show_requests()
-            self.notify(f"{event.user} asks to be your contact; answer on the left.", timeout=8)
+            self.notify(
+                f"{event.user} asks to be your contact: press Ctrl+Y to answer.", timeout=15
+            )
+            self.ring(event.user)
         elif isinstance(event, contacts.ContactChangedEvent | presence.PresenceEvent):
             if isinstance(event, contacts.ContactChangedEvent):
                 self.notify(safe_text(event.describe()), timeout=8, markup=False)
@@ -488,16 +558,17 @@ class ChatScreen(PeopleActions, FileActions):
             self.index.touch(event.sender, at=event.at, unread=event.sender != self.current)
             self.index.save(self.client)
             self.refresh_list()
-            self.add_notice(
-                event.sender,
-                f"{event.sender} offers the file {event.name!r} "
-                f"({files.human_size(event.size)}). Ctrl+G downloads and scans it.",
-            )
+            self.ring(event.sender)
+            offer = next((f for f in files.list_files(self.client) if f.id == event.id), None)
+            if offer is not None:
+                self.add_notice(event.sender, offer_text(offer), keep=False)
         elif isinstance(event, verification.VerificationRequestEvent):
             self.add_notice(
                 event.user,
-                f"{event.user} asks to verify live: Ctrl+V, then 'Compare emoji live'.",
+                f"{event.user} asks to verify live: press Ctrl+T in your chat with "
+                f"{event.user}, then Compare emoji live.",
             )
+            self.ring(event.user)
         elif isinstance(event, groups.GroupChangeEvent):
             self.add_groups()
             self.add_notice(GROUP_PREFIX + event.group_id, event.describe())
@@ -506,3 +577,14 @@ class ChatScreen(PeopleActions, FileActions):
                 self.load_messages()  # 'sent' becomes 'delivered'
         elif isinstance(event, FeatureEvent):
             self.notify(safe_text(event.describe()), timeout=8, markup=False)
+
+
+def offer_text(offer: files.FileRecord) -> str:
+    """How a file offer reads in its conversation, with what became of it."""
+    size = files.human_size(offer.size)
+    if offer.state == "offered":
+        return (
+            f"{offer.sender} offers the file {offer.name!r} ({size}). "
+            "Ctrl+G downloads and scans it."
+        )
+    return f"{offer.sender} offered the file {offer.name!r} ({size}): {offer.state}."
