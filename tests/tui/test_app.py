@@ -26,7 +26,6 @@ from bastion.client import (
 from bastion.client.client import Client, MessageEvent
 from bastion.crypto.safety import safety_number
 from bastion.tui.app import ChatApp
-from bastion.tui.verify_screens import VerifyScreen
 from bastion.tui.screens import (
     FileScreen,
     FirstRunScreen,
@@ -37,6 +36,7 @@ from bastion.tui.screens import (
     SasScreen,
     UnlockScreen,
 )
+from bastion.tui.verify_screens import VerifyScreen
 from bastion.tui.widgets import (
     ContactBar,
     ConversationItem,
