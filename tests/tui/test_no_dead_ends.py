@@ -95,7 +95,7 @@ async def test_a_live_request_from_a_verified_contact_leads_to_a_button_that_exi
         assert contact is not None
         number = safety_number("bob", screen.client.identity().public_bytes, "alice",
                                contact.identity_key)  # fmt: skip
-        from bastion.client import trust  # noqa: PLC0415
+        from bastion.client import trust
 
         trust.mark_verified(screen.client, "alice", number)
         await verification.start(alice, "bob")
@@ -160,7 +160,7 @@ async def test_a_live_contact_request_is_answered_with_the_key_in_the_toast(
 
 async def test_the_app_opens_the_latest_conversation_at_start(profiles: Profiles) -> None:
     await befriended(profiles, "bob")
-    from bastion.client.client import Client  # noqa: PLC0415
+    from bastion.client.client import Client
 
     bob = Client.open(profiles.path("bob"), PASSPHRASE)
     try:
