@@ -13,6 +13,7 @@ from textual.widgets import Button, Input
 
 import bastion.tui.app
 from bastion.client import contacts, files, verification
+from bastion.client.client import Client
 from bastion.crypto.safety import safety_number
 from bastion.tui.app import ChatApp
 from bastion.tui.screens import NewChatScreen, RequestScreen
@@ -294,3 +295,27 @@ async def test_the_verify_dialog_and_the_qr_code_fit_80_by_24(profiles: Profiles
         qr = app.screen.query_one(".qr")
         assert qr.region.bottom <= SIZE[1]
         assert qr.region.right <= SIZE[0]
+
+
+async def test_enter_and_down_work_in_the_conversation_list(profiles: Profiles) -> None:
+    await befriended(profiles, "bob")
+    bob = Client.open(profiles.path("bob"), PASSPHRASE)
+    try:
+        seed_history(bob, "alice", [("in", "older")], start_ms=FIXED_NOW - 7_200_000)
+        seed_history(bob, "ezra", [("in", "newest")], start_ms=FIXED_NOW - 60_000)
+    finally:
+        await bob.close()
+    app = app_for(profiles.path("bob"))
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_until(pilot, lambda: online(app), what="sign-in")
+        screen = chat_screen(app)
+        assert screen.current == "ezra"
+        await pilot.press("shift+tab", "shift+tab")  # from the message line back to the list
+        assert app.focused is screen.query_one("#conversations")
+        await pilot.press("down")
+        screen.refresh_list()  # what any event does (a presence change, a message)
+        await pilot.pause(0.1)
+        await pilot.press("enter")
+        await wait_until(pilot, lambda: screen.current == "alice", what="alice's chat")
+        assert shown_texts(app) == ["older"]
+        assert app.focused is screen.query_one("#message")

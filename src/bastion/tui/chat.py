@@ -117,11 +117,18 @@ class ChatScreen(PeopleActions, FileActions):
     def refresh_list(self) -> None:
         """Redraw the conversation list from the index."""
         view = self.query_one("#conversations", ListView)
+        highlighted = view.highlighted_child
+        # While the person moves in the list, a redraw keeps their place.
+        keep = (
+            highlighted.entry.peer
+            if view.has_focus and isinstance(highlighted, ConversationItem)
+            else self.current
+        )
         view.clear()
         selected = None
         for position, entry in enumerate(self.index.ordered()):
             view.append(ConversationItem(entry, presence=self.presence_of(entry.peer)))
-            if entry.peer == self.current:
+            if entry.peer == keep:
                 selected = position
         if selected is not None:
             view.index = selected
