@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 from typing import ClassVar
 
-from textual import on, work
+from textual import events, on, work
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, Vertical, VerticalScroll
@@ -107,6 +107,13 @@ class ChatScreen(PeopleActions, FileActions):
         if ordered:
             self.open_conversation(ordered[0].peer)
         self.stay_connected()
+
+    def on_descendant_focus(self, event: events.DescendantFocus) -> None:
+        """Show which pane has the keys: its heading or frame lights up."""
+        for pane in ("#sidebar", "#conversation"):
+            widget = self.query_one(pane)
+            inside = any(node is widget for node in event.widget.ancestors_with_self)
+            widget.set_class(inside, "-focused")
 
     def set_status(self, text: str) -> None:
         """The top line: who is signed in and the connection state."""

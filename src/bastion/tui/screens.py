@@ -280,7 +280,7 @@ class NewChatScreen(ModalScreen[tuple[str, str] | None]):
 HELP_KEYS = (
     ("Enter", "send the message; in the list, open the chosen chat"),
     ("Ctrl+N", "start a chat (with a note for a new contact)"),
-    ("Ctrl+T", "verify the contact (safety number, QR, emoji), or review a changed key"),
+    ("Ctrl+T", "verify them (number, QR, emoji) or review a new key"),
     ("Ctrl+Y", "answer the newest contact request"),
     ("Ctrl+R", "search this conversation (Esc closes)"),
     ("Ctrl+Up / Ctrl+Down", "previous / next conversation"),
@@ -292,7 +292,7 @@ HELP_KEYS = (
     ("Ctrl+P", "set presence and status"),
     ("? or F1", "this help"),
     ("Ctrl+Q", "quit"),
-    ("", "Ctrl+V pastes, Ctrl+C copies, Ctrl+X cuts, as in any text field."),
+    ("", "Ctrl+V pastes, Ctrl+C copies, as in any text field"),
 )
 
 

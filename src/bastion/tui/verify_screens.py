@@ -74,12 +74,8 @@ class VerifyScreen(ModalScreen[str | None]):
                     classes="hint",
                 )
             if not self.verified:
-                yield Input(
-                    placeholder=f"last 5 digits {user} reads out",
-                    max_length=7,
-                    id="digits",
-                )
-                yield Label("", id="verify-error", classes="error", markup=False)
+                yield Input(placeholder="the last 5 digits", max_length=7, id="digits")
+                yield Static("", id="verify-error", classes="error", markup=False)
             with Horizontal(classes="buttons"):
                 if not self.verified:
                     yield Button("Mark verified", id="match", variant="success")
@@ -114,7 +110,7 @@ class VerifyScreen(ModalScreen[str | None]):
     def check_digits(self) -> None:
         """Mark verified only if the typed digits are the number's last group."""
         field = self.query_one("#digits", Input)
-        error = self.query_one("#verify-error", Label)
+        error = self.query_one("#verify-error", Static)
         if not field.value.strip():
             error.update(
                 f"Type the last five digits {self.user} reads out from their screen first."
@@ -148,11 +144,15 @@ class QrScreen(ModalScreen[None]):
         self.number = number
 
     def compose(self) -> ComposeResult:
+        code = render_qr_text(self.number.qr_payload())
+        hint = Static(
+            Text(
+                f"{safe_text(self.user)} photographs this, then runs: bastion verify "
+                f"{safe_text(self.number.my_user)} --qr-image PHOTO. Esc closes."
+            ),
+            classes="hint",
+        )
+        hint.styles.width = len(code.splitlines()[0])  # as wide as the code, no wider
         with Vertical(id="qr-screen"):
-            yield Static(render_qr_text(self.number.qr_payload()), classes="qr")
-            yield Label(
-                f"{safe_text(self.user)} photographs this and runs: bastion verify "
-                f"{safe_text(self.number.my_user)} --qr-image PHOTO. Esc closes.",
-                markup=False,
-                classes="hint",
-            )
+            yield Static(code, classes="qr")
+            yield hint
