@@ -5,6 +5,7 @@ Driven like a person would, against a real server on 127.0.0.1.
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 from pathlib import Path
 
@@ -12,15 +13,15 @@ import pytest
 from textual.widgets import Button, Input
 
 import bastion.tui.app
-from bastion.client import contacts, files, verification
+from bastion.client import contacts, devices, files, verification
 from bastion.client.client import Client
 from bastion.crypto.safety import safety_number
 from bastion.tui.app import ChatApp
-from bastion.tui.screens import NewChatScreen, RequestScreen
+from bastion.tui.screens import FirstRunScreen, NewChatScreen, RequestScreen
 from bastion.tui.transfers import OfferScreen
 from bastion.tui.verify_screens import QrScreen, VerifyScreen
 from bastion.tui.widgets import NoticeLine
-from tests.conftest import PASSPHRASE, Profiles
+from tests.conftest import PASSPHRASE, Profiles, ServerProcess
 from tests.helpers import next_events
 from tests.tui.support import (
     FIXED_NOW,
@@ -319,3 +320,26 @@ async def test_enter_and_down_work_in_the_conversation_list(profiles: Profiles) 
         await wait_until(pilot, lambda: screen.current == "alice", what="alice's chat")
         assert shown_texts(app) == ["older"]
         assert app.focused is screen.query_one("#message")
+
+
+async def test_a_freshly_linked_device_opens_a_conversation(
+    profiles: Profiles, server: ServerProcess, tmp_path: Path
+) -> None:
+    alice = await profiles.online("alice", receive=False)
+    await profiles.befriend("bob", "alice")
+    codes: asyncio.Queue[str] = asyncio.Queue()
+    offering = asyncio.create_task(devices.offer_link(alice, codes.put_nowait, wait_s=30))
+    code = await asyncio.wait_for(codes.get(), 10)
+    app = app_for(tmp_path / "laptop")
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        assert isinstance(app.screen, FirstRunScreen)
+        app.screen.query_one("#who", Input).value = code
+        app.screen.query_one("#server", Input).value = f"{server.url} {server.fingerprint}"
+        app.screen.query_one("#server", Input).focus()
+        await pilot.press("enter")
+        await wait_until(pilot, lambda: online(app), what="the linked device to sign in")
+        screen = chat_screen(app)
+        await wait_until(pilot, lambda: screen.current == "bob", what="bob's chat to open")
+        assert app.focused is screen.query_one("#message")
+    await asyncio.wait_for(offering, 10)
