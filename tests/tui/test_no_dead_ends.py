@@ -272,6 +272,8 @@ async def test_the_new_chat_dialog_lowercases_a_name_and_carries_a_note(
         await pilot.press("enter")
         await wait_until(pilot, lambda: "asked ezra already" in toasts(app), what="the toast")
         assert "not sent" not in toasts(app)
+        placeholder = str(screen.query_one("#message", Input).placeholder)
+        assert "once ezra accepts" in placeholder
 
 
 async def test_the_verify_dialog_and_the_qr_code_fit_80_by_24(profiles: Profiles) -> None:

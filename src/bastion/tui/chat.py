@@ -190,11 +190,13 @@ class ChatScreen(PeopleActions, FileActions):
         )
         blocked = contact is not None and contact.trust == "changed"
         message.disabled = blocked
-        message.placeholder = (
-            "Blocked until you review the key change (Ctrl+T)"
-            if blocked
-            else f"Message {self.current} (Enter sends)"
-        )
+        asked = contacts.buddy(self.client, self.current)
+        if blocked:
+            message.placeholder = "Blocked until you review the key change (Ctrl+T)"
+        elif asked is not None and asked.state == "pending_out":
+            message.placeholder = f"You can write once {self.current} accepts your request"
+        else:
+            message.placeholder = f"Message {self.current} (Enter sends)"
 
     def load_messages(self, *, keep: MessageLine | None = None) -> None:
         """(Re)fill the message pane with the last ``limit`` messages."""

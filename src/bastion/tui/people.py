@@ -175,7 +175,9 @@ class PeopleActions(ChatScreenBase):
                     self.notify(f"Contact request not sent: {exc}", severity="error")
                 else:
                     if state == "pending_out":
-                        self.notify(f"Contact request sent to {user}.")
+                        self.notify(
+                            f"Contact request sent to {user}; you can write once they accept."
+                        )
                     elif state == "accepted":
                         self.notify(f"{user} is your contact now.")
         self.open_conversation(user)
