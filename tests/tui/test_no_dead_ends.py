@@ -345,3 +345,22 @@ async def test_a_freshly_linked_device_opens_a_conversation(
         await wait_until(pilot, lambda: screen.current == "bob", what="bob's chat to open")
         assert app.focused is screen.query_one("#message")
     await asyncio.wait_for(offering, 10)
+
+
+async def test_a_file_name_with_markup_is_shown_as_text_in_the_notice_and_toast(
+    profiles: Profiles, tmp_path: Path
+) -> None:
+    alice = await profiles.online("alice")
+    await befriended(profiles, "bob", "alice")
+    tricky = tmp_path / "[b red]urgent[@click=app.quit]open me.txt"
+    tricky.write_text("just text\n")
+    app = app_for(profiles.path("bob"))
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_until(pilot, lambda: online(app), what="sign-in")
+        chat_screen(app).open_conversation("alice")
+        await files.send_file(alice, "bob", tricky)
+        await wait_until(pilot, lambda: "urgent" in notices(app), what="the offer")
+        assert "[b red]urgent[@click=app.quit]open me.txt" in notices(app)
+        await wait_until(pilot, lambda: "urgent" in toasts(app), what="the toast")
+        assert "[b red]urgent[@click=app.quit]open me.txt" in toasts(app)
+        assert all(not n.markup for n in app._notifications if "urgent" in n.message)

@@ -407,6 +407,7 @@ class ChatScreen(PeopleActions, FileActions):
                     f"Not sent to {peer}: {exc}. The text is back in {peer}'s input.",
                     severity="error",
                     timeout=12,
+                    markup=False,
                 )
                 return
             finally:
