@@ -315,6 +315,7 @@ async def test_enter_and_down_work_in_the_conversation_list(profiles: Profiles) 
         assert screen.current == "ezra"
         await pilot.press("shift+tab", "shift+tab")  # from the message line back to the list
         assert app.focused is screen.query_one("#conversations")
+        assert screen.query_one("#sidebar").has_class("-focused")  # the list says it has the keys
         await pilot.press("down")
         screen.refresh_list()  # what any event does (a presence change, a message)
         await pilot.pause(0.1)
@@ -322,6 +323,7 @@ async def test_enter_and_down_work_in_the_conversation_list(profiles: Profiles) 
         await wait_until(pilot, lambda: screen.current == "alice", what="alice's chat")
         assert shown_texts(app) == ["older"]
         assert app.focused is screen.query_one("#message")
+        assert not screen.query_one("#sidebar").has_class("-focused")
 
 
 async def test_a_freshly_linked_device_opens_a_conversation(
