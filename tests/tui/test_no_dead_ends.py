@@ -177,7 +177,8 @@ async def test_the_app_opens_the_latest_conversation_at_start(profiles: Profiles
         screen = chat_screen(app)
         assert screen.current == "ezra"
         assert shown_texts(app) == ["newest"]
-        assert app.focused is screen.query_one("#message")  # ready to type
+        message = screen.query_one("#message")
+        await wait_until(pilot, lambda: app.focused is message, what="focus, ready to type")
 
 
 async def test_a_message_in_a_background_conversation_rings_the_bell_unless_off(
@@ -345,7 +346,8 @@ async def test_a_freshly_linked_device_opens_a_conversation(
         await wait_until(pilot, lambda: online(app), what="the linked device to sign in")
         screen = chat_screen(app)
         await wait_until(pilot, lambda: screen.current == "bob", what="bob's chat to open")
-        assert app.focused is screen.query_one("#message")
+        message = screen.query_one("#message")
+        await wait_until(pilot, lambda: app.focused is message, what="the message line's focus")
     await asyncio.wait_for(offering, 10)
 
 
