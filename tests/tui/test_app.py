@@ -188,7 +188,9 @@ async def test_a_changed_key_blocks_the_contact_until_accepted(
     app = app_for(profiles.path("bob"))
     async with app.run_test(size=SIZE) as pilot:
         await wait_until(
-            pilot, lambda: isinstance(app.screen, KeyChangeScreen), what="the key-change screen"
+            pilot,
+            lambda: isinstance(app.screen, KeyChangeScreen) and bool(app.screen.query(".title")),
+            what="the key-change screen",
         )
         assert "alice's key has changed" in plain(app.screen.query_one(".title"))
         await pilot.press("escape")  # not now
