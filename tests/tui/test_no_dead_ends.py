@@ -8,8 +8,10 @@ from __future__ import annotations
 import asyncio
 import datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
+from textual.screen import Screen
 from textual.widgets import Button, Input
 
 import bastion.tui.app
@@ -55,6 +57,15 @@ def toasts(app: ChatApp) -> str:
     return " ".join(n.message for n in app._notifications)
 
 
+def drawn(app: ChatApp, kind: type[Screen[Any]]) -> bool:
+    """Whether the top screen is a ``kind`` whose widgets are mounted and focused."""
+    return (
+        isinstance(app.screen, kind)
+        and app.focused is not None
+        and app.focused.screen is app.screen
+    )
+
+
 def notices(app: ChatApp) -> str:
     return " ".join(plain(n) for n in chat_screen(app).query(NoticeLine))
 
@@ -69,7 +80,7 @@ async def test_tab_and_enter_on_a_fresh_verify_dialog_mark_nothing(profiles: Pro
         screen.start_chat("alice")
         await wait_until(pilot, lambda: screen.current == "alice", what="the chat")
         await pilot.press("ctrl+t")
-        await wait_until(pilot, lambda: isinstance(app.screen, VerifyScreen), what="verify")
+        await wait_until(pilot, lambda: drawn(app, VerifyScreen), what="verify")
         assert app.focused is not None
         assert app.focused.id == "digits"  # not a button that marks verified
         for keys in (["enter"], ["tab", "enter"], ["enter"]):
@@ -104,7 +115,7 @@ async def test_a_live_request_from_a_verified_contact_leads_to_a_button_that_exi
         await wait_until(pilot, lambda: "asks to verify live" in notices(app), what="request")
         assert "Ctrl+T" in notices(app)
         await pilot.press("ctrl+t")
-        await wait_until(pilot, lambda: isinstance(app.screen, VerifyScreen), what="verify")
+        await wait_until(pilot, lambda: drawn(app, VerifyScreen), what="verify")
         assert app.focused is not None
         assert app.focused.id == "sas"  # the button the prompt names is there, and focused
         assert "Compare emoji live" in str(app.screen.query_one("#sas", Button).label)
@@ -152,7 +163,7 @@ async def test_a_live_contact_request_is_answered_with_the_key_in_the_toast(
         await wait_until(pilot, lambda: "Ctrl+Y" in toasts(app), what="the toast")
         assert "carol asks to be your contact" in toasts(app)
         await pilot.press("ctrl+y")
-        await wait_until(pilot, lambda: isinstance(app.screen, RequestScreen), what="request")
+        await wait_until(pilot, lambda: drawn(app, RequestScreen), what="request")
         assert "hi, it's carol" in " ".join(plain(w) for w in app.screen.query("Static"))
         await pilot.press("enter")  # the first button: Accept
         screen = chat_screen(app)
@@ -240,7 +251,7 @@ async def test_notices_and_offers_stay_after_a_search_and_any_offer_can_be_fetch
             assert said in notices(app), said
 
         await pilot.press("ctrl+g")
-        await wait_until(pilot, lambda: isinstance(app.screen, OfferScreen), what="the choice")
+        await wait_until(pilot, lambda: drawn(app, OfferScreen), what="the choice")
         await pilot.press("down", "enter")  # the older offer, not only the newest
         await wait_until(pilot, lambda: "clean, saved" in notices(app), what="the verdict")
         assert [p.name for p in downloads.iterdir()] == ["first.txt"]
@@ -255,7 +266,7 @@ async def test_the_new_chat_dialog_lowercases_a_name_and_carries_a_note(
     async with app.run_test(size=SIZE) as pilot:
         await wait_until(pilot, lambda: online(app), what="sign-in")
         await pilot.press("ctrl+n")
-        await wait_until(pilot, lambda: isinstance(app.screen, NewChatScreen), what="dialog")
+        await wait_until(pilot, lambda: drawn(app, NewChatScreen), what="dialog")
         await type_text(pilot, "Ezra")
         await pilot.press("tab")
         await type_text(pilot, "from the book club")
