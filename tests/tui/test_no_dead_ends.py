@@ -15,7 +15,7 @@ from textual.screen import Screen
 from textual.widgets import Button, Input
 
 import bastion.tui.app
-from bastion.client import contacts, devices, files, verification
+from bastion.client import contacts, devices, files, trust, verification
 from bastion.client.client import Client
 from bastion.crypto.safety import safety_number
 from bastion.tui.app import ChatApp
@@ -108,8 +108,6 @@ async def test_a_live_request_from_a_verified_contact_leads_to_a_button_that_exi
         assert contact is not None
         number = safety_number("bob", screen.client.identity().public_bytes, "alice",
                                contact.identity_key)  # fmt: skip
-        from bastion.client import trust
-
         trust.mark_verified(screen.client, "alice", number)
         await verification.start(alice, "bob")
         await wait_until(pilot, lambda: "asks to verify live" in notices(app), what="request")
@@ -173,7 +171,6 @@ async def test_a_live_contact_request_is_answered_with_the_key_in_the_toast(
 
 async def test_the_app_opens_the_latest_conversation_at_start(profiles: Profiles) -> None:
     await befriended(profiles, "bob")
-    from bastion.client.client import Client
 
     bob = Client.open(profiles.path("bob"), PASSPHRASE)
     try:
