@@ -56,6 +56,12 @@ async def cmd_verify(args: argparse.Namespace) -> int:
     async def work(client: Client) -> int:
         waiting = client.contact(args.user)
         if waiting is not None and waiting.trust == "changed":
+            if args.confirm is not None or args.qr_image is not None:
+                raise BastionError(
+                    f"{args.user}'s key changed: nothing was marked verified. Compare the new "
+                    f"number (bastion verify {args.user}) and accept it first (bastion trust "
+                    f"{args.user} --accept-new-key ...)"
+                )
             return show_new_key(client, args)
         number = await trust.safety_number_with(client, args.user)
         if args.confirm is not None:
