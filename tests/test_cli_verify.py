@@ -10,6 +10,7 @@ from PIL import Image
 
 from tests.conftest import ServerProcess
 from tests.test_cli import bastion, befriend, register
+from tests.test_devices import replace_account_on_server
 
 pytestmark = pytest.mark.network
 
@@ -103,3 +104,26 @@ def test_qr_image_of_the_other_side_marks_verified_and_another_users_code_is_ref
     ok = bastion("verify", "bob", "--qr-image", str(photo), "--profile", str(alice))
     assert "QR code matches: bob is verified" in ok.stdout
     assert trust_of(alice, "bob")[0] == "verified"
+
+
+def test_confirm_while_a_key_change_waits_is_refused_and_marks_nothing(
+    server: ServerProcess, tmp_path: Path
+) -> None:
+    alice = register(server, "alice", tmp_path)
+    bob = register(server, "bob", tmp_path)
+    befriend(alice, "alice", bob, "bob")
+    bastion("send", "bob", "before", "--profile", str(alice))
+    bastion("inbox", "--profile", str(bob))
+    server.stop()
+    replace_account_on_server(server, "alice")
+    server.start()
+    register(server, "alice", tmp_path / "reinstalled")
+    bastion("send", "alice", "who are you?", "--profile", str(bob), check=False)  # sees it
+    state, new_number = trust_of(bob, "alice")
+    assert state == "changed"
+    refused = bastion(
+        "verify", "alice", "--confirm", new_number, "--profile", str(bob), check=False
+    )
+    assert refused.returncode != 0
+    assert "key changed: nothing was marked verified" in refused.stderr
+    assert trust_of(bob, "alice")[0] == "changed"
