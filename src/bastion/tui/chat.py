@@ -46,7 +46,7 @@ from bastion.tui.conversations import (
 )
 from bastion.tui.people import PeopleActions
 from bastion.tui.screens import HelpScreen
-from bastion.tui.transfers import FileActions
+from bastion.tui.transfers import FileActions, offer_text
 from bastion.tui.widgets import (
     ContactBar,
     ConversationItem,
@@ -387,6 +387,7 @@ class ChatScreen(PeopleActions, FileActions):
                     f"Not sent to {peer}: {exc}. The text is back in {peer}'s input.",
                     severity="error",
                     timeout=12,
+                    markup=False,
                 )
                 return
             except (BastionError, ValueError) as exc:
@@ -594,14 +595,3 @@ class ChatScreen(PeopleActions, FileActions):
                 self.load_messages()  # 'sent' becomes 'delivered'
         elif isinstance(event, FeatureEvent):
             self.notify(safe_text(event.describe()), timeout=8, markup=False)
-
-
-def offer_text(offer: files.FileRecord) -> str:
-    """How a file offer reads in its conversation, with what became of it."""
-    size = files.human_size(offer.size)
-    if offer.state == "offered":
-        return (
-            f"{offer.sender} offers the file {offer.name!r} ({size}). "
-            "Ctrl+G downloads and scans it."
-        )
-    return f"{offer.sender} offered the file {offer.name!r} ({size}): {offer.state}."

@@ -101,6 +101,17 @@ class FileActions(ChatScreenBase):
         self.add_notice(record.sender, text)
 
 
+def offer_text(offer: files.FileRecord) -> str:
+    """How a file offer reads in its conversation, with what became of it."""
+    size = files.human_size(offer.size)
+    if offer.state == "offered":
+        return (
+            f"{offer.sender} offers the file {offer.name!r} ({size}). "
+            "Ctrl+G downloads and scans it."
+        )
+    return f"{offer.sender} offered the file {offer.name!r} ({size}): {offer.state}."
+
+
 class OfferItem(ListItem):
     """One waiting file offer."""
 
