@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import pytest
 
 from bastion.client import verification
-from bastion.client.client import Client, Event
+from bastion.client.client import Client, Event, MessageEvent
 from bastion.client.verification import SasCodes, VerificationFailed, VerificationRequestEvent
 from tests.conftest import Profiles
 from tests.helpers import drain
@@ -213,3 +213,40 @@ async def test_cli_verify_sas_in_a_terminal(profiles: Profiles) -> None:
     contact = bob.contact("alice")
     assert contact is not None
     assert contact.trust == "verified"
+
+
+async def test_a_peer_spamming_verification_requests_is_prompted_once_and_capped(
+    profiles: Profiles,
+) -> None:
+    alice, bob = await pair(profiles)
+    carol = await profiles.online("carol")
+    await profiles.befriend("carol", "alice")
+    verification.install(alice, max_requests_total=1)
+
+    async def start_from(sender: Client) -> str:
+        body = verification.VerificationBody(
+            txn=os.urandom(16).hex(), from_device=sender.account.device_id, to_device="*"
+        )
+        raw = verification._encode(body)
+        await sender.send_payload("alice", "verify.start", raw, history=False)
+        return body.txn
+
+    sent = [await start_from(bob) for _ in range(12)]  # a flood from one device, new ids
+    await start_from(carol)
+    await bob.send_text("alice", "that was all")  # order is kept per conversation
+    await carol.send_text("alice", "me too")
+    events: list[Event] = []
+
+    async def until_both_texts() -> None:
+        async for event in alice.receive():
+            events.append(event)
+            if len([e for e in events if isinstance(e, MessageEvent)]) == 2:
+                return
+
+    await asyncio.wait_for(until_both_texts(), 15)
+    prompts = [e for e in events if isinstance(e, VerificationRequestEvent)]
+    assert [e.user for e in prompts] == ["bob"]  # one prompt, not twelve; carol over the total
+    assert len(verification._state(alice).requests) == 1  # no pile of state either
+    assert verification.pending_request(alice, "carol") is None
+    # The one kept is bob's newest, the verification he is waiting in.
+    assert verification.pending_request(alice, "bob") == sent[-1]

@@ -14,7 +14,7 @@ from pathlib import Path
 import msgspec
 
 from bastion.cli import passphrase, profile_dir, with_client, with_profile
-from bastion.client import devices, policy, trust, verification
+from bastion.client import comparison, devices, policy, trust, verification
 from bastion.client.client import Client
 from bastion.crypto.safety import render_qr_text, save_qr_png
 from bastion.display import escape_text
@@ -56,15 +56,22 @@ async def cmd_verify(args: argparse.Namespace) -> int:
     async def work(client: Client) -> int:
         waiting = client.contact(args.user)
         if waiting is not None and waiting.trust == "changed":
+            if args.confirm is not None or args.qr_image is not None:
+                raise BastionError(
+                    f"{args.user}'s key changed: nothing was marked verified. Compare the new "
+                    f"number (bastion verify {args.user}) and accept it first (bastion trust "
+                    f"{args.user} --accept-new-key ...)"
+                )
             return show_new_key(client, args)
         number = await trust.safety_number_with(client, args.user)
+        if args.confirm is not None:
+            comparison.confirm_number(client, args.user, args.confirm)
+        elif args.qr_image is not None:
+            comparison.confirm_qr_image(client, args.user, Path(args.qr_image))
         contact = client.contact(args.user)
         state = contact.trust if contact is not None else "unverified"
         if args.qr:
             save_qr_png(number.qr_payload(), Path(args.qr))
-        if args.mark_verified:
-            trust.mark_verified(client, args.user, number)
-            state = "verified"
         if args.json:
             print(
                 json.dumps(
@@ -77,13 +84,25 @@ async def cmd_verify(args: argparse.Namespace) -> int:
                 )
             )
             return 0
+        if args.confirm is not None or args.qr_image is not None:
+            how = "safety number" if args.confirm is not None else "QR code"
+            print(f"The {how} matches: {args.user} is verified.")
+            return 0
         print(f"Safety number with {args.user} (compare it with theirs, in person or by call):")
         print(str(number))
         if not args.qr:
             print(render_qr_text(number.qr_payload()))
         print(f"{args.user} is {state}.")
         if state != "verified":
-            print(with_profile(f"If the numbers match: bastion verify {args.user} --mark-verified"))
+            print(
+                with_profile(
+                    "To mark them verified once you compared, use one of:\n"
+                    f"  bastion verify {args.user} --confirm NUMBER\n"
+                    f"  bastion verify {args.user} --qr-image PHOTO\n"
+                    f"  bastion verify {args.user} --sas\n"
+                    "NUMBER: the 60 digits they read out. PHOTO: a picture of their QR code."
+                )
+            )
         return 0
 
     return await with_client(args, work)
@@ -288,10 +307,18 @@ def add_commands(
     verify = sub.add_parser("verify", parents=[common], help="show the safety number with a user")
     verify.add_argument("user")
     verify.add_argument("--qr", metavar="FILE", help="write the QR code as a PNG file")
-    verify.add_argument(
-        "--mark-verified", action="store_true", help="mark verified after comparing"
+    how = verify.add_mutually_exclusive_group()
+    how.add_argument(
+        "--confirm",
+        metavar="NUMBER",
+        help="mark verified if NUMBER (the 60 digits they read out, spaces allowed) matches",
     )
-    verify.add_argument(
+    how.add_argument(
+        "--qr-image",
+        metavar="FILE",
+        help="mark verified if FILE (a photo or screenshot of their QR code) matches",
+    )
+    how.add_argument(
         "--sas", action="store_true", help="compare emoji interactively with the other device"
     )
     verify.set_defaults(run=cmd_verify)

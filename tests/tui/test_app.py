@@ -35,8 +35,8 @@ from bastion.tui.screens import (
     RequestScreen,
     SasScreen,
     UnlockScreen,
-    VerifyScreen,
 )
+from bastion.tui.verify_screens import VerifyScreen
 from bastion.tui.widgets import (
     ContactBar,
     ConversationItem,
@@ -188,7 +188,9 @@ async def test_a_changed_key_blocks_the_contact_until_accepted(
     app = app_for(profiles.path("bob"))
     async with app.run_test(size=SIZE) as pilot:
         await wait_until(
-            pilot, lambda: isinstance(app.screen, KeyChangeScreen), what="the key-change screen"
+            pilot,
+            lambda: isinstance(app.screen, KeyChangeScreen) and bool(app.screen.query(".title")),
+            what="the key-change screen",
         )
         assert "alice's key has changed" in plain(app.screen.query_one(".title"))
         await pilot.press("escape")  # not now
@@ -197,11 +199,11 @@ async def test_a_changed_key_blocks_the_contact_until_accepted(
         await pilot.pause()
         bar = plain(screen.query_one("#contact", ContactBar))
         assert "[KEY CHANGED]" in bar
-        assert "Ctrl+V" in bar
+        assert "Ctrl+T" in bar
         assert screen.query_one("#message", Input).disabled
         assert shown_texts(app) == []  # the held message is not shown
 
-        await pilot.press("ctrl+v")
+        await pilot.press("ctrl+t")
         await wait_until(pilot, lambda: isinstance(app.screen, KeyChangeScreen), what="review")
         # The safety number with the new key is on the screen that accepts it.
         expected = safety_number(
@@ -237,14 +239,30 @@ async def test_verification_shows_the_safety_number_and_marks_verified(
         screen = chat_screen(app)
         screen.start_chat("alice")
         await wait_until(pilot, lambda: screen.current == "alice", what="the chat")
-        await pilot.press("ctrl+v")
+        await pilot.press("ctrl+t")
         await wait_until(pilot, lambda: isinstance(app.screen, VerifyScreen), what="verify")
         theirs = await trust.safety_number_with(alice, "bob")
         shown = " ".join(plain(w) for w in app.screen.query("Static"))
         assert theirs.groups[0] in shown
         assert theirs.groups[-1] in shown
-        assert "▀" in shown or "▄" in shown  # the QR code
-        await pilot.click("#match")
+        await pilot.click("#qr")
+        qr = " ".join(plain(w) for w in app.screen.query("Static"))
+        assert "▀" in qr or "▄" in qr  # the QR code, on a screen of its own
+        await pilot.press("escape")
+        await wait_until(pilot, lambda: isinstance(app.screen, VerifyScreen), what="back")
+        await pilot.click("#match")  # nothing typed: nothing marked
+        await pilot.pause(0.1)
+        assert "last five digits" in plain(app.screen.query_one("#verify-error"))
+        wrong = f"{(int(theirs.groups[-1]) + 1) % 100000:05d}"
+        await type_text(pilot, wrong)
+        await pilot.press("enter")
+        await pilot.pause(0.1)
+        assert "not the last five digits" in plain(app.screen.query_one("#verify-error"))
+        contact = screen.client.contact("alice")
+        assert contact is not None
+        assert contact.trust == "unverified"
+        await type_text(pilot, theirs.groups[-1])
+        await pilot.press("enter")
         await wait_until(
             pilot,
             lambda: "[verified]" in plain(screen.query_one("#contact", ContactBar)),
@@ -433,7 +451,7 @@ async def test_files_go_out_with_progress_and_a_blocked_one_says_why(
         await wait_until(pilot, lambda: online(app), what="sign-in")
         screen = chat_screen(app)
         screen.open_conversation("alice")
-        await pilot.press("ctrl+f")
+        await pilot.press("ctrl+o")
         await wait_until(pilot, lambda: isinstance(app.screen, FileScreen), what="file dialog")
         await type_text(pilot, str(outgoing))
         await pilot.press("enter")
@@ -514,7 +532,7 @@ async def test_live_verification_compares_the_same_codes_on_both_sides(
         screen = chat_screen(app)
         screen.start_chat("alice")
         await wait_until(pilot, lambda: screen.current == "alice", what="the chat")
-        await pilot.press("ctrl+v")
+        await pilot.press("ctrl+t")
         await wait_until(pilot, lambda: isinstance(app.screen, VerifyScreen), what="verify")
         pump = asyncio.create_task(alice_receives())
         answering = asyncio.create_task(alice_answers())

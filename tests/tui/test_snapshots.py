@@ -16,10 +16,12 @@ from typing import Any
 
 import pytest
 from textual.pilot import Pilot
-from textual.widgets import Static
+from textual.widgets import Button, Static
 
 from bastion.client.client import Client
+from bastion.crypto.safety import safety_number
 from bastion.tui.app import ChatApp
+from bastion.tui.verify_screens import VerifyScreen
 from tests.conftest import PASSPHRASE, Profiles, ServerProcess, free_port
 from tests.tui.support import FIXED_NOW, chat_screen, online, pin, seed_history, wait_until
 
@@ -129,7 +131,7 @@ def test_key_change_screen(snap_compare: SnapCompare, alice_profile: Path) -> No
         await signed_in(pilot)
         assert isinstance(pilot.app, ChatApp)
         chat_screen(pilot.app).open_conversation("dave")
-        await pilot.press("ctrl+v")
+        await pilot.press("ctrl+t")
         await pilot.pause(0.2)
         # The number depends on alice's random key: a fixed stand-in keeps the picture
         # stable (tests/tui/test_app.py checks the real number is shown).
@@ -141,6 +143,40 @@ def test_key_change_screen(snap_compare: SnapCompare, alice_profile: Path) -> No
         await pilot.pause(0.2)
 
     assert snap_compare(chat_app(alice_profile), run_before=review)
+
+
+async def verify_carol(pilot: Pilot[Any]) -> None:
+    """Open the verify dialog on a fixed safety number (real keys differ from run to run)."""
+    await signed_in(pilot)
+    number = safety_number("alice", bytes(range(32)), "carol", bytes(range(32, 64)))
+    pilot.app.push_screen(VerifyScreen("carol", number, verified=False, confirm=lambda _: None))
+    await pilot.pause(0.2)
+
+
+def test_verify_dialog(snap_compare: SnapCompare, alice_profile: Path) -> None:
+    """Verifying at 80x24: the number, the five-digit field, and every button on screen."""
+
+    async def verify(pilot: Pilot[Any]) -> None:
+        await verify_carol(pilot)
+        width, height = pilot.app.size
+        buttons = list(pilot.app.screen.query(Button))
+        assert len(buttons) == 4
+        for button in buttons:
+            assert button.region.right <= width
+            assert 0 < button.region.bottom <= height
+
+    assert snap_compare(chat_app(alice_profile), run_before=verify)
+
+
+def test_qr_screen(snap_compare: SnapCompare, alice_profile: Path) -> None:
+    """The QR code for the other side to photograph, whole at 80x24."""
+
+    async def show_qr(pilot: Pilot[Any]) -> None:
+        await verify_carol(pilot)
+        await pilot.click("#qr")
+        await pilot.pause(0.2)
+
+    assert snap_compare(chat_app(alice_profile), run_before=show_qr)
 
 
 def test_help_screen(snap_compare: SnapCompare, alice_profile: Path) -> None:

@@ -15,6 +15,12 @@ failure behind Matrix CVE-2022-39250 was to accept whatever key came later): a
 key that changes in between makes it fail, never succeed for the new key.
 When both users start at the same time, the device with the smaller
 (user, device) pair stays the starter and the other answers.
+
+A peer cannot pile up requests: each of their devices has at most one pending
+request (a new start replaces the old one), at most ``max_requests_per_peer``
+devices of one user and ``max_requests_total`` requests in all are kept, a
+request is forgotten once its starter would have timed out, and a user is
+prompted once while any request of theirs is pending.
 """
 
 from __future__ import annotations
@@ -42,6 +48,8 @@ from bastion.protocol import frames
 KINDS = ("verify.start", "verify.accept", "verify.key", "verify.mac", "verify.cancel")
 STEP_TIMEOUT_S = 120.0
 EXTENSION = "verification"
+MAX_REQUESTS_PER_PEER = 3
+MAX_REQUESTS_TOTAL = 32
 
 
 class VerificationFailed(SecurityError):
@@ -126,6 +134,26 @@ class _Yield(Exception):
 class _State:
     sessions: dict[str, SasVerification] = field(default_factory=dict)
     requests: dict[str, _Request] = field(default_factory=dict)
+    max_requests_per_peer: int = MAX_REQUESTS_PER_PEER
+    max_requests_total: int = MAX_REQUESTS_TOTAL
+    request_lifetime_ms: int = int(STEP_TIMEOUT_S * 1000)
+
+    def remember(self, request: _Request) -> bool:
+        """Keep a request within the limits; True if the user should be prompted."""
+        for txn, old in list(self.requests.items()):
+            if request.at - old.at > self.request_lifetime_ms:
+                del self.requests[txn]  # its starter has given up by now
+        theirs = [r for r in self.requests.values() if r.user == request.user]
+        for old in theirs:
+            if old.device == request.device:  # a device starting again replaces its request
+                del self.requests[old.body.txn]
+        devices = {r.device for r in self.requests.values() if r.user == request.user}
+        if len(devices) >= self.max_requests_per_peer:
+            return False
+        if len(self.requests) >= self.max_requests_total:
+            return False
+        self.requests[request.body.txn] = request
+        return not theirs
 
 
 def _state(client: Client) -> _State:
@@ -274,8 +302,20 @@ class SasVerification:
 # --- receiving ------------------------------------------------------------------------------
 
 
-def install(client: Client) -> None:
-    """Register the verification payload handlers on ``client``."""
+def install(
+    client: Client,
+    *,
+    max_requests_per_peer: int = MAX_REQUESTS_PER_PEER,
+    max_requests_total: int = MAX_REQUESTS_TOTAL,
+) -> None:
+    """Register the verification payload handlers on ``client``.
+
+    At most ``max_requests_per_peer`` devices of one user, and ``max_requests_total``
+    requests in all, wait for an answer; more are dropped without a prompt.
+    """
+    state = _state(client)
+    state.max_requests_per_peer = max_requests_per_peer
+    state.max_requests_total = max_requests_total
     for kind in KINDS:
         client.payload_handlers[kind] = functools.partial(_handle, client)
 
@@ -296,7 +336,7 @@ def _handle(
     state = _state(client)
     if payload.kind == "verify.start":
         request = _Request(
-            payload.sender, payload.sender_device, body, payload.body.encode(), payload.sent_at
+            payload.sender, payload.sender_device, body, payload.body.encode(), now_ms()
         )
         for mine in state.sessions.values():
             if mine.peer == payload.sender and mine.starter and mine.peer_device is None:
@@ -305,9 +345,10 @@ def _handle(
                     return None
                 mine.inbox.put_nowait(_Yield(request))
                 return None
-        state.requests[body.txn] = request
+        if not state.remember(request):
+            return None  # already prompted for this user, or over a limit
         return VerificationRequestEvent(
-            user=payload.sender, device=payload.sender_device, txn=body.txn, at=now_ms()
+            user=payload.sender, device=payload.sender_device, txn=body.txn, at=request.at
         )
     session = state.sessions.get(body.txn)
     if session is None or session.peer != payload.sender:
@@ -372,11 +413,15 @@ def accept(client: Client, txn: str, *, step_timeout_s: float = STEP_TIMEOUT_S) 
 
 
 def pending_request(client: Client, user: str) -> str | None:
-    """The id of a pending request from ``user``, if any."""
-    for txn, request in _state(client).requests.items():
-        if request.user == user:
-            return txn
-    return None
+    """The id of the newest pending request from ``user`` that has not timed out, if any."""
+    state = _state(client)
+    now = now_ms()
+    theirs = [
+        r
+        for r in state.requests.values()
+        if r.user == user and now - r.at <= state.request_lifetime_ms
+    ]
+    return max(theirs, key=lambda r: r.at).body.txn if theirs else None
 
 
 async def verify_interactively(

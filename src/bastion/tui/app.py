@@ -37,6 +37,7 @@ class ChatApp(App[None]):
         tz: datetime.tzinfo | None = None,
         reconnect_delay_s: float = 2.0,
         downloads: Path | None = None,
+        bell: bool = True,
     ) -> None:
         super().__init__()
         self.profile_path = profile
@@ -46,6 +47,7 @@ class ChatApp(App[None]):
             tz=tz,
             reconnect_delay_s=reconnect_delay_s,
             downloads=downloads or Path(platformdirs.user_downloads_dir()),
+            bell=bell,
         )
         self.client: Client | None = None
 
@@ -80,7 +82,7 @@ class ChatApp(App[None]):
             await self.client.close()
 
 
-def run(profile: Path, *, passphrase: str | None = None) -> int:
-    """Run the app in this terminal until the user quits."""
-    ChatApp(profile, passphrase=passphrase).run()
+def run(profile: Path, *, passphrase: str | None = None, bell: bool = True) -> int:
+    """Run the app in this terminal until the user quits (``bell``: ring for new messages)."""
+    ChatApp(profile, passphrase=passphrase, bell=bell).run()
     return 0

@@ -22,12 +22,13 @@ PAGE = 100
 
 @dataclass(frozen=True, slots=True)
 class ChatSettings:
-    """The app's clock, time zone, reconnect pause and downloads folder."""
+    """The app's clock, time zone, reconnect pause, downloads folder and bell."""
 
     clock: Callable[[], int]
     tz: datetime.tzinfo | None
     reconnect_delay_s: float
     downloads: Path
+    bell: bool = True  # ring for a new message in a conversation not on screen
 
 
 class ChatScreenBase(Screen[None]):
@@ -42,6 +43,8 @@ class ChatScreenBase(Screen[None]):
         self.limit = PAGE
         self.key_change_open: set[str] = set()
         self.send_lock = asyncio.Lock()
+        self.drafts: dict[str, str] = {}  # what was typed in a conversation not on screen
+        self.notice_log: dict[str, list[tuple[int, str]]] = {}  # notices, kept per conversation
 
     def open_conversation(self, peer: str) -> None:
         """Show ``peer``'s conversation."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 from typing import ClassVar
 
-from textual import on, work
+from textual import events, on, work
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, Vertical, VerticalScroll
@@ -46,7 +46,7 @@ from bastion.tui.conversations import (
 )
 from bastion.tui.people import PeopleActions
 from bastion.tui.screens import HelpScreen
-from bastion.tui.transfers import FileActions
+from bastion.tui.transfers import FileActions, offer_text
 from bastion.tui.widgets import (
     ContactBar,
     ConversationItem,
@@ -56,6 +56,7 @@ from bastion.tui.widgets import (
 )
 
 SEARCH_LIMIT = 5000
+NOTICES_KEPT = 200  # per conversation, for as long as the app runs
 
 
 class ChatScreen(PeopleActions, FileActions):
@@ -63,11 +64,12 @@ class ChatScreen(PeopleActions, FileActions):
 
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("ctrl+n", "new_chat", "New chat", priority=True),
-        Binding("ctrl+v", "verify", "Verify", priority=True),
+        Binding("ctrl+t", "verify", "Verify", priority=True),
+        Binding("ctrl+y", "answer_request", "Answer request", show=False, priority=True),
         Binding("ctrl+r", "search", "Search", priority=True),
         Binding("question_mark", "help", "Keys", priority=True),
         Binding("f1", "help", "Keys", show=False),
-        Binding("ctrl+f", "send_file", "File", show=False, priority=True),
+        Binding("ctrl+o", "send_file", "File", show=False, priority=True),
         Binding("ctrl+g", "get_file", "Get file", show=False, priority=True),
         Binding("ctrl+p", "presence", "Presence", show=False, priority=True),
         Binding("ctrl+up", "cycle(-1)", "Previous", show=False, priority=True),
@@ -106,6 +108,13 @@ class ChatScreen(PeopleActions, FileActions):
             self.open_conversation(ordered[0].peer)
         self.stay_connected()
 
+    def on_descendant_focus(self, event: events.DescendantFocus) -> None:
+        """Show which pane has the keys: its heading or frame lights up."""
+        for pane in ("#sidebar", "#conversation"):
+            widget = self.query_one(pane)
+            inside = any(node is widget for node in event.widget.ancestors_with_self)
+            widget.set_class(inside, "-focused")
+
     def set_status(self, text: str) -> None:
         """The top line: who is signed in and the connection state."""
         self.query_one("#status", Label).update(
@@ -115,11 +124,18 @@ class ChatScreen(PeopleActions, FileActions):
     def refresh_list(self) -> None:
         """Redraw the conversation list from the index."""
         view = self.query_one("#conversations", ListView)
+        highlighted = view.highlighted_child
+        # While the person moves in the list, a redraw keeps their place.
+        keep = (
+            highlighted.entry.peer
+            if view.has_focus and isinstance(highlighted, ConversationItem)
+            else self.current
+        )
         view.clear()
         selected = None
         for position, entry in enumerate(self.index.ordered()):
             view.append(ConversationItem(entry, presence=self.presence_of(entry.peer)))
-            if entry.peer == self.current:
+            if entry.peer == keep:
                 selected = position
         if selected is not None:
             view.index = selected
@@ -129,10 +145,16 @@ class ChatScreen(PeopleActions, FileActions):
     def open_conversation(self, peer: str) -> None:
         """Show ``peer``'s conversation from the local history and focus the input."""
         changed = self.current != peer
+        previous = self.current
         self.current = peer
+        message = self.query_one("#message", Input)
         if changed:
             self.limit = PAGE
             self.close_search()
+            # A draft belongs to its conversation: never carried into another one.
+            if previous is not None and message.value:
+                self.drafts[previous] = message.value
+            message.value = self.drafts.pop(peer, "")
         if self.index.find(peer) is None:
             self.index.touch(peer, at=0, title=self.title_of(peer))
             self.index.save(self.client)
@@ -141,7 +163,6 @@ class ChatScreen(PeopleActions, FileActions):
         self.refresh_list()
         self.show_contact()
         self.load_messages()
-        message = self.query_one("#message", Input)
         if not message.disabled:
             message.focus()
 
@@ -169,11 +190,13 @@ class ChatScreen(PeopleActions, FileActions):
         )
         blocked = contact is not None and contact.trust == "changed"
         message.disabled = blocked
-        message.placeholder = (
-            "Blocked until you review the key change (Ctrl+V)"
-            if blocked
-            else f"Message {self.current} (Enter sends)"
-        )
+        asked = contacts.buddy(self.client, self.current)
+        if blocked:
+            message.placeholder = "Blocked until you review the key change (Ctrl+T)"
+        elif asked is not None and asked.state == "pending_out":
+            message.placeholder = f"You can write once {self.current} accepts your request"
+        else:
+            message.placeholder = f"Message {self.current} (Enter sends)"
 
     def load_messages(self, *, keep: MessageLine | None = None) -> None:
         """(Re)fill the message pane with the last ``limit`` messages."""
@@ -187,7 +210,14 @@ class ChatScreen(PeopleActions, FileActions):
         lines = [MessageLine(r, now_ms=now, tz=self.settings.tz) for r in records]
         for line in lines:
             line.display = matches(line.record, query)
-        pane.mount_all(lines)
+        since = (records[0].server_ts or records[0].sent_at) if len(records) >= self.limit else 0
+        timed: list[tuple[int, MessageLine | NoticeLine]] = [
+            (line.record.server_ts or line.record.sent_at, line) for line in lines
+        ]
+        timed += [
+            (at, NoticeLine(text)) for at, text in self.notices_of(self.current) if at >= since
+        ]
+        pane.mount_all([line for _, line in sorted(timed, key=lambda x: x[0])])
         if keep is not None:
             anchor = next((x for x in lines if x.record.id == keep.record.id), None)
             if anchor is not None:
@@ -221,11 +251,30 @@ class ChatScreen(PeopleActions, FileActions):
         if at_end:
             self.call_after_refresh(pane.scroll_end, animate=False)
 
-    def add_notice(self, peer: str, text: str) -> None:
-        """Say something inside ``peer``'s conversation (if open) and as a notification."""
+    def add_notice(self, peer: str, text: str, *, keep: bool = True) -> None:
+        """Say something inside ``peer``'s conversation (if open) and as a notification.
+
+        Kept notices come back when the conversation is reloaded (search, reopen);
+        ``keep=False`` is for notices the conversation rebuilds from the store itself.
+        """
+        if keep:
+            log = self.notice_log.setdefault(peer, [])
+            log.append((self.settings.clock(), text))
+            del log[:-NOTICES_KEPT]
         if peer == self.current:
             self.query_one("#messages", VerticalScroll).mount(NoticeLine(text))
         self.notify(safe_text(text), severity="warning", timeout=8, markup=False)
+
+    def notices_of(self, peer: str) -> list[tuple[int, str]]:
+        """What was said inside ``peer``'s conversation, with file offers from the store."""
+        said = list(self.notice_log.get(peer, []))
+        if not is_group(peer):
+            said += [
+                (offer.received_at, offer_text(offer))
+                for offer in files.list_files(self.client)
+                if offer.sender == peer
+            ]
+        return sorted(said, key=lambda x: x[0])
 
     # --- search -------------------------------------------------------------------------------
 
@@ -334,7 +383,12 @@ class ChatScreen(PeopleActions, FileActions):
                 self.restore_draft(peer, text)
                 if peer == self.current:
                     self.add_line(exc.record)
-                self.notify(f"Not sent: {exc}", severity="error", timeout=8)
+                self.notify(
+                    f"Not sent to {peer}: {exc}. The text is back in {peer}'s input.",
+                    severity="error",
+                    timeout=12,
+                    markup=False,
+                )
                 return
             except (BastionError, ValueError) as exc:
                 kept = self.kept_copy(exc, peer, text)
@@ -350,7 +404,12 @@ class ChatScreen(PeopleActions, FileActions):
                     )
                     return
                 self.restore_draft(peer, text)
-                self.notify(f"Not sent: {exc}", severity="error", timeout=8)
+                self.notify(
+                    f"Not sent to {peer}: {exc}. The text is back in {peer}'s input.",
+                    severity="error",
+                    timeout=12,
+                    markup=False,
+                )
                 return
             finally:
                 self.flush_notices()
@@ -366,6 +425,17 @@ class ChatScreen(PeopleActions, FileActions):
             return None
         kept = [r for r in outbox.kept_messages(self.client) if r.peer == peer and r.text == text]
         return kept[-1] if kept else None
+
+    def open_latest(self) -> None:
+        """With no conversation open yet (a new or freshly linked device), open the latest."""
+        ordered = self.index.ordered()
+        if self.current is None and ordered:
+            self.open_conversation(ordered[0].peer)
+
+    def ring(self, peer: str) -> None:
+        """The terminal bell for news in a conversation that is not on screen (if on)."""
+        if self.settings.bell and peer != self.current:
+            self.app.bell()
 
     def flush_notices(self) -> None:
         """Show what the client library noted while sending (e.g. a group member's warning)."""
@@ -383,10 +453,16 @@ class ChatScreen(PeopleActions, FileActions):
         self.refresh_list()
 
     def restore_draft(self, peer: str, text: str) -> None:
-        """Put an unsent message back into the input so nothing typed is lost."""
+        """Put an unsent message back into its own conversation's input; nothing is lost.
+
+        If another conversation is open, it waits as that conversation's draft.
+        """
         message = self.query_one("#message", Input)
-        if peer == self.current and not message.value:
-            message.value = text
+        if peer == self.current:
+            message.value = f"{text} {message.value}" if message.value else text
+        else:
+            old = self.drafts.get(peer, "")
+            self.drafts[peer] = f"{text} {old}" if old else text
 
     # --- receiving ----------------------------------------------------------------------------
 
@@ -417,6 +493,7 @@ class ChatScreen(PeopleActions, FileActions):
             self.set_status("online")
             await self.sync_contacts()
             self.add_groups()
+            self.open_latest()
             for record in client.failed:
                 self.add_notice(record.peer, f"A message to {record.peer} could not be sent.")
             for record in client.flushed:  # kept messages the server has now confirmed
@@ -445,13 +522,21 @@ class ChatScreen(PeopleActions, FileActions):
             self.index.save(self.client)
             if record.peer == self.current:
                 self.add_line(record)
+            elif incoming:
+                self.ring(record.peer)
             self.refresh_list()
+            self.open_latest()
         elif isinstance(event, KeyChangedEvent):
             self.index.touch(event.user, at=event.at)
             self.index.save(self.client)
             self.refresh_list()
             if event.user == self.current:
                 self.show_contact()
+            self.add_notice(
+                event.user,
+                f"{event.user}'s account key changed. Messages are held until you review it "
+                "(Ctrl+T).",
+            )
             self.review_key_change(event.user)
         elif isinstance(event, WarningEvent):
             self.add_notice(
@@ -472,7 +557,10 @@ class ChatScreen(PeopleActions, FileActions):
                 )
         elif isinstance(event, contacts.ContactRequestEvent):
             self.show_requests()
-            self.notify(f"{event.user} asks to be your contact; answer on the left.", timeout=8)
+            self.notify(
+                f"{event.user} asks to be your contact: press Ctrl+Y to answer.", timeout=15
+            )
+            self.ring(event.user)
         elif isinstance(event, contacts.ContactChangedEvent | presence.PresenceEvent):
             if isinstance(event, contacts.ContactChangedEvent):
                 self.notify(safe_text(event.describe()), timeout=8, markup=False)
@@ -488,16 +576,17 @@ class ChatScreen(PeopleActions, FileActions):
             self.index.touch(event.sender, at=event.at, unread=event.sender != self.current)
             self.index.save(self.client)
             self.refresh_list()
-            self.add_notice(
-                event.sender,
-                f"{event.sender} offers the file {event.name!r} "
-                f"({files.human_size(event.size)}). Ctrl+G downloads and scans it.",
-            )
+            self.ring(event.sender)
+            offer = next((f for f in files.list_files(self.client) if f.id == event.id), None)
+            if offer is not None:
+                self.add_notice(event.sender, offer_text(offer), keep=False)
         elif isinstance(event, verification.VerificationRequestEvent):
             self.add_notice(
                 event.user,
-                f"{event.user} asks to verify live: Ctrl+V, then 'Compare emoji live'.",
+                f"{event.user} asks to verify live: press Ctrl+T in your chat with "
+                f"{event.user}, then Compare emoji live.",
             )
+            self.ring(event.user)
         elif isinstance(event, groups.GroupChangeEvent):
             self.add_groups()
             self.add_notice(GROUP_PREFIX + event.group_id, event.describe())

@@ -16,7 +16,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
         raise BastionError("BASTION_PASSPHRASE is set but empty")
     from bastion.tui.app import run  # noqa: PLC0415 - only this command needs Textual
 
-    return run(profile_dir(args), passphrase=passphrase)
+    return run(profile_dir(args), passphrase=passphrase, bell=not args.no_bell)
 
 
 def add_commands(
@@ -24,4 +24,9 @@ def add_commands(
 ) -> None:
     """Register ``bastion chat`` on the main parser."""
     chat = sub.add_parser("chat", parents=[common], help="open the terminal chat app")
+    chat.add_argument(
+        "--no-bell",
+        action="store_true",
+        help="do not ring the terminal bell for a message in a chat that is not on screen",
+    )
     chat.set_defaults(sync=cmd_chat)

@@ -146,11 +146,11 @@ def lock_badge(contact: ContactRecord | None) -> Badge:
         return Badge(
             "[KEY CHANGED]",
             "changed",
-            "Their account key changed. Messages are held. Press Ctrl+V to review.",
+            "Their account key changed. Messages are held. Press Ctrl+T to review.",
         )
     if contact.trust == "self":
         return Badge("[you]", "self", "Your own account.")
-    return Badge("[unverified]", "unverified", "Ctrl+V compares safety numbers.")
+    return Badge("[unverified]", "unverified", "Ctrl+T compares safety numbers.")
 
 
 DELIVERY_LABELS = {

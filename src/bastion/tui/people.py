@@ -7,7 +7,7 @@ import asyncio
 from textual import on, work
 from textual.widgets import Input, ListView
 
-from bastion.client import contacts, presence, trust, verification
+from bastion.client import comparison, contacts, presence, trust, verification
 from bastion.errors import BastionError, KeyChangedError, StateError
 from bastion.tui.base import ChatScreenBase
 from bastion.tui.conversations import is_group
@@ -17,8 +17,8 @@ from bastion.tui.screens import (
     PresenceScreen,
     RequestScreen,
     SasScreen,
-    VerifyScreen,
 )
+from bastion.tui.verify_screens import VerifyScreen
 from bastion.tui.widgets import RequestItem
 
 
@@ -86,14 +86,26 @@ class PeopleActions(ChatScreenBase):
     def answer_request(self, event: ListView.Selected) -> None:
         """Open a pending contact request."""
         item = event.item
-        if not isinstance(item, RequestItem):
+        if isinstance(item, RequestItem):
+            self.open_request(item.user, item.note)
+
+    def action_answer_request(self) -> None:
+        """Ctrl+Y: open the newest pending contact request, wherever the focus is."""
+        pending = [c for c in contacts.local_contacts(self.client) if c.state == "pending-in"]
+        if not pending:
+            self.notify("No contact request is waiting.")
             return
+        newest = pending[-1]
+        self.open_request(newest.user, newest.note)
+
+    def open_request(self, user: str, note: str) -> None:
+        """The accept / decline / later dialog for ``user``'s request."""
 
         def decided(action: str | None) -> None:
             if action is not None:
-                self.act_on_request(item.user, action)
+                self.act_on_request(user, action)
 
-        self.app.push_screen(RequestScreen(item.user, item.note), decided)
+        self.app.push_screen(RequestScreen(user, note), decided)
 
     @work(group="contacts")
     async def act_on_request(self, user: str, action: str) -> None:
@@ -123,15 +135,24 @@ class PeopleActions(ChatScreenBase):
     def action_new_chat(self) -> None:
         """Ctrl+N: ask for a username, then open (and pin their key, when online)."""
 
-        def chosen(user: str | None) -> None:
-            if user is not None and user != self.client.account.username:
-                self.start_chat(user)
+        def chosen(choice: tuple[str, str] | None) -> None:
+            if choice is None:
+                return
+            user, note = choice
+            if user == self.client.account.username:
+                self.notify("That is you: pick someone else.")
+                return
+            self.start_chat(user, note)
 
         self.app.push_screen(NewChatScreen(), chosen)
 
     @work(group="keys")
-    async def start_chat(self, user: str) -> None:
-        """Pin ``user``'s key and ask them to be a contact if they are not, then open the chat."""
+    async def start_chat(self, user: str, note: str = "") -> None:
+        """Pin ``user``'s key and ask them to be a contact if they are not, then open the chat.
+
+        Someone already asked is not asked again; someone who asked us gets their
+        request shown to answer.
+        """
         if self.client.conn is not None:
             try:
                 await trust.pinned_contact(self.client, user)
@@ -141,18 +162,28 @@ class PeopleActions(ChatScreenBase):
                 self.notify(f"Cannot start a chat with {user}: {exc}", severity="error")
                 return
             record = contacts.buddy(self.client, user)
-            if record is None or record.state not in ("accepted", "pending_out"):
+            if record is not None and record.state == "pending_out":
+                self.notify(f"You asked {user} already; you can write once they accept.")
+            elif record is not None and record.state == "pending_in":
+                self.open_conversation(user)
+                self.open_request(user, record.note)
+                return
+            elif record is None or record.state != "accepted":
                 try:
-                    state = await contacts.request(self.client, user)
+                    state = await contacts.request(self.client, user, note)
                 except (BastionError, ValueError) as exc:
                     self.notify(f"Contact request not sent: {exc}", severity="error")
                 else:
                     if state == "pending_out":
-                        self.notify(f"Contact request sent to {user}.")
+                        self.notify(
+                            f"Contact request sent to {user}; you can write once they accept."
+                        )
+                    elif state == "accepted":
+                        self.notify(f"{user} is your contact now.")
         self.open_conversation(user)
 
     def action_verify(self) -> None:
-        """Ctrl+V: safety number and QR, or the key-change review if a change waits."""
+        """Ctrl+T: safety number and QR, or the key-change review if a change waits."""
         if self.current is None:
             self.notify("Open a conversation first.")
             return
@@ -180,19 +211,19 @@ class PeopleActions(ChatScreenBase):
         contact = self.client.contact(user)
         verified = contact is not None and contact.trust == "verified"
 
+        def confirm(typed: str) -> None:
+            comparison.confirm_last_group(self.client, number, typed)
+
         def decided(choice: str | None) -> None:
             if choice == "sas":
                 self.compare_live(user)
-            elif choice == "match":
-                try:
-                    trust.mark_verified(self.client, user, number)
-                except BastionError as exc:
-                    self.notify(str(exc), severity="error")
-                else:
-                    self.notify(f"{user} is verified.")
+            elif choice == "verified":
+                self.notify(f"{user} is verified.")
                 self.show_contact()
 
-        self.app.push_screen(VerifyScreen(user, number, verified=verified), decided)
+        asked = verification.pending_request(self.client, user) is not None
+        screen = VerifyScreen(user, number, verified=verified, confirm=confirm, asked_live=asked)
+        self.app.push_screen(screen, decided)
 
     @work(group="sas")
     async def compare_live(self, user: str) -> None:
@@ -240,7 +271,7 @@ class PeopleActions(ChatScreenBase):
             except BastionError as exc:
                 self.notify(str(exc), severity="error")
                 return
-            self.notify(f"Accepted {user}'s new key. Compare safety numbers again (Ctrl+V).")
+            self.notify(f"Accepted {user}'s new key. Compare safety numbers again (Ctrl+T).")
             self.show_contact()
             if user == self.current:
                 self.query_one("#message", Input).focus()

@@ -22,7 +22,6 @@ from bastion.client.client import USERNAME_RE, Client, check_username
 from bastion.client.passphrase import check_new_passphrase, weakness
 from bastion.client.transport import ServerConnection
 from bastion.crypto import linking
-from bastion.crypto.safety import SafetyNumber, render_qr_text
 from bastion.errors import BastionError, ProfileError
 from bastion.tui.conversations import safe_text
 
@@ -206,7 +205,7 @@ class KeyChangeScreen(ModalScreen[bool]):
                     f"to and from {user} are held until you decide.\n\n"
                     f"Ask {user} in person or on a call, and compare this number with "
                     "theirs. Accept only if it matches: exactly this key is accepted, "
-                    "unverified until you verify it (Ctrl+V)."
+                    "unverified until you verify it (Ctrl+T)."
                 )
             )
             with Horizontal(classes="buttons"):
@@ -217,47 +216,6 @@ class KeyChangeScreen(ModalScreen[bool]):
     def decide(self, event: Button.Pressed) -> None:
         """Accept or postpone."""
         self.dismiss(event.button.id == "accept")
-
-
-class VerifyScreen(ModalScreen[str | None]):
-    """Shows the safety number and its QR code.
-
-    Returns ``"match"`` if the user says the numbers match, ``"sas"`` to compare
-    short codes live instead, None to close.
-    """
-
-    BINDINGS: ClassVar[list[BindingType]] = [Binding("escape", "dismiss(None)", "Close")]
-
-    def __init__(self, user: str, number: SafetyNumber, *, verified: bool) -> None:
-        super().__init__()
-        self.user = user
-        self.number = number
-        self.verified = verified
-
-    def compose(self) -> ComposeResult:
-        user = safe_text(self.user)
-        with VerticalScroll(classes="dialog wide"):
-            yield Label(f"Verify {user}", classes="title")
-            with Horizontal(classes="verify"):
-                yield Static(render_qr_text(self.number.qr_payload()), classes="qr")
-                with Vertical(classes="numbers"):
-                    yield Static(
-                        f"Safety number with {user}:\n\n{self.number}\n\n"
-                        f"Compare it with the one {user} sees, in person or on a call, "
-                        "or let them scan the code."
-                    )
-                    state = "verified" if self.verified else "not verified yet"
-                    yield Label(f"{user} is {state}.", id="state")
-            with Horizontal(classes="buttons"):
-                if not self.verified:
-                    yield Button("They match: mark verified", id="match", variant="success")
-                    yield Button("Compare emoji live", id="sas")
-                yield Button("Close", id="close")
-
-    @on(Button.Pressed)
-    def decide(self, event: Button.Pressed) -> None:
-        """Mark verified, start a live comparison, or just close."""
-        self.dismiss(event.button.id if event.button.id in ("match", "sas") else None)
 
 
 class SasScreen(ModalScreen[bool]):
@@ -286,8 +244,8 @@ class SasScreen(ModalScreen[bool]):
         self.dismiss(event.button.id == "same")
 
 
-class NewChatScreen(ModalScreen[str | None]):
-    """Asks whom to write to; returns a valid username or None."""
+class NewChatScreen(ModalScreen[tuple[str, str] | None]):
+    """Asks whom to write to, and a note for the contact request; returns both or None."""
 
     BINDINGS: ClassVar[list[BindingType]] = [Binding("escape", "dismiss(None)", "Cancel")]
 
@@ -295,30 +253,46 @@ class NewChatScreen(ModalScreen[str | None]):
         with Vertical(classes="dialog"):
             yield Label("Start a chat", classes="title")
             yield Input(placeholder="their username", id="user")
+            yield Input(
+                placeholder="note with your contact request (optional)",
+                max_length=500,
+                id="note",
+            )
             yield Label("", id="error", classes="error", markup=False)
+            yield Static(
+                "Enter in the name field starts the chat; a new contact also gets the note.",
+                classes="hint",
+            )
 
-    @on(Input.Submitted, "#user")
-    def choose(self, event: Input.Submitted) -> None:
-        """Return the username if it is valid."""
+    @on(Input.Submitted)
+    def choose(self) -> None:
+        """Return the username (lowercased) and note if the name is valid."""
+        typed = self.query_one("#user", Input).value.strip()
         try:
-            self.dismiss(check_username(event.value.strip()))
+            user = check_username(typed.lower())
         except ValueError as exc:
             self.query_one("#error", Label).update(str(exc))
+            self.query_one("#user", Input).focus()
+            return
+        self.dismiss((user, self.query_one("#note", Input).value.strip()))
 
 
 HELP_KEYS = (
-    ("Enter", "send the message"),
-    ("Ctrl+N", "start a chat"),
-    ("Ctrl+V", "verify the contact, or review a changed key"),
+    ("Enter", "send the message; in the list, open the chosen chat"),
+    ("Ctrl+N", "start a chat (with a note for a new contact)"),
+    ("Ctrl+T", "verify them (number, QR, emoji) or review a new key"),
+    ("Ctrl+Y", "answer the newest contact request"),
     ("Ctrl+R", "search this conversation (Esc closes)"),
     ("Ctrl+Up / Ctrl+Down", "previous / next conversation"),
     ("PageUp / PageDown", "scroll; PageUp at the top loads older messages"),
-    ("Tab", "move between the list and the message line"),
-    ("Ctrl+F", "send a file (with progress)"),
-    ("Ctrl+G", "download and scan the newest file offered here"),
+    ("Tab / Shift+Tab", "move between the list and the message line"),
+    ("Up / Down", "in the list, move to another chat"),
+    ("Ctrl+O", "offer a file to this person (with progress)"),
+    ("Ctrl+G", "download and scan a file offered here"),
     ("Ctrl+P", "set presence and status"),
     ("? or F1", "this help"),
     ("Ctrl+Q", "quit"),
+    ("", "Ctrl+V pastes, Ctrl+C copies, as in any text field"),
 )
 
 
@@ -359,7 +333,7 @@ class RequestScreen(ModalScreen[str | None]):
             yield Static(Text(note))
             yield Static(
                 "Accepting lets you write to each other and see each other's presence. "
-                "Compare safety numbers (Ctrl+V) before you trust who it is."
+                "Compare safety numbers (Ctrl+T) before you trust who it is."
             )
             with Horizontal(classes="buttons"):
                 yield Button("Accept", id="accept", variant="success")
