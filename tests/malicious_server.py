@@ -22,8 +22,8 @@ that tampers with what it delivers, as chosen by the environment.
   the account's) and a signed one-time key for it to every key claim.
 - ``ghost-sender``: deliver an envelope as if the sender's ghost device sent it.
 - ``forge-policy``: flip a bit of the signature on the signed policy.
-- ``second-key-answer``: answer each signed-in user's first key query about a
-  user named in ``BASTION_TEST_LIE_ABOUT`` truthfully, and every later one with
+- ``second-key-answer``: answer each signed-in user's first key query about
+  another user named in ``BASTION_TEST_LIE_ABOUT`` truthfully, and every later one with
   an account key the server holds and the ghost device certified under it (plus
   a one-time key for the ghost in key claims).
 - ``record``: change nothing (recording follows ``BASTION_TEST_RECORD`` alone).
@@ -184,7 +184,12 @@ class TamperingConnection(ClientConnection):
     def _second_answer(self, frame: frames.Frame, ghost: GhostDevice) -> frames.Frame:
         lie_about = set(os.environ.get(LIE_ABOUT_ENV, "").split(","))
         asker = self.session.username
-        if isinstance(frame, frames.KeysResult) and frame.user in lie_about and asker:
+        if (
+            isinstance(frame, frames.KeysResult)
+            and frame.user in lie_about
+            and asker
+            and asker != frame.user  # the lie is told to others; a device checking its own list
+        ):
             if (asker, frame.user) not in self.answered:
                 self.answered.add((asker, frame.user))
                 return frame
