@@ -128,7 +128,7 @@ def test_a_link_code_whose_device_stopped_waiting_says_to_link_again(
     [
         (["file", "get", "nosuch"], "(see: bastion file list --profile {dir})"),
         (["inbox"], "(bastion contacts accept alice --profile {dir})"),
-        (["verify", "alice"], "bastion verify alice --mark-verified --profile {dir}"),
+        (["verify", "alice"], "bastion verify alice --confirm NUMBER --profile {dir}"),
     ],
 )
 def test_hints_carry_the_profile_they_were_given(
