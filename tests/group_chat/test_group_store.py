@@ -15,11 +15,12 @@ import pytest
 
 from bastion.protocol.frames import GROUP_KIND
 from bastion.server.group_store import (
+    Appended,
     GroupConflictError,
     GroupStore,
-    PgGroupStore,
     SQLiteGroupStore,
 )
+from bastion.server.pg_group_store import PgGroupStore
 from bastion.server.pg_store import PgStore
 from bastion.server.sqlite_store import SQLiteStore
 from bastion.server.store import Store
@@ -80,7 +81,14 @@ async def append(
         group_id=group,
         seq=seq,
         change=change or b"change-%d" % seq,
-        members=members,
+        appended=Appended(
+            head=b"head-%d" % seq,
+            members=members,
+            named=members,
+            invites=[],
+            inviter="alice",
+            invite_item=b"",
+        ),
         notify=notify if notify is not None else members,
         sender="alice",
         sender_device="a1",
@@ -126,9 +134,6 @@ async def test_member_list_follows_the_chain(stores: Stores) -> None:
     assert await stores.groups.membership(GROUP, "dave") is True
     assert await stores.groups.membership(GROUP, "carol") is False  # former: may fetch
     assert await stores.groups.membership(GROUP, "nobody") is None
-    assert await stores.groups.share_a_group("bob", "dave") is True
-    assert await stores.groups.share_a_group("carol", "alice") is False  # removed
-    assert await stores.groups.share_a_group("dave", "nobody") is False
     await append(stores, 2, ["alice", "bob", "carol"], notify=["alice", "bob", "carol", "dave"])
     assert await stores.groups.membership(GROUP, "carol") is True  # added again
     assert await stores.groups.membership(GROUP, "dave") is False
