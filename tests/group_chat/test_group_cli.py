@@ -31,6 +31,25 @@ def test_group_commands_from_create_to_leave(server: ServerProcess, tmp_path: Pa
     assert re.fullmatch(r"[0-9a-f]{64}", group_id)
     conversation = "group:" + group_id
 
+    # Bob and Carol are not Alice's contacts: each has an invitation and joins.
+    [invite] = run_json("group", "invites", "--profile", str(bob))
+    assert (invite["type"], invite["group"], invite["name"], invite["by"]) == (
+        "group_invite",
+        group_id,
+        "ops",
+        "alice",
+    )
+    assert invite["members"] == 3
+    joined = run_json("group", "accept", "ops", "--profile", str(bob))
+    assert {"type": "group_change", "change": "create", "by": "alice"}.items() <= next(
+        e for e in joined if e["type"] == "group_change"
+    ).items()
+    assert joined[-1]["members"] == ["alice", "bob", "carol"]
+    assert (
+        "joined 'ops'" in bastion("group", "accept", group_id[:10], "--profile", str(carol)).stdout
+    )
+    assert run_json("group", "invites", "--profile", str(bob)) == []
+
     [sent] = run_json("send", "--group", "ops", "hello ops", "--profile", str(alice))
     assert (sent["type"], sent["conversation"]) == ("sent", conversation)
 
@@ -41,9 +60,6 @@ def test_group_commands_from_create_to_leave(server: ServerProcess, tmp_path: Pa
         "hello ops",
         conversation,
     )
-    assert {"type": "group_change", "change": "create", "by": "alice"}.items() <= next(
-        e for e in inbox if e["type"] == "group_change"
-    ).items()
 
     # Dave joins and is made an admin; Carol is removed. GROUP may be a unique id prefix.
     bastion("group", "add", "ops", "dave", "--profile", str(alice))
@@ -58,8 +74,10 @@ def test_group_commands_from_create_to_leave(server: ServerProcess, tmp_path: Pa
         ("alice", "carol", conversation)
     ]
 
-    # Dave learns of the group from his inbox, renames it, and writes under the new name.
-    run_json("inbox", "--profile", str(dave))
+    # Dave finds the invitation in his inbox, joins, renames it, writes under the new name.
+    [dave_invite] = [e for e in run_json("inbox", "--profile", str(dave))]
+    assert (dave_invite["type"], dave_invite["by"]) == ("group_invite", "alice")
+    bastion("group", "accept", "ops", "--profile", str(dave))
     bastion("group", "rename", "ops", "ops-2", "--profile", str(dave))
     bastion("send", "--group", "ops-2", "renamed", "--profile", str(dave))
 
@@ -95,6 +113,7 @@ def test_group_command_errors_are_plain(server: ServerProcess, tmp_path: Path) -
     register(server, "bob", tmp_path)
     [first] = run_json("group", "create", "team", "--profile", str(alice))
     second = bastion("group", "create", "team", "--members", "bob", "--profile", str(alice))
+    # Bob has not joined: Alice's message goes out all the same (he gets no key).
     assert first["name"] == "team"
     assert first["members"] == ["alice"]
 
@@ -117,3 +136,6 @@ def test_group_command_errors_are_plain(server: ServerProcess, tmp_path: Path) -
     )
     assert not_admin.returncode == 1
     assert "leave" in not_admin.stderr
+    no_invite = bastion("group", "accept", "team", "--profile", str(alice), check=False)
+    assert no_invite.returncode == 1
+    assert "no invitation to a group called 'team'" in no_invite.stderr

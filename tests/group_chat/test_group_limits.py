@@ -36,6 +36,7 @@ async def small(tmp_path: Path) -> AsyncIterator[Profiles]:
 async def test_member_cap_is_enforced_by_the_server(small: Profiles) -> None:
     for name in ("bill", "carol", "dave"):
         await small.register(name)
+        await small.befriend("alice", name)
     alice = await fresh(small, "alice")
     with pytest.raises(ServerRefusedError) as too_big:
         await groups.create(alice, "big", ["bill", "carol", "dave"])
