@@ -75,7 +75,7 @@ def test_group_commands_from_create_to_leave(server: ServerProcess, tmp_path: Pa
     ]
 
     # Dave finds the invitation in his inbox, joins, renames it, writes under the new name.
-    [dave_invite] = [e for e in run_json("inbox", "--profile", str(dave))]
+    [dave_invite] = run_json("inbox", "--profile", str(dave))
     assert (dave_invite["type"], dave_invite["by"]) == ("group_invite", "alice")
     bastion("group", "accept", "ops", "--profile", str(dave))
     bastion("group", "rename", "ops", "ops-2", "--profile", str(dave))

@@ -14,19 +14,26 @@ from pathlib import Path
 import pytest
 
 from bastion.client import contacts, group_invites, groups
-from bastion.client.client import Event, MessageEvent, WarningEvent
-from bastion.errors import ServerRefusedError
+from bastion.client.client import Client, Event, MessageEvent, WarningEvent
+from bastion.errors import ServerRefusedError, StateError
 from bastion.groups import chain
 from bastion.protocol import frames
 from tests.conftest import Profiles
 from tests.group_chat.test_group_chat import fresh, group_texts
 from tests.hardening.harness import ConfiguredServers
+from tests.helpers import drain
 
 pytestmark = pytest.mark.network
 
 
 def invites_in(events: list[Event]) -> list[group_invites.GroupInviteEvent]:
     return [e for e in events if isinstance(e, group_invites.GroupInviteEvent)]
+
+
+async def online(profiles: Profiles, name: str) -> tuple[Client, list[Event]]:
+    """``name`` on a new connection (an older one of the device is closed), and its backlog."""
+    client = await profiles.online(name)
+    return client, await drain(client)
 
 
 def direct_texts(events: list[Event]) -> list[tuple[str, str]]:
@@ -47,9 +54,9 @@ async def test_a_stranger_who_puts_you_in_a_group_only_sends_an_invitation(
     posted = await groups.send_text(mallory, spam, "buy more")
     assert posted.state == "sent"  # the stranger is not told anything
 
-    victim = await fresh(profiles, "victim")
-    events = victim.notices + await drain_all(profiles, "victim")
+    victim, events = await online(profiles, "victim")
     assert group_texts(events) == []
+    assert [i.inviter for i in invites_in(events)] == ["mallory"]
     assert groups.groups(victim) == []  # not in any group
     [invite] = await group_invites.pending(victim)
     assert (invite.inviter, invite.name, invite.members) == ("mallory", "cheap pills", 2)
@@ -62,29 +69,25 @@ async def test_a_stranger_who_puts_you_in_a_group_only_sends_an_invitation(
     await group_invites.decline(victim, "cheap pills")
     assert await group_invites.pending(victim) == []
     await groups.send_text(mallory, spam, "last chance")
-    assert group_texts(await drain_all(profiles, "victim")) == []
-
-
-async def drain_all(profiles: Profiles, name: str) -> list[Event]:
-    """Everything queued for ``name`` on a fresh connection."""
-    from tests.helpers import drain  # noqa: PLC0415 - one helper, kept with its peers
-
-    return await drain(await profiles.online(name))
+    victim, events = await online(profiles, "victim")
+    assert group_texts(events) == []
+    assert await group_invites.pending(victim) == []
 
 
 async def test_the_invitation_arrives_as_an_event_and_accepting_joins(profiles: Profiles) -> None:
     await profiles.register("bob")
     alice = await fresh(profiles, "alice")
     ops = await groups.create(alice, "ops", ["bob"])
-    bob = await profiles.online("bob")
-    [invite] = invites_in(await drain_all(profiles, "bob"))
+    bob, events = await online(profiles, "bob")
+    [invite] = invites_in(events)
     assert invite.to_json()["type"] == "group_invite"
     assert (invite.group_id, invite.inviter) == (ops.group_id.hex(), "alice")
     joined = await group_invites.accept(bob, ops.group_id.hex()[:12])
     assert sorted(joined.members) == ["alice", "bob"]
     await groups.send_text(alice, ops, "welcome")
-    assert group_texts(await drain_all(profiles, "bob")) == [("alice", "welcome")]
-    with pytest.raises(Exception, match="no invitation"):
+    bob, events = await online(profiles, "bob")
+    assert group_texts(events) == [("alice", "welcome")]
+    with pytest.raises(StateError, match="no invitation"):
         await group_invites.accept(bob, "ops")
 
 
@@ -102,8 +105,7 @@ async def test_sharing_a_group_opens_no_direct_conversation(profiles: Profiles) 
     assert refused.value.code == "not_a_contact"
     # ...and a text smuggled on the group's room-key path is dropped by the receiver.
     await bob.send_payload("alice", "text", "sneaky direct text", group_id=ops.group_id)
-    alice_rx = await profiles.online("alice")
-    events = await drain_all(profiles, "alice")
+    alice_rx, events = await online(profiles, "alice")
     assert direct_texts(events) == []
     assert any(isinstance(e, WarningEvent) and "other than a room key" in e.reason for e in events)
     assert group_texts(events) == [("bob", "hello group")]
@@ -133,10 +135,11 @@ async def test_a_blocked_account_cannot_add_you_or_reach_you_through_a_group(
     ops = await groups.create(alice := await fresh(profiles, "alice"), "ops", ["victim", "mallory"])
     await groups.send_text(mallory, ops, "from mallory")
     await groups.send_text(alice, ops, "from alice")
-    victim_events = await drain_all(profiles, "victim")
+    _, victim_events = await online(profiles, "victim")
     assert group_texts(victim_events) == [("alice", "from alice")]
     assert invites_in(victim_events) == []
-    assert ("mallory", "from mallory") in group_texts(await drain_all(profiles, "alice"))
+    _, alice_events = await online(profiles, "alice")
+    assert ("mallory", "from mallory") in group_texts(alice_events)
     assert not [w for w in mallory.notices if "victim" in str(w)]  # the block is not shown
 
 
@@ -153,7 +156,7 @@ async def test_after_leaving_only_a_new_accepted_invitation_brings_you_back(
 
     ops = await groups.add_member(alice, ops, "bob")  # the chain names bob again...
     await groups.send_text(alice, ops, "come back")
-    bob_events = await drain_all(profiles, "bob")
+    bob, bob_events = await online(profiles, "bob")
     assert group_texts(bob_events) == []  # ...but nothing reaches him
     assert [i.inviter for i in invites_in(bob_events)] == ["alice"]
     fetched = await alice.conn.request(  # type: ignore[union-attr]
@@ -164,7 +167,8 @@ async def test_after_leaving_only_a_new_accepted_invitation_brings_you_back(
 
     await group_invites.accept(bob, "ops")
     await groups.send_text(alice, ops, "welcome back")
-    assert group_texts(await drain_all(profiles, "bob")) == [("alice", "welcome back")]
+    _, bob_events = await online(profiles, "bob")
+    assert group_texts(bob_events) == [("alice", "welcome back")]
 
 
 @pytest.fixture
