@@ -246,7 +246,8 @@ async def post_change(conn: ClientConnection, frame: frames.GroupPost) -> None:
             return
     after = apply_change(state, change, max_members=limits.group_max_members)
     entering = _entering(change)
-    for name, key in entering:
+    creator = [(user, change.args.creator_key)] if isinstance(change.args, CreateGroup) else []
+    for name, key in [*entering, *creator]:
         account = await conn.server.store.get_account(name)
         if account is None or account.identity_key != key:
             conn.refuse(frame.req, "unknown_user", f"{name} has no account with that key"[:200])
