@@ -131,12 +131,20 @@ async def test_a_blocked_account_cannot_add_you_or_reach_you_through_a_group(
     assert await group_invites.pending(victim) == []  # a withheld invitation stays withheld
     await contacts.act(victim, "mallory", "block")
 
-    # In a group both are in, nothing of mallory's reaches the victim; alice gets it.
-    ops = await groups.create(alice := await fresh(profiles, "alice"), "ops", ["victim", "mallory"])
+    # In a group both are in, nothing of mallory's reaches the victim once blocked, not even
+    # under a room key the victim already holds; alice gets it, and mallory is not told.
+    await contacts.act(victim, "mallory", "unblock")
+    alice = await fresh(profiles, "alice")
+    ops = await groups.create(alice, "ops", ["victim", "mallory"])
+    await groups.send_text(mallory, ops, "before the block")
+    await contacts.act(victim, "mallory", "block")
     await groups.send_text(mallory, ops, "from mallory")
     await groups.send_text(alice, ops, "from alice")
     _, victim_events = await online(profiles, "victim")
-    assert group_texts(victim_events) == [("alice", "from alice")]
+    assert group_texts(victim_events) == [
+        ("mallory", "before the block"),
+        ("alice", "from alice"),
+    ]
     assert invites_in(victim_events) == []
     _, alice_events = await online(profiles, "alice")
     assert ("mallory", "from mallory") in group_texts(alice_events)
