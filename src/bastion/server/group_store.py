@@ -344,6 +344,12 @@ class SQLiteGroupStore:
                 if str(r[0]) not in named
             ]
             conn.executemany("DELETE FROM group_invites WHERE group_id = ? AND username = ?", gone)
+            # Named once and gone without joining: a former member, so a new add invites.
+            conn.executemany(
+                "INSERT INTO group_members (group_id, username, active) VALUES (?, ?, 0)"
+                " ON CONFLICT (group_id, username) DO NOTHING",
+                gone,
+            )
             conn.executemany(
                 "INSERT OR REPLACE INTO group_invites"
                 " (group_id, username, inviter, state, created_at) VALUES (?, ?, ?, ?, ?)",

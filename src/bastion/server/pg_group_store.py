@@ -175,11 +175,19 @@ class PgGroupStore:
                 seq,
                 appended.head,
             )
-            await conn.execute(
+            gone = await conn.fetch(
                 "DELETE FROM group_invites"
-                " WHERE group_id = $1 AND NOT (username = ANY($2::text[]))",
+                " WHERE group_id = $1 AND NOT (username = ANY($2::text[])) RETURNING username",
                 group_id,
                 list(appended.named),
+            )
+            # Named once and gone without joining: a former member, so a new add invites.
+            await conn.execute(
+                "INSERT INTO group_members (group_id, username, active)"
+                " SELECT $1, u, false FROM unnest($2::text[]) AS t(u)"
+                " ON CONFLICT (group_id, username) DO NOTHING",
+                group_id,
+                [str(r[0]) for r in gone],
             )
             await conn.executemany(
                 "INSERT INTO group_invites (group_id, username, inviter, state, created_at)"
