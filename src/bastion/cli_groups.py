@@ -115,7 +115,7 @@ async def cmd_info(args: argparse.Namespace) -> int:
 async def cmd_invites(args: argparse.Namespace) -> int:
     async def work(client: Client) -> int:
         for invite in await group_invites.pending(client):
-            print(json.dumps(invite.to_json()) if args.json else invite.describe())
+            print(json.dumps(invite.to_json()) if args.json else escape_text(invite.describe()))
         return 0
 
     return await with_client(args, work)
@@ -125,7 +125,7 @@ async def cmd_accept(args: argparse.Namespace) -> int:
     async def work(client: Client) -> int:
         state = await group_invites.accept(client, args.group)
         _print_notices(client, args.json)
-        print(json.dumps(_describe(state)) if args.json else f"joined {state.name!r}")
+        print(json.dumps(_describe(state)) if args.json else f"joined {escape_text(state.name)}")
         return 0
 
     return await with_client(args, work)
@@ -137,7 +137,7 @@ async def cmd_decline(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps({**invite.to_json(), "type": "group_declined"}))
         else:
-            print(f"declined {invite.name!r}")
+            print(f"declined {escape_text(invite.name)}")
         return 0
 
     return await with_client(args, work)

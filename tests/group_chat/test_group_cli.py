@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.conftest import ServerProcess
+from tests.contacts.test_cli_contacts import Listener
 from tests.test_cli import bastion, register
 
 pytestmark = pytest.mark.network
@@ -45,9 +47,7 @@ def test_group_commands_from_create_to_leave(server: ServerProcess, tmp_path: Pa
         e for e in joined if e["type"] == "group_change"
     ).items()
     assert joined[-1]["members"] == ["alice", "bob", "carol"]
-    assert (
-        "joined 'ops'" in bastion("group", "accept", group_id[:10], "--profile", str(carol)).stdout
-    )
+    assert "joined ops" in bastion("group", "accept", group_id[:10], "--profile", str(carol)).stdout
     assert run_json("group", "invites", "--profile", str(bob)) == []
 
     [sent] = run_json("send", "--group", "ops", "hello ops", "--profile", str(alice))
@@ -139,3 +139,34 @@ def test_group_command_errors_are_plain(server: ServerProcess, tmp_path: Path) -
     no_invite = bastion("group", "accept", "team", "--profile", str(alice), check=False)
     assert no_invite.returncode == 1
     assert "no invitation to a group called 'team'" in no_invite.stderr
+
+
+def test_an_invitation_shows_in_listen_and_can_be_declined(
+    server: ServerProcess, tmp_path: Path
+) -> None:
+    alice, bob = (register(server, name, tmp_path) for name in ("alice", "bob"))
+    bob_listens = Listener(bob)
+    try:
+        time.sleep(1.0)  # let it sign in
+        group_id = bastion(
+            "group", "create", "ops", "--members", "bob", "--profile", str(alice)
+        ).stdout.strip()
+        invite = bob_listens.next("group_invite")
+        assert (invite["group"], invite["name"], invite["by"], invite["members"]) == (
+            group_id,
+            "ops",
+            "alice",
+            2,
+        )
+    finally:
+        bob_listens.stop()
+    plain = bastion("group", "invites", "--profile", str(bob)).stdout
+    assert plain.startswith("alice invites you to the group 'ops' (2 members)")
+    [declined] = run_json("group", "decline", group_id[:8], "--profile", str(bob))
+    assert (declined["type"], declined["group"]) == ("group_declined", group_id)
+    assert run_json("group", "invites", "--profile", str(bob)) == []
+    bastion("send", "--group", "ops", "still there?", "--profile", str(alice))
+    assert run_json("inbox", "--profile", str(bob)) == []
+    again = bastion("group", "accept", "ops", "--profile", str(bob), check=False)
+    assert again.returncode == 1
+    assert "no invitation" in again.stderr
