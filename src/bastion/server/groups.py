@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from bastion.errors import ProtocolError, StorageError
@@ -57,14 +57,18 @@ if TYPE_CHECKING:
 EXTENSION = "groups"
 CHAIN_PAGE = 128
 CHAIN_PAGE_BYTES = 160 * 1024
+MAX_DEPARTURES_KEPT = 4096
 
 
 @dataclass
 class GroupService:
-    """Per-server state of the group feature: its store and the creation rate limit."""
+    """Per-server state of the group feature: its store, the creation rate limit, and
+    where each recently asking former member left (so a fetch does not scan the chain)."""
 
     store: GroupStore
     creations: RateLimiter[str]
+    # (group id, user) -> (head seq when looked up, seq of the change that ended membership)
+    departures: dict[tuple[bytes, str], tuple[int, int]] = field(default_factory=dict)
 
 
 _opening = asyncio.Lock()
@@ -313,6 +317,19 @@ async def _departure(store: GroupStore, group_id: bytes, user: str) -> int:
         after = decode_change(page[-1]).seq
 
 
+async def _departure_seen(groups: GroupService, group_id: bytes, user: str, head_seq: int) -> int:
+    """:func:`_departure`, scanned once per (group, user) until the chain grows again."""
+    key = (group_id, user)
+    kept = groups.departures.get(key)
+    if kept is not None and kept[0] == head_seq:
+        return kept[1]
+    found = await _departure(groups.store, group_id, user)
+    if len(groups.departures) >= MAX_DEPARTURES_KEPT:
+        del groups.departures[next(iter(groups.departures))]
+    groups.departures[key] = (head_seq, found)
+    return found
+
+
 def _removes(raw: bytes, user: str) -> bool:
     """Whether a stored change ends ``user``'s membership (removed, or left)."""
     try:
@@ -336,7 +353,11 @@ async def fetch_chain(conn: ClientConnection, frame: frames.GroupFetch) -> None:
     page = await groups.store.changes(frame.group_id, frame.after_seq, CHAIN_PAGE)
     if not membership:
         # A former member sees the chain up to their own departure, nothing after it.
-        last = await _departure(groups.store, frame.group_id, user)
+        head = await head_state(
+            groups.store, frame.group_id, max_members=conn.server.limits.group_max_members
+        )
+        head_seq = -1 if head is None else head.seq
+        last = await _departure_seen(groups, frame.group_id, user, head_seq)
         page = [raw for raw in page if decode_change(raw).seq <= last]
     changes: list[bytes] = []
     size = 0
