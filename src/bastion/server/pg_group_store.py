@@ -1,4 +1,4 @@
-"""The group store in the shared PostgreSQL database (tables from migrations 0003 and 0007).
+"""The group store in the shared PostgreSQL database (tables from migrations 0003 and 0008).
 
 The same rules as :class:`~bastion.server.group_store.SQLiteGroupStore`, one
 transaction per call.
