@@ -11,7 +11,8 @@ protocol over real TLS WebSocket connections (as ``bench/_load.py`` does):
 2. the first member builds and signs the group's ``create`` change with
    :mod:`bastion.groups.chain` naming every other member with their account
    key, and posts it (the server checks the chain and every key);
-3. waits until every member has the change notice;
+3. waits until every member has the invitation (none of them is the creator's
+   contact) and accepts it, joining the group;
 4. sends ``--messages`` group messages one after the other: each is one
    ``GroupSend`` whose ciphertext is a real Megolm ciphertext of a random
    plaintext the size of a signed group message; the server stores one copy per
@@ -123,7 +124,7 @@ class Member(WSListener):
             item = frames.decode_item(deliver.body)
         except FrameError:
             return
-        if isinstance(item, frames.GroupChangeItem):
+        if isinstance(item, frames.GroupChangeItem | frames.GroupInviteItem):
             self.notices.set()
         else:
             self.messages[item.ciphertext[:32]] = now
@@ -291,6 +292,12 @@ async def run(
     await sender.request(frames.GroupPost(req=0, change=chain.encode_change(create)))
     create_ms = (time.perf_counter() - t0) * 1000
     await asyncio.gather(*(m.notices.wait() for m in receivers))
+    await asyncio.gather(
+        *(
+            m.request(frames.GroupRespond(req=0, group_id=create.group_id, accept=True))
+            for m in receivers
+        )
+    )
 
     durable: list[float] = []
     all_delivered: list[float] = []

@@ -1,4 +1,5 @@
-"""Commands about group chats: create, add, remove, leave, admin, rename, list, info, send."""
+"""Commands about group chats: create, add, remove, leave, admin, rename, list, info, send,
+and the invitations: invites, accept, decline."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import json
 from typing import Any
 
 from bastion.cli import iso, with_client
-from bastion.client import groups
+from bastion.client import group_invites, groups
 from bastion.client.client import Client
 from bastion.display import escape_text
 from bastion.errors import BastionError
@@ -111,6 +112,37 @@ async def cmd_info(args: argparse.Namespace) -> int:
     return await with_client(args, work)
 
 
+async def cmd_invites(args: argparse.Namespace) -> int:
+    async def work(client: Client) -> int:
+        for invite in await group_invites.pending(client):
+            print(json.dumps(invite.to_json()) if args.json else escape_text(invite.describe()))
+        return 0
+
+    return await with_client(args, work)
+
+
+async def cmd_accept(args: argparse.Namespace) -> int:
+    async def work(client: Client) -> int:
+        state = await group_invites.accept(client, args.group)
+        _print_notices(client, args.json)
+        print(json.dumps(_describe(state)) if args.json else f"joined {escape_text(state.name)}")
+        return 0
+
+    return await with_client(args, work)
+
+
+async def cmd_decline(args: argparse.Namespace) -> int:
+    async def work(client: Client) -> int:
+        invite = await group_invites.decline(client, args.group)
+        if args.json:
+            print(json.dumps({**invite.to_json(), "type": "group_declined"}))
+        else:
+            print(f"declined {escape_text(invite.name)}")
+        return 0
+
+    return await with_client(args, work)
+
+
 async def send_to_group(args: argparse.Namespace) -> int:
     """``bastion send --group GROUP TEXT``."""
     text = args.text if args.text is not None else args.user
@@ -165,3 +197,14 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     info = actions.add_parser("info", parents=[common], help="members, admins and devices")
     info.add_argument("group")
     info.set_defaults(run=cmd_info)
+    invites = actions.add_parser(
+        "invites", parents=[common], help="invitations to groups waiting for your answer"
+    )
+    invites.set_defaults(run=cmd_invites)
+    for action, helptext, run in (
+        ("accept", "join a group you were invited to", cmd_accept),
+        ("decline", "decline an invitation (the inviter is not told)", cmd_decline),
+    ):
+        parser = actions.add_parser(action, parents=[common], help=helptext)
+        parser.add_argument("group", help="group id (or 8+ digit prefix) or name of the invitation")
+        parser.set_defaults(run=run)

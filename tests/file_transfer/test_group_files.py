@@ -29,6 +29,8 @@ async def test_file_offered_to_a_group_reaches_every_member_and_no_one_else(
 ) -> None:
     for name in ("bob", "carol", "dave"):
         await profiles.register(name)
+    for name in ("bob", "carol"):
+        await profiles.befriend("alice", name)
     alice = await profiles.online("alice", receive=False)
     ops = await groups.create(alice, "ops", ["bob", "carol"])
     data = b"quarterly numbers\n" * 500
@@ -58,6 +60,7 @@ async def test_file_offered_to_a_group_reaches_every_member_and_no_one_else(
 
 async def test_cli_sends_a_file_to_a_group(profiles: Profiles) -> None:
     await profiles.register("bob")
+    await profiles.befriend("alice", "bob")
     alice = await profiles.online("alice", receive=False)
     await groups.create(alice, "ops", ["bob"])
     await alice.close()

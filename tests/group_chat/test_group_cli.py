@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.conftest import ServerProcess
+from tests.contacts.test_cli_contacts import Listener
 from tests.test_cli import bastion, register
 
 pytestmark = pytest.mark.network
@@ -31,6 +33,23 @@ def test_group_commands_from_create_to_leave(server: ServerProcess, tmp_path: Pa
     assert re.fullmatch(r"[0-9a-f]{64}", group_id)
     conversation = "group:" + group_id
 
+    # Bob and Carol are not Alice's contacts: each has an invitation and joins.
+    [invite] = run_json("group", "invites", "--profile", str(bob))
+    assert (invite["type"], invite["group"], invite["name"], invite["by"]) == (
+        "group_invite",
+        group_id,
+        "ops",
+        "alice",
+    )
+    assert invite["members"] == 3
+    joined = run_json("group", "accept", "ops", "--profile", str(bob))
+    assert {"type": "group_change", "change": "create", "by": "alice"}.items() <= next(
+        e for e in joined if e["type"] == "group_change"
+    ).items()
+    assert joined[-1]["members"] == ["alice", "bob", "carol"]
+    assert "joined ops" in bastion("group", "accept", group_id[:10], "--profile", str(carol)).stdout
+    assert run_json("group", "invites", "--profile", str(bob)) == []
+
     [sent] = run_json("send", "--group", "ops", "hello ops", "--profile", str(alice))
     assert (sent["type"], sent["conversation"]) == ("sent", conversation)
 
@@ -41,9 +60,6 @@ def test_group_commands_from_create_to_leave(server: ServerProcess, tmp_path: Pa
         "hello ops",
         conversation,
     )
-    assert {"type": "group_change", "change": "create", "by": "alice"}.items() <= next(
-        e for e in inbox if e["type"] == "group_change"
-    ).items()
 
     # Dave joins and is made an admin; Carol is removed. GROUP may be a unique id prefix.
     bastion("group", "add", "ops", "dave", "--profile", str(alice))
@@ -58,8 +74,10 @@ def test_group_commands_from_create_to_leave(server: ServerProcess, tmp_path: Pa
         ("alice", "carol", conversation)
     ]
 
-    # Dave learns of the group from his inbox, renames it, and writes under the new name.
-    run_json("inbox", "--profile", str(dave))
+    # Dave finds the invitation in his inbox, joins, renames it, writes under the new name.
+    [dave_invite] = run_json("inbox", "--profile", str(dave))
+    assert (dave_invite["type"], dave_invite["by"]) == ("group_invite", "alice")
+    bastion("group", "accept", "ops", "--profile", str(dave))
     bastion("group", "rename", "ops", "ops-2", "--profile", str(dave))
     bastion("send", "--group", "ops-2", "renamed", "--profile", str(dave))
 
@@ -95,6 +113,7 @@ def test_group_command_errors_are_plain(server: ServerProcess, tmp_path: Path) -
     register(server, "bob", tmp_path)
     [first] = run_json("group", "create", "team", "--profile", str(alice))
     second = bastion("group", "create", "team", "--members", "bob", "--profile", str(alice))
+    # Bob has not joined: Alice's message goes out all the same (he gets no key).
     assert first["name"] == "team"
     assert first["members"] == ["alice"]
 
@@ -117,3 +136,37 @@ def test_group_command_errors_are_plain(server: ServerProcess, tmp_path: Path) -
     )
     assert not_admin.returncode == 1
     assert "leave" in not_admin.stderr
+    no_invite = bastion("group", "accept", "team", "--profile", str(alice), check=False)
+    assert no_invite.returncode == 1
+    assert "no invitation to a group called 'team'" in no_invite.stderr
+
+
+def test_an_invitation_shows_in_listen_and_can_be_declined(
+    server: ServerProcess, tmp_path: Path
+) -> None:
+    alice, bob = (register(server, name, tmp_path) for name in ("alice", "bob"))
+    bob_listens = Listener(bob)
+    try:
+        time.sleep(1.0)  # let it sign in
+        group_id = bastion(
+            "group", "create", "ops", "--members", "bob", "--profile", str(alice)
+        ).stdout.strip()
+        invite = bob_listens.next("group_invite")
+        assert (invite["group"], invite["name"], invite["by"], invite["members"]) == (
+            group_id,
+            "ops",
+            "alice",
+            2,
+        )
+    finally:
+        bob_listens.stop()
+    plain = bastion("group", "invites", "--profile", str(bob)).stdout
+    assert plain.startswith("alice invites you to the group 'ops' (2 members)")
+    [declined] = run_json("group", "decline", group_id[:8], "--profile", str(bob))
+    assert (declined["type"], declined["group"]) == ("group_declined", group_id)
+    assert run_json("group", "invites", "--profile", str(bob)) == []
+    bastion("send", "--group", "ops", "still there?", "--profile", str(alice))
+    assert run_json("inbox", "--profile", str(bob)) == []
+    again = bastion("group", "accept", "ops", "--profile", str(bob), check=False)
+    assert again.returncode == 1
+    assert "no invitation" in again.stderr

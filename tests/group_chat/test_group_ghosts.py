@@ -29,6 +29,7 @@ async def test_ghost_member_gets_nothing_and_members_are_warned(
     profiles = Profiles(tmp_path, server_factory(script=GHOST_SCRIPT))
     try:
         await profiles.register("bill")
+        await profiles.befriend("alice", "bill")
         mallory = await fresh(profiles, "mallory")
         alice = await fresh(profiles, "alice")
         ops = await groups.create(alice, "ops", ["bill"])
@@ -63,6 +64,7 @@ async def test_ghost_device_gets_no_room_key_and_members_are_warned(
     profiles = Profiles(tmp_path, server_factory(script=SCRIPT))
     try:
         await profiles.register("bill")
+        await profiles.befriend("alice", "bill")
         alice = await fresh(profiles, "alice")
         ops = await groups.create(alice, "ops", ["bill"])
         await groups.send_text(alice, ops, "secret plans")

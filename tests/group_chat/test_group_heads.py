@@ -51,6 +51,8 @@ async def test_a_second_key_directory_answer_gets_no_room_key(
     profiles = Profiles(tmp_path, server_factory(script=SCRIPT))
     try:
         bob = await profiles.register("bob")
+        for name in ("alice", "bob"):
+            await profiles.befriend("carol", name)  # contacts: they join at once
         alice = await fresh(profiles, "alice")
         carol = await fresh(profiles, "carol")
         # Carol adds Alice and Bob: Alice has never looked Bob up before she sends.
@@ -87,6 +89,8 @@ async def test_a_withheld_removal_stops_sending_before_a_key_is_shared(
     try:
         await profiles.register("bob")
         await profiles.register("xavier")
+        for name in ("bob", "xavier"):
+            await profiles.befriend("alice", name)  # contacts: they join at once
         alice = await fresh(profiles, "alice")
         ops = await groups.create(alice, "ops", ["bob", "xavier"])
         bob = await fresh(profiles, "bob")
@@ -121,6 +125,7 @@ async def test_a_fork_by_a_removed_admin_is_reported_and_refused_until_settled(
     try:
         for name in ("bob", "carol", "mallory"):
             await profiles.register(name)
+            await profiles.befriend("alice", name)  # contacts: they join at once
         eve = await profiles.register("eve")
         alice = await fresh(profiles, "alice")
         ops = await groups.create(alice, "ops", ["bob", "carol", "mallory"])
@@ -175,6 +180,7 @@ async def test_a_sync_that_never_ends_is_bounded_and_stops_sending(
     profiles = Profiles(tmp_path, server_factory(script=LYING_CHAIN))
     try:
         await profiles.register("bob")
+        await profiles.befriend("alice", "bob")
         alice = await fresh(profiles, "alice")
         ops = await groups.create(alice, "ops", ["bob"])
         with pytest.raises(StateError, match="goes on but sends no further change"):
@@ -223,6 +229,8 @@ async def test_a_rejected_change_stops_sending_with_the_reason(
     try:
         await profiles.register("carol")
         bob = await profiles.register("bob")
+        for name in ("bob", "carol"):
+            await profiles.befriend("alice", name)  # contacts: they join at once
         alice = await fresh(profiles, "alice")
         ops = await groups.create(alice, "ops", ["bob", "carol"])
         # Bob is no admin: the change the server shows Carol breaks the rules.

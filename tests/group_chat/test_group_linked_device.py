@@ -17,6 +17,7 @@ async def test_a_newly_linked_device_reads_the_next_message_of_its_own_account(
     profiles: Profiles,
 ) -> None:
     await profiles.register("bob")
+    await profiles.befriend("alice", "bob")
     alice = await fresh(profiles, "alice")
     ops = await groups.create(alice, "ops", ["bob"])
     await groups.send_text(alice, ops, "before the link")

@@ -22,6 +22,7 @@ async def test_rejected_group_messages_are_counted_in_rejected_messages(
 ) -> None:
     await profiles.register("carol")
     await profiles.register("mallory")
+    await profiles.befriend("alice", "carol")
     alice = await fresh(profiles, "alice")
     ops = await groups.create(alice, "ops", ["carol"])
     carol = await fresh(profiles, "carol")

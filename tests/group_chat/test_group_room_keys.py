@@ -18,6 +18,7 @@ pytestmark = pytest.mark.network
 async def test_a_member_cannot_slip_in_a_room_key_for_another_sender(profiles: Profiles) -> None:
     for name in ("bob", "carol"):
         await profiles.register(name)
+        await profiles.befriend("alice", name)
     alice = await fresh(profiles, "alice")
     ops = await groups.create(alice, "ops", ["bob", "carol"])
     await groups.send_text(alice, ops, "real")
@@ -29,7 +30,12 @@ async def test_a_member_cannot_slip_in_a_room_key_for_another_sender(profiles: P
     key = group_keys.room_key(
         fake, bob.profile.pickle_key, chain_seq=ops.seq, chain_hash=ops.state_hash
     )
-    await bob.send_payload("carol", group_keys.ROOM_KEY_KIND, msgspec.json.encode(key).decode())
+    await bob.send_payload(
+        "carol",
+        group_keys.ROOM_KEY_KIND,
+        msgspec.json.encode(key).decode(),
+        group_id=ops.group_id,
+    )
     # ...then has the server deliver a message from that session as if from Alice's device.
     claimed = group_keys.GroupPlaintext(
         group_id=ops.group_id,
@@ -68,6 +74,7 @@ async def test_a_member_cannot_slip_in_a_room_key_for_another_sender(profiles: P
 
 async def test_a_room_key_in_the_group_channel_is_refused(profiles: Profiles) -> None:
     await profiles.register("bob")
+    await profiles.befriend("alice", "bob")
     alice = await fresh(profiles, "alice")
     ops = await groups.create(alice, "ops", ["bob"])
     out = group_keys.new_outbound(ops.group_id, alice.profile.pickle_key, 1)

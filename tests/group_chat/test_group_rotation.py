@@ -40,6 +40,7 @@ async def next_group_text(client: Client) -> tuple[str, str]:
 
 async def test_session_is_replaced_when_a_members_device_is_revoked(profiles: Profiles) -> None:
     await profiles.register("bob")
+    await profiles.befriend("alice", "bob")
     alice = await fresh(profiles, "alice")
     bob_laptop = await link_second_device(profiles, "bob", "bob-laptop")
     await drain(bob_laptop)  # up to date; from here on it receives live
@@ -90,6 +91,7 @@ async def test_session_is_replaced_after_its_message_budget_and_after_seven_days
     profiles: Profiles,
 ) -> None:
     await profiles.register("bob")
+    await profiles.befriend("alice", "bob")
     alice = await fresh(profiles, "alice")
     ops = await groups.create(alice, "ops", ["bob"])
     start = 1_800_000_000_000

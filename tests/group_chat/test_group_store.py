@@ -15,11 +15,16 @@ import pytest
 
 from bastion.protocol.frames import GROUP_KIND
 from bastion.server.group_store import (
+    DECLINED,
+    PENDING,
+    WITHHELD,
+    Appended,
     GroupConflictError,
     GroupStore,
-    PgGroupStore,
+    Invitation,
     SQLiteGroupStore,
 )
+from bastion.server.pg_group_store import PgGroupStore
 from bastion.server.pg_store import PgStore
 from bastion.server.sqlite_store import SQLiteStore
 from bastion.server.store import Store
@@ -80,7 +85,14 @@ async def append(
         group_id=group,
         seq=seq,
         change=change or b"change-%d" % seq,
-        members=members,
+        appended=Appended(
+            head=b"head-%d" % seq,
+            members=members,
+            named=members,
+            invites=[],
+            inviter="alice",
+            invite_item=b"",
+        ),
         notify=notify if notify is not None else members,
         sender="alice",
         sender_device="a1",
@@ -126,9 +138,6 @@ async def test_member_list_follows_the_chain(stores: Stores) -> None:
     assert await stores.groups.membership(GROUP, "dave") is True
     assert await stores.groups.membership(GROUP, "carol") is False  # former: may fetch
     assert await stores.groups.membership(GROUP, "nobody") is None
-    assert await stores.groups.share_a_group("bob", "dave") is True
-    assert await stores.groups.share_a_group("carol", "alice") is False  # removed
-    assert await stores.groups.share_a_group("dave", "nobody") is False
     await append(stores, 2, ["alice", "bob", "carol"], notify=["alice", "bob", "carol", "dave"])
     assert await stores.groups.membership(GROUP, "carol") is True  # added again
     assert await stores.groups.membership(GROUP, "dave") is False
@@ -177,3 +186,115 @@ async def test_fan_out_queues_one_copy_per_member_device_once_per_message_id(
     assert await stores.main.ack("bob", "b2", [copy.seq]) == 1
     assert await stores.main.fetch_queue("bob", "b2", -1, 10) == []
     assert len(await stores.main.fetch_queue("bob", "b1", -1, 10)) == 1
+
+
+async def test_invitations_are_kept_answered_and_dropped_with_the_member(stores: Stores) -> None:
+    for user in ("alice", "carol"):
+        await make_user(stores.main, user, user[0] + "1")
+    await make_user(stores.main, "bob", "b1", "b2")
+    queued = await stores.groups.append_change(
+        group_id=GROUP,
+        seq=0,
+        change=b"change-0",
+        appended=Appended(
+            head=b"head-0",
+            members=["alice"],
+            named=["alice", "bob", "carol"],
+            invites=[("bob", PENDING), ("carol", WITHHELD)],
+            inviter="alice",
+            invite_item=b"invite",
+        ),
+        notify=["alice"],
+        sender="alice",
+        sender_device="a1",
+        server_ts=1000,
+        item=b"notice-0",
+    )
+    # The invitee's devices get the invitation; a withheld one gets nothing at all.
+    assert sorted((e.user, e.device_id, e.body) for e in queued) == [
+        ("bob", "b1", b"invite"),
+        ("bob", "b2", b"invite"),
+    ]
+    assert await stores.main.fetch_queue("carol", "c1", -1, 10) == []
+    assert await stores.groups.not_joined(GROUP) == {"bob": PENDING, "carol": WITHHELD}
+    assert await stores.groups.active_members(GROUP) == ["alice"]
+    assert await stores.groups.membership(GROUP, "bob") is None  # no chain for him yet
+    assert await stores.groups.pending_invites("bob", 10) == [Invitation(GROUP, "alice", 1000)]
+    assert await stores.groups.pending_invites("carol", 10) == []
+    assert (
+        await stores.groups.respond(GROUP, "carol", "c1", accept=True, server_ts=1001, item=b"x")
+        is None
+    )
+
+    joined = await stores.groups.respond(
+        GROUP, "bob", "b1", accept=True, server_ts=1002, item=b"joined"
+    )
+    assert joined is not None
+    assert [(e.user, e.device_id, e.body) for e in joined] == [("bob", "b2", b"joined")]
+    assert await stores.groups.membership(GROUP, "bob") is True
+    assert await stores.groups.active_members(GROUP) == ["alice", "bob"]
+    assert await stores.groups.not_joined(GROUP) == {"carol": WITHHELD}
+    assert (
+        await stores.groups.respond(GROUP, "bob", "b1", accept=False, server_ts=1003, item=b"x")
+        is None
+    )  # answered already
+
+    # Carol is removed without having joined: a former member from now on (a new add
+    # invites her again), and her withheld invitation is gone.
+    await stores.groups.append_change(
+        group_id=GROUP,
+        seq=1,
+        change=b"change-1",
+        appended=Appended(
+            head=b"head-1",
+            members=["alice", "bob"],
+            named=["alice", "bob"],
+            invites=[],
+            inviter="alice",
+            invite_item=b"",
+        ),
+        notify=["alice", "bob"],
+        sender="alice",
+        sender_device="a1",
+        server_ts=1004,
+        item=b"notice-1",
+    )
+    assert await stores.groups.not_joined(GROUP) == {}
+    assert await stores.groups.membership(GROUP, "carol") is False
+    assert await stores.groups.head(GROUP) == b"head-1"
+    await stores.groups.set_head(GROUP, 0, b"rebuilt")  # never replaces a stored head
+    assert await stores.groups.head(GROUP) == b"head-1"
+
+
+async def test_a_declined_invitation_stays_declined(stores: Stores) -> None:
+    for user in ("alice", "bob"):
+        await make_user(stores.main, user, user[0] + "1")
+    await stores.groups.append_change(
+        group_id=GROUP,
+        seq=0,
+        change=b"change-0",
+        appended=Appended(
+            head=b"head-0",
+            members=["alice"],
+            named=["alice", "bob"],
+            invites=[("bob", PENDING)],
+            inviter="alice",
+            invite_item=b"invite",
+        ),
+        notify=["alice"],
+        sender="alice",
+        sender_device="a1",
+        server_ts=1000,
+        item=b"notice-0",
+    )
+    declined = await stores.groups.respond(
+        GROUP, "bob", "b1", accept=False, server_ts=1001, item=b"x"
+    )
+    assert declined == []
+    assert await stores.groups.pending_invites("bob", 10) == []
+    assert await stores.groups.not_joined(GROUP) == {"bob": DECLINED}
+    assert (
+        await stores.groups.respond(GROUP, "bob", "b1", accept=True, server_ts=1002, item=b"x")
+        is None
+    )
+    assert await stores.groups.active_members(GROUP) == ["alice"]

@@ -157,6 +157,9 @@ CLIENT_FRAMES: list[frames.Frame] = [
     frames.GroupFetch(req=51, group_id=KEY, after_seq=-1),
     frames.GroupFetch(req=52, group_id=KEY, after_seq=7),
     frames.GroupSend(req=53, group_id=KEY, client_msg_id=bytes(16), ciphertext=b"\x09" * 120),
+    frames.GroupInvites(req=54),
+    frames.GroupRespond(req=55, group_id=KEY, accept=True),
+    frames.Send(req=56, client_msg_id=bytes(16), to="bob", ciphertexts=[CIPHERTEXT], group_id=KEY),
 ]
 SERVER_FRAMES: list[frames.Frame] = [
     frames.Challenge(version=1, server_name="bastion.test", nonce=KEY, expires_in=60),
@@ -207,6 +210,17 @@ SERVER_FRAMES: list[frames.Frame] = [
         req=51, group_id=KEY, changes=[b"\x08" * 200, b"\x0a" * 90], more=True, members=["bob"]
     ),
     frames.GroupSent(req=53, server_ts=1_700_000_000_123, members=["alice", "bob", "carol"]),
+    frames.GroupChain(
+        req=52, group_id=KEY, changes=[], more=False, members=["alice"], invited=["bob"]
+    ),
+    frames.GroupInviteList(
+        req=54,
+        invites=[
+            frames.GroupInvite(
+                group_id=KEY, name="ops", inviter="alice", members=3, at=1_700_000_000_000
+            )
+        ],
+    ),
 ]
 
 
@@ -587,6 +601,8 @@ client_frames: st.SearchStrategy[frames.Frame] = st.one_of(
         client_msg_id=st.binary(min_size=16, max_size=16),
         ciphertext=bodies,
     ),
+    st.builds(frames.GroupInvites, req=reqs),
+    st.builds(frames.GroupRespond, req=reqs, group_id=key32, accept=st.booleans()),
 )
 server_frames: st.SearchStrategy[frames.Frame] = st.one_of(
     st.builds(
@@ -635,7 +651,7 @@ server_frames: st.SearchStrategy[frames.Frame] = st.one_of(
         sender=usernames,
         sender_device=device_ids,
         server_ts=millis,
-        kind=st.integers(0, 1),
+        kind=st.integers(0, frames.ROOM_KEY_PATH + 1),
         body=bodies,
     ),
     st.builds(frames.KeysLow, one_time_keys=int64),

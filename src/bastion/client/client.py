@@ -22,6 +22,7 @@ from typing import Any
 import msgspec
 
 from bastion.client import device_list, receiving
+from bastion.client.group_keys import ROOM_KEY_KIND
 from bastion.client.profile import Profile
 from bastion.client.records import (
     AccountInfo,
@@ -586,13 +587,21 @@ class Client:
         return await self.send_payload(to, "text", text)
 
     async def send_payload(
-        self, to: str, kind: str, body: str, *, history: bool = True
+        self,
+        to: str,
+        kind: str,
+        body: str,
+        *,
+        history: bool = True,
+        group_id: bytes | None = None,
     ) -> HistoryRecord:
         """Encrypt a signed payload of ``kind`` to every device of ``to`` and our others.
 
         ``text`` payloads go into the history; other kinds (verification steps,
         contact notes, file offers...) are handled by whoever registered a
-        handler for that kind on the receiving side. Raises like :meth:`send_text`.
+        handler for that kind on the receiving side. ``group_id`` sends a room key
+        of that group on its room-key path (members need not be contacts; the
+        receiver accepts nothing but a room key that way). Raises like :meth:`send_text`.
         """
         check_username(to)
         if to == self.account.username:
@@ -619,6 +628,7 @@ class Client:
                 body,
                 [(to, d) for d in theirs] + [(self.account.username, d) for d in mine],
                 history=history,
+                group_id=group_id,
             )
             conn = self._connection()
             req = conn.next_req()
@@ -641,6 +651,8 @@ class Client:
         mine: list[DeviceEntry],
         kind: str,
         body: str,
+        *,
+        group_id: bytes | None = None,
     ) -> HistoryRecord:
         """Encrypt a signed payload of ``kind`` to exactly ``theirs`` and ``mine``, and send it.
 
@@ -650,6 +662,8 @@ class Client:
         group's chain in this one step (DESIGN §5). Nothing is kept in the
         history. Raises ValueError, ServerRefusedError (``device_mismatch`` when
         the server's device list is not the checked one: then nothing is sent).
+        ``group_id`` sends a room key of that group on its room-key path, as
+        :meth:`send_payload` does.
         """
         check_username(to)
         if to == self.account.username:
@@ -667,6 +681,7 @@ class Client:
             body,
             [(to, d) for d in theirs] + [(me, d) for d in mine],
             history=False,
+            group_id=group_id,
         )
         conn = self._connection()
         req = conn.next_req()
@@ -688,6 +703,7 @@ class Client:
         targets: list[tuple[str, DeviceEntry]],
         *,
         history: bool = True,
+        group_id: bytes | None = None,
     ) -> tuple[frames.Send, HistoryRecord]:
         me = self.account.username
         sent_at = now_ms()
@@ -729,7 +745,9 @@ class Client:
                         user=user, device_id=target.device_id, kind=olm_kind, body=body
                     )
                 )
-            frame = frames.Send(req=0, client_msg_id=message_id, to=to, ciphertexts=ciphertexts)
+            frame = frames.Send(
+                req=0, client_msg_id=message_id, to=to, ciphertexts=ciphertexts, group_id=group_id
+            )
             if len(frames.encode(frame)) > frames.MAX_FRAME_BYTES:
                 raise ValueError(
                     "the message is too long to send to this many devices; split it up"
@@ -863,7 +881,7 @@ class Client:
         envelope = _envelope_key(deliver)
         if self.profile.seen("env", envelope):
             return None
-        if deliver.kind not in {0, 1}:
+        if deliver.kind not in {0, 1, frames.ROOM_KEY_PATH, frames.ROOM_KEY_PATH + 1}:
             special = self.deliver_handlers.get(deliver.kind)
             if special is not None:
                 handled = await special(deliver)
@@ -919,17 +937,21 @@ class Client:
         account_changed = False
         plaintext: bytes | None = None
         session: OlmSession | None = None
+        # An Olm message on a group's room-key path (the relay let it past the contact
+        # gate for two members of one group) may carry a room key and nothing else.
+        room_key_path = deliver.kind >= frames.ROOM_KEY_PATH
+        olm_kind = deliver.kind - frames.ROOM_KEY_PATH if room_key_path else deliver.kind
         for _sid, pickle in self.profile.sessions(sender.curve25519):
             candidate = OlmSession.from_pickle(pickle, self.profile.pickle_key)
-            if deliver.kind == PRE_KEY and not candidate.matches(deliver.body):
+            if olm_kind == PRE_KEY and not candidate.matches(deliver.body):
                 continue
             try:
-                plaintext = candidate.decrypt(deliver.kind, deliver.body)
+                plaintext = candidate.decrypt(olm_kind, deliver.body)
             except AuthenticationError:
                 continue
             session = candidate
             break
-        if session is None and deliver.kind == PRE_KEY:
+        if session is None and olm_kind == PRE_KEY:
             session, plaintext = device.inbound_session(sender.curve25519, deliver.body)
             account_changed = True
         if session is None or plaintext is None:
@@ -946,6 +968,10 @@ class Client:
         replay_key = payload.sender + "\0" + payload.message_id.hex()
         if self.profile.seen("msg", replay_key):
             raise RejectedMessageError("replayed message")
+        if room_key_path and payload.kind != ROOM_KEY_KIND:
+            raise RejectedMessageError(
+                "a group member who is not your contact sent something other than a room key"
+            )
         handler = None
         if payload.kind != "text":
             handler = self.payload_handlers.get(payload.kind)

@@ -271,10 +271,15 @@ def _warning(group_id: bytes, reason: str) -> GroupWarningEvent:
 
 
 def _compare_members(
-    group_id: bytes, state: chain.GroupState, server_members: list[str]
+    group_id: bytes, state: chain.GroupState, server_members: list[str], invited: list[str]
 ) -> list[Event]:
+    """Warnings where the server's delivery list differs from the verified members.
+
+    Members who have not joined (``invited``: an invitation not accepted) are
+    expected to get nothing.
+    """
     ghosts = sorted(set(server_members) - set(state.members))
-    missing = sorted(set(state.members) - set(server_members))
+    missing = sorted(set(state.members) - set(server_members) - set(invited))
     events: list[Event] = []
     if ghosts:
         events.append(
@@ -343,7 +348,7 @@ async def sync(client: Client, group_id: bytes, *, max_pages: int = MAX_SYNC_PAG
         group_heads.save_status(client, group_id, status)
     state = state_of(client, group_id)
     if state is not None and client.account.username in state.members:
-        events += _compare_members(group_id, state, reply.members)
+        events += _compare_members(group_id, state, reply.members, reply.invited)
     return events
 
 

@@ -38,7 +38,10 @@ ShortText = Annotated[str, Meta(max_length=256)]
 ErrorCode = Annotated[str, Meta(pattern=r"^[a-z_]{1,32}\Z")]
 OlmKind = Annotated[int, Meta(ge=0, le=1)]
 GROUP_KIND: Final = 2  # Deliver.kind of a group item: the body is an encoded GroupItem
-DeliverKind = Annotated[int, Meta(ge=0, le=GROUP_KIND)]
+# Deliver.kind of an Olm message sent on a group's room-key path (Send.group_id set):
+# ROOM_KEY_PATH + the Olm kind. Only a room key may arrive this way.
+ROOM_KEY_PATH: Final = 3
+DeliverKind = Annotated[int, Meta(ge=0, le=ROOM_KEY_PATH + 1)]
 InviteCode = Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]{8,64}\Z")]
 
 
@@ -154,6 +157,9 @@ class Send(Frame, tag="send"):
     ciphertexts: Annotated[
         list[DeviceCiphertext], Meta(min_length=1, max_length=MAX_DEVICES_PER_SEND)
     ]
+    # Set only for a room key of this group: it may pass between two joined members
+    # who are not contacts, and is delivered with kind ROOM_KEY_PATH + Olm kind.
+    group_id: Key32 | None = None
 
 
 LinkBlob = Annotated[bytes, Meta(min_length=28, max_length=4096)]
@@ -404,11 +410,16 @@ class GroupSend(Frame, tag="group_send"):
 
 
 class GroupPosted(Frame, tag="group_posted"):
-    """A change was appended; ``members`` is who the server now delivers to."""
+    """A change was appended; ``members`` is who the server now delivers to.
+
+    ``invited`` are members the chain names who have not joined (the server
+    delivers nothing of the group to them).
+    """
 
     req: RequestId
     seq: Seq
     members: GroupMembers
+    invited: GroupMembers = []
 
 
 class GroupChain(Frame, tag="group_chain"):
@@ -419,6 +430,7 @@ class GroupChain(Frame, tag="group_chain"):
     changes: Annotated[list[GroupChangeBytes], Meta(max_length=256)]
     more: bool
     members: GroupMembers
+    invited: GroupMembers = []
 
 
 class GroupSent(Frame, tag="group_sent"):
@@ -427,6 +439,41 @@ class GroupSent(Frame, tag="group_sent"):
     req: RequestId
     server_ts: Millis
     members: GroupMembers
+    invited: GroupMembers = []
+
+
+MAX_GROUP_INVITES: Final = 256
+
+
+class GroupInvites(Frame, tag="group_invites"):
+    """Ask for the invitations to groups that wait for this account's answer."""
+
+    req: RequestId
+
+
+class GroupRespond(Frame, tag="group_respond"):
+    """Accept (join) or decline an invitation to a group."""
+
+    req: RequestId
+    group_id: Key32
+    accept: bool
+
+
+class GroupInvite(Record):
+    """An invitation: the group, its name and size at the head, who added you, when."""
+
+    group_id: Key32
+    name: Annotated[str, Meta(min_length=1, max_length=256)]
+    inviter: Username
+    members: Annotated[int, Meta(ge=0, le=MAX_GROUP_MEMBERS)]
+    at: Millis
+
+
+class GroupInviteList(Frame, tag="group_invite_list"):
+    """The invitations waiting for an answer, oldest first."""
+
+    req: RequestId
+    invites: Annotated[list[GroupInvite], Meta(max_length=MAX_GROUP_INVITES)]
 
 
 class GroupItem(msgspec.Struct, tag_field="item", forbid_unknown_fields=True, kw_only=True):
@@ -447,7 +494,13 @@ class GroupChangeItem(GroupItem, tag="change"):
     seq: Seq
 
 
-GroupItems = GroupMessageItem | GroupChangeItem
+class GroupInviteItem(GroupItem, tag="invite"):
+    """An invitation to a group: answer it with ``GroupRespond`` (nothing else arrives before)."""
+
+    invite: GroupInvite
+
+
+GroupItems = GroupMessageItem | GroupChangeItem | GroupInviteItem
 _item_decoder: msgspec.msgpack.Decoder[GroupItems] = msgspec.msgpack.Decoder(GroupItems)
 
 
@@ -580,6 +633,8 @@ ClientFrame = (
     | GroupPost
     | GroupFetch
     | GroupSend
+    | GroupInvites
+    | GroupRespond
     | ContactAction
     | ContactList
     | PresenceWatch
@@ -603,6 +658,7 @@ ServerFrame = (
     | GroupPosted
     | GroupChain
     | GroupSent
+    | GroupInviteList
     | ContactResult
     | ContactListResult
     | ContactChanged

@@ -72,6 +72,12 @@ class Limits:
     group_max_members: int = 1000
     group_creations_per_hour: float = 30.0
     group_creations_burst: int = 10
+    group_changes_per_account_per_hour: float = 600.0
+    group_changes_per_account_burst: int = 120
+    group_changes_per_group_per_hour: float = 600.0
+    group_changes_per_group_burst: int = 120
+    group_max_chain_changes: int = 50_000
+    group_max_change_bytes: int = 128 * 1024
     blob_quota_mb: int = 2048
     blob_expiry_days: float = 7.0
     blob_upload_ttl_s: float = 86_400.0

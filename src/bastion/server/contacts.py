@@ -51,10 +51,12 @@ log = logging.getLogger("bastion.server.contacts")
 EXTENSION = "contacts"
 TOPIC = "contacts"
 
-# Other features may let two accounts exchange Olm payloads without being contacts
-# (for example members of one group sharing room keys): each rule answers for a pair.
-SendRule = Callable[["RelayServer", str, str], Awaitable[bool]]
-SEND_EXCEPTIONS: list[SendRule] = []
+# A room key for a group (a Send naming the group) may pass between two of its joined
+# members who are not contacts; the group feature registers the rule (server/groups.py).
+# It answers stored (True) or dropped (False), or raises ContactError. A plain message
+# never passes this way: sharing a group opens no direct conversation.
+RoomKeyRule = Callable[..., Awaitable[bool]]
+ROOM_KEY_RULES: list[RoomKeyRule] = []
 
 
 def _now_ms() -> int:
@@ -118,12 +120,15 @@ def _lost(server: RelayServer, contacts: ContactService, users: list[str]) -> No
 # --- messages -------------------------------------------------------------------------------
 
 
-async def check_may_send(server: RelayServer, sender: str, to: str, message_id: bytes) -> bool:
+async def check_may_send(
+    server: RelayServer, sender: str, to: str, message_id: bytes, *, group_id: bytes | None = None
+) -> bool:
     """Whether a message from ``sender`` to ``to`` is stored (True) or dropped silently (False).
 
     Raises :class:`ContactError` (``not_a_contact``, ``unknown_user``) when it is
     refused: a stranger, a pending request past its one note, a removed or
-    blocked sender all get the same ``not_a_contact``.
+    blocked sender all get the same ``not_a_contact``. With ``group_id`` (a room
+    key for that group) the group's rule decides for two who are not contacts.
     """
     contacts = await service(server)
     pair = await contacts.store.pair(sender, to)
@@ -142,12 +147,12 @@ async def check_may_send(server: RelayServer, sender: str, to: str, message_id: 
         await contacts.store.update(sender, to, rule)
         verdict = verdicts[-1]
     if verdict is Delivery.REFUSE:
-        # Exceptions (members of one group exchanging room keys) never reach someone
-        # who blocked the sender, nor let a sender reach someone it blocked.
-        if BLOCKED not in (state_of(pair.mine), state_of(pair.theirs)):
-            for allowed in SEND_EXCEPTIONS:
-                if await allowed(server, sender, to):
-                    return True
+        if group_id is not None and ROOM_KEY_RULES:
+            # Never reaches someone who blocked the sender (dropped, silently).
+            blocked = state_of(pair.theirs) == BLOCKED
+            return await ROOM_KEY_RULES[0](
+                server, sender, to, group_id, blocked_by_recipient=blocked
+            )
         if await server.store.get_account(to) is None:
             raise ContactError("unknown_user", f"there is no user named {to}")
         raise ContactError(

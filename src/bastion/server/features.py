@@ -9,6 +9,7 @@ from bastion.server import (
     blobs,  # noqa: F401 - file transfer
     contacts,  # noqa: F401 - contacts and presence
     device_lists,  # noqa: F401 - signed device lists
+    group_invites,  # noqa: F401 - invitations to groups
     groups,  # noqa: F401 - group chats
     policy,  # noqa: F401 - signed organisation policy
 )

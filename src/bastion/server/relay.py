@@ -862,7 +862,10 @@ class ClientConnection(WSListener):
             self._refuse(frame.req, frames_error("rate_limited", "sending too fast; slow down"))
             self._observe_relay(started)
             return
-        copies = [Copy(c.user, c.device_id, c.kind, c.body) for c in frame.ciphertexts]
+        # A room key travels on its group's path: its kind tells the recipient that
+        # only a room key may be inside (docs/protocol.md §8.7).
+        path = 0 if frame.group_id is None else frames.ROOM_KEY_PATH
+        copies = [Copy(c.user, c.device_id, path + c.kind, c.body) for c in frame.ciphertexts]
         stored = self._store(frame, sender, sender_device, copies, contacts_only=True)
         self._stores_in_flight += 1
         self._hold_back_if_busy()
@@ -905,7 +908,9 @@ class ClientConnection(WSListener):
     async def _relay_checked(
         self, frame: frames.Send, sender: str, sender_device: str, copies: list[Copy]
     ) -> None:
-        if not await contacts.check_may_send(self.server, sender, frame.to, frame.client_msg_id):
+        if not await contacts.check_may_send(
+            self.server, sender, frame.to, frame.client_msg_id, group_id=frame.group_id
+        ):
             self._send(frames.Sent(req=frame.req, server_ts=_now_ms()))  # dropped: blocked
             return
         try:
