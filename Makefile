@@ -1,7 +1,7 @@
 # Two commands for a fresh machine:
 #   make serve   set up and start a server on 127.0.0.1:8443 (data in ./var)
 #   make test    set up and run formatting, lint, type checks and the whole test suite
-# Both install exactly the versions in requirements/*.txt (hashes checked); `make lock`
+# Both install exactly the versions in requirements*.txt (hashes checked); `make lock`
 # refreshes those files from pyproject.toml.
 PYTHON ?= python3
 VENV := .venv
@@ -22,14 +22,14 @@ check-lock:
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-$(VENV)/.installed: pyproject.toml requirements/runtime.txt requirements/build.txt | check-lock $(BIN)/python
-	$(PIP_LOCKED) -r requirements/build.txt
-	$(PIP_LOCKED) -r requirements/runtime.txt
+$(VENV)/.installed: pyproject.toml requirements.txt requirements-build.txt | check-lock $(BIN)/python
+	$(PIP_LOCKED) -r requirements-build.txt
+	$(PIP_LOCKED) -r requirements.txt
 	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $@
 
-$(VENV)/.installed-dev: pyproject.toml requirements/dev.txt $(VENV)/.installed | check-lock
-	$(PIP_LOCKED) -r requirements/dev.txt
+$(VENV)/.installed-dev: pyproject.toml requirements-dev.txt $(VENV)/.installed | check-lock
+	$(PIP_LOCKED) -r requirements-dev.txt
 	touch $@
 
 serve: check-lock $(VENV)/.installed
@@ -46,9 +46,9 @@ test: check-lock $(VENV)/.installed-dev
 # the dev set's versions, so the tests run exactly what a server runs.
 lock: | $(BIN)/python
 	$(BIN)/python -m pip install --quiet "uv==$(UV_VERSION)"
-	$(PYTHON) tools/lock.py build-requires | $(BIN)/uv pip compile - $(LOCK_FLAGS) -o requirements/build.txt
-	$(BIN)/uv pip compile pyproject.toml --extra dev $(LOCK_FLAGS) -o requirements/dev.txt
-	$(BIN)/uv pip compile pyproject.toml -c requirements/dev.txt $(LOCK_FLAGS) -o requirements/runtime.txt
+	$(PYTHON) tools/lock.py build-requires | $(BIN)/uv pip compile - $(LOCK_FLAGS) -o requirements-build.txt
+	$(BIN)/uv pip compile pyproject.toml --extra dev $(LOCK_FLAGS) -o requirements-dev.txt
+	$(BIN)/uv pip compile pyproject.toml -c requirements-dev.txt $(LOCK_FLAGS) -o requirements.txt
 	$(PYTHON) tools/lock.py stamp
 
 lint: $(VENV)/.installed-dev

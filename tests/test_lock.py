@@ -1,4 +1,4 @@
-"""The dependency locks in requirements/ are what a fresh machine installs.
+"""The dependency locks requirements*.txt are what a fresh machine installs.
 
 - The environment the suite runs in holds exactly the locked versions (``make test``
   installs them with hashes checked).
@@ -46,21 +46,21 @@ def locked(lock: Path) -> dict[str, str]:
 
 
 def test_every_lock_pins_with_hashes() -> None:
-    for name in ("build.txt", "runtime.txt", "dev.txt"):
-        text = (REPO / "requirements" / name).read_text(encoding="utf-8")
+    for name in ("requirements-build.txt", "requirements.txt", "requirements-dev.txt"):
+        text = (REPO / name).read_text(encoding="utf-8")
         entries = [line for line in text.splitlines() if PIN.match(line)]
         assert entries, name
         assert text.count("--hash=sha256:") >= len(entries), name
 
 
 def test_the_runtime_lock_is_part_of_the_dev_lock() -> None:
-    runtime = locked(REPO / "requirements" / "runtime.txt")
-    dev = locked(REPO / "requirements" / "dev.txt")
+    runtime = locked(REPO / "requirements.txt")
+    dev = locked(REPO / "requirements-dev.txt")
     assert {name: dev.get(name) for name in runtime} == runtime
 
 
 def test_this_environment_holds_exactly_the_locked_versions() -> None:
-    wanted = locked(REPO / "requirements" / "dev.txt")
+    wanted = locked(REPO / "requirements-dev.txt")
     installed = {name: metadata.version(name) for name in wanted if _installed(name) is not None}
     missing = sorted(set(wanted) - set(installed))
     assert not missing, f"locked but not installed: {missing}"
@@ -80,7 +80,8 @@ def _copy_for_check(tmp_path: Path) -> Path:
     (root / "tools").mkdir(parents=True)
     shutil.copy(REPO / "tools" / "lock.py", root / "tools" / "lock.py")
     shutil.copy(REPO / "pyproject.toml", root / "pyproject.toml")
-    shutil.copytree(REPO / "requirements", root / "requirements")
+    for name in ("requirements.txt", "requirements-dev.txt", "requirements-build.txt"):
+        shutil.copy(REPO / name, root / name)
     return root
 
 
@@ -106,7 +107,7 @@ def test_lock_check_names_the_fix_when_pyproject_changed(tmp_path: Path) -> None
     pyproject.write_text(text.replace('"rich>=13"', '"rich>=14"'), encoding="utf-8")
     result = _check(root)
     assert result.returncode == 1
-    assert "pyproject.toml and requirements/runtime.txt disagree" in result.stdout
+    assert "pyproject.toml and requirements.txt disagree" in result.stdout
     assert "make lock" in result.stdout
     assert len(result.stdout.strip().splitlines()) == 1
 
@@ -136,9 +137,13 @@ def test_a_fresh_environment_installs_exactly_the_runtime_lock(tmp_path: Path) -
         assert done.returncode == 0, done.stdout + done.stderr
         return done.stdout
 
-    requirements = REPO / "requirements"
     pip(
-        "install", "--quiet", "--require-hashes", "--no-deps", "-r", str(requirements / "build.txt")
+        "install",
+        "--quiet",
+        "--require-hashes",
+        "--no-deps",
+        "-r",
+        str(REPO / "requirements-build.txt"),
     )
     pip(
         "install",
@@ -146,7 +151,7 @@ def test_a_fresh_environment_installs_exactly_the_runtime_lock(tmp_path: Path) -
         "--require-hashes",
         "--no-deps",
         "-r",
-        str(requirements / "runtime.txt"),
+        str(REPO / "requirements.txt"),
     )
     wheels = tmp_path / "wheels"
     source = tmp_path / "source"
@@ -160,7 +165,7 @@ def test_a_fresh_environment_installs_exactly_the_runtime_lock(tmp_path: Path) -
 
     listed = json.loads(pip("list", "--format=json"))
     installed: dict[str, str] = {canonicalize_name(p["name"]): p["version"] for p in listed}
-    wanted = locked(requirements / "runtime.txt")
+    wanted = locked(REPO / "requirements.txt")
     assert {name: installed.get(name) for name in wanted} == wanted
 
     # The wheel declares pyproject.toml's ranges, so `pip install bastion` resolves freely.

@@ -1,4 +1,4 @@
-"""Keep the dependency locks in ``requirements/`` honest about ``pyproject.toml``.
+"""Keep the dependency locks ``requirements*.txt`` honest about ``pyproject.toml``.
 
 ``python tools/lock.py check`` exits 1 with one sentence when the dependencies
 declared in pyproject.toml are not the ones the locks were made from;
@@ -15,7 +15,9 @@ import tomllib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-LOCKS = [ROOT / "requirements" / name for name in ("runtime.txt", "dev.txt", "build.txt")]
+LOCKS = [
+    ROOT / name for name in ("requirements.txt", "requirements-dev.txt", "requirements-build.txt")
+]
 STAMP = "# pyproject-sha256: "
 
 
