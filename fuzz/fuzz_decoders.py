@@ -15,7 +15,7 @@ import atheris  # type: ignore[import-untyped]
 with atheris.instrument_imports():
     from bastion.errors import ConfigError, FrameError
     from bastion.protocol import frames
-    from bastion.server.audit import AuditRecordError, parse_record
+    from bastion.server.audit.log import AuditRecordError, parse_record
     from bastion.server.config import parse_config
 
 

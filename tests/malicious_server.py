@@ -55,10 +55,10 @@ from bastion.crypto.olm import OlmDevice
 from bastion.crypto.signing import AccountIdentity
 from bastion.protocol import frames
 from bastion.server import main as server_main
-from bastion.server.bus import Bus
+from bastion.server.cluster.local import Bus
 from bastion.server.config import ServerConfig
-from bastion.server.relay import ClientConnection, RelayServer
-from bastion.server.store import QueuedEnvelope, Store
+from bastion.server.net.connection import ClientConnection, RelayServer
+from bastion.server.storage.interfaces import QueuedEnvelope, Store
 
 SCRIPT = [sys.executable, str(Path(__file__).resolve())]
 TAMPER_ENV = "BASTION_TEST_TAMPER"

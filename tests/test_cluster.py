@@ -28,7 +28,7 @@ from bastion.client.presence import PresenceEvent
 from bastion.crypto.olm import OlmDevice
 from bastion.errors import BastionError, ServerRefusedError
 from bastion.protocol import frames
-from bastion.server.tls import CERT_FILE, KEY_FILE
+from bastion.server.net.tls import CERT_FILE, KEY_FILE
 from tests.conftest import PASSPHRASE, ServerProcess, free_port
 from tests.contacts.support import next_of
 from tests.file_transfer.conftest import next_offer

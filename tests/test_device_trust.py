@@ -19,7 +19,7 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from bastion.cli import event_json
+from bastion.cli.main import event_json
 from bastion.client import devices, trust
 from bastion.client.client import Client, DevicesChangedEvent
 from bastion.crypto.device import SignedDeviceList
@@ -27,7 +27,7 @@ from bastion.crypto.safety import safety_number
 from bastion.crypto.signing import AccountIdentity
 from bastion.errors import BastionError, ServerRefusedError
 from bastion.protocol import frames
-from bastion.server.tls import ensure_certificate, server_context
+from bastion.server.net.tls import ensure_certificate, server_context
 from bastion.tlsprofile import pinning_client_context
 from tests.conftest import PASSPHRASE, Profiles, ServerProcess, free_port
 from tests.helpers import next_events, texts

@@ -17,7 +17,7 @@ from bastion.ratelimit import (
     TokenBucket,
     address_key,
 )
-from bastion.server.bus import LocalLimits
+from bastion.server.cluster.local import LocalLimits
 
 # -- TokenBucket ---------------------------------------------------------------------------
 

@@ -2,6 +2,6 @@
 
 import sys
 
-from bastion.cli import main
+from bastion.cli.main import main
 
 sys.exit(main())

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from bastion.server.contact_rules import (
+from bastion.server.core.contact_rules import (
     ACCEPTED,
     BLOCKED,
     NONE,

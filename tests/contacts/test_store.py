@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from bastion.server.contact_rules import (
+from bastion.server.core.contact_rules import (
     ACCEPTED,
     PENDING_IN,
     PENDING_OUT,
@@ -15,9 +15,9 @@ from bastion.server.contact_rules import (
     Transition,
     apply_action,
 )
-from bastion.server.contacts_store import ContactStore, PgContactStore, SQLiteContactStore
-from bastion.server.pg_store import PgStore
-from bastion.server.sqlite_store import SQLiteStore
+from bastion.server.storage.contacts import ContactStore, PgContactStore, SQLiteContactStore
+from bastion.server.storage.postgres.relay import PgStore
+from bastion.server.storage.sqlite.relay import SQLiteStore
 from tests.server.test_store_contract import (
     POSTGRES_URL,
     drop_schema,

@@ -9,20 +9,25 @@ from pathlib import Path
 
 import pytest
 
-from bastion.server.blob_content import PIECE_BYTES, BlobContent, LocalBlobFiles, PgBlobContent
-from bastion.server.blob_store import (
+from bastion.server.cluster.local import LocalBus
+from bastion.server.config import Limits, ServerConfig
+from bastion.server.handlers.blobs import DAY_MS, blob_service
+from bastion.server.net.connection import RelayServer
+from bastion.server.storage.blob_content import (
+    PIECE_BYTES,
+    BlobContent,
+    LocalBlobFiles,
+    PgBlobContent,
+)
+from bastion.server.storage.blobs import (
     BlobRecord,
     BlobStore,
     PgBlobStore,
     QuotaExceededError,
     SQLiteBlobStore,
 )
-from bastion.server.blobs import DAY_MS, blob_service
-from bastion.server.bus import LocalBus
-from bastion.server.config import Limits, ServerConfig
-from bastion.server.pg_store import PgStore
-from bastion.server.relay import RelayServer
-from bastion.server.sqlite_store import SQLiteStore
+from bastion.server.storage.postgres.relay import PgStore
+from bastion.server.storage.sqlite.relay import SQLiteStore
 from tests.server.test_store_contract import (
     POSTGRES_URL,
     drop_schema,

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 
 from bastion.server import main as server_main
-from bastion.server.group_store import SQLiteGroupStore
+from bastion.server.storage.groups import SQLiteGroupStore
 
 GHOST_ENV = "BASTION_TEST_GHOST_MEMBER"
 

@@ -24,9 +24,9 @@ from bastion.groups.chain import decode_change
 from bastion.protocol import frames
 from bastion.server import handlers
 from bastion.server import main as server_main
-from bastion.server.group_store import SQLiteGroupStore
-from bastion.server.groups import CHAIN_PAGE, fetch_chain, service
-from bastion.server.relay import ClientConnection
+from bastion.server.handlers.groups import CHAIN_PAGE, fetch_chain, service
+from bastion.server.net.connection import ClientConnection
+from bastion.server.storage.groups import SQLiteGroupStore
 
 WITHHOLD_ENV = "BASTION_TEST_WITHHOLD"
 FORK_FILE_ENV = "BASTION_TEST_FORK_FILE"

@@ -24,7 +24,7 @@ from bastion.client.client import Client
 from bastion.crypto.signing import AccountIdentity
 from bastion.groups import chain
 from bastion.protocol import frames
-from bastion.server.group_heads import encode_head
+from bastion.server.storage.group_heads import encode_head
 from tests.conftest import Profiles, ServerProcess
 from tests.group_chat.test_group_chat import fresh
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from bastion.protocol.frames import GROUP_KIND
-from bastion.server.group_store import (
+from bastion.server.storage.groups import (
     DECLINED,
     PENDING,
     WITHHELD,
@@ -24,10 +24,10 @@ from bastion.server.group_store import (
     Invitation,
     SQLiteGroupStore,
 )
-from bastion.server.pg_group_store import PgGroupStore
-from bastion.server.pg_store import PgStore
-from bastion.server.sqlite_store import SQLiteStore
-from bastion.server.store import Store
+from bastion.server.storage.interfaces import Store
+from bastion.server.storage.postgres.groups import PgGroupStore
+from bastion.server.storage.postgres.relay import PgStore
+from bastion.server.storage.sqlite.relay import SQLiteStore
 from tests.server.test_store_contract import (
     POSTGRES_URL,
     drop_schema,

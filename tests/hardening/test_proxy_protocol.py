@@ -22,7 +22,7 @@ from proxyprotocol.v2 import ProxyProtocolV2
 from bastion.client.client import Client
 from bastion.errors import BastionError, ConfigError, ServerRefusedError
 from bastion.server.config import parse_networks, parse_settings
-from bastion.server.proxy import ProxyHeaderError, is_trusted, read_client_address
+from bastion.server.net.proxy import ProxyHeaderError, is_trusted, read_client_address
 from tests.conftest import PASSPHRASE, ServerProcess, free_port
 from tests.hardening.harness import admin
 from tests.helpers import TcpForwarder

@@ -18,18 +18,18 @@ import asyncpg
 import pytest
 
 from bastion.errors import ConfigError, StorageError
-from bastion.server.admin import AdminBackend, AdminDB, SQLiteAdmin, new_invite_code
-from bastion.server.admin_watch import (
+from bastion.server.admin.policy import AdminBackend, AdminDB, SQLiteAdmin, new_invite_code
+from bastion.server.admin.watch import (
     CURSOR_FILE,
     AdminChannel,
     EventCursor,
     audit_pending_events,
 )
-from bastion.server.audit import AUDIT_DIR, AuditLog, ensure_audit_key, read_records
-from bastion.server.pg_admin import PgAdmin, _event
-from bastion.server.pg_store import PgStore
-from bastion.server.sqlite_store import SQLiteStore
-from bastion.server.store import Store
+from bastion.server.audit.log import AUDIT_DIR, AuditLog, ensure_audit_key, read_records
+from bastion.server.storage.interfaces import Store
+from bastion.server.storage.postgres.admin import PgAdmin, _event
+from bastion.server.storage.postgres.relay import PgStore
+from bastion.server.storage.sqlite.relay import SQLiteStore
 from tests.server.test_store_contract import (
     POSTGRES_URL,
     drop_schema,

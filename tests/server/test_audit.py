@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from bastion.crypto.signing import AccountIdentity
 from bastion.errors import ConfigError, StateError, StorageError
-from bastion.server.audit import (
+from bastion.server.audit.log import (
     HEAD_NAME,
     LOG_NAME,
     AuditLog,
@@ -374,7 +374,7 @@ DISK_FULL_CHILD = """
 import os, resource, signal, sys
 from bastion.crypto.signing import AccountIdentity
 from bastion.errors import StorageError
-from bastion.server.audit import AuditLog
+from bastion.server.audit.log import AuditLog
 
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 key = AccountIdentity.generate()

@@ -26,10 +26,10 @@ import redis.asyncio as redis
 from redis.exceptions import RedisError
 
 from bastion.ratelimit import BackoffRules
-from bastion.server.bus import Bus, BusEvent, KeysLow, Kick, LocalBus, RateHandover
-from bastion.server.link_slots import LinkError
-from bastion.server.redis_bus import RedisBus
-from bastion.server.store import QueuedEnvelope
+from bastion.server.cluster.local import Bus, BusEvent, KeysLow, Kick, LocalBus, RateHandover
+from bastion.server.cluster.redis.bus import RedisBus
+from bastion.server.core.link_slots import LinkError
+from bastion.server.storage.interfaces import QueuedEnvelope
 from tests.conftest import free_port
 
 REDIS_URL = os.environ.get("BASTION_TEST_REDIS", "redis://127.0.0.1:6379/0")

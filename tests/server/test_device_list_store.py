@@ -7,15 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from bastion.server.device_lists import (
+from bastion.server.handlers.device_lists import (
     DeviceListStore,
     PgDeviceListStore,
     SQLiteDeviceListStore,
     StaleDeviceListError,
     StoredDeviceList,
 )
-from bastion.server.pg_store import PgStore
-from bastion.server.sqlite_store import SQLiteStore
+from bastion.server.storage.postgres.relay import PgStore
+from bastion.server.storage.sqlite.relay import SQLiteStore
 from tests.server.test_store_contract import (
     POSTGRES_URL,
     drop_schema,

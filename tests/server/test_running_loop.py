@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from bastion.server.store import RunningLoop
+from bastion.server.storage.interfaces import RunningLoop
 
 
 def test_it_is_the_running_loop_of_the_calling_thread_whatever_ran_before() -> None:

@@ -17,8 +17,7 @@ from pathlib import Path
 import pytest
 
 from bastion.errors import StorageError
-from bastion.server.sqlite_store import SQLiteStore
-from bastion.server.store import (
+from bastion.server.storage.interfaces import (
     AccountRecord,
     Copy,
     DeviceMismatchError,
@@ -28,6 +27,7 @@ from bastion.server.store import (
     QueueFullError,
     StoredMessage,
 )
+from bastion.server.storage.sqlite.relay import SQLiteStore
 
 FALLBACK = KeyRecord(b"f" * 32, b"s" * 64)
 

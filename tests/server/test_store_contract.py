@@ -17,12 +17,9 @@ import asyncpg
 import pytest
 
 from bastion.errors import StorageError
-from bastion.server.contact_rules import ACCEPTED, ContactRow, Pair, Transition
-from bastion.server.contacts_store import ContactStore, PgContactStore, SQLiteContactStore
-from bastion.server.migrations import Migration, bundled_migrations, migrate
-from bastion.server.pg_store import PgStore, split_dsn
-from bastion.server.sqlite_store import SQLiteStore
-from bastion.server.store import (
+from bastion.server.core.contact_rules import ACCEPTED, ContactRow, Pair, Transition
+from bastion.server.storage.contacts import ContactStore, PgContactStore, SQLiteContactStore
+from bastion.server.storage.interfaces import (
     AccountRecord,
     Copy,
     DeviceMismatchError,
@@ -35,6 +32,9 @@ from bastion.server.store import (
     UnknownRecipientError,
     UsernameTakenError,
 )
+from bastion.server.storage.postgres.migrations import Migration, bundled_migrations, migrate
+from bastion.server.storage.postgres.relay import PgStore, split_dsn
+from bastion.server.storage.sqlite.relay import SQLiteStore
 
 POSTGRES_URL = os.environ.get("BASTION_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
 

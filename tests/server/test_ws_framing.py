@@ -11,7 +11,7 @@ import struct
 
 import pytest
 
-from bastion.server.relay import _binary_frame
+from bastion.server.net.connection import _binary_frame
 
 
 def read_frames(data: bytes) -> list[bytes]:

@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-from bastion.cli import build_parser, main
-from bastion.tui.command import cmd_chat
+from bastion.cli.chat import cmd_chat
+from bastion.cli.main import build_parser, main
 
 
 def test_chat_is_a_command_with_a_profile_option() -> None:
@@ -27,7 +27,7 @@ def test_an_empty_passphrase_variable_is_refused(
 
 def test_other_commands_do_not_load_textual() -> None:
     code = (
-        "import sys; from bastion.cli import build_parser; build_parser(); "
+        "import sys; from bastion.cli.main import build_parser; build_parser(); "
         "print('textual' in sys.modules)"
     )
     out = subprocess.run(

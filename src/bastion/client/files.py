@@ -2,7 +2,7 @@
 
 Sending: the file is encrypted under a fresh key into a temporary file in the
 profile (constant memory, :mod:`bastion.files.cipher`), the ciphertext is
-uploaded as a blob (:mod:`bastion.server.blobs`), and a signed end-to-end
+uploaded as a blob (:mod:`bastion.server.handlers.blobs`), and a signed end-to-end
 ``file.offer`` payload tells the recipient the blob id, key, ciphertext hash
 and size, the name and the claimed type.
 

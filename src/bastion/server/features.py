@@ -5,7 +5,7 @@ The relay imports this module once; adding a feature means adding its import her
 
 from __future__ import annotations
 
-from bastion.server import (
+from bastion.server.handlers import (
     blobs,  # noqa: F401 - file transfer
     contacts,  # noqa: F401 - contacts and presence
     device_lists,  # noqa: F401 - signed device lists

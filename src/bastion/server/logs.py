@@ -20,7 +20,7 @@ from typing import Any, Final
 _ExcInfo = (
     tuple[type[BaseException], BaseException, types.TracebackType | None] | tuple[None, None, None]
 )
-_loop_log = logging.getLogger("bastion.server.tls")
+_loop_log = logging.getLogger("bastion.server.net.tls")
 
 IDENTIFYING_FIELDS: Final = frozenset(
     {"user", "username", "device", "device_id", "address", "peer", "sender", "recipient"}
@@ -125,7 +125,7 @@ def handle_loop_errors(
             # ssl.SSLError is an OSError; so are resets, aborts and handshake timeouts.
             if on_tls_failure is not None:
                 on_tls_failure()
-            if message != HANDSHAKE_FAILED:  # the listener logs those (bastion.server.proxy)
+            if message != HANDSHAKE_FAILED:  # the listener logs those (bastion.server.net.proxy)
                 _loop_log.debug("tls.failed", extra={"error": kind.__name__})
             return
         loop.default_exception_handler(context)

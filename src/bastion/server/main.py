@@ -15,18 +15,18 @@ import time
 from pathlib import Path
 
 from bastion.errors import ConfigError
-from bastion.server.admin import AdminBackend, SQLiteAdmin
-from bastion.server.admin_watch import AdminChannel
-from bastion.server.audit import AUDIT_DIR, AuditLog, ensure_audit_key
-from bastion.server.bus import Bus, LocalBus
+from bastion.server.admin.policy import AdminBackend, SQLiteAdmin
+from bastion.server.admin.watch import AdminChannel
+from bastion.server.audit.log import AUDIT_DIR, AuditLog, ensure_audit_key
+from bastion.server.cluster.local import Bus, LocalBus
 from bastion.server.config import CONFIG_FILE, Limits, ServerConfig, Settings, load_settings
+from bastion.server.handlers.policy import ensure_policy_key
 from bastion.server.logs import JsonFormatter, handle_loop_errors
 from bastion.server.metrics import RelayMetrics
-from bastion.server.policy import ensure_policy_key
-from bastion.server.relay import RelayServer
-from bastion.server.sqlite_store import SQLiteStore
-from bastion.server.store import Store
-from bastion.server.tls import certificate_fingerprint, ensure_certificate
+from bastion.server.net.connection import RelayServer
+from bastion.server.net.tls import certificate_fingerprint, ensure_certificate
+from bastion.server.storage.interfaces import Store
+from bastion.server.storage.sqlite.relay import SQLiteStore
 
 try:
     import fcntl
@@ -157,15 +157,15 @@ async def _serve_locked(
         store = SQLiteStore(data_dir / DB_FILE)
         admin_backend = await SQLiteAdmin.open(data_dir)
     else:
-        from bastion.server.pg_admin import PgAdmin  # noqa: PLC0415 - clustered nodes only
-        from bastion.server.pg_store import PgStore  # noqa: PLC0415
+        from bastion.server.storage.postgres.admin import PgAdmin  # noqa: PLC0415 - clustered nodes only
+        from bastion.server.storage.postgres.relay import PgStore  # noqa: PLC0415
 
         pg_store = await PgStore.connect(db)
         store = pg_store
         admin_backend = PgAdmin(pg_store.connection)
     relay_bus: Bus = LocalBus()
     if bus is not None:
-        from bastion.server.redis_bus import RedisBus  # noqa: PLC0415 - clustered nodes only
+        from bastion.server.cluster.redis.bus import RedisBus  # noqa: PLC0415 - clustered nodes only
 
         redis_bus = RedisBus(bus, presence_ttl_s=limits.presence_ttl_s)
         relay_bus = redis_bus

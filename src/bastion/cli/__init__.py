@@ -1,0 +1,1 @@
+"""The command line: `bastion` and its subcommands, one module per group of commands."""

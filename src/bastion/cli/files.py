@@ -1,0 +1,199 @@
+"""``bastion file send|list|get``: sending files, and fetching offered ones through quarantine.
+
+Received files are never downloaded, opened or run on their own: ``file get``
+downloads one, checks it, scans it in quarantine and saves it only if clean.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from bastion.cli.main import iso, pick_up_waiting, with_client
+from bastion.client import files, groups
+from bastion.client.client import Client, Event
+from bastion.display import escape_text
+from bastion.errors import BastionError
+from bastion.groups.chain import GroupState
+
+
+@contextlib.contextmanager
+def _progress_bar(name: str, enabled: bool) -> Iterator[files.Progress | None]:
+    """A rich progress bar on a terminal; nothing otherwise."""
+    if not enabled:
+        yield None
+        return
+    from rich.progress import (  # noqa: PLC0415 - only terminals need it
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
+    with Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        transient=True,
+    ) as bar:
+        task = bar.add_task(f"sending {name}", total=None)
+
+        def update(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        yield update
+
+
+async def cmd_file_send(args: argparse.Namespace) -> int:
+    # `file send USER PATH`, or `file send --group GROUP PATH` (then the one
+    # positional argument is the path).
+    if args.group is not None:
+        if args.path is not None:
+            raise BastionError("give either a user or --group, not both")
+        args.path, args.user = args.user, None
+    elif args.path is None:
+        raise BastionError("say who gets the file: bastion file send USER PATH")
+    path = Path(args.path)
+
+    async def work(client: Client) -> int:
+        show_bar = sys.stderr.isatty() and not args.json
+        to: str | GroupState = args.user
+        if args.group is not None:
+            to = groups.resolve(client, args.group)
+            await groups.sync(client, to.group_id)
+            to = groups.resolve(client, to.group_id.hex())
+        with _progress_bar(path.name, show_bar) as progress:
+            sent = await files.send_file(client, to, path, progress=progress)
+        if args.group is not None:
+            args.user = "group:" + to.group_id.hex() if isinstance(to, GroupState) else to
+        if args.json:
+            print(
+                json.dumps(
+                    {
+                        "type": "file_sent",
+                        "id": sent.offer_id,
+                        "to": args.user,
+                        "name": sent.name,
+                        "size": sent.size,
+                    }
+                )
+            )
+        else:
+            size = files.human_size(sent.size)
+            print(escape_text(f"sent {sent.name} ({size}) to {args.user}"))
+        return 0
+
+    return await with_client(args, work)
+
+
+def _record_json(record: files.FileRecord) -> dict[str, Any]:
+    return {
+        "type": "file",
+        "id": record.id,
+        "from": record.sender,
+        "name": record.name,
+        "size": record.plaintext_size,
+        "content_type": record.content_type,
+        "received_at": iso(record.received_at),
+        "state": record.state,
+        "verdict": record.verdict,
+        "reasons": record.reasons,
+        "saved_to": record.saved_to,
+    }
+
+
+async def cmd_file_list(args: argparse.Namespace) -> int:
+    async def work(client: Client) -> int:
+        def offer(event: Event) -> bool:
+            return isinstance(event, files.FileEvent)
+
+        await pick_up_waiting(client, args, shown_by_list=offer)
+        for record in files.list_files(client):
+            if args.json:
+                print(json.dumps(_record_json(record)))
+            else:
+                verdict = f" ({record.verdict})" if record.verdict else ""
+                line = (
+                    f"{record.id}  {record.sender}  '{record.name}'  "
+                    f"{files.human_size(record.plaintext_size)}  {record.state}{verdict}"
+                )
+                print(escape_text(line))
+        return 0
+
+    return await with_client(args, work, connect=False)
+
+
+def _confirm_override(name: str) -> bool:
+    """Ask the user to type ``yes`` before a blocked file is saved."""
+    print(
+        f"'{escape_text(name)}' was blocked by the checks above. "
+        "Saving it may let it run on this machine.\n"
+        "Type 'yes' to save it anyway: ",
+        end="",
+        file=sys.stderr,
+        flush=True,
+    )
+    return sys.stdin.readline().strip().lower() == "yes"
+
+
+async def cmd_file_get(args: argparse.Namespace) -> int:
+    to_dir = Path(args.to) if args.to else Path.cwd()
+
+    async def work(client: Client) -> int:
+        result = await files.get_file(client, args.id, to_dir)
+        if not result.verdict.is_clean and args.allow_blocked:
+            for reason in result.verdict.reasons:
+                print(f"  {escape_text(reason)}", file=sys.stderr)
+            if not _confirm_override(result.record.name):
+                raise BastionError("not confirmed; the file stays in quarantine")
+            result = await files.get_file(client, args.id, to_dir, allow_blocked=True)
+        record = result.record
+        if args.json:
+            print(json.dumps(_record_json(record)))
+        elif result.saved_to is not None and record.state == "saved":
+            print(escape_text(f"clean: saved '{record.name}' as {result.saved_to}"))
+        elif result.saved_to is not None:
+            saved = escape_text(str(result.saved_to))
+            print(f"{result.verdict.kind}: saved anyway as {saved} (not executable)")
+        else:
+            name = escape_text(record.name)
+            print(f"{result.verdict.kind}: '{name}' stays in quarantine, not saved")
+            for reason in result.verdict.reasons:
+                print(f"  {escape_text(reason)}")
+        return 0 if result.saved_to is not None else 3
+
+    return await with_client(args, work)
+
+
+def add_commands(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser
+) -> None:
+    """Register ``bastion file ...`` on the main parser."""
+    file_cmd = sub.add_parser("file", help="send files, and fetch files offered to you")
+    file_sub = file_cmd.add_subparsers(dest="file_command", required=True)
+    send = file_sub.add_parser("send", parents=[common], help="encrypt and send a file")
+    send.add_argument("user", help="who gets it (or the path, with --group)")
+    send.add_argument("path", nargs="?")
+    send.add_argument("--group", metavar="GROUP", help="offer it to every member of a group")
+    send.set_defaults(run=cmd_file_send)
+    listing = file_sub.add_parser("list", parents=[common], help="files offered to you")
+    listing.set_defaults(run=cmd_file_list)
+    get = file_sub.add_parser(
+        "get", parents=[common], help="download, check and scan a file; save it if clean"
+    )
+    get.add_argument("id", help="the offer id (or its unambiguous start)")
+    get.add_argument("--to", help="folder to save into (default: the current folder)")
+    get.add_argument(
+        "--allow-blocked",
+        action="store_true",
+        help="save a blocked file anyway, after confirming (logged in the profile)",
+    )
+    get.set_defaults(run=cmd_file_get)

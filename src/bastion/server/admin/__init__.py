@@ -1,0 +1,1 @@
+"""Operator state: the registration policy, invites, reports and the live admin view."""

@@ -1,0 +1,1 @@
+"""How nodes share state: one process (local) or many through Redis."""

@@ -1,0 +1,71 @@
+"""Invitations to groups on the relay: list them, accept (join) or decline.
+
+An invitation is made when a change names someone who must consent first
+(:mod:`bastion.server.handlers.groups`); it is queued to their devices as a group item
+and kept until answered. Accepting makes them a joined member, from then on
+delivered to like any other; declining is silent: to the group it looks like an
+invitation never answered, and it stays so until an admin removes them.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+from bastion.protocol import frames
+from bastion.server import handlers
+from bastion.server.handlers.groups import head_state, service
+
+if TYPE_CHECKING:
+    from bastion.server.net.connection import ClientConnection
+
+
+@handlers.handles(frames.GroupInvites)
+async def list_invites(conn: ClientConnection, frame: frames.GroupInvites) -> None:
+    """Answer with the caller's invitations that wait for an answer, oldest first."""
+    user, _ = conn.session.require_signed_in()
+    groups = await service(conn.server)
+    max_members = conn.server.limits.group_max_members
+    invites = []
+    for found in await groups.store.pending_invites(user, frames.MAX_GROUP_INVITES):
+        state = await head_state(groups.store, found.group_id, max_members=max_members)
+        if state is None or user not in state.members:
+            continue
+        invites.append(
+            frames.GroupInvite(
+                group_id=found.group_id,
+                name=state.name,
+                inviter=found.inviter,
+                members=len(state.members),
+                at=found.created_at,
+            )
+        )
+    conn.send_frame(frames.GroupInviteList(req=frame.req, invites=invites))
+
+
+@handlers.handles(frames.GroupRespond)
+async def respond(conn: ClientConnection, frame: frames.GroupRespond) -> None:
+    """Join a group one was invited to, or decline; ``no_invitation`` if none waits."""
+    user, device = conn.session.require_signed_in()
+    groups = await service(conn.server)
+    state = await head_state(
+        groups.store, frame.group_id, max_members=conn.server.limits.group_max_members
+    )
+    if state is None:
+        conn.refuse(frame.req, "no_invitation", "no invitation to that group waits for you")
+        return
+    notice = frames.GroupChangeItem(group_id=frame.group_id, seq=state.seq)
+    envelopes = await groups.store.respond(
+        frame.group_id,
+        user,
+        device,
+        accept=frame.accept,
+        server_ts=time.time_ns() // 1_000_000,
+        item=frames.encode_item(notice),
+    )
+    if envelopes is None:
+        conn.refuse(frame.req, "no_invitation", "no invitation to that group waits for you")
+        return
+    conn.send_frame(frames.Ok(req=frame.req))
+    for envelope in envelopes:
+        conn.server.bus.publish(envelope.user, envelope.device_id, envelope)

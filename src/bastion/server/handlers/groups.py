@@ -1,0 +1,444 @@
+"""Group frames on the relay: store and forward each group's signed chain, fan out messages.
+
+The relay applies every posted change to the verified state it keeps at the
+chain's head (one signature per post, however long the chain), so its member
+list is the chain's. It checks, as a courtesy, that members enter with the
+account keys it holds; members' clients remain the authority and never take a
+member list from the server. A group message is one Megolm ciphertext, queued
+once per joined member device.
+
+Consent (docs/protocol.md §8.7): a member the chain names joins only when they
+agreed. Added by an accepted contact (and never in that group before), they
+join at once; otherwise they get an invitation and nothing else of the group
+until they accept it. Added by someone they blocked, they get nothing at all
+(to the group it looks like an invitation never answered). Nothing of the
+group, room keys included, reaches a member from a member they blocked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from bastion.errors import ProtocolError, StorageError
+from bastion.groups.chain import (
+    AddMember,
+    CreateGroup,
+    GroupChange,
+    GroupState,
+    Leave,
+    RemoveMember,
+    apply_change,
+    decode_change,
+    verify_chain,
+)
+from bastion.protocol import frames
+from bastion.ratelimit import RateLimiter
+from bastion.server import handlers
+from bastion.server.core.contact_rules import ACCEPTED, BLOCKED, ContactError, state_of
+from bastion.server.handlers import contacts
+from bastion.server.storage.group_heads import decode_head, encode_head
+from bastion.server.storage.groups import (
+    PENDING,
+    WITHHELD,
+    Appended,
+    GroupConflictError,
+    GroupStore,
+    SQLiteGroupStore,
+)
+from bastion.server.storage.postgres.groups import PgGroupStore
+from bastion.server.storage.postgres.relay import PgStore
+from bastion.server.storage.sqlite.relay import SQLiteStore
+
+if TYPE_CHECKING:
+    from bastion.server.net.connection import ClientConnection, RelayServer
+
+EXTENSION = "groups"
+CHAIN_PAGE = 128
+CHAIN_PAGE_BYTES = 160 * 1024
+MAX_DEPARTURES_KEPT = 4096
+
+
+@dataclass
+class GroupService:
+    """Per-server state of the group feature: its store, the creation rate limit, and
+    where each recently asking former member left (so a fetch does not scan the chain)."""
+
+    store: GroupStore
+    creations: RateLimiter[str]
+    # (group id, user) -> (head seq when looked up, seq of the change that ended membership)
+    departures: dict[tuple[bytes, str], tuple[int, int]] = field(default_factory=dict)
+
+
+_opening = asyncio.Lock()
+
+
+async def service(server: RelayServer) -> GroupService:
+    """The server's group service, created on first use; raises StorageError for other stores."""
+    found = server.extensions.get(EXTENSION)
+    if isinstance(found, GroupService):
+        return found
+    async with _opening:
+        found = server.extensions.get(EXTENSION)
+        if isinstance(found, GroupService):
+            return found
+        store: SQLiteGroupStore | PgGroupStore
+        if isinstance(server.store, SQLiteStore):
+            store = SQLiteGroupStore(server.store)
+        elif isinstance(server.store, PgStore):
+            store = PgGroupStore(server.store)
+        else:
+            raise StorageError("this store keeps no groups")
+        await store.open()
+        limits = server.limits
+        created = GroupService(
+            store,
+            RateLimiter(limits.group_creations_per_hour / 3600.0, limits.group_creations_burst),
+        )
+        server.extensions[EXTENSION] = created
+        return created
+
+
+async def load_state(store: GroupStore, group_id: bytes, *, max_members: int) -> GroupState | None:
+    """Replay the stored chain (None if the group does not exist)."""
+    raw: list[bytes] = []
+    while True:
+        page = await store.changes(group_id, len(raw) - 1, CHAIN_PAGE)
+        raw += page
+        if len(page) < CHAIN_PAGE:
+            break
+    if not raw:
+        return None
+    return verify_chain((decode_change(r) for r in raw), max_members=max_members)
+
+
+async def head_state(store: GroupStore, group_id: bytes, *, max_members: int) -> GroupState | None:
+    """The verified state at the group's head (None if the group does not exist).
+
+    Read from the stored head; a chain stored before heads were kept is replayed
+    once and its head stored.
+    """
+    stored = await store.head(group_id)
+    if stored is not None:
+        return decode_head(stored)
+    state = await load_state(store, group_id, max_members=max_members)
+    if state is not None:
+        await store.set_head(group_id, state.seq, encode_head(state))
+    return state
+
+
+async def _take(conn: ClientConnection, limit: str, key: str, per_hour: float, burst: int) -> bool:
+    if await conn.server.bus.take(limit, key, per_hour / 3600.0, burst):
+        return True
+    conn.server.limit_hit(limit, key)
+    return False
+
+
+async def _within_change_limits(
+    conn: ClientConnection, req: int, groups: GroupService, change: GroupChange, size: int
+) -> bool:
+    """Size, chain length and rate of changes; refuses the post and says False if over."""
+    user = change.author
+    limits = conn.server.limits
+    if size > limits.group_max_change_bytes:
+        conn.refuse(
+            req,
+            "group_change_rejected",
+            f"a group change may have at most {limits.group_max_change_bytes} bytes",
+        )
+        return False
+    if change.seq >= limits.group_max_chain_changes:
+        conn.refuse(
+            req,
+            "group_change_rejected",
+            f"the group's chain is full ({limits.group_max_chain_changes} changes);"
+            " start a new group",
+        )
+        return False
+    if isinstance(change.args, CreateGroup) and not groups.creations.allow(user, time.monotonic()):
+        conn.server.limit_hit("group_creations", user)
+        conn.refuse(req, "rate_limited", "too many new groups; try again later")
+        return False
+    if not await _take(
+        conn,
+        "group_changes_per_account",
+        user,
+        limits.group_changes_per_account_per_hour,
+        limits.group_changes_per_account_burst,
+    ) or not await _take(
+        conn,
+        "group_changes_per_group",
+        change.group_id.hex(),
+        limits.group_changes_per_group_per_hour,
+        limits.group_changes_per_group_burst,
+    ):
+        conn.refuse(req, "rate_limited", "too many changes to groups; try again later")
+        return False
+    return True
+
+
+def _entering(change: GroupChange) -> list[tuple[str, bytes]]:
+    """Who a change brings into the group, with the account key it names."""
+    if isinstance(change.args, CreateGroup):
+        return [(m.user, m.key) for m in change.args.members]
+    if isinstance(change.args, AddMember):
+        return [(change.args.user, change.args.key)]
+    return []
+
+
+async def _entry_states(
+    conn: ClientConnection, groups: GroupService, change: GroupChange, users: list[str]
+) -> list[tuple[str, str]]:
+    """The not-joined state of each entering user (those who join at once are left out).
+
+    Raises :class:`ContactError` (``rate_limited``) when an invitation would
+    break the recipient's flood limits, which are the contact requests' own.
+    """
+    server = conn.server
+    limits = server.limits
+    book = await contacts.service(server)
+    adder = change.author
+    states: list[tuple[str, str]] = []
+    for user in users:
+        pair = await book.store.pair(user, adder)
+        if state_of(pair.mine) == BLOCKED:
+            states.append((user, WITHHELD))
+            continue
+        contact = state_of(pair.mine) == ACCEPTED and state_of(pair.theirs) == ACCEPTED
+        before = await groups.store.membership(change.group_id, user)
+        if contact and before is None:
+            continue  # an accepted contact who never was in this group joins at once
+        waiting = await groups.store.pending_invites(user, limits.contact_requests_pending_max)
+        if len(waiting) >= limits.contact_requests_pending_max:
+            raise ContactError(
+                "rate_limited", f"{user} has too many open invitations; try again later"
+            )
+        if not await _take(
+            conn,
+            "contact_requests_per_recipient",
+            user,
+            limits.contact_requests_per_recipient_per_hour,
+            limits.contact_requests_per_recipient_burst,
+        ):
+            raise ContactError(
+                "rate_limited", f"{user} is receiving too many invitations; try again later"
+            )
+        states.append((user, PENDING))
+    return states
+
+
+@handlers.handles(frames.GroupPost)
+async def post_change(conn: ClientConnection, frame: frames.GroupPost) -> None:
+    """Check a change against the stored head, append it, notify members and invitees."""
+    user, device = conn.session.require_signed_in()
+    groups = await service(conn.server)
+    limits = conn.server.limits
+    change = decode_change(frame.change)
+    if change.author != user:
+        conn.refuse(frame.req, "group_change_rejected", "a change must be signed by its poster")
+        return
+    if not await _within_change_limits(conn, frame.req, groups, change, len(frame.change)):
+        return
+    state = None
+    if not isinstance(change.args, CreateGroup):
+        state = await head_state(
+            groups.store, change.group_id, max_members=limits.group_max_members
+        )
+        if state is None:
+            conn.refuse(frame.req, "unknown_group", "there is no such group")
+            return
+    after = apply_change(state, change, max_members=limits.group_max_members)
+    entering = _entering(change)
+    creator = [(user, change.args.creator_key)] if isinstance(change.args, CreateGroup) else []
+    for name, key in [*entering, *creator]:
+        account = await conn.server.store.get_account(name)
+        if account is None or account.identity_key != key:
+            conn.refuse(frame.req, "unknown_user", f"{name} has no account with that key"[:200])
+            return
+    invites = await _entry_states(conn, groups, change, [name for name, _ in entering])
+    before_active = await groups.store.active_members(change.group_id) if state else []
+    old_not_joined = await groups.store.not_joined(change.group_id) if state else {}
+    not_joined = {u: s for u, s in old_not_joined.items() if u in after.members}
+    not_joined.update(invites)
+    members = sorted(m for m in after.members if m not in not_joined)
+    notify = sorted(set(members) | set(before_active))
+    now = _now_ms()
+    invite = frames.GroupInvite(
+        group_id=change.group_id,
+        name=after.name,
+        inviter=user,
+        members=len(after.members),
+        at=now,
+    )
+    try:
+        envelopes = await groups.store.append_change(
+            group_id=change.group_id,
+            seq=change.seq,
+            change=frame.change,
+            appended=Appended(
+                head=encode_head(after),
+                members=members,
+                named=sorted(after.members),
+                invites=invites,
+                inviter=user,
+                invite_item=frames.encode_item(frames.GroupInviteItem(invite=invite)),
+            ),
+            notify=notify,
+            sender=user,
+            sender_device=device,
+            server_ts=now,
+            item=frames.encode_item(
+                frames.GroupChangeItem(group_id=change.group_id, seq=change.seq)
+            ),
+        )
+    except GroupConflictError as exc:
+        conn.refuse(frame.req, "group_conflict", str(exc))
+        return
+    conn.send_frame(
+        frames.GroupPosted(
+            req=frame.req, seq=change.seq, members=members, invited=sorted(not_joined)
+        )
+    )
+    for envelope in envelopes:
+        conn.server.bus.publish(envelope.user, envelope.device_id, envelope)
+
+
+async def _departure(store: GroupStore, group_id: bytes, user: str) -> int:
+    """The seq of the change that ended ``user``'s membership (the last one, if several)."""
+    after, found = -1, -1
+    while True:
+        page = await store.changes(group_id, after, CHAIN_PAGE)
+        for raw in page:
+            if _removes(raw, user):
+                found = decode_change(raw).seq
+        if len(page) < CHAIN_PAGE:
+            return found
+        after = decode_change(page[-1]).seq
+
+
+async def _departure_seen(groups: GroupService, group_id: bytes, user: str, head_seq: int) -> int:
+    """:func:`_departure`, scanned once per (group, user) until the chain grows again."""
+    key = (group_id, user)
+    kept = groups.departures.get(key)
+    if kept is not None and kept[0] == head_seq:
+        return kept[1]
+    found = await _departure(groups.store, group_id, user)
+    if len(groups.departures) >= MAX_DEPARTURES_KEPT:
+        del groups.departures[next(iter(groups.departures))]
+    groups.departures[key] = (head_seq, found)
+    return found
+
+
+def _removes(raw: bytes, user: str) -> bool:
+    """Whether a stored change ends ``user``'s membership (removed, or left)."""
+    try:
+        change = decode_change(raw)
+    except ProtocolError:
+        return False
+    if isinstance(change.args, RemoveMember):
+        return change.args.user == user
+    return isinstance(change.args, Leave) and change.author == user
+
+
+@handlers.handles(frames.GroupFetch)
+async def fetch_chain(conn: ClientConnection, frame: frames.GroupFetch) -> None:
+    """Send a page of a group's chain to a current or former member."""
+    user, _ = conn.session.require_signed_in()
+    groups = await service(conn.server)
+    membership = await groups.store.membership(frame.group_id, user)
+    if membership is None:
+        conn.refuse(frame.req, "unknown_group", "there is no such group you belong to")
+        return
+    page = await groups.store.changes(frame.group_id, frame.after_seq, CHAIN_PAGE)
+    if not membership:
+        # A former member sees the chain up to their own departure, nothing after it.
+        head = await head_state(
+            groups.store, frame.group_id, max_members=conn.server.limits.group_max_members
+        )
+        head_seq = -1 if head is None else head.seq
+        last = await _departure_seen(groups, frame.group_id, user, head_seq)
+        page = [raw for raw in page if decode_change(raw).seq <= last]
+    changes: list[bytes] = []
+    size = 0
+    for raw in page:
+        if changes and size + len(raw) > CHAIN_PAGE_BYTES:
+            break
+        changes.append(raw)
+        size += len(raw)
+    more = len(changes) < len(page) or len(page) == CHAIN_PAGE
+    members = await groups.store.active_members(frame.group_id) if membership else []
+    invited = sorted(await groups.store.not_joined(frame.group_id)) if membership else []
+    conn.send_frame(
+        frames.GroupChain(
+            req=frame.req,
+            group_id=frame.group_id,
+            changes=changes,
+            more=more,
+            members=members,
+            invited=invited,
+        )
+    )
+
+
+@handlers.handles(frames.GroupSend)
+async def send_message(conn: ClientConnection, frame: frames.GroupSend) -> None:
+    """Fan one group ciphertext out to every member device, once per client message id."""
+    user, device = conn.session.require_signed_in()
+    server = conn.server
+    groups = await service(server)
+    if not server.messages_by_device.allow((user, device), time.monotonic()):
+        server.limit_hit("messages_per_device", f"{user}/{device}")
+        conn.refuse(frame.req, "rate_limited", "sending too fast; slow down")
+        return
+    members = await groups.store.active_members(frame.group_id)
+    if user not in members:
+        conn.refuse(frame.req, "not_a_member", "you are not a member of that group")
+        return
+    # Nothing reaches a member from someone they blocked; the sender is not told.
+    blocked_me = await groups.store.blocked_by(user)
+    item = frames.GroupMessageItem(group_id=frame.group_id, ciphertext=frame.ciphertext)
+    server_ts, envelopes = await groups.store.fan_out(
+        members=[m for m in members if m not in blocked_me],
+        sender=user,
+        sender_device=device,
+        client_msg_id=frame.client_msg_id,
+        server_ts=_now_ms(),
+        item=frames.encode_item(item),
+    )
+    invited = sorted(await groups.store.not_joined(frame.group_id))
+    conn.send_frame(
+        frames.GroupSent(req=frame.req, server_ts=server_ts, members=members, invited=invited)
+    )
+    if server.metrics is not None and envelopes:
+        server.metrics.messages.inc()
+    for envelope in envelopes:
+        server.bus.publish(envelope.user, envelope.device_id, envelope)
+
+
+async def room_key_may_pass(
+    server: RelayServer, sender: str, to: str, group_id: bytes, *, blocked_by_recipient: bool
+) -> bool:
+    """Whether an Olm message on ``group_id``'s room-key path is stored (True) or dropped.
+
+    Both must be joined members of that group. Raises :class:`ContactError`:
+    ``not_a_member`` when either is not, ``not_joined`` when ``to`` is named by
+    the chain but has not joined (a pending, declined or withheld invitation look
+    alike). A recipient who blocked the sender gets nothing; the sender is not told.
+    """
+    groups = await service(server)
+    if await groups.store.membership(group_id, sender) is not True:
+        raise ContactError("not_a_member", "you are not a member of that group")
+    if await groups.store.membership(group_id, to) is not True:
+        if to in await groups.store.not_joined(group_id):
+            raise ContactError("not_joined", f"{to} has not joined the group yet")
+        raise ContactError("not_a_member", f"{to} is not a member of that group")
+    return not blocked_by_recipient
+
+
+contacts.ROOM_KEY_RULES.append(room_key_may_pass)
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000

@@ -1,0 +1,62 @@
+"""Serving the organisation policy, signed with the server's policy key.
+
+The key lives in ``DATA/policy.key`` (mode 0600), made on first use. Every
+node of a cluster must hold the same key file (docs/deploy.md), or clients
+that pinned one node's key refuse the others.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from bastion.crypto.policy import PolicyDocument, sign_policy
+from bastion.crypto.signing import AccountIdentity
+from bastion.errors import StorageError
+from bastion.protocol import frames
+from bastion.server.handlers import handles
+
+if TYPE_CHECKING:
+    from bastion.server.net.connection import ClientConnection
+
+POLICY_KEY_FILE = "policy.key"
+EXTENSION = "policy_key"
+
+
+def ensure_policy_key(data_dir: Path) -> AccountIdentity:
+    """The policy signing key in ``data_dir``, generated on first use (mode 0600)."""
+    path = data_dir / POLICY_KEY_FILE
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    except FileExistsError:
+        try:
+            return AccountIdentity.from_private_bytes(path.read_bytes())
+        except (OSError, ValueError):
+            raise StorageError(f"{path} is unreadable or damaged") from None
+    key = AccountIdentity.generate()
+    with os.fdopen(fd, "wb") as f:
+        f.write(key.private_bytes())
+    return key
+
+
+@handles(frames.GetPolicy, before_signin=True)
+async def get_policy(conn: ClientConnection, frame: frames.GetPolicy) -> None:
+    """Answer with the current policy, signed."""
+    key = conn.server.extensions.get(EXTENSION)
+    if not isinstance(key, AccountIdentity):
+        key = ensure_policy_key(conn.server.config.data_dir)
+        conn.server.extensions[EXTENSION] = key
+    policy = conn.server.policy
+    raw, signature = sign_policy(
+        key,
+        PolicyDocument(
+            version=policy.version,
+            registration=policy.registration,
+            file_transfer=policy.file_transfer,
+            max_file_mb=policy.max_file_mb,
+        ),
+    )
+    conn.send_frame(
+        frames.PolicyInfo(req=frame.req, key=key.public_bytes, document=raw, signature=signature)
+    )

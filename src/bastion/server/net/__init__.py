@@ -1,0 +1,1 @@
+"""The network edge: listener, WebSocket connections, PROXY protocol and TLS."""

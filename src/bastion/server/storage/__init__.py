@@ -1,0 +1,1 @@
+"""Where the relay keeps its data: the interfaces and the SQLite and PostgreSQL adapters."""

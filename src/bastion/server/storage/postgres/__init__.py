@@ -1,0 +1,1 @@
+"""The PostgreSQL adapters and their migrations, for a cluster."""

@@ -1,0 +1,613 @@
+"""The clustered store: PostgreSQL through an asyncpg connection pool.
+
+Several server nodes share one database. Two orderings matter and both are
+kept here rather than left to chance:
+
+* **Per sender device, call order.** Calls of one sender device queue up in a
+  *lane*; one task per lane runs whatever is waiting in one transaction (group
+  commit per sender), so a later call can never commit before an earlier one,
+  while different senders proceed in parallel on different connections.
+* **Per recipient device, sequence order equals commit order.** A message
+  first locks the device rows of everyone it writes to (in one sorted
+  statement, so two messages never deadlock) and takes its sequence numbers
+  only then. Another message to the same device waits for that commit, so a
+  reader that sees ``seq`` N has already been able to see every smaller
+  sequence number of that device: cursor-based delivery never skips one.
+
+Every result is released only after the commit that made it durable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import urllib.parse
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+
+import asyncpg
+from asyncpg.pool import PoolConnectionProxy
+
+from bastion.errors import StorageError
+from bastion.server.core.contact_rules import ACCEPTED
+from bastion.server.storage.interfaces import (
+    AccountRecord,
+    ClaimedKeyRecord,
+    Copy,
+    DeviceMismatchError,
+    DeviceRecord,
+    DeviceRefusedError,
+    KeyRecord,
+    NotContactsError,
+    QueuedEnvelope,
+    QueueFullError,
+    RunningLoop,
+    StoredMessage,
+    UnknownRecipientError,
+    UsernameTakenError,
+)
+from bastion.server.storage.postgres.migrations import migrate, quote_schema
+
+log = logging.getLogger("bastion.server.storage.postgres.relay")
+
+# A pooled connection; asyncpg hands out proxies that behave as connections.
+Connection = asyncpg.Connection | PoolConnectionProxy
+
+DEFAULT_SCHEMA = "bastion"
+_DEVICE_COLUMNS = "username, device_id, ed25519, curve25519, created_at, certificate"
+_ENVELOPE_COLUMNS = "seq, username, device_id, sender, sender_device, server_ts, kind, body"
+_DB_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError)
+
+
+def split_dsn(url: str) -> tuple[str, str]:
+    """Split ``postgresql://...?schema=NAME`` into the asyncpg DSN and the schema name.
+
+    Raises :class:`StorageError` for another scheme or an invalid schema name.
+    """
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("postgresql", "postgres"):
+        raise StorageError("the database URL must start with postgresql://")
+    query = urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
+    schema = DEFAULT_SCHEMA
+    kept = []
+    for key, value in query:
+        if key == "schema":
+            schema = value
+        else:
+            kept.append((key, value))
+    quote_schema(schema)
+    dsn = urllib.parse.urlunsplit(parts._replace(query=urllib.parse.urlencode(kept)))
+    return dsn, schema
+
+
+@dataclass(slots=True)
+class _PendingMessage:
+    sender: str
+    sender_device: str
+    client_msg_id: bytes
+    recipient: str
+    server_ts: int
+    copies: Sequence[Copy]
+    queue_max: int | None
+    contacts_only: bool
+    future: asyncio.Future[StoredMessage]
+    outcome: StoredMessage | StorageError | None = field(default=None)
+
+
+class PgStore:
+    """:class:`~bastion.server.storage.interfaces.Store` on PostgreSQL, shared by every node."""
+
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        schema: str,
+        *,
+        max_batch: int = 256,
+        sent_retention_ms: int = 7 * 86_400_000,
+        prune_every_ms: int = 60_000,
+    ) -> None:
+        self._pool = pool
+        self.schema = schema
+        self._max_batch = max_batch
+        self._sent_retention_ms = sent_retention_ms
+        self._prune_every_ms = prune_every_ms
+        self._last_prune_ms = 0
+        self._lanes: dict[tuple[str, str], list[_PendingMessage]] = {}
+        self._lane_tasks: set[asyncio.Task[None]] = set()
+        self._running_loop = RunningLoop()
+        self._closed = False
+
+    @classmethod
+    async def connect(
+        cls,
+        url: str,
+        *,
+        min_connections: int = 2,
+        max_connections: int = 16,
+        max_batch: int = 256,
+    ) -> PgStore:
+        """Connect to ``postgresql://...[?schema=NAME]`` and bring the schema up to date.
+
+        Raises :class:`StorageError` if the database is unreachable or the schema
+        cannot be migrated.
+        """
+        dsn, schema = split_dsn(url)
+        try:
+            conn = await asyncpg.connect(dsn)
+            try:
+                applied = await migrate(conn, schema)
+            finally:
+                await conn.close()
+            pool = await asyncpg.create_pool(
+                dsn,
+                min_size=min_connections,
+                max_size=max_connections,
+                server_settings={"search_path": schema},
+            )
+        except _DB_ERRORS as exc:
+            raise StorageError(f"cannot open the database: {type(exc).__name__}") from None
+        if applied:
+            log.info("store.migrated", extra={"versions": applied})
+        return cls(pool, schema, max_batch=max_batch)
+
+    async def close(self) -> None:
+        """Let queued messages commit, then close the pool."""
+        self._closed = True
+        while self._lane_tasks:
+            await asyncio.gather(*list(self._lane_tasks), return_exceptions=True)
+        await self._pool.close()
+
+    def connection(self) -> contextlib.AbstractAsyncContextManager[Connection]:
+        """A pooled connection, for features that keep their own tables (migrations add them)."""
+        return self._connection()
+
+    @contextlib.asynccontextmanager
+    async def _connection(self) -> AsyncIterator[Connection]:
+        if self._closed:
+            raise StorageError("the store is closed")
+        try:
+            async with self._pool.acquire() as conn:
+                yield conn
+        except _DB_ERRORS as exc:
+            raise StorageError(f"database operation failed: {type(exc).__name__}") from None
+
+    # --- accounts and devices ----------------------------------------------------------------
+
+    async def create_account(
+        self,
+        account: AccountRecord,
+        device: DeviceRecord,
+        one_time_keys: Sequence[KeyRecord],
+        fallback_key: KeyRecord,
+    ) -> None:
+        """Create an account with its first device; raises UsernameTakenError."""
+        async with self._connection() as conn, conn.transaction():
+            try:
+                await conn.execute(
+                    "INSERT INTO accounts (username, identity_key, created_at, disabled)"
+                    " VALUES ($1, $2, $3, $4)",
+                    account.username,
+                    account.identity_key,
+                    account.created_at,
+                    account.disabled,
+                )
+            except asyncpg.UniqueViolationError:
+                raise UsernameTakenError("that username is taken") from None
+            await _insert_device(conn, device, fallback_key)
+            await _insert_keys(conn, device.username, device.device_id, one_time_keys)
+
+    async def get_account(self, username: str) -> AccountRecord | None:
+        """The account, or None."""
+        async with self._connection() as conn:
+            row = await conn.fetchrow(
+                "SELECT username, identity_key, created_at, disabled FROM accounts"
+                " WHERE username = $1",
+                username,
+            )
+        return None if row is None else AccountRecord(*row)
+
+    async def get_device(self, username: str, device_id: str) -> DeviceRecord | None:
+        """One device, or None."""
+        async with self._connection() as conn:
+            row = await conn.fetchrow(
+                f"SELECT {_DEVICE_COLUMNS} FROM devices WHERE username = $1 AND device_id = $2",  # noqa: S608
+                username,
+                device_id,
+            )
+        return None if row is None else DeviceRecord(*row)
+
+    async def list_devices(self, username: str) -> list[DeviceRecord]:
+        """All devices of an account."""
+        async with self._connection() as conn:
+            return await _devices(conn, username)
+
+    async def add_device(
+        self,
+        device: DeviceRecord,
+        one_time_keys: Sequence[KeyRecord],
+        fallback_key: KeyRecord,
+        *,
+        max_devices: int,
+    ) -> None:
+        """Add a certified device to an existing account; raises DeviceRefusedError."""
+        async with self._connection() as conn, conn.transaction():
+            revoked = await conn.fetchval(
+                "SELECT 1 FROM revoked_devices WHERE device_id = $1", device.device_id
+            )
+            if revoked is not None:
+                raise DeviceRefusedError("that device was revoked")
+            # The account row lock makes the device count exact under concurrent adds.
+            exists = await conn.fetchval(
+                "SELECT 1 FROM accounts WHERE username = $1 FOR UPDATE", device.username
+            )
+            if exists is None:
+                raise DeviceRefusedError("there is no such account")
+            count = await conn.fetchval(
+                "SELECT count(*) FROM devices WHERE username = $1", device.username
+            )
+            if count >= max_devices:
+                raise DeviceRefusedError(f"an account can have at most {max_devices} devices")
+            try:
+                async with conn.transaction():
+                    await _insert_device(conn, device, fallback_key)
+            except asyncpg.UniqueViolationError:
+                raise DeviceRefusedError("that device is already part of the account") from None
+            await _insert_keys(conn, device.username, device.device_id, one_time_keys)
+
+    async def revoke_device(self, username: str, device_id: str) -> bool:
+        """Remove a device, its keys and its queue; remember the id as revoked."""
+        async with self._connection() as conn, conn.transaction():
+            removed = await conn.execute(
+                "DELETE FROM devices WHERE username = $1 AND device_id = $2", username, device_id
+            )
+            await conn.execute(
+                "DELETE FROM one_time_keys WHERE username = $1 AND device_id = $2",
+                username,
+                device_id,
+            )
+            await conn.execute(
+                "DELETE FROM queue WHERE username = $1 AND device_id = $2", username, device_id
+            )
+            await conn.execute(
+                "INSERT INTO revoked_devices (device_id, username) VALUES ($1, $2)"
+                " ON CONFLICT DO NOTHING",
+                device_id,
+                username,
+            )
+        return _row_count(removed) > 0
+
+    # --- key stock -----------------------------------------------------------------------------
+
+    async def add_one_time_keys(
+        self, username: str, device_id: str, keys: Sequence[KeyRecord], fallback: KeyRecord | None
+    ) -> int:
+        """Add keys (and replace the fallback key); returns the new stock size."""
+        async with self._connection() as conn, conn.transaction():
+            await _insert_keys(conn, username, device_id, keys)
+            if fallback is not None:
+                await conn.execute(
+                    "UPDATE devices SET fallback_key = $1, fallback_signature = $2"
+                    " WHERE username = $3 AND device_id = $4",
+                    fallback.key,
+                    fallback.signature,
+                    username,
+                    device_id,
+                )
+            return await _count_keys(conn, username, device_id)
+
+    async def count_one_time_keys(self, username: str, device_id: str) -> int:
+        """The device's stock size."""
+        async with self._connection() as conn:
+            return await _count_keys(conn, username, device_id)
+
+    async def claim_keys(self, username: str) -> list[ClaimedKeyRecord]:
+        """Take one key per device, atomically; the fallback key when the stock is empty.
+
+        ``SKIP LOCKED`` lets concurrent claims (from any node) take different keys
+        without waiting on each other; no key is ever handed out twice.
+        """
+        claimed: list[ClaimedKeyRecord] = []
+        async with self._connection() as conn, conn.transaction():
+            devices = await conn.fetch(
+                "SELECT device_id, fallback_key, fallback_signature FROM devices"
+                " WHERE username = $1 ORDER BY device_id",
+                username,
+            )
+            for device_id, fallback_key, fallback_signature in devices:
+                row = await conn.fetchrow(
+                    "DELETE FROM one_time_keys WHERE (username, device_id, key) IN ("
+                    " SELECT username, device_id, key FROM one_time_keys"
+                    " WHERE username = $1 AND device_id = $2 LIMIT 1 FOR UPDATE SKIP LOCKED)"
+                    " RETURNING key, signature",
+                    username,
+                    device_id,
+                )
+                if row is not None:
+                    claimed.append(ClaimedKeyRecord(device_id, row[0], row[1], False))
+                elif fallback_key is not None:
+                    claimed.append(
+                        ClaimedKeyRecord(device_id, fallback_key, fallback_signature, True)
+                    )
+        return claimed
+
+    # --- messages ------------------------------------------------------------------------------
+
+    def submit_message(
+        self,
+        *,
+        sender: str,
+        sender_device: str,
+        client_msg_id: bytes,
+        recipient: str,
+        server_ts: int,
+        copies: Sequence[Copy],
+        queue_max: int | None = None,
+        contacts_only: bool = False,
+    ) -> asyncio.Future[StoredMessage]:
+        """Queue the copies durably, once per (sender device, client message id).
+
+        The message joins its sender's lane. The future raises what the Store
+        protocol lists, or StorageError if the database fails (then nothing of
+        the message was stored).
+        """
+        loop = self._running_loop.get()
+        future: asyncio.Future[StoredMessage] = loop.create_future()
+        if self._closed:
+            future.set_exception(StorageError("the store is closed"))
+            return future
+        pending = _PendingMessage(
+            sender,
+            sender_device,
+            client_msg_id,
+            recipient,
+            server_ts,
+            copies,
+            queue_max,
+            contacts_only,
+            future,
+        )
+        key = (sender, sender_device)
+        lane = self._lanes.get(key)
+        if lane is not None:
+            lane.append(pending)
+        else:
+            self._lanes[key] = [pending]
+            task = loop.create_task(self._drain_lane(key))
+            self._lane_tasks.add(task)
+            task.add_done_callback(self._lane_tasks.discard)
+        return future
+
+    async def _drain_lane(self, key: tuple[str, str]) -> None:
+        lane = self._lanes[key]
+        while lane:
+            batch = lane[: self._max_batch]
+            del lane[: self._max_batch]
+            try:
+                await self._store_batch(batch)
+            except StorageError as exc:
+                for pending in batch:
+                    pending.outcome = exc
+            except _DB_ERRORS as exc:
+                failure = StorageError(f"database commit failed: {type(exc).__name__}")
+                for pending in batch:
+                    pending.outcome = failure
+            for pending in batch:
+                if pending.future.done():
+                    continue
+                if isinstance(pending.outcome, StoredMessage):
+                    pending.future.set_result(pending.outcome)
+                else:
+                    pending.future.set_exception(
+                        pending.outcome or StorageError("the message was not stored")
+                    )
+        del self._lanes[key]
+
+    async def _store_batch(self, batch: list[_PendingMessage]) -> None:
+        sender = batch[0].sender
+        users = sorted({sender} | {p.recipient for p in batch})
+        async with self._connection() as conn, conn.transaction():
+            # Lock every device written to, in one sorted statement (no deadlocks); sequence
+            # numbers taken below then commit in order for each device.
+            rows = await conn.fetch(
+                "SELECT username, device_id FROM devices WHERE username = ANY($1::text[])"
+                " ORDER BY username, device_id FOR NO KEY UPDATE",
+                users,
+            )
+            devices: dict[str, list[str]] = {}
+            for username, device_id in rows:
+                devices.setdefault(username, []).append(device_id)
+            for pending in batch:
+                pending.outcome = await self._store_one(conn, pending, devices)
+            now = batch[-1].server_ts
+            if now - self._last_prune_ms >= self._prune_every_ms:
+                self._last_prune_ms = now
+                await conn.execute(
+                    "DELETE FROM sent WHERE server_ts < $1", now - self._sent_retention_ms
+                )
+
+    async def _store_one(
+        self, conn: Connection, p: _PendingMessage, devices: dict[str, list[str]]
+    ) -> StoredMessage | StorageError:
+        inserted = await conn.fetchval(
+            "INSERT INTO sent (sender_device, client_msg_id, server_ts) VALUES ($1, $2, $3)"
+            " ON CONFLICT DO NOTHING RETURNING server_ts",
+            p.sender_device,
+            p.client_msg_id,
+            p.server_ts,
+        )
+        if inserted is None:
+            original = await conn.fetchval(
+                "SELECT server_ts FROM sent WHERE sender_device = $1 AND client_msg_id = $2",
+                p.sender_device,
+                p.client_msg_id,
+            )
+            return StoredMessage(int(original), [])
+        problem = await _refusal(conn, p, devices)
+        if problem is not None:
+            await conn.execute(
+                "DELETE FROM sent WHERE sender_device = $1 AND client_msg_id = $2",
+                p.sender_device,
+                p.client_msg_id,
+            )
+            return problem
+        rows = await conn.fetch(
+            "INSERT INTO queue (username, device_id, sender, sender_device, server_ts, kind, body)"
+            " SELECT u, d, $5, $6, $7, k, b"
+            " FROM unnest($1::text[], $2::text[], $3::int[], $4::bytea[]) WITH ORDINALITY"
+            " AS t(u, d, k, b, n) ORDER BY n"
+            " RETURNING seq, username, device_id",
+            [c.user for c in p.copies],
+            [c.device_id for c in p.copies],
+            [c.kind for c in p.copies],
+            [c.body for c in p.copies],
+            p.sender,
+            p.sender_device,
+            p.server_ts,
+        )
+        seqs = {(r[1], r[2]): int(r[0]) for r in rows}
+        return StoredMessage(
+            p.server_ts,
+            [
+                QueuedEnvelope(
+                    seqs[(c.user, c.device_id)],
+                    c.user,
+                    c.device_id,
+                    p.sender,
+                    p.sender_device,
+                    p.server_ts,
+                    c.kind,
+                    c.body,
+                )
+                for c in p.copies
+            ],
+        )
+
+    async def fetch_queue(
+        self, username: str, device_id: str, after_seq: int, limit: int
+    ) -> list[QueuedEnvelope]:
+        """Queued envelopes after ``after_seq``, oldest first."""
+        async with self._connection() as conn:
+            rows = await conn.fetch(
+                f"SELECT {_ENVELOPE_COLUMNS} FROM queue"  # noqa: S608
+                " WHERE username = $1 AND device_id = $2 AND seq > $3 ORDER BY seq LIMIT $4",
+                username,
+                device_id,
+                after_seq,
+                limit,
+            )
+        return [QueuedEnvelope(*row) for row in rows]
+
+    async def ack(self, username: str, device_id: str, seqs: Sequence[int]) -> int:
+        """Delete acknowledged envelopes of that device."""
+        async with self._connection() as conn:
+            status = await conn.execute(
+                "DELETE FROM queue WHERE username = $1 AND device_id = $2"
+                " AND seq = ANY($3::bigint[])",
+                username,
+                device_id,
+                list(seqs),
+            )
+        return _row_count(status)
+
+    async def count_queued(self, username: str) -> int:
+        """How many envelopes wait for any device of ``username``."""
+        async with self._connection() as conn:
+            count = await conn.fetchval("SELECT count(*) FROM queue WHERE username = $1", username)
+        return int(count)
+
+
+async def _refusal(
+    conn: Connection, p: _PendingMessage, devices: dict[str, list[str]]
+) -> StorageError | None:
+    """Why the message may not be stored as given, or None (in its transaction).
+
+    Contacts are checked before devices, so a stranger learns nothing of them.
+    """
+    recipient_devices = devices.get(p.recipient, [])
+    if not recipient_devices:
+        return UnknownRecipientError(f"there is no user named {p.recipient}")
+    queued = 0
+    if p.contacts_only or p.queue_max is not None:
+        row = await conn.fetchrow(
+            "SELECT (SELECT count(*) FROM contacts WHERE state = $3 AND"
+            " ((owner = $1 AND peer = $2) OR (owner = $2 AND peer = $1))),"
+            " (SELECT count(*) FROM queue WHERE username = $2)",
+            p.sender,
+            p.recipient,
+            ACCEPTED,
+        )
+        accepted, queued = (0, 0) if row is None else (int(row[0]), int(row[1]))
+        if p.contacts_only and accepted != 2:  # both rows of the pair
+            return NotContactsError(f"{p.sender} and {p.recipient} are not contacts")
+    problem = _check_copies(p, recipient_devices, devices)
+    if problem is None and p.queue_max is not None and queued >= p.queue_max:
+        problem = QueueFullError(f"{p.recipient} has too many undelivered messages")
+    return problem
+
+
+def _check_copies(
+    p: _PendingMessage, recipient_devices: list[str], devices: dict[str, list[str]]
+) -> StorageError | None:
+    expected = {(p.recipient, d) for d in recipient_devices}
+    expected |= {(p.sender, d) for d in devices.get(p.sender, []) if d != p.sender_device}
+    given = [(c.user, c.device_id) for c in p.copies]
+    if len(set(given)) != len(given) or set(given) != expected:
+        missing = sorted(f"{u}/{d}" for u, d in expected - set(given))
+        extra = sorted(f"{u}/{d}" for u, d in set(given) - expected)
+        return DeviceMismatchError(missing, extra)
+    return None
+
+
+def _row_count(status: str) -> int:
+    """The row count at the end of a command tag such as ``DELETE 3``."""
+    tail = status.rsplit(" ", 1)[-1]
+    return int(tail) if tail.isdigit() else 0
+
+
+async def _devices(conn: Connection, username: str) -> list[DeviceRecord]:
+    rows = await conn.fetch(
+        f"SELECT {_DEVICE_COLUMNS} FROM devices WHERE username = $1 ORDER BY device_id",  # noqa: S608
+        username,
+    )
+    return [DeviceRecord(*row) for row in rows]
+
+
+async def _insert_device(conn: Connection, device: DeviceRecord, fallback: KeyRecord) -> None:
+    await conn.execute(
+        f"INSERT INTO devices ({_DEVICE_COLUMNS}, fallback_key, fallback_signature)"  # noqa: S608
+        " VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+        device.username,
+        device.device_id,
+        device.ed25519,
+        device.curve25519,
+        device.created_at,
+        device.certificate,
+        fallback.key,
+        fallback.signature,
+    )
+
+
+async def _insert_keys(
+    conn: Connection, username: str, device_id: str, keys: Sequence[KeyRecord]
+) -> None:
+    if not keys:
+        return
+    await conn.execute(
+        "INSERT INTO one_time_keys (username, device_id, key, signature)"
+        " SELECT $1, $2, k, s FROM unnest($3::bytea[], $4::bytea[]) AS t(k, s)"
+        " ON CONFLICT DO NOTHING",
+        username,
+        device_id,
+        [k.key for k in keys],
+        [k.signature for k in keys],
+    )
+
+
+async def _count_keys(conn: Connection, username: str, device_id: str) -> int:
+    count = await conn.fetchval(
+        "SELECT count(*) FROM one_time_keys WHERE username = $1 AND device_id = $2",
+        username,
+        device_id,
+    )
+    return int(count)

@@ -1,0 +1,1 @@
+"""The SQLite adapters, for a single server."""
