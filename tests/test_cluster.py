@@ -23,7 +23,8 @@ import asyncpg
 import pytest
 
 from bastion.client import contacts, devices, files, presence
-from bastion.client.client import Client, MessageEvent
+from bastion.client.client import Client
+from bastion.client.events import MessageEvent
 from bastion.client.presence import PresenceEvent
 from bastion.crypto.olm import OlmDevice
 from bastion.errors import BastionError, ServerRefusedError

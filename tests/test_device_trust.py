@@ -21,7 +21,8 @@ import pytest
 
 from bastion.cli.main import event_json
 from bastion.client import devices, trust
-from bastion.client.client import Client, DevicesChangedEvent
+from bastion.client.client import Client
+from bastion.client.events import DevicesChangedEvent
 from bastion.crypto.device import SignedDeviceList
 from bastion.crypto.safety import safety_number
 from bastion.crypto.signing import AccountIdentity

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from bastion.client import devices, trust
-from bastion.client.client import Client, DevicesChangedEvent, KeyChangedEvent, MessageEvent
+from bastion.client.client import Client
+from bastion.client.events import DevicesChangedEvent, KeyChangedEvent, MessageEvent
 from bastion.errors import KeyChangedError, ServerRefusedError, StateError
 from tests.conftest import PASSPHRASE, Profiles, ServerProcess
 from tests.helpers import drain, next_events, texts

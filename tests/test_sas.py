@@ -13,7 +13,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import pytest
 
 from bastion.client import verification
-from bastion.client.client import Client, Event, MessageEvent
+from bastion.client.client import Client
+from bastion.client.events import Event, MessageEvent
 from bastion.client.verification import SasCodes, VerificationFailed, VerificationRequestEvent
 from tests.conftest import Profiles
 from tests.helpers import drain

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from bastion.client.client import Client, MessageEvent, WarningEvent, _envelope_key
+from bastion.client.client import Client, _envelope_key
+from bastion.client.events import MessageEvent, WarningEvent
 from bastion.client.profile import DB_FILE, HEADER_FILE, Profile
 from bastion.client.records import (
     AccountInfo,

@@ -6,7 +6,8 @@ import asyncio
 import contextlib
 
 from bastion.client import presence
-from bastion.client.client import Client, Event
+from bastion.client.client import Client
+from bastion.client.events import Event
 from tests.conftest import Profiles
 
 

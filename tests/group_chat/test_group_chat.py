@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from bastion.client import groups
-from bastion.client.client import Client, Event, MessageEvent, WarningEvent
+from bastion.client.client import Client
+from bastion.client.events import Event, MessageEvent, WarningEvent
 from bastion.groups import chain
 from bastion.protocol import frames
 from tests.conftest import Profiles

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from bastion.client import contacts, group_invites, groups
-from bastion.client.client import Client, Event, MessageEvent, WarningEvent
+from bastion.client.client import Client
+from bastion.client.events import Event, MessageEvent, WarningEvent
 from bastion.errors import ServerRefusedError, StateError
 from bastion.groups import chain
 from bastion.protocol import frames

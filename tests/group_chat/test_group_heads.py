@@ -11,7 +11,8 @@ import msgspec
 import pytest
 
 from bastion.client import group_keys, groups
-from bastion.client.client import Client, WarningEvent
+from bastion.client.client import Client
+from bastion.client.events import WarningEvent
 from bastion.errors import StateError
 from bastion.groups import chain
 from bastion.protocol import frames

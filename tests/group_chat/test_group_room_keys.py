@@ -6,7 +6,7 @@ import msgspec
 import pytest
 
 from bastion.client import group_keys, groups
-from bastion.client.client import WarningEvent
+from bastion.client.events import WarningEvent
 from bastion.protocol import frames
 from tests.conftest import Profiles
 from tests.group_chat.test_group_chat import fresh, group_texts

@@ -23,7 +23,8 @@ from bastion.client import (
     trust,
     verification,
 )
-from bastion.client.client import Client, MessageEvent
+from bastion.client.client import Client
+from bastion.client.events import MessageEvent
 from bastion.crypto.safety import safety_number
 from bastion.tui.app import ChatApp
 from bastion.tui.screens import (

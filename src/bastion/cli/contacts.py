@@ -7,7 +7,8 @@ import json
 
 from bastion.cli.main import pick_up_waiting, with_client
 from bastion.client import contacts, presence
-from bastion.client.client import Client, Event
+from bastion.client.client import Client
+from bastion.client.events import Event
 from bastion.display import escape_text
 
 

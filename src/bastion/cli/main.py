@@ -27,14 +27,13 @@ import platformdirs
 
 from bastion import __version__
 from bastion.client import outbox, receipts, receiving
-from bastion.client.client import (
-    Client,
+from bastion.client.client import Client, SendRefusedError
+from bastion.client.events import (
     DevicesChangedEvent,
     Event,
     FeatureEvent,
     KeyChangedEvent,
     MessageEvent,
-    SendRefusedError,
     WarningEvent,
 )
 from bastion.client.passphrase import check_new_passphrase, weakness

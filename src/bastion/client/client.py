@@ -9,19 +9,22 @@ fails any check becomes a :class:`WarningEvent`, never a message.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-import re
 import secrets
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import msgspec
 
 from bastion.client import device_list, receiving
+from bastion.client._util import check_username, now_ms
+from bastion.client.events import (
+    DevicesChangedEvent,
+    Event,
+    KeyChangedEvent,
+    MessageEvent,
+    WarningEvent,
+)
 from bastion.client.group_keys import ROOM_KEY_KIND
 from bastion.client.profile import Profile
 from bastion.client.records import (
@@ -48,18 +51,12 @@ from bastion.errors import (
 from bastion.protocol import frames
 from bastion.protocol.auth import register_message, signin_message
 
-USERNAME_RE = re.compile(frames.USERNAME_PATTERN)
 ONE_TIME_KEY_TARGET = 40
 ONE_TIME_KEY_LOW = 15
 TRANSIENT_ERRORS = frozenset({"disconnected", "timeout", "unreachable", "rate_limited", "internal"})
 # No answer came: the server may or may not have stored the message, so it stays kept.
 UNANSWERED = frozenset({"disconnected", "timeout"})
 RETRY_LOOKBACK = 50  # how far back a retry looks for the failed copy it replaces
-
-
-def now_ms() -> int:
-    """Wall-clock milliseconds since the epoch."""
-    return time.time_ns() // 1_000_000
 
 
 def _envelope_key(deliver: frames.Deliver) -> str:
@@ -69,15 +66,6 @@ def _envelope_key(deliver: frames.Deliver) -> str:
     from a backup) can never make a different message look like a duplicate.
     """
     return f"{deliver.seq}:{hashlib.sha256(deliver.body).hexdigest()[:32]}"
-
-
-def json_object(body: str) -> dict[str, Any]:
-    """A peer's JSON payload body as a dict; empty if it is not a JSON object (never raises)."""
-    try:
-        value = json.loads(body)
-    except ValueError:
-        return {}
-    return value if isinstance(value, dict) else {}
 
 
 def certified_device(user: str, identity_key: bytes, keys: frames.DeviceKeys) -> DeviceEntry | None:
@@ -109,70 +97,6 @@ class SendRefusedError(ServerRefusedError):
         self.record = record
 
 
-def check_username(username: str) -> str:
-    """Return ``username`` if valid; raise ValueError with a sentence a user understands."""
-    if not USERNAME_RE.match(username):
-        raise ValueError(
-            f"{username!r} is not a valid username: use 3 to 32 characters, "
-            "lowercase letters, digits, '.', '_' or '-'"
-        )
-    return username
-
-
-@dataclass(frozen=True, slots=True)
-class MessageEvent:
-    """A message that passed every check (or a copy of one this account sent elsewhere)."""
-
-    record: HistoryRecord
-    verified: bool
-
-
-@dataclass(frozen=True, slots=True)
-class WarningEvent:
-    """Something arrived that failed a check; it was dropped and counted."""
-
-    reason: str
-    sender: str
-    device: str
-    at: int
-
-
-@dataclass(frozen=True, slots=True)
-class KeyChangedEvent:
-    """A contact's account key is not the pinned one; their messages wait until you decide."""
-
-    user: str
-    at: int
-
-
-@dataclass(frozen=True, slots=True)
-class DevicesChangedEvent:
-    """A user's set of certified devices changed since we last looked."""
-
-    user: str
-    added: tuple[str, ...]
-    removed: tuple[str, ...]
-    at: int
-    certified_at: tuple[int, ...] = ()  # when each added device was certified, in order
-    own_account: bool = False  # the devices of this device's own account changed
-
-
-class FeatureEvent:
-    """Base of the events that features built on the core report (see ``payload_handlers``).
-
-    Each kind says how a front end shows it: as one JSON object, and as a sentence.
-    """
-
-    def to_json(self) -> dict[str, Any]:
-        """The ``--json`` form: a dict with a ``type`` key."""
-        raise NotImplementedError
-
-    def describe(self) -> str:
-        """One sentence for a person."""
-        raise NotImplementedError
-
-
-Event = MessageEvent | WarningEvent | KeyChangedEvent | DevicesChangedEvent | FeatureEvent
 PayloadHandler = Callable[[Payload, DeviceEntry, frames.Deliver], "Event | None"]
 PushHandler = Callable[[frames.Frame], Awaitable["Event | None"]]
 DeliverHandler = Callable[[frames.Deliver], Awaitable["Event | None"]]

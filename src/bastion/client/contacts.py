@@ -17,7 +17,9 @@ from typing import Any, cast
 
 import msgspec
 
-from bastion.client.client import Client, FeatureEvent, check_username, json_object, now_ms
+from bastion.client._util import check_username, json_object, now_ms
+from bastion.client.client import Client
+from bastion.client.events import FeatureEvent
 from bastion.client.records import DeviceEntry
 from bastion.client.transport import ServerConnection
 from bastion.crypto.payload import Payload

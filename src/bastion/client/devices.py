@@ -20,7 +20,8 @@ from pathlib import Path
 import msgspec
 
 from bastion.client import device_list
-from bastion.client.client import Client, check_username, now_ms
+from bastion.client._util import check_username, now_ms
+from bastion.client.client import Client
 from bastion.client.profile import Profile
 from bastion.client.records import DeviceEntry
 from bastion.client.transport import ServerConnection, _Closed

@@ -39,7 +39,9 @@ from typing import Annotated, Any
 import msgspec
 from msgspec import Meta
 
-from bastion.client.client import Client, Event, FeatureEvent, check_username, now_ms
+from bastion.client._util import check_username, now_ms
+from bastion.client.client import Client
+from bastion.client.events import Event, FeatureEvent
 from bastion.client.records import DeviceEntry
 from bastion.client.transport import ServerConnection
 from bastion.crypto.payload import Payload

@@ -17,7 +17,8 @@ from typing import Any
 import msgspec
 
 from bastion.client import groups
-from bastion.client.client import Client, Event, FeatureEvent
+from bastion.client.client import Client
+from bastion.client.events import Event, FeatureEvent
 from bastion.errors import ServerRefusedError, StateError
 from bastion.groups import chain
 from bastion.protocol import frames

@@ -16,16 +16,9 @@ import secrets
 import msgspec
 
 from bastion.client import group_heads, group_keys
-from bastion.client.client import (
-    TRANSIENT_ERRORS,
-    Client,
-    DevicesChangedEvent,
-    Event,
-    MessageEvent,
-    WarningEvent,
-    certified_device,
-    now_ms,
-)
+from bastion.client._util import now_ms
+from bastion.client.client import TRANSIENT_ERRORS, Client, certified_device
+from bastion.client.events import DevicesChangedEvent, Event, MessageEvent, WarningEvent
 from bastion.client.groups import (
     MAX_INBOUND_PER_DEVICE,
     MAX_UNKNOWN_GROUP_KEYS,

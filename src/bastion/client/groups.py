@@ -22,12 +22,9 @@ from typing import Any
 import msgspec
 
 from bastion.client import group_heads, group_keys
-from bastion.client.client import (
-    Client,
-    Event,
-    FeatureEvent,
-    now_ms,
-)
+from bastion.client._util import now_ms
+from bastion.client.client import Client
+from bastion.client.events import Event, FeatureEvent
 from bastion.client.records import ContactRecord
 from bastion.errors import (
     AuthenticationError,

@@ -19,7 +19,9 @@ from typing import Any
 import msgspec
 
 from bastion.client import contacts
-from bastion.client.client import Client, FeatureEvent, json_object, now_ms
+from bastion.client._util import json_object, now_ms
+from bastion.client.client import Client
+from bastion.client.events import FeatureEvent
 from bastion.client.records import DeviceEntry
 from bastion.crypto.payload import Payload
 from bastion.errors import RejectedMessageError, ServerRefusedError

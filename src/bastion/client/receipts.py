@@ -17,7 +17,9 @@ from typing import Any
 
 import msgspec
 
-from bastion.client.client import Client, Event, FeatureEvent, MessageEvent, now_ms
+from bastion.client._util import now_ms
+from bastion.client.client import Client
+from bastion.client.events import Event, FeatureEvent, MessageEvent
 from bastion.client.records import DeviceEntry, HistoryRecord
 from bastion.crypto.payload import Payload
 from bastion.errors import BastionError, RejectedMessageError

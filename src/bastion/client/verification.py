@@ -36,7 +36,9 @@ from typing import Any
 import msgspec
 
 from bastion.client import trust
-from bastion.client.client import Client, FeatureEvent, now_ms
+from bastion.client._util import now_ms
+from bastion.client.client import Client
+from bastion.client.events import FeatureEvent
 from bastion.client.records import DeviceEntry
 from bastion.crypto.payload import Payload
 from bastion.crypto.safety import safety_number

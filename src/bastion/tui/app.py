@@ -12,7 +12,8 @@ from textual.app import App, ComposeResult
 from textual.binding import Binding, BindingType
 from textual.widgets import Static
 
-from bastion.client.client import Client, now_ms
+from bastion.client._util import now_ms
+from bastion.client.client import Client
 from bastion.client.profile import Profile
 from bastion.errors import ProfileError
 from bastion.tui.base import ChatSettings

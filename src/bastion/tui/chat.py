@@ -16,14 +16,13 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.widgets import Footer, Input, Label, ListView, ProgressBar
 
 from bastion.client import contacts, files, groups, outbox, presence, receipts, verification
-from bastion.client.client import (
-    UNANSWERED,
+from bastion.client.client import UNANSWERED, SendRefusedError
+from bastion.client.events import (
     DevicesChangedEvent,
     Event,
     FeatureEvent,
     KeyChangedEvent,
     MessageEvent,
-    SendRefusedError,
     WarningEvent,
 )
 from bastion.client.records import HistoryRecord
