@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from bastion.client import contacts
-from bastion.client.client import Client
+from bastion.client import Client, MessageEvent, contacts
 from bastion.client.contacts import ContactChangedEvent, ContactRequestEvent
-from bastion.client.events import MessageEvent
 from bastion.errors import ServerRefusedError
 from tests.conftest import Profiles
 from tests.contacts.support import next_of, watching

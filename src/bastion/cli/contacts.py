@@ -6,9 +6,7 @@ import argparse
 import json
 
 from bastion.cli.main import pick_up_waiting, with_client
-from bastion.client import contacts, presence
-from bastion.client.client import Client
-from bastion.client.events import Event
+from bastion.client import Client, Event, contacts, presence
 from bastion.display import escape_text
 
 

@@ -26,18 +26,22 @@ from typing import Any
 import platformdirs
 
 from bastion import __version__
-from bastion.client import outbox, receipts, receiving
-from bastion.client.client import Client, SendRefusedError
-from bastion.client.events import (
+from bastion.client import (
+    Client,
     DevicesChangedEvent,
     Event,
     FeatureEvent,
+    HistoryRecord,
     KeyChangedEvent,
     MessageEvent,
+    SendRefusedError,
     WarningEvent,
+    check_new_passphrase,
+    outbox,
+    receipts,
+    receiving,
+    weakness,
 )
-from bastion.client.passphrase import check_new_passphrase, weakness
-from bastion.client.records import HistoryRecord
 from bastion.display import escape_body, escape_text
 from bastion.errors import BastionError, KeyChangedError, ServerRefusedError
 

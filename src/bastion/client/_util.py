@@ -18,6 +18,10 @@ from bastion.protocol import frames
 USERNAME_RE = re.compile(frames.USERNAME_PATTERN)
 DM_PREFIX = "dm:"
 GROUP_PREFIX = "group:"
+# Refusals that say nothing about the message itself: it may go through on another try.
+TRANSIENT_ERRORS = frozenset({"disconnected", "timeout", "unreachable", "rate_limited", "internal"})
+# No answer came: the server may or may not have stored the message, so it stays kept.
+UNANSWERED = frozenset({"disconnected", "timeout"})
 
 
 def now_ms() -> int:

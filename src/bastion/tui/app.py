@@ -12,8 +12,7 @@ from textual.app import App, ComposeResult
 from textual.binding import Binding, BindingType
 from textual.widgets import Static
 
-from bastion.client._util import now_ms
-from bastion.client.client import Client
+from bastion.client import Client, now_ms
 from bastion.client.profile import Profile
 from bastion.errors import ProfileError
 from bastion.tui.base import ChatSettings
