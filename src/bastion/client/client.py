@@ -3,9 +3,10 @@
 Front ends use it through :mod:`bastion.client` (whose ``Client`` installs the
 default features); this module imports no feature: each is handed the client
 as a :class:`~bastion.client.feature.ClientCore` and registers its handlers in
-the client's :class:`~bastion.client.feature.Hooks`. Every received message is decrypted, its signature and sender binding
-checked, and de-duplicated before anything is stored or shown; a message that
-fails any check becomes a :class:`WarningEvent`, never a message.
+the client's :class:`~bastion.client.feature.Hooks`. Every received message is
+decrypted, its signature and sender binding checked, and de-duplicated before
+anything is stored or shown; a message that fails any check becomes a
+:class:`WarningEvent`, never a message.
 """
 
 from __future__ import annotations
