@@ -192,9 +192,7 @@ def local_contacts(client: ClientCore) -> list[Contact]:
 
 
 async def _action(client: ClientCore, user: str, action: frames.ContactActionName) -> str:
-    conn = client.connection()
-    req = conn.next_req()
-    reply = await conn.request(frames.ContactAction(req=req, user=user, action=action), req)
+    reply = await client.request(frames.ContactAction(req=0, user=user, action=action))
     if not isinstance(reply, frames.ContactResult) or reply.user != user:
         raise RejectedMessageError("the server answered a contact action for someone else")
     with client.profile.transaction():
@@ -262,9 +260,7 @@ def merge(client: ClientCore, listing: frames.ContactListResult) -> list[Contact
 
 async def sync(client: ClientCore) -> list[Contact]:
     """Fetch the server's contact list, update the profile, and return the list."""
-    conn = client.connection()
-    req = conn.next_req()
-    reply = await conn.request(frames.ContactList(req=req), req)
+    reply = await client.request(frames.ContactList(req=0))
     if not isinstance(reply, frames.ContactListResult):
         raise RejectedMessageError("the server answered a contact list with something else")
     return merge(client, reply)

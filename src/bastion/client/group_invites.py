@@ -79,13 +79,9 @@ def install(client: ClientCore, hooks: Hooks) -> None:
 FEATURE = FeatureSpec("group_invites", install)
 
 
-async def _request(client: ClientCore, frame: frames.Frame) -> frames.ServerFrame:
-    return await client.request(frame)
-
-
 async def pending(client: ClientCore) -> list[GroupInviteEvent]:
     """The invitations that wait for this account's answer, oldest first."""
-    reply = await _request(client, frames.GroupInvites(req=0))
+    reply = await client.request(frames.GroupInvites(req=0))
     if not isinstance(reply, frames.GroupInviteList):
         raise ServerRefusedError("bad_reply", "the server answered with something else")
     return [_event(invite) for invite in reply.invites]
@@ -109,7 +105,7 @@ async def accept(client: ClientCore, ref: str) -> chain.GroupState:
     """
     invite = _find(await pending(client), ref)
     group_id = bytes.fromhex(invite.group_id)
-    await _request(client, frames.GroupRespond(req=0, group_id=group_id, accept=True))
+    await client.request(frames.GroupRespond(req=0, group_id=group_id, accept=True))
     client.notices.extend(await group_state.sync(client, group_id))
     state = group_state.state_of(client, group_id)
     if state is None or client.account.username not in state.members:
@@ -121,5 +117,5 @@ async def decline(client: ClientCore, ref: str) -> GroupInviteEvent:
     """Decline an invitation (silently: the inviter is not told). Raises like :func:`accept`."""
     invite = _find(await pending(client), ref)
     group_id = bytes.fromhex(invite.group_id)
-    await _request(client, frames.GroupRespond(req=0, group_id=group_id, accept=False))
+    await client.request(frames.GroupRespond(req=0, group_id=group_id, accept=False))
     return invite

@@ -30,7 +30,6 @@ from bastion.client.group_state import (
     _compare_members,
     _inbound_name,
     _record_fork,
-    _request,
     _warning,
     chain_hashes,
     conversation,
@@ -49,7 +48,7 @@ async def _member_devices(
     client: ClientCore, group_id: bytes, user: str, key: bytes
 ) -> tuple[list[DeviceEntry], list[Event]]:
     """``user``'s devices certified by ``key`` (the verified state's key), and warnings."""
-    reply = await _request(client, frames.QueryKeys(req=0, user=user))
+    reply = await client.request(frames.QueryKeys(req=0, user=user))
     if not isinstance(reply, frames.KeysResult) or reply.user != user:
         raise RejectedMessageError("the server answered a key query for someone else")
     contact = client.contact(user)
@@ -197,8 +196,7 @@ async def send_body(
         device = client.device()  # the device key signs the plaintext
         out, ciphertext = group_keys.encrypt(out, plaintext, device.sign, key)
         client.profile.put(_outbound_name(group_id), out)  # index used: never again
-    reply = await _request(
-        client,
+    reply = await client.request(
         frames.GroupSend(req=0, group_id=group_id, client_msg_id=message_id, ciphertext=ciphertext),
     )
     server_ts = reply.server_ts if isinstance(reply, frames.GroupSent) else at

@@ -295,12 +295,8 @@ def _compare_members(
 # --- talking to the server --------------------------------------------------------------------
 
 
-async def _request(client: ClientCore, frame: frames.Frame) -> frames.ServerFrame:
-    return await client.request(frame)
-
-
 async def _fetch(client: ClientCore, group_id: bytes, after_seq: int) -> frames.GroupChain:
-    reply = await _request(client, frames.GroupFetch(req=0, group_id=group_id, after_seq=after_seq))
+    reply = await client.request(frames.GroupFetch(req=0, group_id=group_id, after_seq=after_seq))
     if not isinstance(reply, frames.GroupChain) or reply.group_id != group_id:
         raise RejectedMessageError("the server answered a group fetch for another group")
     return reply
@@ -347,7 +343,7 @@ async def sync(
 
 
 async def _post(client: ClientCore, change: chain.GroupChange) -> None:
-    await _request(client, frames.GroupPost(req=0, change=chain.encode_change(change)))
+    await client.request(frames.GroupPost(req=0, change=chain.encode_change(change)))
     ingested = ingest(client, change.group_id, [chain.encode_change(change)])
     warnings = [e for e in ingested if isinstance(e, GroupWarningEvent)]
     if warnings:
