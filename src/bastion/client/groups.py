@@ -11,9 +11,6 @@ from __future__ import annotations
 from bastion.client.group_messages import (
     FEATURE,
     history,
-    install,
-    on_deliver,
-    on_room_key,
     send_body,
     send_text,
 )
@@ -57,9 +54,6 @@ __all__ = [
     "groups",
     "history",
     "ingest",
-    "install",
-    "on_deliver",
-    "on_room_key",
     "resolve",
     "send_body",
     "send_text",
