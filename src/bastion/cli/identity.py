@@ -13,7 +13,7 @@ from pathlib import Path
 
 import msgspec
 
-from bastion.cli.main import passphrase, profile_dir, with_client, with_profile
+from bastion.cli._common import Subcommands, passphrase, profile_dir, with_client, with_profile
 from bastion.client import comparison, devices, policy, trust, verification
 from bastion.client.client import Client
 from bastion.crypto.safety import qr_png, render_qr_text
@@ -300,9 +300,7 @@ async def cmd_import(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_commands(
-    sub: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser
-) -> None:
+def add_commands(sub: Subcommands, common: argparse.ArgumentParser) -> None:
     """Register the identity commands on the main parser."""
     verify = sub.add_parser("verify", parents=[common], help="show the safety number with a user")
     verify.add_argument("user")
