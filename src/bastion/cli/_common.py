@@ -24,7 +24,7 @@ from typing import Any, TypeAlias
 
 import platformdirs
 
-from bastion.client import receipts, receiving
+from bastion.client import receipts
 from bastion.client.client import (
     Client,
     DevicesChangedEvent,
@@ -290,7 +290,7 @@ async def pick_up_waiting(
     Offline, a warning says the list may be stale.
     """
     try:
-        if receiving.held_elsewhere(client.profile.path):
+        if client.receiving_elsewhere():
             # Another process (listen, chat) receives and stores into this profile:
             # the local lists are current, and taking over would cut it off.
             await client.connect(receive=False)
