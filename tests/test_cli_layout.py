@@ -12,6 +12,8 @@
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -125,3 +127,17 @@ def test_front_ends_use_only_the_public_client_api() -> None:
         tree = ast.parse(path.read_text())
         assert not imported(tree) & CLIENT_INTERNAL_MODULES, path.name
         assert client_internals(tree) == [], path.name
+
+
+def test_building_the_parser_loads_neither_the_server_nor_textual() -> None:
+    code = (
+        "import sys; from bastion.cli.main import build_parser; build_parser(); "
+        "print(sorted({m.split('.')[0] + '.' + m.split('.')[1] if m.startswith('bastion.') "
+        "else m.split('.')[0] for m in sys.modules}))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
+    loaded = set(ast.literal_eval(out))
+    assert "bastion.cli" in loaded  # the probe sees the package it loads
+    assert not loaded & {"bastion.server", "bastion.tui", "textual"}
