@@ -24,7 +24,7 @@ from typing import Any, TypeAlias
 
 import platformdirs
 
-from bastion.client import receipts, receiving
+from bastion.client import receipts
 from bastion.client.client import (
     Client,
     DevicesChangedEvent,
@@ -46,9 +46,8 @@ EXIT_INTERRUPTED = 130
 OFFLINE_CODES = frozenset({"disconnected", "timeout", "unreachable"})
 # Commands a hint tells the user to run on this profile (not on another person's machine).
 HINT_RE = re.compile(r"bastion (?:verify|trust|contacts|file|outbox|inbox|history|group)\b[^)'\n]*")
-hint_profile: str | None = (
-    None  # --profile of the running command, added to hints (set_hint_profile)
-)
+# The --profile of the running command, added to those hints (see set_hint_profile).
+hint_profile: str | None = None
 
 Subcommands: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
 """The top-level subparsers each command module adds its commands to."""
@@ -66,6 +65,9 @@ def with_profile(text: str) -> str:
         return text
     suffix = " --profile " + shlex.quote(hint_profile)
     return HINT_RE.sub(lambda m: m.group(0).rstrip() + suffix, text)
+
+
+# --- printing ------------------------------------------------------------------------------------
 
 
 def iso(ms: int) -> str:
@@ -290,7 +292,7 @@ async def pick_up_waiting(
     Offline, a warning says the list may be stale.
     """
     try:
-        if receiving.held_elsewhere(client.profile.path):
+        if client.receiving_elsewhere():
             # Another process (listen, chat) receives and stores into this profile:
             # the local lists are current, and taking over would cut it off.
             await client.connect(receive=False)
@@ -309,6 +311,9 @@ async def pick_up_waiting(
         )
         return False
     return True
+
+
+# --- errors --------------------------------------------------------------------------------------
 
 
 def print_error(exc: BastionError | ValueError) -> int:

@@ -73,7 +73,7 @@ async def cmd_file_send(args: argparse.Namespace) -> int:
         with _progress_bar(path.name, show_bar) as progress:
             sent = await files.send_file(client, to, path, progress=progress)
         if args.group is not None:
-            args.user = "group:" + to.group_id.hex() if isinstance(to, GroupState) else to
+            args.user = groups.conversation(to.group_id) if isinstance(to, GroupState) else to
         if args.json:
             print(
                 json.dumps(

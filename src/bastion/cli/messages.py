@@ -120,9 +120,7 @@ async def confirm_after_drop(client: Client, to: str, text: str) -> HistoryRecor
         raise ServerRefusedError("disconnected", "the connection to the server was lost")
     record = kept[-1]
     while loop.time() < deadline:
-        if client.conn is not None:
-            await client.conn.aclose()
-            client.conn = None
+        await client.disconnect()
         try:
             await asyncio.wait_for(client.connect(receive=False), max(0.5, deadline - loop.time()))
         except (ServerRefusedError, TimeoutError) as exc:
@@ -131,7 +129,7 @@ async def confirm_after_drop(client: Client, to: str, text: str) -> HistoryRecor
             await asyncio.sleep(min(0.5, max(0.0, deadline - loop.time())))
             continue
         break
-    return client.profile.message(record.id, HistoryRecord) or record
+    return client.message(record.id) or record
 
 
 def report_refused(args: argparse.Namespace, record: HistoryRecord) -> int:
@@ -210,8 +208,8 @@ async def cmd_listen(args: argparse.Namespace) -> int:
             exc = pump_task.exception() if not pump_task.cancelled() else None
             if exc is not None:
                 raise exc
-            reason = client.conn.close_reason if client.conn is not None else None
-            raise ServerRefusedError("disconnected", reason or "the server closed the connection")
+            reason = client.close_reason or "the server closed the connection"
+            raise ServerRefusedError("disconnected", reason)
         return 0
 
     return await with_client(args, work, receive=True)
