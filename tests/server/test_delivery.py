@@ -150,6 +150,20 @@ CASES: list[tuple[str, DeliveryWindow, Event, Decision, DeliveryWindow]] = [
         w(cursor=3, unacked={3}, synced=True),
     ),
     (
+        "a notice never goes ahead of envelopes waiting in the store",
+        w(cursor=4, unacked={2, 3, 4}, dirty=True, synced=True),
+        Notice(6),
+        Step.WAIT,
+        w(cursor=4, unacked={2, 3, 4}, dirty=True, synced=True),
+    ),
+    (
+        "a notice into a half-free window reads what waits in the store, in order",
+        w(cursor=4, unacked={3, 4}, dirty=True, synced=True),
+        Notice(6),
+        Step.READ,
+        w(cursor=4, unacked={3, 4}, dirty=True, synced=True, reading=True),
+    ),
+    (
         "a repeated notice into a full window costs one more read, nothing else",
         FULL,
         Notice(4),
@@ -300,7 +314,20 @@ CASES: list[tuple[str, DeliveryWindow, Event, Decision, DeliveryWindow]] = [
         Page(envs(1), more=True),
         w(cursor=3, unacked={1, 2, 3}, reading=True, synced=True),
     ),
-    ("a reader cut short leaves", READING, ReadingStopped(), None, w()),
+    (
+        "a reader cut short leaves what it did not read for the next notice",
+        READING,
+        ReadingStopped(),
+        None,
+        w(dirty=True),
+    ),
+    (
+        "a reader that ended by itself leaves nothing behind",
+        w(cursor=2, unacked={2}, synced=True),
+        ReadingStopped(),
+        None,
+        w(cursor=2, unacked={2}, synced=True),
+    ),
     # reconnection: a new connection starts from the start of the queue
     (
         "rewind keeps the unacknowledged and reads from the given seq",
@@ -429,3 +456,41 @@ def test_a_resync_reads_the_whole_queue_again_without_repeating_the_unacknowledg
         ],
     )
     assert window == DeliveryWindow(size=8, cursor=4, unacked={2, 3, 4}, synced=True)
+
+
+def test_an_envelope_left_in_the_store_is_not_overtaken_by_a_live_one() -> None:
+    # Seq 5 waits in the store (the window was full when it came); seq 6 comes when
+    # there is room again, but not yet half the window: 5 must still go first.
+    window = DeliveryWindow(size=4, synced=True)
+    run(
+        window,
+        [
+            *[(Notice(seq), Step.PUSH) for seq in (1, 2, 3, 4)],
+            (Notice(5), Step.WAIT),
+            (Ack((1,)), False),
+            (Notice(6), Step.WAIT),  # there is room, but 5 goes first
+            (Ack((2,)), True),
+            (NextRead(), PageRead(4, 2)),
+            (PageIn(PageRead(4, 2), (5, 6)), Page(envs(5, 6), more=True)),
+            (NextRead(), None),
+            (Ack((3, 4, 5, 6)), True),
+            (NextRead(), PageRead(6, 4)),
+            (PageIn(PageRead(6, 4), ()), Page([])),
+        ],
+    )
+    assert window == DeliveryWindow(size=4, cursor=6, synced=True)
+
+
+def test_after_a_failed_read_the_next_notice_reads_the_store_again() -> None:
+    window = DeliveryWindow(size=8)
+    run(
+        window,
+        [
+            (StartReading(), True),
+            (NextRead(), PageRead(0, 8)),
+            (ReadingStopped(), None),  # the store failed: envelopes 1 and 2 are unread
+            (Notice(3), Step.READ),
+            (NextRead(), PageRead(0, 8)),
+            (PageIn(PageRead(0, 8), (1, 2, 3)), Page(envs(1, 2, 3), synced=True)),
+        ],
+    )

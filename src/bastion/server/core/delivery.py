@@ -18,7 +18,9 @@ The state:
 - ``reading``: a page reader runs (one at a time); what the bus announces
   meanwhile is left to it.
 - ``dirty``: envelopes after the cursor may wait in the store (a notice came
-  while reading or while the window was full, or the cursor went back).
+  while reading or while the window was full, the cursor went back, or a read
+  was cut short). While it holds, nothing is pushed past them: a reader starts
+  once half the window is free, on an acknowledgement or on the next notice.
 - ``synced``: ``synced`` was sent (once per connection).
 """
 
@@ -94,6 +96,14 @@ class DeliveryWindow:
         if self.reading or len(self.unacked) >= self.size:
             self.dirty = True
             return Step.WAIT
+        if self.dirty:
+            # Envelopes before this one may wait in the store: pushing it would send
+            # it ahead of them and move the cursor past them. They are read first, in
+            # order, once half the window is free (as after an acknowledgement).
+            if len(self.unacked) <= self.size // 2:
+                self.reading = True
+                return Step.READ
+            return Step.WAIT
         if seq > self.cursor:
             self._sent(seq)
             return Step.PUSH
@@ -135,8 +145,14 @@ class DeliveryWindow:
         return Page(push, more=True)
 
     def reading_stopped(self) -> None:
-        """The reader ended (also when cut short: a failed read, a closed connection)."""
-        self.reading = False
+        """The reader ended; also when cut short (a failed read, a closed connection).
+
+        One cut short leaves what it did not read as waiting in the store, so the
+        next notice or acknowledgement reads again instead of pushing past it.
+        """
+        if self.reading:  # a reader that ended by itself cleared it
+            self.reading = False
+            self.dirty = True
 
     def ack(self, seqs: Iterable[int]) -> bool:
         """The client acknowledged ``seqs``; True if the connection must start a reader.
