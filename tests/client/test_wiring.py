@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from bastion.client import DEFAULT_FEATURES
-from bastion.client.feature import FeatureSpec, Hooks, Registry, install_all
+from bastion.client import DEFAULT_FEATURES, Hooks
+from bastion.client.feature import FeatureSpec, Registry, install_all
 from bastion.protocol import frames
 
 PACKAGE = Path(__file__).resolve().parents[2] / "src" / "bastion" / "client"

@@ -25,7 +25,6 @@ from bastion.client import (
     devices,
     weakness,
 )
-from bastion.client.transport import ServerConnection
 from bastion.crypto import linking
 from bastion.errors import BastionError, ProfileError
 from bastion.tui.conversations import safe_text
@@ -141,12 +140,11 @@ class FirstRunScreen(Screen[Client]):
             if self.shown_pin is None or self.shown_pin[0] != server:
                 error.update("Fetching the server's certificate…")
                 try:
-                    probe = await ServerConnection.open(server, pin=None)
+                    shown = await Client.server_fingerprint(server)
                 except (BastionError, OSError, TimeoutError) as exc:
                     error.update(f"Could not start: {exc}")
                     return
-                await probe.aclose()
-                self.shown_pin = (server, probe.fingerprint or "")
+                self.shown_pin = (server, shown)
                 error.update(
                     f"{caution}The server's certificate is {self.shown_pin[1]}. {self.PINNING} "
                     "Check it with the server's operator, then press Enter to pin it."
