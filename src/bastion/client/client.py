@@ -352,6 +352,10 @@ class Client:
         req = conn.next_req()
         return await conn.request(msgspec.structs.replace(frame, req=req), req)
 
+    def notify(self, *events: Event) -> None:
+        """Add ``events`` to :attr:`notices` (yielded by :meth:`receive` before its next event)."""
+        self.notices.extend(events)
+
     def device(self) -> OlmDevice:
         """This device's Olm account (private), from the encrypted profile."""
         pickle = self.profile.get("device", str)

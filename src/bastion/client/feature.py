@@ -116,9 +116,8 @@ class ClientCore(Protocol):
         """This device's account, server and device id."""
         ...
 
-    @property
-    def notices(self) -> list[Event]:
-        """Events to yield before the current one (a feature appends to it)."""
+    def notify(self, *events: Event) -> None:
+        """Report ``events`` ahead of the one being handled (or on the next receive)."""
         ...
 
     @property

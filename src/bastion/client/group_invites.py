@@ -106,7 +106,7 @@ async def accept(client: ClientCore, ref: str) -> chain.GroupState:
     invite = _find(await pending(client), ref)
     group_id = bytes.fromhex(invite.group_id)
     await client.request(frames.GroupRespond(req=0, group_id=group_id, accept=True))
-    client.notices.extend(await group_state.sync(client, group_id))
+    client.notify(*await group_state.sync(client, group_id))
     state = group_state.state_of(client, group_id)
     if state is None or client.account.username not in state.members:
         raise StateError("the group's chain does not show you as a member")

@@ -92,7 +92,7 @@ async def _member_devices(
         before = {d.device_id for d in contact.devices}
         after = {d.device_id for d in devices}
         if contact.devices and before != after:
-            client.notices.append(
+            client.notify(
                 DevicesChangedEvent(
                     user=user,
                     added=tuple(sorted(after - before)),
@@ -140,15 +140,15 @@ async def send_body(
     first when a member or device is gone, or after ``rotate_after_messages``
     messages or 7 days. The message and the room key name this client's chain
     head. Warnings about the server's member list or uncertified devices go to
-    ``client.notices``. Raises ValueError, StateError (not a member; or the chain
+    the client's notices. Raises ValueError, StateError (not a member; or the chain
     is forked, or could not be verified to the head announced: sending stops,
     fail closed), ServerRefusedError.
     """
     if not text or len(text) > 16_000:
         raise ValueError("a message has 1 to 16,000 characters")
     group_id = group.group_id
-    client.notices.extend(await sync(client, group_id))
-    client.notices.extend(await settle_fork(client, group_id))
+    client.notify(*await sync(client, group_id))
+    client.notify(*await settle_fork(client, group_id))
     state = state_of(client, group_id)
     me = client.account.username
     if state is None or me not in state.members:
@@ -162,7 +162,7 @@ async def send_body(
     checked: dict[str, list[DeviceEntry]] = {}
     for user in sorted(state.members):
         devices, warnings = await _member_devices(client, group_id, user, state.members[user])
-        client.notices.extend(warnings)
+        client.notify(*warnings)
         found = [d for d in devices if d.device_id != client.account.device_id]
         if found:
             checked[user] = found
@@ -201,7 +201,7 @@ async def send_body(
     )
     server_ts = reply.server_ts if isinstance(reply, frames.GroupSent) else at
     if isinstance(reply, frames.GroupSent):
-        client.notices.extend(_compare_members(group_id, state, reply.members, reply.invited))
+        client.notify(*_compare_members(group_id, state, reply.members, reply.invited))
     record = HistoryRecord(
         id=message_id,
         sender=me,
@@ -257,7 +257,7 @@ async def _share_room_key(
                 raise
             if exc.code == "not_joined":
                 continue  # invited, not joined yet: gets the key with a message after joining
-            client.notices.append(
+            client.notify(
                 _warning(group_id, f"the room key could not be shared with {user}: {exc.code}")
             )
             continue
@@ -347,7 +347,7 @@ async def on_deliver(client: ClientCore, hooks: Hooks, deliver: frames.Deliver) 
             try:
                 if state_of(client, item.group_id) is not None:
                     group_heads.announce(client, item.group_id, group_heads.SERVER, item.seq)
-                client.notices.extend(await _sync_or_reject(client, item.group_id))
+                client.notify(*await _sync_or_reject(client, item.group_id))
                 event = None
             except RejectedMessageError as exc:
                 event = _warning(item.group_id, exc.reason)
@@ -386,7 +386,7 @@ async def _receive_message(
     try:
         state = state_of(client, group_id)
         if state is None or deliver.sender not in state.members:
-            client.notices.extend(await _sync_or_reject(client, group_id))
+            client.notify(*await _sync_or_reject(client, group_id))
             state = state_of(client, group_id)
         if state is None or deliver.sender not in state.members:
             raise RejectedMessageError("group message from someone who is not a member")
@@ -431,7 +431,7 @@ async def _check_head(
     who, seq = plaintext.sender, plaintext.chain_seq
     if seq >= len(chain_hashes(client, group_id)):
         group_heads.announce(client, group_id, who, seq)
-        client.notices.extend(await _sync_or_reject(client, group_id))
+        client.notify(*await _sync_or_reject(client, group_id))
     hashes = chain_hashes(client, group_id)
     if seq >= len(hashes):
         raise RejectedMessageError(
@@ -439,8 +439,8 @@ async def _check_head(
             f" not verify (it holds {len(hashes) - 1}); sending to the group is stopped"
         )
     if group_heads.mismatch(hashes, seq, plaintext.chain_hash):
-        client.notices.append(_record_fork(client, group_id, seq, plaintext.chain_hash, who))
-        client.notices.extend(await settle_fork(client, group_id))
+        client.notify(_record_fork(client, group_id, seq, plaintext.chain_hash, who))
+        client.notify(*await settle_fork(client, group_id))
         if group_heads.mismatch(chain_hashes(client, group_id), seq, plaintext.chain_hash):
             raise RejectedMessageError(
                 f"{who} wrote from another branch of the group's chain (a fork at position"
@@ -449,7 +449,7 @@ async def _check_head(
     else:
         settled = _converged(client, group_id, who, seq)
         if settled is not None:
-            client.notices.append(settled)
+            client.notify(settled)
 
 
 def _converged(client: ClientCore, group_id: bytes, who: str, seq: int) -> GroupWarningEvent | None:
