@@ -532,8 +532,11 @@ class ClientConnection(WSListener):
         except ProtocolError as exc:
             self._refuse(req, frames_error(exc.code, str(exc)))
         except BastionError as exc:
+            # Our state, not the peer's fault: its text may be the database's own
+            # (schema and constraint names), so the peer gets a fixed message and
+            # the log the error's type.
             log.warning("request.failed", extra={"error": type(exc).__name__})
-            self._refuse(req, frames_error("refused", str(exc)))
+            self._refuse(req, REFUSED)
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -898,7 +901,7 @@ class ClientConnection(WSListener):
         elif not self._refuse_message(frame, exc):
             if isinstance(exc, BastionError):
                 log.warning("request.failed", extra={"error": type(exc).__name__})
-                self._refuse(frame.req, frames_error("refused", str(exc)))
+                self._refuse(frame.req, REFUSED)
             else:
                 log.error("request.crashed", exc_info=exc)
                 self._refuse(
@@ -1085,3 +1088,8 @@ def _binary_frame(payload: bytes) -> bytes:
 def frames_error(code: str, message: str) -> frames.Error:
     """An error frame with a message cut to the wire limit."""
     return frames.Error(req=None, code=code, message=message[:256])
+
+
+# What the peer is told when a request failed on our side (a StateError, say): never the
+# error's own text, which may come from the database driver.
+REFUSED = frames_error("refused", "the server could not complete the request")
