@@ -65,7 +65,7 @@ async def _audit_pending(data_dir: Path, backend: Any, cursor: Any) -> None:
 
 def _database_url(args: argparse.Namespace, data_dir: Path) -> str | None:
     """``--db``, else the ``[cluster]`` db of the node's config file, else None (SQLite)."""
-    from bastion.server.main import server_settings  # noqa: PLC0415
+    from bastion.server.app import server_settings  # noqa: PLC0415
 
     if args.db is not None:
         return str(args.db)
