@@ -162,7 +162,6 @@ def server_limits(data_dir: Path, config: Path | None) -> Limits:
 def build_services(
     *,
     limits: Limits,
-    server_name: str,
     data_dir: Path,
     storage: Storage,
     bus: Bus,
@@ -178,7 +177,6 @@ def build_services(
     )
     services = Services(
         limits=limits,
-        server_name=server_name,
         clock=clock,
         storage=storage,
         bus=bus,
@@ -294,7 +292,6 @@ async def _serve_locked(
         metrics = relay_metrics
     services = build_services(
         limits=limits,
-        server_name=name,
         data_dir=data_dir,
         storage=storage,
         bus=relay_bus,

@@ -99,10 +99,6 @@ class Request(Protocol):
         """Call ``release`` when the connection closes (one per key; a later one replaces it)."""
         ...
 
-    def forget_on_close(self, key: str) -> None:
-        """Undo :meth:`on_close` for ``key``."""
-        ...
-
     async def bind(self, req: int, user: str, device_id: str, *, receive: bool) -> None:
         """Sign the connection in as the device, answer ``signed_in`` and start delivery."""
         ...
@@ -239,7 +235,6 @@ class Services:
     """
 
     limits: Limits
-    server_name: str
     clock: Clock
     storage: Storage
     bus: Bus

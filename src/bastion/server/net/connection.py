@@ -69,7 +69,7 @@ class ClientConnection(WSListener):
         super().__init__()
         self.server = server
         self.services = server.services
-        self._router = server.router
+        self._routes = server.router.routes  # the dict itself: one lookup per frame
         self.limits = server.limits
         self.session = ServerSession(
             server_name=server.config.server_name,
@@ -282,10 +282,6 @@ class ClientConnection(WSListener):
         """Call ``release`` when the connection closes."""
         self._releases[key] = release
 
-    def forget_on_close(self, key: str) -> None:
-        """Undo :meth:`on_close`."""
-        self._releases.pop(key, None)
-
     def hold(self) -> None:
         """Count a store call answered in a callback (a message: no task) as in flight."""
         self._stores_in_flight += 1
@@ -367,7 +363,7 @@ class ClientConnection(WSListener):
         except ProtocolError as exc:
             self._bad_frame(str(exc))
             return
-        route = self._router.get(type(frame))
+        route = self._routes.get(type(frame))
         if route is not None and (route.before_signin or self.session.username is not None):
             if route.inline:  # the message fast path: no task
                 route.handler(self, self.services, frame)
