@@ -22,8 +22,10 @@ from pathlib import Path
 from typing import TypeVar
 
 from bastion.errors import BastionError, StorageError
-from bastion.server.admin.policy import AdminBackend, AdminEvent, Policy, SQLiteAdmin
+from bastion.server.admin.policy import AdminEvent, Policy
 from bastion.server.audit.log import AuditLog
+from bastion.server.storage.admin import AdminBackend
+from bastion.server.storage.sqlite.admin import SQLiteAdmin
 
 log = logging.getLogger("bastion.server")
 

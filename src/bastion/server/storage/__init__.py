@@ -11,10 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bastion.errors import StorageError
-
-# A module, not its names: admin.policy imports the SQLite schema from this package.
-from bastion.server.admin import policy as admin_policy
 from bastion.server.config import Settings
+from bastion.server.storage.admin import AdminBackend
 from bastion.server.storage.blob_content import (
     BlobContent,
     LocalBlobFiles,
@@ -30,10 +28,9 @@ from bastion.server.storage.device_lists import (
 )
 from bastion.server.storage.groups import GroupStore, SQLiteGroupStore
 from bastion.server.storage.interfaces import Store
-from bastion.server.storage.postgres.groups import PgGroupStore
+from bastion.server.storage.sqlite.admin import DB_FILE, SQLiteAdmin
 from bastion.server.storage.sqlite.relay import SQLiteStore
 
-DB_FILE = "bastion.db"
 BLOBS_DIR = "blobs"
 
 
@@ -53,7 +50,7 @@ class Storage:
     blob_content: BlobContent
     blob_folder: Path
     device_lists: DeviceListStore
-    admin: admin_policy.AdminBackend
+    admin: AdminBackend
 
     async def close(self) -> None:
         """Let the relay store finish its writes and close it."""
@@ -95,12 +92,14 @@ async def _open_sqlite(data_dir: Path, blob_folder: Path) -> Storage:
         blob_content=LocalBlobFiles(blob_folder),
         blob_folder=blob_folder,
         device_lists=device_lists,
-        admin=await admin_policy.SQLiteAdmin.open(data_dir),
+        admin=await SQLiteAdmin.open(data_dir),
     )
 
 
 async def _open_postgres(url: str, blob_folder: Path) -> Storage:
-    from bastion.server.storage.postgres.admin import PgAdmin  # noqa: PLC0415 - clustered nodes only
+    # asyncpg is loaded only by a node (or command) that uses PostgreSQL.
+    from bastion.server.storage.postgres.admin import PgAdmin  # noqa: PLC0415 - imports asyncpg
+    from bastion.server.storage.postgres.groups import PgGroupStore  # noqa: PLC0415
     from bastion.server.storage.postgres.relay import PgStore  # noqa: PLC0415
 
     relay = await PgStore.connect(url)

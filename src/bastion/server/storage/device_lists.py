@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import sqlite3
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from bastion.errors import StorageError
-from bastion.server.storage.postgres.relay import PgStore
 from bastion.server.storage.sqlite.relay import SQLiteStore
+
+if TYPE_CHECKING:
+    from bastion.server.storage.postgres.relay import PgStore
 
 SQLITE_TABLES = (
     "CREATE TABLE IF NOT EXISTS device_lists (username TEXT PRIMARY KEY,"
