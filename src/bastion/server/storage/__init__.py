@@ -76,6 +76,20 @@ async def open_storage(settings: Settings, data_dir: Path) -> Storage:
     return await _open_postgres(settings.db, blob_folder)
 
 
+async def open_admin(data_dir: Path, db: str | None) -> AdminBackend:
+    """Only the operator tables of the node in ``data_dir`` (for ``bastion admin``):
+    its SQLite file, or the PostgreSQL database at ``db``, on a connection of their own.
+
+    Raises :class:`ConfigError` if the data folder does not exist (SQLite) and
+    :class:`StorageError` if the database cannot be opened.
+    """
+    if db is None:
+        return await SQLiteAdmin.open(data_dir)
+    from bastion.server.storage.postgres.admin import PgAdmin  # noqa: PLC0415 - imports asyncpg
+
+    return await PgAdmin.open(db)
+
+
 async def _open_sqlite(data_dir: Path, blob_folder: Path) -> Storage:
     relay = SQLiteStore(data_dir / DB_FILE)
     contacts = SQLiteContactStore(relay)
