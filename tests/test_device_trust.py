@@ -19,7 +19,7 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from bastion.cli.main import event_json
+from bastion.cli._common import event_json
 from bastion.client import devices, trust
 from bastion.client.client import Client, DevicesChangedEvent
 from bastion.crypto.device import SignedDeviceList

@@ -14,9 +14,9 @@ from hypothesis import strategies as st
 
 from bastion.crypto.safety import (
     SafetyNumber,
+    qr_png,
     render_qr_text,
     safety_number,
-    save_qr_png,
     verify_qr,
 )
 from bastion.crypto.signing import AccountIdentity
@@ -195,11 +195,9 @@ def test_terminal_qr_differs_for_different_payloads() -> None:
     assert render_qr_text(a) != render_qr_text(b)
 
 
-def test_png_is_a_real_png_of_the_code(tmp_path: Path) -> None:
+def test_png_is_a_real_png_of_the_code() -> None:
     payload = safety_number("alice", ALICE_KEY, "bob", BOB_KEY).qr_payload()
-    path = tmp_path / "safety.png"
-    save_qr_png(payload, path, scale=4)
-    data = path.read_bytes()
+    data = qr_png(payload, scale=4)
     assert data.startswith(PNG_MAGIC)
     # IHDR is the first chunk; its CRC must check and its size must match the code.
     length, chunk_type = struct.unpack(">I4s", data[8:16])
@@ -213,10 +211,12 @@ def test_png_is_a_real_png_of_the_code(tmp_path: Path) -> None:
     assert data.endswith(b"IEND\xaeB`\x82")
 
 
-def test_save_png_to_missing_directory_raises_oserror(tmp_path: Path) -> None:
+def test_png_depends_only_on_the_payload_and_the_scale() -> None:
     payload = safety_number("alice", ALICE_KEY, "bob", BOB_KEY).qr_payload()
-    with pytest.raises(OSError):
-        save_qr_png(payload, tmp_path / "missing" / "safety.png")
+    other = safety_number("alice", ALICE_KEY, "bob", CAROL_KEY).qr_payload()
+    assert qr_png(payload) == qr_png(payload)
+    assert qr_png(payload) != qr_png(other)
+    assert qr_png(payload, scale=4) != qr_png(payload)
 
 
 usernames = st.text(min_size=1, max_size=40)

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bastion.cli._common import Subcommands
 from bastion.display import escape_text
 from bastion.errors import ConfigError, StorageError
 
@@ -50,8 +51,14 @@ def _emit(args: argparse.Namespace, data: dict[str, Any], text: str) -> None:
 
 async def _audit_pending(data_dir: Path, backend: Any, cursor: Any) -> None:
     """Write new admin events to this node's audit log if no running node holds it."""
-    from bastion.server.admin.watch import audit_pending_events  # noqa: PLC0415
-    from bastion.server.audit.log import AUDIT_DIR, AuditLog, ensure_audit_key  # noqa: PLC0415
+    from bastion.server.admin.watch import (  # noqa: PLC0415 - clients need not load the server
+        audit_pending_events,
+    )
+    from bastion.server.audit.log import (  # noqa: PLC0415 - clients need not load the server
+        AUDIT_DIR,
+        AuditLog,
+        ensure_audit_key,
+    )
 
     try:
         log = AuditLog.open(data_dir / AUDIT_DIR, ensure_audit_key(data_dir), now=time.time())
@@ -65,7 +72,9 @@ async def _audit_pending(data_dir: Path, backend: Any, cursor: Any) -> None:
 
 def _database_url(args: argparse.Namespace, data_dir: Path) -> str | None:
     """``--db``, else the ``[cluster]`` db of the node's config file, else None (SQLite)."""
-    from bastion.server.app import server_settings  # noqa: PLC0415
+    from bastion.server.app import (  # noqa: PLC0415 - clients need not load the server
+        server_settings,
+    )
 
     if args.db is not None:
         return str(args.db)
@@ -81,7 +90,10 @@ def _data_dir(args: argparse.Namespace) -> Path:
 
 async def _with_db(args: argparse.Namespace, work: Any) -> int:
     """Run ``work`` on the node's operator tables, then audit what it changed."""
-    from bastion.server.admin.watch import EventCursor, open_admin_backend  # noqa: PLC0415
+    from bastion.server.admin.watch import (  # noqa: PLC0415 - clients need not load the server
+        EventCursor,
+        open_admin_backend,
+    )
 
     data_dir = _data_dir(args)
     backend = await open_admin_backend(data_dir, _database_url(args, data_dir))
@@ -179,7 +191,10 @@ async def cmd_policy_set(args: argparse.Namespace) -> int:
 
 
 def cmd_audit_show(args: argparse.Namespace) -> int:
-    from bastion.server.audit.log import AUDIT_DIR, read_records  # noqa: PLC0415
+    from bastion.server.audit.log import (  # noqa: PLC0415 - clients need not load the server
+        AUDIT_DIR,
+        read_records,
+    )
 
     for record in read_records(Path(args.data) / AUDIT_DIR):
         fields = dict(record.fields)
@@ -205,7 +220,11 @@ def cmd_audit_show(args: argparse.Namespace) -> int:
 
 
 def cmd_audit_verify(args: argparse.Namespace) -> int:
-    from bastion.server.audit.log import AUDIT_DIR, audit_public_key, verify_log  # noqa: PLC0415
+    from bastion.server.audit.log import (  # noqa: PLC0415 - clients need not load the server
+        AUDIT_DIR,
+        audit_public_key,
+        verify_log,
+    )
 
     data_dir = Path(args.data)
     report = verify_log(data_dir / AUDIT_DIR, audit_public_key(data_dir))
@@ -239,8 +258,9 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
 # --- parser --------------------------------------------------------------------------------------
 
 
-def add_commands(sub: Any) -> None:
-    """Add ``bastion admin ...`` to the top-level subparsers."""
+def add_commands(sub: Subcommands, common: argparse.ArgumentParser) -> None:
+    """Add ``bastion admin ...`` to the top-level subparsers (no profile: ``common`` is unused)."""
+    del common
     out = argparse.ArgumentParser(add_help=False)
     out.add_argument("--json", action="store_true", help="one JSON object per line")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from bastion.cli.main import profile_dir
+from bastion.cli._common import Subcommands, profile_dir
 from bastion.errors import BastionError
 
 
@@ -19,9 +19,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     return run(profile_dir(args), passphrase=passphrase, bell=not args.no_bell)
 
 
-def add_commands(
-    sub: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser
-) -> None:
+def add_commands(sub: Subcommands, common: argparse.ArgumentParser) -> None:
     """Register ``bastion chat`` on the main parser."""
     chat = sub.add_parser("chat", parents=[common], help="open the terminal chat app")
     chat.add_argument(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from bastion.cli.main import pick_up_waiting, with_client
+from bastion.cli._common import Subcommands, pick_up_waiting, with_client
 from bastion.client import contacts, presence
 from bastion.client.client import Client, Event
 from bastion.display import escape_text
@@ -92,9 +92,7 @@ async def cmd_presence_show(args: argparse.Namespace) -> int:
     return await with_client(args, work)
 
 
-def add_commands(
-    sub: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser
-) -> None:
+def add_commands(sub: Subcommands, common: argparse.ArgumentParser) -> None:
     """Register the contacts and presence commands on the main parser."""
     contacts_cmd = sub.add_parser("contacts", help="your contacts: requests, blocking, the list")
     contacts_sub = contacts_cmd.add_subparsers(dest="contacts_command", required=True)

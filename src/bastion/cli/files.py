@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from bastion.cli.main import iso, pick_up_waiting, with_client
+from bastion.cli._common import Subcommands, iso, pick_up_waiting, with_client
 from bastion.client import files, groups
 from bastion.client.client import Client, Event
 from bastion.display import escape_text
@@ -73,7 +73,7 @@ async def cmd_file_send(args: argparse.Namespace) -> int:
         with _progress_bar(path.name, show_bar) as progress:
             sent = await files.send_file(client, to, path, progress=progress)
         if args.group is not None:
-            args.user = "group:" + to.group_id.hex() if isinstance(to, GroupState) else to
+            args.user = groups.conversation(to.group_id) if isinstance(to, GroupState) else to
         if args.json:
             print(
                 json.dumps(
@@ -173,9 +173,7 @@ async def cmd_file_get(args: argparse.Namespace) -> int:
     return await with_client(args, work)
 
 
-def add_commands(
-    sub: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser
-) -> None:
+def add_commands(sub: Subcommands, common: argparse.ArgumentParser) -> None:
     """Register ``bastion file ...`` on the main parser."""
     file_cmd = sub.add_parser("file", help="send files, and fetch files offered to you")
     file_sub = file_cmd.add_subparsers(dest="file_command", required=True)

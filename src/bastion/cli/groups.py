@@ -7,7 +7,7 @@ import argparse
 import json
 from typing import Any
 
-from bastion.cli.main import iso, with_client
+from bastion.cli._common import Subcommands, iso, with_client
 from bastion.client import group_invites, groups
 from bastion.client.client import Client
 from bastion.display import escape_text
@@ -169,7 +169,7 @@ async def send_to_group(args: argparse.Namespace) -> int:
     return await with_client(args, work)
 
 
-def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
+def add_commands(sub: Subcommands, common: argparse.ArgumentParser) -> None:
     """Add ``bastion group ...`` to the command line."""
     group = sub.add_parser("group", help="group chats")
     actions = group.add_subparsers(dest="group_command", required=True)

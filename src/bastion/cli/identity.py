@@ -13,10 +13,10 @@ from pathlib import Path
 
 import msgspec
 
-from bastion.cli.main import passphrase, profile_dir, with_client, with_profile
+from bastion.cli._common import Subcommands, passphrase, profile_dir, with_client, with_profile
 from bastion.client import comparison, devices, policy, trust, verification
 from bastion.client.client import Client
-from bastion.crypto.safety import render_qr_text, save_qr_png
+from bastion.crypto.safety import qr_png, render_qr_text
 from bastion.display import escape_text
 from bastion.errors import BastionError
 
@@ -71,7 +71,7 @@ async def cmd_verify(args: argparse.Namespace) -> int:
         contact = client.contact(args.user)
         state = contact.trust if contact is not None else "unverified"
         if args.qr:
-            save_qr_png(number.qr_payload(), Path(args.qr))
+            await asyncio.to_thread(Path(args.qr).write_bytes, qr_png(number.qr_payload()))
         if args.json:
             print(
                 json.dumps(
@@ -134,7 +134,7 @@ def show_new_key(client: Client, args: argparse.Namespace) -> int:
     print(str(number))
     print(f"New key fingerprint: {fingerprint}")
     if args.qr:
-        save_qr_png(number.qr_payload(), Path(args.qr))
+        Path(args.qr).write_bytes(qr_png(number.qr_payload()))
     else:
         print(render_qr_text(number.qr_payload()))
     print(
@@ -300,9 +300,7 @@ async def cmd_import(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_commands(
-    sub: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser
-) -> None:
+def add_commands(sub: Subcommands, common: argparse.ArgumentParser) -> None:
     """Register the identity commands on the main parser."""
     verify = sub.add_parser("verify", parents=[common], help="show the safety number with a user")
     verify.add_argument("user")

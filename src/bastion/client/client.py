@@ -14,6 +14,7 @@ import os
 import re
 import secrets
 import time
+import typing
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -1019,3 +1020,78 @@ class Client:
     def stats(self) -> Stats:
         """Counters (messages rejected so far)."""
         return self.profile.get("stats", Stats) or Stats()
+
+    # --- for front ends: the connection and the profile without reaching inside ---------------
+
+    FRONT_ENDS = ("chat",)
+    """Front ends that keep their own records in the profile, as ``NAME:WHAT`` (see below)."""
+
+    @staticmethod
+    def profile_exists(path: Path) -> bool:
+        """Whether ``path`` holds a profile, so :meth:`open` can unlock it."""
+        return Profile.exists(path)
+
+    @staticmethod
+    async def server_fingerprint(server_url: str) -> str:
+        """The certificate fingerprint the server at ``server_url`` shows, with nothing pinned.
+
+        For a person to compare with the one the operator gave them before pinning
+        it; nothing is trusted, signed in or stored. Raises what connecting raises
+        (:class:`~bastion.errors.ServerRefusedError`, ``OSError``, ``TimeoutError``).
+        """
+        probe = await ServerConnection.open(server_url, pin=None)
+        await probe.aclose()
+        return probe.fingerprint or ""
+
+    @property
+    def connected(self) -> bool:
+        """Whether :meth:`connect` succeeded and no :meth:`disconnect` or :meth:`close` came since.
+
+        The connection may have dropped since; :meth:`receive` ends when it does.
+        """
+        return self.conn is not None
+
+    @property
+    def close_reason(self) -> str | None:
+        """Why the server closed the connection, if it said so (None while connected)."""
+        return self.conn.close_reason if self.conn is not None else None
+
+    async def disconnect(self) -> None:
+        """Close the connection, if any; the profile stays open and :meth:`connect` may follow."""
+        if self.conn is not None:
+            await self.conn.aclose()
+            self.conn = None
+
+    def message(self, message_id: bytes) -> HistoryRecord | None:
+        """A message of the local history by its id, in its latest state (sent, failed …)."""
+        return self.profile.message(message_id, HistoryRecord)
+
+    def receiving_elsewhere(self) -> bool:
+        """Whether a receiver holds this profile right now: another process (``listen``,
+        ``chat``), or this client itself once connected with ``receive``.
+        """
+        return receiving.held_elsewhere(self.profile.path)
+
+    def front_end_record(self, name: str, kind: type[_Record]) -> _Record | None:
+        """A front end's own record, stored encrypted in the profile; None if never saved.
+
+        ``name`` is ``FRONT_END:WHAT`` with a front end of :attr:`FRONT_ENDS` (the
+        chat app keeps its conversation list as ``chat:conversations``), so a
+        front end never reads or overwrites the library's records.
+        """
+        return self.profile.get(self._front_end_name(name), kind)
+
+    def save_front_end_record(self, name: str, value: object) -> None:
+        """Store a front end's own record (see :meth:`front_end_record`) in one transaction."""
+        key = self._front_end_name(name)
+        with self.profile.transaction():
+            self.profile.put(key, value)
+
+    def _front_end_name(self, name: str) -> str:
+        front_end, colon, what = name.partition(":")
+        if front_end not in self.FRONT_ENDS or not colon or not what:
+            raise ValueError(f"not a front end's record name: {name!r}")
+        return name
+
+
+_Record = typing.TypeVar("_Record")  # a record a front end stores (Client.front_end_record)

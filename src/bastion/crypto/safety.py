@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import os
+import io
 import struct
 from dataclasses import dataclass, field
 
@@ -134,12 +134,14 @@ def render_qr_text(payload: bytes, *, invert: bool = False, border: int = 2) -> 
     return "\n".join(lines)
 
 
-def save_qr_png(payload: bytes, path: str | os.PathLike[str], *, scale: int = 8) -> None:
-    """Write ``payload`` as a QR code PNG image (dark on light, 4-module quiet zone).
+def qr_png(payload: bytes, *, scale: int = 8) -> bytes:
+    """``payload`` as a QR code PNG image (dark on light, 4-module quiet zone).
 
-    Raises ``OSError`` if the file cannot be written.
+    Only the bytes: writing them to a file is the caller's (the command line's).
     """
-    _make_qr(payload).save(os.fspath(path), kind="png", scale=scale, border=4)
+    out = io.BytesIO()
+    _make_qr(payload).save(out, kind="png", scale=scale, border=4)
+    return out.getvalue()
 
 
 def _make_qr(payload: bytes) -> segno.QRCode:

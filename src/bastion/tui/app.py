@@ -13,7 +13,6 @@ from textual.binding import Binding, BindingType
 from textual.widgets import Static
 
 from bastion.client.client import Client, now_ms
-from bastion.client.profile import Profile
 from bastion.errors import ProfileError
 from bastion.tui.base import ChatSettings
 from bastion.tui.chat import ChatScreen
@@ -55,7 +54,7 @@ class ChatApp(App[None]):
         yield Static("Bastion", id="splash")
 
     def on_mount(self) -> None:
-        if not Profile.exists(self.profile_path):
+        if not Client.profile_exists(self.profile_path):
             self.push_screen(
                 FirstRunScreen(self.profile_path, passphrase=self.passphrase), self.opened
             )

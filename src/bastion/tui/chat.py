@@ -476,9 +476,7 @@ class ChatScreen(PeopleActions, FileActions):
         client = self.client
         receipts.enable(client)  # tell contacts when their messages arrived
         while True:
-            if client.conn is not None:
-                await client.conn.aclose()
-                client.conn = None
+            await client.disconnect()
             self.set_status("connecting…")
             try:
                 await client.connect(receive=True)

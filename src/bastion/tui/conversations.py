@@ -47,12 +47,11 @@ class ConversationIndex(msgspec.Struct, kw_only=True):
     @classmethod
     def load(cls, client: Client) -> ConversationIndex:
         """The stored list (empty for a new profile)."""
-        return client.profile.get(INDEX_RECORD, cls) or cls()
+        return client.front_end_record(INDEX_RECORD, cls) or cls()
 
     def save(self, client: Client) -> None:
         """Store the list in the encrypted profile."""
-        with client.profile.transaction():
-            client.profile.put(INDEX_RECORD, self)
+        client.save_front_end_record(INDEX_RECORD, self)
 
     def find(self, peer: str) -> ConversationEntry | None:
         """The entry for ``peer``, if listed."""

@@ -153,7 +153,7 @@ class PeopleActions(ChatScreenBase):
         Someone already asked is not asked again; someone who asked us gets their
         request shown to answer.
         """
-        if self.client.conn is not None:
+        if self.client.connected:
             try:
                 await trust.pinned_contact(self.client, user)
             except KeyChangedError:

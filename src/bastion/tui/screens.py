@@ -20,7 +20,6 @@ from textual.widgets import Button, Input, Label, Static
 from bastion.client import devices
 from bastion.client.client import USERNAME_RE, Client, check_username
 from bastion.client.passphrase import check_new_passphrase, weakness
-from bastion.client.transport import ServerConnection
 from bastion.crypto import linking
 from bastion.errors import BastionError, ProfileError
 from bastion.tui.conversations import safe_text
@@ -136,12 +135,11 @@ class FirstRunScreen(Screen[Client]):
             if self.shown_pin is None or self.shown_pin[0] != server:
                 error.update("Fetching the server's certificate…")
                 try:
-                    probe = await ServerConnection.open(server, pin=None)
+                    shown = await Client.server_fingerprint(server)
                 except (BastionError, OSError, TimeoutError) as exc:
                     error.update(f"Could not start: {exc}")
                     return
-                await probe.aclose()
-                self.shown_pin = (server, probe.fingerprint or "")
+                self.shown_pin = (server, shown)
                 error.update(
                     f"{caution}The server's certificate is {self.shown_pin[1]}. {self.PINNING} "
                     "Check it with the server's operator, then press Enter to pin it."

@@ -73,7 +73,7 @@ def verify_new_device(
 
 
 def _pushes_to(request: Request, slot: bytes) -> LinkDeliver:
-    """How a blob for ``slot`` reaches ``conn``: a ``link_push`` frame."""
+    """How a blob for ``slot`` reaches ``request``: a ``link_push`` frame."""
 
     def deliver(blob: bytes) -> None:
         request.reply(frames.LinkPush(slot=slot, blob=blob))

@@ -32,8 +32,10 @@ from picows import (
 from bastion.errors import AuthenticationError, BastionError, ProtocolError
 from bastion.protocol import frames
 from bastion.protocol.auth import ServerSession
+from bastion.protocol.codes import ErrorCode
 from bastion.ratelimit import address_key
 from bastion.server.cluster.local import BusEvent, KeysLow, Kick, Push, RateHandover
+from bastion.server.core.delivery import DeliveryWindow, Step
 from bastion.server.handlers import contacts, messages
 from bastion.server.handlers._context import INTERNAL_MESSAGE, REFUSED_MESSAGE
 from bastion.server.storage.interfaces import QueuedEnvelope
@@ -43,7 +45,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("bastion.server")
 
-_FETCH_PAGE = 256
 _OUTBOX_FLUSH_BYTES = 256 * 1024  # frames queued past this leave at once, not at iteration end
 _WS_LEN_16 = 126  # payload lengths from here on take a 16-bit length field
 _WS_LEN_64 = 1 << 16  # and from here on a 64-bit one
@@ -89,11 +90,7 @@ class ClientConnection(WSListener):
         self._signin_timer: asyncio.TimerHandle | None = None
         self._slow_timer: asyncio.TimerHandle | None = None
         # delivery state
-        self._cursor = 0
-        self._unacked: set[int] = set()
-        self._catching_up = False
-        self._dirty = False
-        self._synced = False
+        self._window = DeliveryWindow(self.limits.delivery_window)
         self._receiving = False
         self._acks_to_store: list[int] = []
         self._outbox: list[bytes] = []
@@ -416,14 +413,12 @@ class ClientConnection(WSListener):
                 return  # this connection's own bucket is being handed over
             username, device_id = self.session.require_signed_in()
             self.spawn(None, messages.take_message_rate(self.services, username, device_id))
-        elif event.seq <= self._cursor and event.seq not in self._unacked:
-            # Overtaken by a later envelope (stored through another node or another
-            # database connection): re-read from just before it rather than skip it.
-            self.rewind(event.seq - 1)
-        elif self._catching_up or len(self._unacked) >= self.limits.delivery_window:
-            self._dirty = True
-        elif event.seq > self._cursor:
-            self._push(event)
+        elif not self._closed:
+            step = self._window.notice(event.seq)
+            if step is Step.PUSH:
+                self._push(event)
+            elif step is Step.READ:
+                self.spawn(None, self._catch_up())
 
     def rewind(self, after_seq: int) -> None:
         """Re-read this device's queue from the store after ``after_seq``.
@@ -433,13 +428,11 @@ class ClientConnection(WSListener):
         """
         if not self._receiving or self._closed:
             return
-        self._cursor = min(self._cursor, after_seq)
-        self._dirty = True
-        self._start_catch_up()
+        if self._window.rewind(after_seq):
+            self.spawn(None, self._catch_up())
 
     def _push(self, envelope: QueuedEnvelope) -> None:
-        self._cursor = max(self._cursor, envelope.seq)
-        self._unacked.add(envelope.seq)
+        """Send an envelope that the delivery window counted as sent."""
         self.reply(
             frames.Deliver(
                 seq=envelope.seq,
@@ -452,47 +445,44 @@ class ClientConnection(WSListener):
         )
 
     def _start_catch_up(self) -> None:
-        if not self._catching_up:
-            self._catching_up = True
+        if self._window.start_reading():
             self.spawn(None, self._catch_up())
 
     async def _catch_up(self) -> None:
+        """The page reader: one at a time, started when the window says so."""
         username, device_id = self.session.require_signed_in()
+        window = self._window
         try:
             while not self._closed:
-                room = self.limits.delivery_window - len(self._unacked)
-                if room <= 0:
-                    self._dirty = True
+                read = window.next_read()
+                if read is None:
                     return
-                self._dirty = False
-                limit = min(_FETCH_PAGE, room)
-                rows = await self.server.store.fetch_queue(username, device_id, self._cursor, limit)
-                for row in rows:
-                    if row.seq in self._unacked:
-                        self._cursor = max(self._cursor, row.seq)
-                    elif row.seq > self._cursor:
-                        self._push(row)
-                if len(rows) < limit and not self._dirty:
-                    if not self._synced:
-                        self._synced = True
-                        self.reply(frames.Synced())
+                rows = await self.server.store.fetch_queue(
+                    username, device_id, read.after, read.limit
+                )
+                page = window.page_read(read, rows)
+                for row in page.push:
+                    self._push(row)
+                if page.synced:
+                    self.reply(frames.Synced())
+                if not page.more:
                     return
         finally:
-            self._catching_up = False
+            window.reading_stopped()
 
     def ack(self, seqs: list[int]) -> None:
         """Acknowledgements of delivered envelopes (the ``ack`` frame)."""
         username, device_id = self.session.require_signed_in()
         if not self._receiving:
-            self.refuse(None, "not_receiving", "this connection receives nothing")
+            self.refuse(None, ErrorCode.NOT_RECEIVING, "this connection receives nothing")
             return
-        self._unacked.difference_update(seqs)
+        start_reading = self._window.ack(seqs)
         # Acknowledgements that arrive in one read are deleted in one store call.
         if not self._acks_to_store:
             self._loop.call_soon(self._flush_acks, username, device_id)
         self._acks_to_store.extend(seqs)
-        if self._dirty and len(self._unacked) <= self.limits.delivery_window // 2:
-            self._start_catch_up()
+        if start_reading:
+            self.spawn(None, self._catch_up())
 
     def _flush_acks(self, username: str, device_id: str) -> None:
         seqs, self._acks_to_store = self._acks_to_store, []

@@ -22,18 +22,35 @@ import msgspec
 
 from bastion.errors import StorageError
 
+# The refusals of submit_message are decided in one place for every store (check_copies).
+from bastion.server.core.messages import (
+    DeviceMismatchError,
+    NotContactsError,
+    QueueFullError,
+    UnknownRecipientError,
+)
+
+__all__ = [
+    "AccountRecord",
+    "ClaimedKeyRecord",
+    "Copy",
+    "DeviceMismatchError",
+    "DeviceRecord",
+    "DeviceRefusedError",
+    "KeyRecord",
+    "NotContactsError",
+    "QueueFullError",
+    "QueuedEnvelope",
+    "RunningLoop",
+    "Store",
+    "StoredMessage",
+    "UnknownRecipientError",
+    "UsernameTakenError",
+]
+
 
 class UsernameTakenError(StorageError):
     """Registration named a username that already exists."""
-
-
-class DeviceMismatchError(StorageError):
-    """A message did not carry exactly one ciphertext per current device."""
-
-    def __init__(self, missing: Sequence[str], extra: Sequence[str]) -> None:
-        super().__init__("the message does not match the recipients' current devices")
-        self.missing = list(missing)
-        self.extra = list(extra)
 
 
 @dataclass(frozen=True, slots=True)
@@ -240,18 +257,6 @@ class Store(Protocol):
     async def count_queued(self, username: str) -> int:
         """How many envelopes wait, over all devices of ``username`` (0 for no such user)."""
         ...
-
-
-class UnknownRecipientError(StorageError):
-    """A message named a user who does not exist."""
-
-
-class NotContactsError(StorageError):
-    """A message asked to be stored only between accepted contacts, and they are not."""
-
-
-class QueueFullError(StorageError):
-    """Too many envelopes already wait for the recipient."""
 
 
 class DeviceRefusedError(StorageError):

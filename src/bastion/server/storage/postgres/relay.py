@@ -31,20 +31,17 @@ from asyncpg.pool import PoolConnectionProxy
 
 from bastion.errors import StorageError
 from bastion.server.core.contact_rules import ACCEPTED
+from bastion.server.core.messages import check_copies
 from bastion.server.storage.interfaces import (
     AccountRecord,
     ClaimedKeyRecord,
     Copy,
-    DeviceMismatchError,
     DeviceRecord,
     DeviceRefusedError,
     KeyRecord,
-    NotContactsError,
     QueuedEnvelope,
-    QueueFullError,
     RunningLoop,
     StoredMessage,
-    UnknownRecipientError,
     UsernameTakenError,
 )
 from bastion.server.storage.postgres.migrations import migrate, quote_schema
@@ -520,15 +517,11 @@ class PgStore:
 async def _refusal(
     conn: Connection, p: _PendingMessage, devices: dict[str, list[str]]
 ) -> StorageError | None:
-    """Why the message may not be stored as given, or None (in its transaction).
-
-    Contacts are checked before devices, so a stranger learns nothing of them.
-    """
+    """Why the message may not be stored as given, or None (in its transaction)."""
     recipient_devices = devices.get(p.recipient, [])
-    if not recipient_devices:
-        return UnknownRecipientError(f"there is no user named {p.recipient}")
-    queued = 0
-    if p.contacts_only or p.queue_max is not None:
+    accepted = queued = 0
+    if recipient_devices and (p.contacts_only or p.queue_max is not None):
+        # One round trip for both facts the rule may need.
         row = await conn.fetchrow(
             "SELECT (SELECT count(*) FROM contacts WHERE state = $3 AND"
             " ((owner = $1 AND peer = $2) OR (owner = $2 AND peer = $1))),"
@@ -537,26 +530,20 @@ async def _refusal(
             p.recipient,
             ACCEPTED,
         )
-        accepted, queued = (0, 0) if row is None else (int(row[0]), int(row[1]))
-        if p.contacts_only and accepted != 2:  # both rows of the pair
-            return NotContactsError(f"{p.sender} and {p.recipient} are not contacts")
-    problem = _check_copies(p, recipient_devices, devices)
-    if problem is None and p.queue_max is not None and queued >= p.queue_max:
-        problem = QueueFullError(f"{p.recipient} has too many undelivered messages")
-    return problem
-
-
-def _check_copies(
-    p: _PendingMessage, recipient_devices: list[str], devices: dict[str, list[str]]
-) -> StorageError | None:
-    expected = {(p.recipient, d) for d in recipient_devices}
-    expected |= {(p.sender, d) for d in devices.get(p.sender, []) if d != p.sender_device}
-    given = [(c.user, c.device_id) for c in p.copies]
-    if len(set(given)) != len(given) or set(given) != expected:
-        missing = sorted(f"{u}/{d}" for u, d in expected - set(given))
-        extra = sorted(f"{u}/{d}" for u, d in set(given) - expected)
-        return DeviceMismatchError(missing, extra)
-    return None
+        if row is not None:
+            accepted, queued = int(row[0]), int(row[1])
+    return check_copies(
+        p.copies,
+        sender=p.sender,
+        sender_device=p.sender_device,
+        sender_devices=devices.get(p.sender, []),
+        recipient=p.recipient,
+        recipient_devices=recipient_devices,
+        contacts_only=p.contacts_only,
+        are_contacts=lambda: accepted == 2,  # both rows of the pair
+        queue_max=p.queue_max,
+        queued=lambda: queued,
+    )
 
 
 def _row_count(status: str) -> int:

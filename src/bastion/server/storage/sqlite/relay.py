@@ -32,20 +32,17 @@ from typing import Any, TypeVar
 
 from bastion.errors import StorageError
 from bastion.server.core.contact_rules import ACCEPTED
+from bastion.server.core.messages import check_copies
 from bastion.server.storage.interfaces import (
     AccountRecord,
     ClaimedKeyRecord,
     Copy,
-    DeviceMismatchError,
     DeviceRecord,
     DeviceRefusedError,
     KeyRecord,
-    NotContactsError,
     QueuedEnvelope,
-    QueueFullError,
     RunningLoop,
     StoredMessage,
-    UnknownRecipientError,
     UsernameTakenError,
 )
 
@@ -669,15 +666,18 @@ class SQLiteStore:
                     (sender_device, client_msg_id),
                 ).fetchone()
                 return StoredMessage(row[0], [])
-            refusal = self._refusal(
-                conn, sender, sender_device, recipient, copies, contacts_only=contacts_only
+            refusal = check_copies(
+                copies,
+                sender=sender,
+                sender_device=sender_device,
+                sender_devices=self._device_ids_of(conn, sender),
+                recipient=recipient,
+                recipient_devices=self._device_ids_of(conn, recipient),
+                contacts_only=contacts_only,
+                are_contacts=lambda: self._are_contacts(conn, sender, recipient),
+                queue_max=queue_max,
+                queued=lambda: self._queued_at_most(conn, recipient, queue_max or 0),
             )
-            if (
-                refusal is None
-                and queue_max is not None
-                and self._queued_at_most(conn, recipient, queue_max) >= queue_max
-            ):
-                refusal = QueueFullError(f"{recipient} has too many undelivered messages")
             if refusal is not None:
                 conn.execute(
                     "DELETE FROM sent WHERE sender_device = ? AND client_msg_id = ?",
@@ -712,36 +712,6 @@ class SQLiteStore:
 
         future: asyncio.Future[StoredMessage] = self._submit(op, refusals=True)
         return future
-
-    def _refusal(
-        self,
-        conn: sqlite3.Connection,
-        sender: str,
-        sender_device: str,
-        recipient: str,
-        copies: Sequence[Copy],
-        *,
-        contacts_only: bool,
-    ) -> StorageError | None:
-        """Why the message may not be stored as given, or None (database thread).
-
-        Contacts are checked before devices, so a stranger learns nothing of them.
-        """
-        recipient_devices = self._device_ids_of(conn, recipient)
-        if not recipient_devices:
-            return UnknownRecipientError(f"there is no user named {recipient}")
-        if contacts_only and not self._are_contacts(conn, sender, recipient):
-            return NotContactsError(f"{sender} and {recipient} are not contacts")
-        expected = {(recipient, d) for d in recipient_devices}
-        expected.update(
-            (sender, d) for d in self._device_ids_of(conn, sender) if d != sender_device
-        )
-        given = {(c.user, c.device_id) for c in copies}
-        if len(given) != len(copies) or given != expected:
-            missing = sorted(f"{u}/{d}" for u, d in expected - given)
-            extra = sorted(f"{u}/{d}" for u, d in given - expected)
-            return DeviceMismatchError(missing, extra)
-        return None
 
     async def fetch_queue(
         self, username: str, device_id: str, after_seq: int, limit: int

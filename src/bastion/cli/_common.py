@@ -1,0 +1,330 @@
+"""What the command modules share: the profile, the passphrase, the client, and printing.
+
+Every command module imports this one (never :mod:`bastion.cli.main`), so the
+entry point depends on the commands and the commands only on this library.
+Errors go to standard error as one sentence, with a non-zero exit status. With
+``--json``, output is one JSON object per line. Exit statuses: 0 done, 1 error
+(including a message the server refused), 2 usage, 75 (:data:`EXIT_KEPT`) a
+message is kept and goes out on the next connection, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import getpass
+import json
+import os
+import re
+import shlex
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeAlias
+
+import platformdirs
+
+from bastion.client import receipts
+from bastion.client.client import (
+    Client,
+    DevicesChangedEvent,
+    Event,
+    FeatureEvent,
+    KeyChangedEvent,
+    MessageEvent,
+    WarningEvent,
+)
+from bastion.client.passphrase import check_new_passphrase, weakness
+from bastion.client.records import HistoryRecord
+from bastion.display import escape_body, escape_text
+from bastion.errors import BastionError, KeyChangedError, ServerRefusedError
+
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_KEPT = 75  # sysexits' EX_TEMPFAIL: the message is kept and goes out on the next connection
+EXIT_INTERRUPTED = 130
+OFFLINE_CODES = frozenset({"disconnected", "timeout", "unreachable"})
+# Commands a hint tells the user to run on this profile (not on another person's machine).
+HINT_RE = re.compile(r"bastion (?:verify|trust|contacts|file|outbox|inbox|history|group)\b[^)'\n]*")
+# The --profile of the running command, added to those hints (see set_hint_profile).
+hint_profile: str | None = None
+
+Subcommands: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
+"""The top-level subparsers each command module adds its commands to."""
+
+
+def set_hint_profile(profile: str | None) -> None:
+    """Remember the running command's ``--profile`` for :func:`with_profile` (one per process)."""
+    global hint_profile  # noqa: PLW0603 - one command per process
+    hint_profile = profile
+
+
+def with_profile(text: str) -> str:
+    """``text`` with ``--profile DIR`` added to every command it suggests, if one was given."""
+    if not hint_profile:
+        return text
+    suffix = " --profile " + shlex.quote(hint_profile)
+    return HINT_RE.sub(lambda m: m.group(0).rstrip() + suffix, text)
+
+
+# --- printing ------------------------------------------------------------------------------------
+
+
+def iso(ms: int) -> str:
+    """Milliseconds since the epoch as ISO 8601 UTC."""
+    return (
+        datetime.datetime.fromtimestamp(ms / 1000, datetime.UTC)
+        .isoformat(timespec="milliseconds")
+        .replace("+00:00", "Z")
+    )
+
+
+def message_json(record: HistoryRecord, verified: bool) -> dict[str, Any]:
+    """The ``--json`` form of a message; our own carry their state (and why one failed)."""
+    out: dict[str, Any] = {
+        "type": "message",
+        "id": record.id.hex(),
+        "from": record.sender,
+        "device": record.device,
+        "conversation": record.conversation,
+        "text": record.text,
+        "sent_at": iso(record.sent_at),
+        "verified": verified,
+    }
+    if record.direction == "out":
+        out["state"] = record.state
+        if record.state == "failed":
+            out["reason"] = record.reason or "refused by the server"
+    return out
+
+
+def event_json(event: Event) -> dict[str, Any]:
+    """The ``--json`` form of any event."""
+    if isinstance(event, MessageEvent):
+        return message_json(event.record, event.verified)
+    if isinstance(event, FeatureEvent):
+        return event.to_json()
+    if isinstance(event, KeyChangedEvent):
+        return {"type": "key_changed", "user": event.user, "at": iso(event.at)}
+    if isinstance(event, DevicesChangedEvent):
+        return {
+            "type": "devices_changed",
+            "user": event.user,
+            "added": list(event.added),
+            "certified_at": [iso(ms) for ms in event.certified_at],
+            "removed": list(event.removed),
+            "own_account": event.own_account,
+            "at": iso(event.at),
+        }
+    return {
+        "type": "warning",
+        "reason": event.reason,
+        "from": event.sender,
+        "device": event.device,
+        "at": iso(event.at),
+    }
+
+
+def print_event(event: Event, as_json: bool, *, server_url: str | None = None) -> None:
+    """Print an event for a person or, with ``as_json``, for a program."""
+    if as_json:
+        print(json.dumps(event_json(event)), flush=True)
+    elif isinstance(event, MessageEvent):
+        print(format_message(event.record), flush=True)
+    elif isinstance(event, FeatureEvent):
+        print(escape_text(with_profile(event.describe())), flush=True)
+    else:
+        text = describe_notice(event, server_url=server_url)
+        print(f"warning: {escape_text(with_profile(text))}", file=sys.stderr, flush=True)
+
+
+def print_device_changes(client: Client, as_json: bool) -> None:
+    """Print the device changes a command learned on standard error, and take them off.
+
+    Commands that are not listening would otherwise drop them: a device added to
+    a contact's account, or to this account with a stolen account key, is always shown.
+    """
+    kept: list[Event] = []
+    for event in client.notices:
+        if not isinstance(event, DevicesChangedEvent):
+            kept.append(event)
+        elif as_json:
+            print(json.dumps(event_json(event)), file=sys.stderr, flush=True)
+        else:
+            text = describe_notice(event, server_url=client.account.server_url)
+            print(f"warning: {escape_text(with_profile(text))}", file=sys.stderr, flush=True)
+    client.notices[:] = kept
+
+
+def describe_device_change(event: DevicesChangedEvent, *, server_url: str | None = None) -> str:
+    """Who, which device, when it was certified; loud for a new device on this account."""
+    when = dict(zip(event.added, event.certified_at, strict=False))
+    added = [f"{d} (certified {iso(when[d])})" if d in when else d for d in event.added]
+    if event.own_account and event.added:
+        server = server_url or "YOUR_SERVER"
+        revoke = "; ".join(f"bastion devices revoke {d}" for d in event.added)
+        return (
+            f"a new device was added to YOUR account ({event.user}): {', '.join(added)}. "
+            f"If this was not you, someone holds your account key: revoke it now ({revoke}) "
+            f"and move your account, because whoever has the key can add devices again: "
+            f"bastion register NEW_NAME --server {server} --profile NEW_FOLDER, then tell "
+            f"your contacts and verify each of them again (bastion verify USER)."
+        )
+    parts = []
+    if event.added:
+        parts.append("new device " + ", ".join(added))
+    if event.removed:
+        parts.append("removed " + ", ".join(event.removed))
+    whose = f"your account's ({event.user})" if event.own_account else f"{event.user}'s"
+    return f"{whose} devices changed: " + "; ".join(parts)
+
+
+def describe_notice(
+    event: WarningEvent | KeyChangedEvent | DevicesChangedEvent | FeatureEvent,
+    *,
+    server_url: str | None = None,
+) -> str:
+    """A sentence about a warning or notice."""
+    if isinstance(event, FeatureEvent):
+        return event.describe()
+    if isinstance(event, KeyChangedEvent):
+        return (
+            f"{event.user}'s account key has changed; their messages wait until you decide. "
+            f"See the new safety number (bastion verify {event.user}), compare it with "
+            f"{event.user}, and only if it matches run "
+            f"'bastion trust {event.user} --accept-new-key NUMBER_OR_FINGERPRINT'."
+        )
+    if isinstance(event, DevicesChangedEvent):
+        return describe_device_change(event, server_url=server_url)
+    return f"a message claiming to be from {event.sender} was rejected: {event.reason}"
+
+
+def format_message(record: HistoryRecord) -> str:
+    """A message for a person: one line, and a marked line for each further line of its text.
+
+    Controls and bidi characters in the names and the text are shown escaped
+    (:mod:`bastion.display`), so a message cannot fake another message's line.
+    """
+    when = datetime.datetime.fromtimestamp(record.sent_at / 1000, datetime.UTC)
+    who = "you" if record.direction == "out" else escape_text(record.sender)
+    to = f" -> {escape_text(record.peer)}" if record.direction == "out" else ""
+    line = f"[{when:%Y-%m-%d %H:%M:%S}Z] {who}{to}: {escape_body(record.text)}"
+    if record.direction == "out" and record.state == "failed":
+        line += f"  [NOT SENT: {escape_text(record.reason or 'refused by the server')}]"
+    elif record.direction == "out" and record.state == "pending":
+        line += "  [kept: goes out on the next connection]"
+    return line
+
+
+# --- profile and passphrase ----------------------------------------------------------------------
+
+
+def profile_dir(args: argparse.Namespace) -> Path:
+    """The profile folder from --profile, BASTION_PROFILE, or the user's data folder."""
+    if args.profile:
+        return Path(args.profile)
+    env = os.environ.get("BASTION_PROFILE")
+    if env:
+        return Path(env)
+    return Path(platformdirs.user_data_dir("bastion")) / "profile"
+
+
+def passphrase(*, confirm: bool = False, user: str = "") -> str:
+    """The passphrase from BASTION_PASSPHRASE or an interactive prompt.
+
+    With ``confirm`` it is for a new profile: too short is refused, easy to guess
+    is warned about on standard error.
+    """
+    env = os.environ.get("BASTION_PASSPHRASE")
+    if env is not None:
+        if not env:
+            raise BastionError("BASTION_PASSPHRASE is set but empty")
+        return _checked_new(env, user) if confirm else env
+    if not sys.stdin.isatty():
+        raise BastionError("no passphrase: set BASTION_PASSPHRASE or run in a terminal")
+    first = getpass.getpass("Profile passphrase: ")
+    if not first:
+        raise BastionError("the passphrase must not be empty")
+    if confirm:
+        _checked_new(first, user)
+        if getpass.getpass("Repeat passphrase: ") != first:
+            raise BastionError("the passphrases do not match")
+    return first
+
+
+def _checked_new(value: str, user: str) -> str:
+    check_new_passphrase(value)
+    weak = weakness(value, user_inputs=[user] if user else [])
+    if weak is not None:
+        print(f"warning: {weak}", file=sys.stderr, flush=True)
+    return value
+
+
+async def with_client(
+    args: argparse.Namespace,
+    work: Callable[[Client], Awaitable[int]],
+    *,
+    connect: bool = True,
+    receive: bool = False,
+) -> int:
+    """Unlock the profile, optionally connect, run ``work``, and always clean up."""
+    client = Client.open(profile_dir(args), passphrase())
+    try:
+        if connect:
+            await client.connect(receive=receive)
+        return await work(client)
+    finally:
+        print_device_changes(client, bool(getattr(args, "json", False)))
+        await client.close()
+
+
+# --- receiving before a list ---------------------------------------------------------------------
+
+
+async def pick_up_waiting(
+    client: Client, args: argparse.Namespace, *, shown_by_list: Callable[[Event], bool]
+) -> bool:
+    """Receive what waits on the server before a list is printed; False when offline.
+
+    What arrives is printed as ``inbox`` prints it (and acknowledged, so ``inbox``
+    does not print it again), except what the list itself is about to show.
+    While another process receives for this profile, nothing is taken over.
+    Offline, a warning says the list may be stale.
+    """
+    try:
+        if client.receiving_elsewhere():
+            # Another process (listen, chat) receives and stores into this profile:
+            # the local lists are current, and taking over would cut it off.
+            await client.connect(receive=False)
+            return True
+        await client.connect(receive=True)
+        receipts.enable(client)
+        async for event in client.receive(until_synced=True):
+            if not shown_by_list(event):
+                print_event(event, args.json)
+    except ServerRefusedError as exc:
+        if exc.code not in OFFLINE_CODES:
+            raise
+        print(
+            f"warning: {exc} (showing what this device knows; it may be stale)",
+            file=sys.stderr,
+        )
+        return False
+    return True
+
+
+# --- errors --------------------------------------------------------------------------------------
+
+
+def print_error(exc: BastionError | ValueError) -> int:
+    """Print ``exc`` as one sentence on standard error (with a hint for a changed key).
+
+    Returns :data:`EXIT_ERROR`, the exit status of a command that failed this way.
+    """
+    print(f"error: {escape_text(with_profile(str(exc)))}", file=sys.stderr)
+    if isinstance(exc, KeyChangedError):
+        print(
+            with_profile(f"'bastion verify {exc.user}' shows the safety number with the new key."),
+            file=sys.stderr,
+        )
+    return EXIT_ERROR

@@ -1,0 +1,285 @@
+"""The account and its messages: register, send, inbox, listen, outbox, history, whoami."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import signal
+import sys
+
+from bastion.cli import groups as cli_groups
+from bastion.cli._common import (
+    EXIT_ERROR,
+    EXIT_KEPT,
+    OFFLINE_CODES,
+    Subcommands,
+    format_message,
+    iso,
+    message_json,
+    passphrase,
+    pick_up_waiting,
+    print_event,
+    profile_dir,
+    with_client,
+    with_profile,
+)
+from bastion.client import outbox, presence, receipts
+from bastion.client.client import Client, Event, MessageEvent, SendRefusedError
+from bastion.client.records import HistoryRecord
+from bastion.display import escape_text
+from bastion.errors import BastionError, ServerRefusedError
+
+RECONNECT_S = 5.0  # how long ``send`` tries to reconnect when the connection drops mid-send
+
+
+async def cmd_register(args: argparse.Namespace) -> int:
+    client = await Client.register(
+        profile_dir(args),
+        passphrase(confirm=True, user=args.username),
+        username=args.username,
+        server_url=args.server,
+        fingerprint=args.fingerprint,
+        invite=args.invite,
+    )
+    try:
+        account = client.account
+        if args.json:
+            print(
+                json.dumps(
+                    {
+                        "type": "registered",
+                        "user": account.username,
+                        "device": account.device_id,
+                        "server": account.server_url,
+                        "fingerprint": account.fingerprint,
+                    }
+                )
+            )
+        else:
+            print(f"registered {account.username} (device {account.device_id})")
+            print(f"server certificate pinned: {account.fingerprint}")
+    finally:
+        await client.close()
+    return 0
+
+
+async def cmd_send(args: argparse.Namespace) -> int:
+    if args.group is not None:
+        return await cli_groups.send_to_group(args)
+    if args.user is None or args.text is None:
+        raise BastionError("usage: bastion send USER TEXT (or --group GROUP TEXT)")
+
+    async def work(client: Client) -> int:
+        # A kept copy of this very message went out as we connected: do not send it twice.
+        record = outbox.take_flushed(client, args.user, args.text)
+        if record is None:
+            try:
+                record = await client.send_text(args.user, args.text)
+            except SendRefusedError as exc:
+                return report_refused(args, exc.record)
+            except ServerRefusedError as exc:
+                if exc.code not in OFFLINE_CODES:
+                    raise
+                record = await confirm_after_drop(client, args.user, args.text)
+        if record.state == "failed":
+            return report_refused(args, record)
+        if record.state == "pending":
+            return report_kept(args, record)
+        if args.json:
+            print(
+                json.dumps(
+                    {
+                        "type": "sent",
+                        "id": record.id.hex(),
+                        "to": args.user,
+                        "state": "stored",
+                        "server_ts": iso(record.server_ts),
+                    }
+                )
+            )
+        else:
+            print(f"stored on the server for {args.user}; their devices receive it as they connect")
+        return 0
+
+    return await with_client(args, work)
+
+
+async def confirm_after_drop(client: Client, to: str, text: str) -> HistoryRecord:
+    """Reconnect for a few seconds so the kept message goes out, and return its record.
+
+    The connection dropped before the server answered; the message is in the
+    outbox, and connecting sends it again under the same id (stored once).
+    The record is still ``pending`` if no connection could be made in time.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + RECONNECT_S
+    kept = [r for r in outbox.kept_messages(client) if r.peer == to and r.text == text]
+    if not kept:
+        raise ServerRefusedError("disconnected", "the connection to the server was lost")
+    record = kept[-1]
+    while loop.time() < deadline:
+        await client.disconnect()
+        try:
+            await asyncio.wait_for(client.connect(receive=False), max(0.5, deadline - loop.time()))
+        except (ServerRefusedError, TimeoutError) as exc:
+            if isinstance(exc, ServerRefusedError) and exc.code not in OFFLINE_CODES:
+                raise
+            await asyncio.sleep(min(0.5, max(0.0, deadline - loop.time())))
+            continue
+        break
+    return client.message(record.id) or record
+
+
+def report_refused(args: argparse.Namespace, record: HistoryRecord) -> int:
+    """Say that the server refused the message, and why; it shows as not sent in history."""
+    reason = record.reason or "refused by the server"
+    if args.json:
+        print(
+            json.dumps(
+                {"type": "refused", "id": record.id.hex(), "to": record.peer, "reason": reason}
+            )
+        )
+    print(f"error: not sent: the server refused it: {escape_text(reason)}", file=sys.stderr)
+    return EXIT_ERROR
+
+
+def report_kept(args: argparse.Namespace, record: HistoryRecord) -> int:
+    """Say that the message is kept for the next connection (exit status EXIT_KEPT)."""
+    if args.json:
+        print(json.dumps({"type": "kept", "id": record.id.hex(), "to": record.peer}))
+    print(
+        with_profile(
+            "warning: the connection to the server was lost before it confirmed the message; "
+            "it is kept and goes out on the next connection, so do not send it again "
+            "(run 'bastion outbox' to see it)"
+        ),
+        file=sys.stderr,
+    )
+    return EXIT_KEPT
+
+
+async def cmd_outbox(args: argparse.Namespace) -> int:
+    async def work(client: Client) -> int:
+        for record in outbox.kept_messages(client):
+            if args.json:
+                print(json.dumps(message_json(record, verified=False)))
+            else:
+                print(format_message(record))
+        return 0
+
+    return await with_client(args, work, connect=False)
+
+
+async def cmd_inbox(args: argparse.Namespace) -> int:
+    async def work(client: Client) -> int:
+        receipts.enable(client)
+        async for event in client.receive(until_synced=True):
+            print_event(event, args.json, server_url=client.account.server_url)
+        return 0
+
+    return await with_client(args, work, receive=True)
+
+
+async def cmd_listen(args: argparse.Namespace) -> int:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+
+    async def work(client: Client) -> int:
+        receipts.enable(client)
+
+        async def pump() -> None:
+            async for event in client.receive():
+                print_event(event, args.json, server_url=client.account.server_url)
+
+        for snapshot in await presence.watch(client):
+            print_event(snapshot, args.json)
+        pump_task = asyncio.create_task(pump())
+        stop_task = asyncio.create_task(stop.wait())
+        done, _ = await asyncio.wait({pump_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
+        for task in (pump_task, stop_task):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if pump_task in done and not stop.is_set():
+            exc = pump_task.exception() if not pump_task.cancelled() else None
+            if exc is not None:
+                raise exc
+            reason = client.close_reason or "the server closed the connection"
+            raise ServerRefusedError("disconnected", reason)
+        return 0
+
+    return await with_client(args, work, receive=True)
+
+
+async def cmd_history(args: argparse.Namespace) -> int:
+    async def work(client: Client) -> int:
+        contact = client.contact(args.user)
+        verified = contact is not None and contact.trust == "verified"
+
+        def in_this_conversation(event: Event) -> bool:
+            return isinstance(event, MessageEvent) and event.record.peer == args.user
+
+        await pick_up_waiting(client, args, shown_by_list=in_this_conversation)
+        for record in client.history(args.user):
+            if args.json:
+                print(json.dumps(message_json(record, verified)))
+            else:
+                print(format_message(record))
+        return 0
+
+    return await with_client(args, work, connect=False)
+
+
+async def cmd_whoami(args: argparse.Namespace) -> int:
+    async def work(client: Client) -> int:
+        a = client.account
+        info = {
+            "type": "whoami",
+            "user": a.username,
+            "device": a.device_id,
+            "server": a.server_url,
+            "fingerprint": a.fingerprint,
+            "rejected_messages": client.stats().rejected,
+        }
+        if args.json:
+            print(json.dumps(info))
+        else:
+            print(f"{a.username} on {a.server_url} (device {a.device_id})")
+            print(f"server certificate: {a.fingerprint}")
+        return 0
+
+    return await with_client(args, work, connect=False)
+
+
+def add_commands(sub: Subcommands, common: argparse.ArgumentParser) -> None:
+    """Register the account and message commands on the main parser."""
+    reg = sub.add_parser("register", parents=[common], help="create an account on a server")
+    reg.add_argument("username")
+    reg.add_argument("--server", required=True, help="wss://HOST:PORT")
+    reg.add_argument("--fingerprint", help="the server certificate's SHA256:... fingerprint")
+    reg.add_argument("--invite", help="an invite code, for servers that require one")
+    reg.set_defaults(run=cmd_register)
+
+    send = sub.add_parser("send", parents=[common], help="send a message")
+    send.add_argument("user", nargs="?")
+    send.add_argument("text", nargs="?")
+    send.add_argument("--group", help="send TEXT to this group (id or name) instead")
+    send.set_defaults(run=cmd_send)
+
+    inbox = sub.add_parser("inbox", parents=[common], help="receive what is waiting, then exit")
+    inbox.set_defaults(run=cmd_inbox)
+    listen = sub.add_parser("listen", parents=[common], help="stay connected and print messages")
+    listen.set_defaults(run=cmd_listen)
+    kept = sub.add_parser(
+        "outbox", parents=[common], help="list messages kept until the server confirms them"
+    )
+    kept.set_defaults(run=cmd_outbox)
+    history = sub.add_parser("history", parents=[common], help="show a conversation")
+    history.add_argument("user")
+    history.set_defaults(run=cmd_history)
+    whoami = sub.add_parser("whoami", parents=[common], help="show this profile's account")
+    whoami.set_defaults(run=cmd_whoami)
