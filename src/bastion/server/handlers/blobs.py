@@ -216,7 +216,7 @@ class BlobService:
 
 
 def _refuse_upload(
-    request: Request, services: Services, req: int, user: str, *, code: str, message: str
+    request: Request, req: int, user: str, code: str, message: str, *, services: Services
 ) -> None:
     services.audit.event("upload.blocked", reason=code, user=user, address=request.address)
     request.refuse(req, code, message)
@@ -229,21 +229,21 @@ async def blob_begin(request: Request, services: Services, frame: frames.BlobBeg
     if not policy.file_transfer:
         _refuse_upload(
             request,
-            services,
             frame.req,
             username,
-            code="file_transfer_off",
-            message=REFUSAL_MESSAGES["file_transfer_off"],
+            "file_transfer_off",
+            REFUSAL_MESSAGES["file_transfer_off"],
+            services=services,
         )
         return
     if frame.size > ciphertext_cap(policy.max_file_mb):
         _refuse_upload(
             request,
-            services,
             frame.req,
             username,
-            code="file_too_large",
-            message=f"files larger than {policy.max_file_mb} MB are not accepted on this server",
+            "file_too_large",
+            f"files larger than {policy.max_file_mb} MB are not accepted on this server",
+            services=services,
         )
         return
     recipients = sorted({user for user in frame.recipients if user != username})
@@ -302,11 +302,11 @@ async def _start_upload(
     except QuotaExceededError:
         _refuse_upload(
             request,
-            services,
             frame.req,
             username,
-            code="quota_exceeded",
-            message=REFUSAL_MESSAGES["quota_exceeded"],
+            "quota_exceeded",
+            REFUSAL_MESSAGES["quota_exceeded"],
+            services=services,
         )
         return
     partial = service.folder / f"{blob_id}.part"
@@ -345,11 +345,11 @@ async def blob_chunk(request: Request, services: Services, frame: frames.BlobChu
         service.abort_upload(frame.blob_id)
         _refuse_upload(
             request,
-            services,
             frame.req,
             username,
-            code="file_transfer_off",
-            message=REFUSAL_MESSAGES["file_transfer_off"],
+            "file_transfer_off",
+            REFUSAL_MESSAGES["file_transfer_off"],
+            services=services,
         )
         return
     if frame.offset != upload.written:
@@ -359,11 +359,11 @@ async def blob_chunk(request: Request, services: Services, frame: frames.BlobChu
         service.abort_upload(frame.blob_id)
         _refuse_upload(
             request,
-            services,
             frame.req,
             username,
-            code="file_too_large",
-            message="the upload is longer than announced",
+            "file_too_large",
+            "the upload is longer than announced",
+            services=services,
         )
         return
     try:
