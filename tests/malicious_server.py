@@ -5,8 +5,9 @@ Run it like ``bastion server run``::
     python tests/malicious_server.py --data DIR --port N
 
 It runs the real server entry point (store, audit log, sign-in, routing,
-signals, shutdown) with one change: the relay's connection class is a subclass
-that tampers with what it delivers, as chosen by the environment.
+signals, shutdown) with one change, made through the server's seam for tests
+(:class:`bastion.server.app.Overrides`): each connection is a subclass that
+tampers with what it sends (its ``reply``), as chosen by the environment.
 
 ``BASTION_TEST_TAMPER``, a comma-separated list of modes:
 
@@ -55,10 +56,8 @@ from bastion.crypto.olm import OlmDevice
 from bastion.crypto.signing import AccountIdentity
 from bastion.protocol import frames
 from bastion.server import main as server_main
-from bastion.server.cluster.local import Bus
-from bastion.server.config import ServerConfig
-from bastion.server.net.connection import ClientConnection, RelayServer
-from bastion.server.storage.interfaces import QueuedEnvelope, Store
+from bastion.server.app import Overrides
+from bastion.server.net.connection import ClientConnection
 
 SCRIPT = [sys.executable, str(Path(__file__).resolve())]
 TAMPER_ENV = "BASTION_TEST_TAMPER"
@@ -147,7 +146,12 @@ class GhostDevice:
 
 
 class TamperingConnection(ClientConnection):
-    """The real connection, except for what it delivers (see the module docstring)."""
+    """The real connection, except for what it sends (see the module docstring).
+
+    It hooks the two public faces of a connection: the picows callback that
+    reads frames (to record them) and :meth:`reply`, through which every frame
+    a connection sends leaves, deliveries included.
+    """
 
     plan: ClassVar[TamperPlan] = TamperPlan(frozenset(), None, None)
     ghost: ClassVar[GhostDevice | None] = None
@@ -169,7 +173,13 @@ class TamperingConnection(ClientConnection):
 
     # --- sending ------------------------------------------------------------------------------
 
-    def _send(self, frame: frames.Frame) -> None:
+    def reply(self, frame: frames.Frame) -> None:
+        if isinstance(frame, frames.Deliver) and frame.seq < INJECTED_SEQ_BASE:
+            self._deliver(frame)
+        else:
+            self._send_out(frame)
+
+    def _send_out(self, frame: frames.Frame) -> None:
         if "second-key-answer" in self.plan.modes and self.ghost is not None:
             frame = self._second_answer(frame, self.ghost)
         elif self.ghost is not None:
@@ -177,9 +187,9 @@ class TamperingConnection(ClientConnection):
         if "forge-policy" in self.plan.modes and isinstance(frame, frames.PolicyInfo):
             forged = bytes([frame.signature[0] ^ 1]) + frame.signature[1:]
             frame = msgspec.structs.replace(frame, signature=forged)
-        if not self._closed and self.transport is not None:
+        if not self.closed and self.transport is not None:
             self._record("out", frames.encode(frame))
-        super()._send(frame)
+        super().reply(frame)
 
     def _second_answer(self, frame: frames.Frame, ghost: GhostDevice) -> frames.Frame:
         lie_about = set(os.environ.get(LIE_ABOUT_ENV, "").split(","))
@@ -212,70 +222,57 @@ class TamperingConnection(ClientConnection):
             return msgspec.structs.replace(frame, keys=[*frame.keys, ghost.claimed_key()])
         return frame
 
-    def _push(self, envelope: QueuedEnvelope) -> None:
+    def _deliver(self, delivery: frames.Deliver) -> None:
+        """A delivery from this device's queue (the cursor already counts its real seq)."""
         modes = self.plan.modes
         if not self.plan.applies_to(next(self.deliveries)):
-            super()._push(envelope)
+            self._send_out(delivery)
             return
         if "rewrite-sender" in modes:
-            impostor = self._bystander(envelope)
+            impostor = self._bystander(delivery)
             if impostor is None:
                 log.warning("tamper.skipped", extra={"mode": "rewrite-sender"})
             else:
-                envelope = msgspec.structs.replace(
-                    envelope, sender=impostor[0], sender_device=impostor[1]
+                delivery = msgspec.structs.replace(
+                    delivery, sender=impostor[0], sender_device=impostor[1]
                 )
         if "ghost-sender" in modes and self.ghost is not None:
-            envelope = msgspec.structs.replace(envelope, sender_device=self.ghost.device_id)
-        if "flip-byte" in modes and envelope.body:
-            body = bytearray(envelope.body)
+            delivery = msgspec.structs.replace(delivery, sender_device=self.ghost.device_id)
+        if "flip-byte" in modes and delivery.body:
+            body = bytearray(delivery.body)
             body[len(body) // 2] ^= 0x01
-            envelope = msgspec.structs.replace(envelope, body=bytes(body))
-        super()._push(envelope)
+            delivery = msgspec.structs.replace(delivery, body=bytes(body))
+        self._send_out(delivery)
         if "replay" in modes:
-            self._send(self._injected(envelope))
+            self._send_out(self._injected(delivery))
         if "redirect" in modes:
-            for other in self._bystander_connections(envelope):
-                other._send(self._injected(envelope))
+            for other in self._bystander_connections(delivery):
+                other._send_out(self._injected(delivery))
 
     # --- helpers ------------------------------------------------------------------------------
 
-    def _injected(self, envelope: QueuedEnvelope) -> frames.Deliver:
-        """A delivery of ``envelope`` outside the real queue (so the cursor is untouched)."""
-        return frames.Deliver(
-            seq=next(self.injected),
-            sender=envelope.sender,
-            sender_device=envelope.sender_device,
-            server_ts=envelope.server_ts,
-            kind=envelope.kind,
-            body=envelope.body,
-        )
+    def _injected(self, delivery: frames.Deliver) -> frames.Deliver:
+        """The same delivery outside the real queue (so the cursor is untouched)."""
+        return msgspec.structs.replace(delivery, seq=next(self.injected))
 
-    def _bystander_connections(self, envelope: QueuedEnvelope) -> list[ClientConnection]:
+    def _bystander_connections(self, delivery: frames.Deliver) -> list[TamperingConnection]:
         """Signed-in connections of users who are neither the sender nor the recipient."""
         return sorted(
             (
                 conn
                 for conn in self.server.connections
-                if conn.session.username not in (None, envelope.sender, envelope.user)
+                if isinstance(conn, TamperingConnection)
+                and conn.session.username not in (None, delivery.sender, self.session.username)
                 and conn.session.device_id is not None
             ),
             key=lambda conn: (conn.session.username or "", conn.session.device_id or ""),
         )
 
-    def _bystander(self, envelope: QueuedEnvelope) -> tuple[str, str] | None:
-        for conn in self._bystander_connections(envelope):
+    def _bystander(self, delivery: frames.Deliver) -> tuple[str, str] | None:
+        for conn in self._bystander_connections(delivery):
             if conn.session.username is not None and conn.session.device_id is not None:
                 return conn.session.username, conn.session.device_id
         return None
-
-
-class TamperingRelay(RelayServer):
-    """The real relay; only the class of its connections differs."""
-
-    def __init__(self, config: ServerConfig, store: Store, bus: Bus) -> None:
-        super().__init__(config, store, bus)
-        self.connection_class = TamperingConnection
 
 
 def read_record(path: Path) -> list[tuple[str, bytes]]:
@@ -300,10 +297,9 @@ def main() -> None:
     if plan.modes & {"ghost-device", "ghost-sender", "second-key-answer"}:
         TamperingConnection.ghost = GhostDevice()
     # Everything else (store, audit log, signals, shutdown, output) is the real server's.
-    if getattr(server_main, "RelayServer", None) is not RelayServer:
-        sys.exit("bastion.server.main no longer builds RelayServer by name; cannot tamper")
-    server_main.RelayServer = TamperingRelay  # type: ignore[attr-defined]
-    server_main.run(args.data, "127.0.0.1", args.port)
+    server_main.run(
+        args.data, "127.0.0.1", args.port, overrides=Overrides(connection=TamperingConnection)
+    )
 
 
 if __name__ == "__main__":

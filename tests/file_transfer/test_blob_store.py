@@ -9,10 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from bastion.server.cluster.local import LocalBus
-from bastion.server.config import Limits, ServerConfig
-from bastion.server.handlers.blobs import DAY_MS, blob_service
-from bastion.server.net.connection import RelayServer
+from bastion.server.config import Limits, Settings
+from bastion.server.handlers.blobs import DAY_MS, BlobService
+from bastion.server.storage import open_storage
 from bastion.server.storage.blob_content import (
     PIECE_BYTES,
     BlobContent,
@@ -121,10 +120,9 @@ async def test_expiry_picks_old_complete_blobs_and_stale_uploads(store: BlobStor
 
 
 async def test_the_sweep_deletes_expired_blobs_and_their_files(tmp_path: Path) -> None:
-    sqlite = SQLiteStore(tmp_path / "bastion.db")
     limits = Limits(blob_expiry_days=7.0, blob_upload_ttl_s=3600.0)
-    server = RelayServer(ServerConfig(data_dir=tmp_path, limits=limits), sqlite, LocalBus())
-    service = await blob_service(server)
+    storage = await open_storage(Settings(limits=limits), tmp_path)
+    service = BlobService(limits, storage.blobs, storage.blob_folder, storage.blob_content)
     try:
         now = 100 * DAY_MS
         for name, age_ms in (("old", 8 * DAY_MS), ("young", 6 * DAY_MS)):
@@ -140,7 +138,8 @@ async def test_the_sweep_deletes_expired_blobs_and_their_files(tmp_path: Path) -
         assert list(service.folder.iterdir()) == []
     finally:
         await service.close()
-        await sqlite.close()
+        await storage.admin.close()
+        await storage.close()
 
 
 @pytest.fixture(params=["files", "postgres"])
@@ -215,11 +214,9 @@ async def test_uploads_cut_off_by_a_stop_are_removed_when_the_node_starts(tmp_pa
     folder.mkdir()
     (folder / f"{blob('cut').blob_id}.part").write_bytes(b"half an upload")
     (folder / blob("kept").blob_id).write_bytes(b"a finished blob")
-    sqlite = SQLiteStore(tmp_path / "bastion.db")
-    server = RelayServer(ServerConfig(data_dir=tmp_path), sqlite, LocalBus())
-    service = await blob_service(server)
+    storage = await open_storage(Settings(), tmp_path)
     try:
         assert sorted(p.name for p in folder.iterdir()) == [blob("kept").blob_id]
     finally:
-        await service.close()
-        await sqlite.close()
+        await storage.admin.close()
+        await storage.close()

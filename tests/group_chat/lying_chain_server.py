@@ -22,10 +22,10 @@ from pathlib import Path
 
 from bastion.groups.chain import decode_change
 from bastion.protocol import frames
-from bastion.server import handlers
 from bastion.server import main as server_main
-from bastion.server.handlers.groups import CHAIN_PAGE, fetch_chain, service
-from bastion.server.net.connection import ClientConnection
+from bastion.server.app import Overrides
+from bastion.server.handlers._context import Request, Route, Services
+from bastion.server.handlers.groups import CHAIN_PAGE, fetch_chain
 from bastion.server.storage.groups import SQLiteGroupStore
 
 WITHHOLD_ENV = "BASTION_TEST_WITHHOLD"
@@ -56,11 +56,11 @@ async def _all_changes(store: SQLiteGroupStore, group_id: bytes) -> list[bytes]:
             return raw
 
 
-async def lying_fetch(conn: ClientConnection, frame: frames.GroupFetch) -> None:
+async def lying_fetch(request: Request, services: Services, frame: frames.GroupFetch) -> None:
     """Answer a fetch with the chain this user is meant to see."""
-    user, _ = conn.session.require_signed_in()
+    user, _ = request.signed_in()
     if os.environ.get(ENDLESS_ENV):
-        conn.send_frame(
+        request.reply(
             frames.GroupChain(
                 req=frame.req, group_id=frame.group_id, changes=[], more=True, members=[user]
             )
@@ -69,10 +69,9 @@ async def lying_fetch(conn: ClientConnection, frame: frames.GroupFetch) -> None:
     limit = _withheld().get(user)
     fork = _fork() if user in os.environ.get(FORK_USERS_ENV, "").split(",") else None
     if limit is None and fork is None:
-        await fetch_chain(conn, frame)
+        await fetch_chain(request, services, frame)
         return
-    groups = await service(conn.server)
-    store = groups.store
+    store = services.groups.store
     if not isinstance(store, SQLiteGroupStore):
         raise RuntimeError("the lying chain server runs on SQLite only")
     chain = await _all_changes(store, frame.group_id)
@@ -83,7 +82,7 @@ async def lying_fetch(conn: ClientConnection, frame: frames.GroupFetch) -> None:
         chain = chain[:limit]
     shown = chain[frame.after_seq + 1 :]
     members = await store.active_members(frame.group_id)
-    conn.send_frame(
+    request.reply(
         frames.GroupChain(
             req=frame.req, group_id=frame.group_id, changes=shown, more=False, members=members
         )
@@ -96,7 +95,6 @@ def main() -> None:
     parser.add_argument("--data", type=Path, required=True)
     parser.add_argument("--port", type=int, required=True)
     args = parser.parse_args()
-    handlers.SIGNED_IN[frames.GroupFetch] = lying_fetch
     honest_append = SQLiteGroupStore.append_change
 
     async def append_withholding(
@@ -107,7 +105,8 @@ def main() -> None:
         return await honest_append(self, seq=seq, notify=told, **rest)  # type: ignore[arg-type]
 
     SQLiteGroupStore.append_change = append_withholding  # type: ignore[method-assign,assignment]
-    server_main.run(args.data, "127.0.0.1", args.port)
+    overrides = Overrides(routes=(Route(frames.GroupFetch, lying_fetch),))
+    server_main.run(args.data, "127.0.0.1", args.port, overrides=overrides)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import asyncpg
 import pytest
 
 from bastion.errors import ConfigError, StorageError
-from bastion.server.admin.policy import AdminBackend, AdminDB, SQLiteAdmin, new_invite_code
+from bastion.server.admin.policy import new_invite_code
 from bastion.server.admin.watch import (
     CURSOR_FILE,
     AdminChannel,
@@ -26,9 +26,11 @@ from bastion.server.admin.watch import (
     audit_pending_events,
 )
 from bastion.server.audit.log import AUDIT_DIR, AuditLog, ensure_audit_key, read_records
+from bastion.server.storage.admin import AdminBackend
 from bastion.server.storage.interfaces import Store
 from bastion.server.storage.postgres.admin import PgAdmin, _event
 from bastion.server.storage.postgres.relay import PgStore
+from bastion.server.storage.sqlite.admin import AdminDB, SQLiteAdmin
 from bastion.server.storage.sqlite.relay import SQLiteStore
 from tests.server.test_store_contract import (
     POSTGRES_URL,

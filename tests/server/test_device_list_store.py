@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from bastion.server.handlers.device_lists import (
+from bastion.server.storage.device_lists import (
     DeviceListStore,
     PgDeviceListStore,
     SQLiteDeviceListStore,

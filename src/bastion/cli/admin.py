@@ -72,7 +72,7 @@ async def _audit_pending(data_dir: Path, backend: Any, cursor: Any) -> None:
 
 def _database_url(args: argparse.Namespace, data_dir: Path) -> str | None:
     """``--db``, else the ``[cluster]`` db of the node's config file, else None (SQLite)."""
-    from bastion.server.main import (  # noqa: PLC0415 - clients need not load the server
+    from bastion.server.app import (  # noqa: PLC0415 - clients need not load the server
         server_settings,
     )
 

@@ -7,6 +7,7 @@ address or content appears in a label.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
@@ -51,6 +52,26 @@ class RelayMetrics:
         """Read the two gauges from callbacks at scrape time."""
         self.connections.set_function(lambda: float(connections()))
         self.queue_depth.set_function(lambda: float(queue_depth()))
+
+    def observe(self, request: str, started: float) -> None:
+        """A request that began at ``started`` (``time.perf_counter()``) is done."""
+        self.latency.labels(request).observe(time.perf_counter() - started)
+
+    def count_messages(self) -> None:
+        """A message was stored for delivery."""
+        self.messages.inc()
+
+    def count_error(self, code: str) -> None:
+        """An error frame was sent."""
+        self.errors.labels(code).inc()
+
+    def count_limit_hit(self, limit: str) -> None:
+        """A limit refused a request."""
+        self.limit_hits.labels(limit).inc()
+
+    def count_tls_failure(self) -> None:
+        """A TLS handshake failed."""
+        self.tls_handshake_failures.inc()
 
     def serve(self, port: int) -> None:
         """Serve ``/metrics`` on 127.0.0.1:``port`` from a background thread."""

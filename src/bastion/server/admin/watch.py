@@ -22,8 +22,10 @@ from pathlib import Path
 from typing import TypeVar
 
 from bastion.errors import BastionError, StorageError
-from bastion.server.admin.policy import AdminBackend, AdminEvent, Policy, SQLiteAdmin
+from bastion.server.admin.policy import AdminEvent, Policy
 from bastion.server.audit.log import AuditLog
+from bastion.server.storage import open_admin as open_admin_backend
+from bastion.server.storage.admin import AdminBackend
 
 log = logging.getLogger("bastion.server")
 
@@ -33,6 +35,9 @@ SignOut = Callable[[str, str], int]
 
 CURSOR_FILE = "admin-events.json"
 
+# open_admin_backend is storage.open_admin, named here for ``bastion admin``.
+__all__ = ["AdminChannel", "EventCursor", "audit_admin_event", "open_admin_backend"]
+
 
 def audit_admin_event(audit: AuditLog, event: AdminEvent, *, now: float) -> None:
     """Write one admin event to the audit log. Raises :class:`StorageError`."""
@@ -41,19 +46,6 @@ def audit_admin_event(audit: AuditLog, event: AdminEvent, *, now: float) -> None
         audit.append("policy.changed", now, setting=key, value=value, by="admin")
     else:
         audit.append("admin.action", now, action=event.action, target=event.target)
-
-
-async def open_admin_backend(data_dir: Path, db: str | None) -> AdminBackend:
-    """The operator tables of the node in ``data_dir``: its SQLite file, or ``db``.
-
-    Raises :class:`ConfigError` if the data folder does not exist (SQLite) and
-    :class:`StorageError` if the database cannot be opened.
-    """
-    if db is None:
-        return await SQLiteAdmin.open(data_dir)
-    from bastion.server.storage.postgres.admin import PgAdmin  # noqa: PLC0415 - clustered nodes only
-
-    return await PgAdmin.open(db)
 
 
 class EventCursor:

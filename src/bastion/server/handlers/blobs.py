@@ -40,28 +40,21 @@ import secrets
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from bastion.errors import StorageError
 from bastion.protocol import frames
-from bastion.server import handlers
-from bastion.server.storage.blob_content import BlobContent, LocalBlobFiles, PgBlobContent, discard
+from bastion.server.config import Limits
+from bastion.server.handlers._context import Request, Route, Services
+from bastion.server.storage.blob_content import BlobContent
 from bastion.server.storage.blobs import (
     BlobRecord,
     BlobStore,
-    PgBlobStore,
     QuotaExceededError,
-    SQLiteBlobStore,
 )
-from bastion.server.storage.sqlite.relay import SQLiteStore
-
-if TYPE_CHECKING:
-    from bastion.server.net.connection import ClientConnection, RelayServer
 
 log = logging.getLogger("bastion.server.handlers.blobs")
 
-EXTENSION_KEY = "files"
-BLOBS_DIR = "blobs"
+ON_CLOSE_KEY = "files"
 MIB = 1024 * 1024
 DAY_MS = 86_400_000
 MIN_CHARGE_BYTES = 64 * 1024
@@ -88,7 +81,7 @@ class _Upload:
     sha256: bytes
     fd: int
     path: Path
-    connection: ClientConnection  # the upload lives and dies with it
+    connection: Request  # the upload lives and dies with it
     active_at: float  # monotonic time of the last piece (or of the start)
     written: int = 0
     digest: hashlib._Hash = field(default_factory=hashlib.sha256)
@@ -98,9 +91,9 @@ class BlobService:
     """This node's uploads in progress, where finished blobs are kept, and the sweep."""
 
     def __init__(
-        self, server: RelayServer, store: BlobStore, folder: Path, content: BlobContent
+        self, limits: Limits, store: BlobStore, folder: Path, content: BlobContent
     ) -> None:
-        self.server = server
+        self.limits = limits
         self.store = store
         self.folder = folder
         self.content = content
@@ -134,14 +127,14 @@ class BlobService:
         except StorageError as exc:  # the sweep deletes it after blob_upload_ttl_s
             log.warning("blobs.delete_failed", extra={"error": str(exc)})
 
-    def release_connection(self, conn: ClientConnection) -> None:
+    def release_connection(self, request: Request) -> None:
         """Drop every upload of a connection that closed: its descriptors, files and quota."""
-        for blob_id in [b for b, u in self.uploads.items() if u.connection is conn]:
+        for blob_id in [b for b, u in self.uploads.items() if u.connection is request]:
             self.drop_upload(blob_id)
 
     def reap_idle(self, now: float) -> int:
         """Drop uploads that received nothing for ``blob_upload_idle_s``; returns how many."""
-        idle_s = self.server.limits.blob_upload_idle_s
+        idle_s = self.limits.blob_upload_idle_s
         stale = [b for b, u in self.uploads.items() if now - u.active_at > idle_s]
         for blob_id in stale:
             self.drop_upload(blob_id)
@@ -179,7 +172,7 @@ class BlobService:
 
     async def sweep(self, *, now_ms: int) -> int:
         """Delete expired blobs and stale uploads; returns how many were deleted."""
-        limits = self.server.limits
+        limits = self.limits
         expired = await self.store.expired(
             complete_before_ms=now_ms - int(limits.blob_expiry_days * DAY_MS),
             incomplete_before_ms=now_ms - int(limits.blob_upload_ttl_s * 1000),
@@ -210,7 +203,7 @@ class BlobService:
 
     async def _reap_forever(self) -> None:
         while True:
-            await asyncio.sleep(max(0.5, self.server.limits.blob_upload_idle_s / 4))
+            await asyncio.sleep(max(0.5, self.limits.blob_upload_idle_s / 4))
             self.reap_idle(time.monotonic())
 
     async def _sweep_forever(self) -> None:
@@ -219,110 +212,62 @@ class BlobService:
                 await self.sweep(now_ms=time.time_ns() // 1_000_000)
             except StorageError as exc:
                 log.warning("blobs.sweep_failed", extra={"error": str(exc)})
-            await asyncio.sleep(self.server.limits.blob_sweep_s)
+            await asyncio.sleep(self.limits.blob_sweep_s)
 
 
-async def _create_service(server: RelayServer) -> BlobService:
-    store: BlobStore
-    content: BlobContent
-    folder = server.config.data_dir / BLOBS_DIR
-    if isinstance(server.store, SQLiteStore):
-        store = await SQLiteBlobStore.open(server.store)
-        content = LocalBlobFiles(folder)
-    else:
-        from bastion.server.storage.postgres.relay import PgStore  # noqa: PLC0415 - clustered nodes only
-
-        if not isinstance(server.store, PgStore):
-            raise StorageError("file transfer needs the SQLite or PostgreSQL store")
-        store = PgBlobStore(server.store)
-        content = PgBlobContent(server.store)
-    try:
-        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-        # No upload is in progress before the service exists: any partial file was
-        # left by a node that stopped mid-upload, and no one can finish it.
-        for partial in folder.glob("*.part"):
-            discard(partial)
-    except OSError as exc:
-        raise StorageError(f"cannot create the blob folder: {exc.strerror}") from None
-    service = BlobService(server, store, folder, content)
-    service.start_sweeping()
-    return service
+def _refuse_upload(
+    request: Request, req: int, user: str, code: str, message: str, *, services: Services
+) -> None:
+    services.audit.event("upload.blocked", reason=code, user=user, address=request.address)
+    request.refuse(req, code, message)
 
 
-async def blob_service(server: RelayServer) -> BlobService:
-    """This server's :class:`BlobService`, created on first use."""
-    task = server.extensions.get(EXTENSION_KEY)
-    if not isinstance(task, asyncio.Task):
-        task = asyncio.get_running_loop().create_task(_create_service(server))
-        server.extensions[EXTENSION_KEY] = task
-    try:
-        service: BlobService = await asyncio.shield(task)
-    except StorageError:
-        server.extensions.pop(EXTENSION_KEY, None)  # try again on the next request
-        raise
-    return service
-
-
-def _ready_service(server: RelayServer) -> BlobService | None:
-    """The service if it exists already (chunk handlers must not await before writing)."""
-    task = server.extensions.get(EXTENSION_KEY)
-    if (
-        isinstance(task, asyncio.Task)
-        and task.done()
-        and not task.cancelled()
-        and task.exception() is None
-    ):
-        result: BlobService = task.result()
-        return result
-    return None
-
-
-def _refuse_upload(conn: ClientConnection, req: int, user: str, code: str, message: str) -> None:
-    conn.server.audit_event("upload.blocked", reason=code, user=user, address=conn.address)
-    conn.refuse(req, code, message)
-
-
-@handlers.handles(frames.BlobBegin)
-async def blob_begin(conn: ClientConnection, frame: frames.BlobBegin) -> None:
+async def blob_begin(request: Request, services: Services, frame: frames.BlobBegin) -> None:
     """Accept (or refuse) a new upload."""
-    username, _ = conn.session.require_signed_in()
-    policy = conn.server.policy
+    username, _ = request.signed_in()
+    policy = services.admin.policy
     if not policy.file_transfer:
         _refuse_upload(
-            conn, frame.req, username, "file_transfer_off", REFUSAL_MESSAGES["file_transfer_off"]
+            request,
+            frame.req,
+            username,
+            "file_transfer_off",
+            REFUSAL_MESSAGES["file_transfer_off"],
+            services=services,
         )
         return
     if frame.size > ciphertext_cap(policy.max_file_mb):
         _refuse_upload(
-            conn,
+            request,
             frame.req,
             username,
             "file_too_large",
             f"files larger than {policy.max_file_mb} MB are not accepted on this server",
+            services=services,
         )
         return
     recipients = sorted({user for user in frame.recipients if user != username})
     if not recipients:
-        conn.refuse(frame.req, "bad_recipient", "a file needs a recipient other than you")
+        request.refuse(frame.req, "bad_recipient", "a file needs a recipient other than you")
         return
     for user in recipients:
-        if await conn.server.store.get_account(user) is None:
-            conn.refuse(frame.req, "unknown_user", f"there is no user named {user}")
+        if await services.storage.relay.get_account(user) is None:
+            request.refuse(frame.req, "unknown_user", f"there is no user named {user}")
             return
-    service = await blob_service(conn.server)
+    service = services.blobs
     if service.in_progress(username) >= MAX_UPLOADS_PER_ACCOUNT:
-        conn.server.limit_hit("uploads_per_account", username)
-        conn.refuse(frame.req, "rate_limited", "too many uploads at once; finish one first")
+        services.limit_log.hit("uploads_per_account", username)
+        request.refuse(frame.req, "rate_limited", "too many uploads at once; finish one first")
         return
-    if service.in_progress() >= conn.limits.blob_uploads_max:
-        conn.server.limit_hit("uploads_in_progress", username)
-        conn.refuse(
+    if service.in_progress() >= services.limits.blob_uploads_max:
+        services.limit_log.hit("uploads_in_progress", username)
+        request.refuse(
             frame.req, "rate_limited", "the server has too many uploads in progress; try later"
         )
         return
     service.starting[username] = service.starting.get(username, 0) + 1
     try:
-        await _start_upload(conn, service, frame, username, recipients)
+        await _start_upload(request, services, frame, username, recipients)
     finally:
         left = service.starting.pop(username) - 1
         if left:
@@ -330,30 +275,38 @@ async def blob_begin(conn: ClientConnection, frame: frames.BlobBegin) -> None:
 
 
 async def _start_upload(
-    conn: ClientConnection,
-    service: BlobService,
+    request: Request,
+    services: Services,
     frame: frames.BlobBegin,
     username: str,
     recipients: list[str],
 ) -> None:
     """Create the upload's record (charging the quota) and its partial file."""
+    service = services.blobs
     blob_id = secrets.token_hex(16)
     record = BlobRecord(
         blob_id=blob_id,
         owner=username,
         size=frame.size,
         sha256=frame.sha256,
-        created_at=time.time_ns() // 1_000_000,
+        created_at=services.clock.now_ms(),
         complete=False,
         recipients=tuple(recipients),
     )
     try:
         await service.store.create(
-            record, quota_bytes=conn.limits.blob_quota_mb * MIB, min_charge_bytes=MIN_CHARGE_BYTES
+            record,
+            quota_bytes=services.limits.blob_quota_mb * MIB,
+            min_charge_bytes=MIN_CHARGE_BYTES,
         )
     except QuotaExceededError:
         _refuse_upload(
-            conn, frame.req, username, "quota_exceeded", REFUSAL_MESSAGES["quota_exceeded"]
+            request,
+            frame.req,
+            username,
+            "quota_exceeded",
+            REFUSAL_MESSAGES["quota_exceeded"],
+            services=services,
         )
         return
     partial = service.folder / f"{blob_id}.part"
@@ -368,40 +321,49 @@ async def _start_upload(
         sha256=frame.sha256,
         fd=fd,
         path=partial,
-        connection=conn,
-        active_at=time.monotonic(),
+        connection=request,
+        active_at=services.clock.monotonic(),
     )
     # An upload is not resumed from another connection: one that closes lets go of its
     # uploads at once (descriptor, partial file, quota), not after blob_upload_ttl_s.
-    conn.on_disconnect[EXTENSION_KEY] = functools.partial(service.release_connection, conn)
-    if conn.disconnected:  # it closed while the record was being written
-        service.release_connection(conn)
+    request.on_close(ON_CLOSE_KEY, functools.partial(service.release_connection, request))
+    if request.closed:  # it closed while the record was being written
+        service.release_connection(request)
         return
-    conn.send_frame(frames.BlobStarted(req=frame.req, blob_id=blob_id))
+    request.reply(frames.BlobStarted(req=frame.req, blob_id=blob_id))
 
 
-@handlers.handles(frames.BlobChunk)
-async def blob_chunk(conn: ClientConnection, frame: frames.BlobChunk) -> None:
+async def blob_chunk(request: Request, services: Services, frame: frames.BlobChunk) -> None:
     """Append one piece to an upload. Runs to the end without awaiting, so pieces keep order."""
-    username, _ = conn.session.require_signed_in()
-    service = _ready_service(conn.server)
-    upload = service.uploads.get(frame.blob_id) if service is not None else None
-    if service is None or upload is None or upload.owner != username:
-        conn.refuse(frame.req, "unknown_blob", "no such upload in progress")
+    username, _ = request.signed_in()
+    service = services.blobs
+    upload = service.uploads.get(frame.blob_id)
+    if upload is None or upload.owner != username:
+        request.refuse(frame.req, "unknown_blob", "no such upload in progress")
         return
-    if not conn.server.policy.file_transfer:
+    if not services.admin.policy.file_transfer:
         service.abort_upload(frame.blob_id)
         _refuse_upload(
-            conn, frame.req, username, "file_transfer_off", REFUSAL_MESSAGES["file_transfer_off"]
+            request,
+            frame.req,
+            username,
+            "file_transfer_off",
+            REFUSAL_MESSAGES["file_transfer_off"],
+            services=services,
         )
         return
     if frame.offset != upload.written:
-        conn.refuse(frame.req, "bad_offset", f"the upload continues at byte {upload.written}")
+        request.refuse(frame.req, "bad_offset", f"the upload continues at byte {upload.written}")
         return
     if upload.written + len(frame.data) > upload.size:
         service.abort_upload(frame.blob_id)
         _refuse_upload(
-            conn, frame.req, username, "file_too_large", "the upload is longer than announced"
+            request,
+            frame.req,
+            username,
+            "file_too_large",
+            "the upload is longer than announced",
+            services=services,
         )
         return
     try:
@@ -413,18 +375,17 @@ async def blob_chunk(conn: ClientConnection, frame: frames.BlobChunk) -> None:
         raise StorageError(f"cannot store the file: {exc.strerror}") from None
     upload.digest.update(frame.data)
     upload.written += len(frame.data)
-    upload.active_at = time.monotonic()
-    conn.send_frame(frames.Ok(req=frame.req))
+    upload.active_at = services.clock.monotonic()
+    request.reply(frames.Ok(req=frame.req))
 
 
-@handlers.handles(frames.BlobEnd)
-async def blob_end(conn: ClientConnection, frame: frames.BlobEnd) -> None:
+async def blob_end(request: Request, services: Services, frame: frames.BlobEnd) -> None:
     """Check a finished upload and make it available."""
-    username, _ = conn.session.require_signed_in()
-    service = _ready_service(conn.server)
-    upload = service.uploads.get(frame.blob_id) if service is not None else None
-    if service is None or upload is None or upload.owner != username:
-        conn.refuse(frame.req, "unknown_blob", "no such upload in progress")
+    username, _ = request.signed_in()
+    service = services.blobs
+    upload = service.uploads.get(frame.blob_id)
+    if upload is None or upload.owner != username:
+        request.refuse(frame.req, "unknown_blob", "no such upload in progress")
         return
     del service.uploads[frame.blob_id]
     if upload.written != upload.size or not hmac.compare_digest(
@@ -434,7 +395,7 @@ async def blob_end(conn: ClientConnection, frame: frames.BlobEnd) -> None:
             os.close(upload.fd)
         upload.path.unlink(missing_ok=True)
         await service.store.delete(frame.blob_id)
-        conn.refuse(
+        request.refuse(
             frame.req, "blob_mismatch", "the upload's size or hash is not the announced one"
         )
         return
@@ -444,12 +405,14 @@ async def blob_end(conn: ClientConnection, frame: frames.BlobEnd) -> None:
         await service.store.delete(frame.blob_id)
         raise
     await service.store.mark_complete(frame.blob_id)
-    conn.send_frame(frames.Ok(req=frame.req))
+    request.reply(frames.Ok(req=frame.req))
 
 
-async def _readable(conn: ClientConnection, blob_id: str) -> tuple[BlobService, BlobRecord] | None:
-    username, _ = conn.session.require_signed_in()
-    service = await blob_service(conn.server)
+async def _readable(
+    request: Request, services: Services, blob_id: str
+) -> tuple[BlobService, BlobRecord] | None:
+    username, _ = request.signed_in()
+    service = services.blobs
     record = await service.record(blob_id)
     if (
         record is None
@@ -460,23 +423,22 @@ async def _readable(conn: ClientConnection, blob_id: str) -> tuple[BlobService, 
     return service, record
 
 
-@handlers.handles(frames.BlobGet)
-async def blob_get(conn: ClientConnection, frame: frames.BlobGet) -> None:
+async def blob_get(request: Request, services: Services, frame: frames.BlobGet) -> None:
     """Serve up to 64 KiB of a blob from any offset (to its owner and recipients only)."""
-    found = await _readable(conn, frame.blob_id)
+    found = await _readable(request, services, frame.blob_id)
     if found is None:
-        conn.refuse(frame.req, "unknown_blob", "no such file, or it has expired")
+        request.refuse(frame.req, "unknown_blob", "no such file, or it has expired")
         return
     service, record = found
     if frame.offset > record.size:
-        conn.refuse(frame.req, "bad_offset", "the offset is past the end of the file")
+        request.refuse(frame.req, "bad_offset", "the offset is past the end of the file")
         return
     length = min(frames.MAX_BLOB_CHUNK_BYTES, record.size - frame.offset)
     data = await service.content.read(frame.blob_id, frame.offset, length)
     if data is None:
-        conn.refuse(frame.req, "unknown_blob", "no such file, or it has expired")
+        request.refuse(frame.req, "unknown_blob", "no such file, or it has expired")
         return
-    conn.send_frame(
+    request.reply(
         frames.BlobData(
             req=frame.req,
             blob_id=frame.blob_id,
@@ -487,17 +449,25 @@ async def blob_get(conn: ClientConnection, frame: frames.BlobGet) -> None:
     )
 
 
-@handlers.handles(frames.BlobDone)
-async def blob_done(conn: ClientConnection, frame: frames.BlobDone) -> None:
+async def blob_done(request: Request, services: Services, frame: frames.BlobDone) -> None:
     """A recipient has the blob; the last one to say so deletes it."""
-    username, _ = conn.session.require_signed_in()
-    found = await _readable(conn, frame.blob_id)
+    username, _ = request.signed_in()
+    found = await _readable(request, services, frame.blob_id)
     if found is None:
-        conn.refuse(frame.req, "unknown_blob", "no such file, or it has expired")
+        request.refuse(frame.req, "unknown_blob", "no such file, or it has expired")
         return
     service, record = found
     if username in record.recipients and await service.store.mark_downloaded(
         frame.blob_id, username
     ):
         await service.delete(frame.blob_id)
-    conn.send_frame(frames.Ok(req=frame.req))
+    request.reply(frames.Ok(req=frame.req))
+
+
+ROUTES = (
+    Route(frames.BlobBegin, blob_begin),
+    Route(frames.BlobChunk, blob_chunk),
+    Route(frames.BlobEnd, blob_end),
+    Route(frames.BlobGet, blob_get),
+    Route(frames.BlobDone, blob_done),
+)

@@ -10,9 +10,6 @@ the two connections may be on different nodes.
 
 from __future__ import annotations
 
-import time
-from typing import TYPE_CHECKING
-
 from bastion.crypto.device import DeviceCertificate, verify_published_key, verify_revocation
 from bastion.crypto.signing import verify_ed25519
 from bastion.errors import AuthenticationError
@@ -20,10 +17,8 @@ from bastion.protocol import frames
 from bastion.protocol.auth import register_message
 from bastion.server.cluster.local import Kick
 from bastion.server.core.link_slots import LinkDeliver, LinkError
+from bastion.server.handlers._context import Request, Route, Services
 from bastion.server.storage.interfaces import DeviceRecord, DeviceRefusedError, KeyRecord
-
-if TYPE_CHECKING:
-    from bastion.server.net.connection import ClientConnection
 
 REVOCATION_SKEW_MS = 86_400_000
 
@@ -77,45 +72,45 @@ def verify_new_device(
     )
 
 
-def _pushes_to(conn: ClientConnection, slot: bytes) -> LinkDeliver:
-    """How a blob for ``slot`` reaches ``conn``: a ``link_push`` frame."""
+def _pushes_to(request: Request, slot: bytes) -> LinkDeliver:
+    """How a blob for ``slot`` reaches ``request``: a ``link_push`` frame."""
 
     def deliver(blob: bytes) -> None:
-        conn.send_frame(frames.LinkPush(slot=slot, blob=blob))
+        request.reply(frames.LinkPush(slot=slot, blob=blob))
 
     return deliver
 
 
-async def link_open(conn: ClientConnection, frame: frames.LinkOpen) -> None:
+async def link_open(request: Request, services: Services, frame: frames.LinkOpen) -> None:
     """A signed-in device offers a link slot."""
-    owner = conn.session.require_signed_in()
-    await conn.server.bus.link_open(frame.slot, owner, _pushes_to(conn, frame.slot))
-    conn.send_frame(frames.Ok(req=frame.req))
+    owner = request.signed_in()
+    await services.bus.link_open(frame.slot, owner, _pushes_to(request, frame.slot))
+    request.reply(frames.Ok(req=frame.req))
 
 
-async def link_join(conn: ClientConnection, frame: frames.LinkJoin) -> None:
+async def link_join(request: Request, services: Services, frame: frames.LinkJoin) -> None:
     """A new device (not signed in) hands its sealed keys to the slot's owner."""
-    if conn.session.username is not None:
+    if request.session.username is not None:
         raise LinkError("this connection is already signed in")
-    await conn.server.bus.link_join(frame.slot, frame.blob, _pushes_to(conn, frame.slot))
-    conn.send_frame(frames.Ok(req=frame.req))
+    await services.bus.link_join(frame.slot, frame.blob, _pushes_to(request, frame.slot))
+    request.reply(frames.Ok(req=frame.req))
 
 
-async def link_answer(conn: ClientConnection, frame: frames.LinkAnswer) -> None:
+async def link_answer(request: Request, services: Services, frame: frames.LinkAnswer) -> None:
     """The owner hands its sealed grant to the joining device."""
-    owner = conn.session.require_signed_in()
-    await conn.server.bus.link_answer(frame.slot, owner, frame.blob)
-    conn.send_frame(frames.Ok(req=frame.req))
+    owner = request.signed_in()
+    await services.bus.link_answer(frame.slot, owner, frame.blob)
+    request.reply(frames.Ok(req=frame.req))
 
 
-async def add_device(conn: ClientConnection, frame: frames.AddDevice) -> None:
+async def add_device(request: Request, services: Services, frame: frames.AddDevice) -> None:
     """A device certified by the account key joins the account and is signed in."""
-    nonce = conn.session.take_nonce(time.monotonic())
-    account = await conn.server.store.get_account(frame.username)
+    nonce = request.session.take_nonce(services.clock.monotonic())
+    account = await services.storage.relay.get_account(frame.username)
     if account is None or account.disabled:
         raise AuthenticationError("unknown or disabled account")
     record = verify_new_device(
-        server_name=conn.session.server_name,
+        server_name=request.session.server_name,
         nonce=nonce,
         username=frame.username,
         identity_key=account.identity_key,
@@ -125,39 +120,48 @@ async def add_device(conn: ClientConnection, frame: frames.AddDevice) -> None:
         fallback_key=frame.fallback_key,
     )
     try:
-        await conn.server.store.add_device(
+        await services.storage.relay.add_device(
             record,
             [KeyRecord(k.key, k.signature) for k in frame.one_time_keys],
             KeyRecord(frame.fallback_key.key, frame.fallback_key.signature),
-            max_devices=conn.limits.max_devices_per_account,
+            max_devices=services.limits.max_devices_per_account,
         )
     except DeviceRefusedError as exc:
-        conn.refuse(frame.req, "device_refused", str(exc))
+        request.refuse(frame.req, "device_refused", str(exc))
         return
-    conn.server.audit_event(
-        "device.added", user=frame.username, device=record.device_id, address=conn.address
+    services.audit.event(
+        "device.added", user=frame.username, device=record.device_id, address=request.address
     )
-    await conn.signed_in(frame.req, frame.username, record.device_id, frame.receive)
+    await request.bind(frame.req, frame.username, record.device_id, receive=frame.receive)
 
 
-async def revoke_device(conn: ClientConnection, frame: frames.RevokeDevice) -> None:
+async def revoke_device(request: Request, services: Services, frame: frames.RevokeDevice) -> None:
     """Remove a device of the signed-in account, on the account key's signature."""
-    username, device_id = conn.session.require_signed_in()
+    username, device_id = request.signed_in()
     if frame.device_id == device_id:
-        conn.refuse(frame.req, "bad_request", "revoke this device from another one")
+        request.refuse(frame.req, "bad_request", "revoke this device from another one")
         return
-    if abs(frame.revoked_at - time.time_ns() // 1_000_000) > REVOCATION_SKEW_MS:
-        conn.refuse(frame.req, "bad_request", "the revocation is dated too far from now")
+    if abs(frame.revoked_at - services.clock.now_ms()) > REVOCATION_SKEW_MS:
+        request.refuse(frame.req, "bad_request", "the revocation is dated too far from now")
         return
-    account = await conn.server.store.get_account(username)
+    account = await services.storage.relay.get_account(username)
     if account is None:
         raise AuthenticationError("account no longer exists")
     verify_revocation(
         account.identity_key, frame.signature, username, frame.device_id, frame.revoked_at
     )
-    if not await conn.server.store.revoke_device(username, frame.device_id):
-        conn.refuse(frame.req, "unknown_device", "the account has no such device")
+    if not await services.storage.relay.revoke_device(username, frame.device_id):
+        request.refuse(frame.req, "unknown_device", "the account has no such device")
         return
-    conn.server.bus.publish(username, frame.device_id, Kick("device revoked"))
-    conn.server.audit_event("device.revoked", user=username, device=frame.device_id, by=device_id)
-    conn.send_frame(frames.Ok(req=frame.req))
+    services.bus.publish(username, frame.device_id, Kick("device revoked"))
+    services.audit.event("device.revoked", user=username, device=frame.device_id, by=device_id)
+    request.reply(frames.Ok(req=frame.req))
+
+
+ROUTES = (
+    Route(frames.AddDevice, add_device, before_signin=True),
+    Route(frames.LinkJoin, link_join, before_signin=True),
+    Route(frames.LinkOpen, link_open),
+    Route(frames.LinkAnswer, link_answer),
+    Route(frames.RevokeDevice, revoke_device),
+)

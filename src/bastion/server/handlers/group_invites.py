@@ -9,23 +9,16 @@ invitation never answered, and it stays so until an admin removes them.
 
 from __future__ import annotations
 
-import time
-from typing import TYPE_CHECKING
-
 from bastion.protocol import frames
-from bastion.server import handlers
-from bastion.server.handlers.groups import head_state, service
-
-if TYPE_CHECKING:
-    from bastion.server.net.connection import ClientConnection
+from bastion.server.handlers._context import Request, Route, Services
+from bastion.server.handlers.groups import head_state
 
 
-@handlers.handles(frames.GroupInvites)
-async def list_invites(conn: ClientConnection, frame: frames.GroupInvites) -> None:
+async def list_invites(request: Request, services: Services, frame: frames.GroupInvites) -> None:
     """Answer with the caller's invitations that wait for an answer, oldest first."""
-    user, _ = conn.session.require_signed_in()
-    groups = await service(conn.server)
-    max_members = conn.server.limits.group_max_members
+    user, _ = request.signed_in()
+    groups = services.groups
+    max_members = services.limits.group_max_members
     invites = []
     for found in await groups.store.pending_invites(user, frames.MAX_GROUP_INVITES):
         state = await head_state(groups.store, found.group_id, max_members=max_members)
@@ -40,19 +33,18 @@ async def list_invites(conn: ClientConnection, frame: frames.GroupInvites) -> No
                 at=found.created_at,
             )
         )
-    conn.send_frame(frames.GroupInviteList(req=frame.req, invites=invites))
+    request.reply(frames.GroupInviteList(req=frame.req, invites=invites))
 
 
-@handlers.handles(frames.GroupRespond)
-async def respond(conn: ClientConnection, frame: frames.GroupRespond) -> None:
+async def respond(request: Request, services: Services, frame: frames.GroupRespond) -> None:
     """Join a group one was invited to, or decline; ``no_invitation`` if none waits."""
-    user, device = conn.session.require_signed_in()
-    groups = await service(conn.server)
+    user, device = request.signed_in()
+    groups = services.groups
     state = await head_state(
-        groups.store, frame.group_id, max_members=conn.server.limits.group_max_members
+        groups.store, frame.group_id, max_members=services.limits.group_max_members
     )
     if state is None:
-        conn.refuse(frame.req, "no_invitation", "no invitation to that group waits for you")
+        request.refuse(frame.req, "no_invitation", "no invitation to that group waits for you")
         return
     notice = frames.GroupChangeItem(group_id=frame.group_id, seq=state.seq)
     envelopes = await groups.store.respond(
@@ -60,12 +52,18 @@ async def respond(conn: ClientConnection, frame: frames.GroupRespond) -> None:
         user,
         device,
         accept=frame.accept,
-        server_ts=time.time_ns() // 1_000_000,
+        server_ts=services.clock.now_ms(),
         item=frames.encode_item(notice),
     )
     if envelopes is None:
-        conn.refuse(frame.req, "no_invitation", "no invitation to that group waits for you")
+        request.refuse(frame.req, "no_invitation", "no invitation to that group waits for you")
         return
-    conn.send_frame(frames.Ok(req=frame.req))
+    request.reply(frames.Ok(req=frame.req))
     for envelope in envelopes:
-        conn.server.bus.publish(envelope.user, envelope.device_id, envelope)
+        services.bus.publish(envelope.user, envelope.device_id, envelope)
+
+
+ROUTES = (
+    Route(frames.GroupInvites, list_invites),
+    Route(frames.GroupRespond, respond),
+)

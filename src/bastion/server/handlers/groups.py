@@ -17,12 +17,9 @@ group, room keys included, reaches a member from a member they blocked.
 
 from __future__ import annotations
 
-import asyncio
-import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
-from bastion.errors import ProtocolError, StorageError
+from bastion.errors import ProtocolError
 from bastion.groups.chain import (
     AddMember,
     CreateGroup,
@@ -36,9 +33,8 @@ from bastion.groups.chain import (
 )
 from bastion.protocol import frames
 from bastion.ratelimit import RateLimiter
-from bastion.server import handlers
 from bastion.server.core.contact_rules import ACCEPTED, BLOCKED, ContactError, state_of
-from bastion.server.handlers import contacts
+from bastion.server.handlers._context import Request, Route, Services
 from bastion.server.storage.group_heads import decode_head, encode_head
 from bastion.server.storage.groups import (
     PENDING,
@@ -46,16 +42,8 @@ from bastion.server.storage.groups import (
     Appended,
     GroupConflictError,
     GroupStore,
-    SQLiteGroupStore,
 )
-from bastion.server.storage.postgres.groups import PgGroupStore
-from bastion.server.storage.postgres.relay import PgStore
-from bastion.server.storage.sqlite.relay import SQLiteStore
 
-if TYPE_CHECKING:
-    from bastion.server.net.connection import ClientConnection, RelayServer
-
-EXTENSION = "groups"
 CHAIN_PAGE = 128
 CHAIN_PAGE_BYTES = 160 * 1024
 MAX_DEPARTURES_KEPT = 4096
@@ -70,35 +58,6 @@ class GroupService:
     creations: RateLimiter[str]
     # (group id, user) -> (head seq when looked up, seq of the change that ended membership)
     departures: dict[tuple[bytes, str], tuple[int, int]] = field(default_factory=dict)
-
-
-_opening = asyncio.Lock()
-
-
-async def service(server: RelayServer) -> GroupService:
-    """The server's group service, created on first use; raises StorageError for other stores."""
-    found = server.extensions.get(EXTENSION)
-    if isinstance(found, GroupService):
-        return found
-    async with _opening:
-        found = server.extensions.get(EXTENSION)
-        if isinstance(found, GroupService):
-            return found
-        store: SQLiteGroupStore | PgGroupStore
-        if isinstance(server.store, SQLiteStore):
-            store = SQLiteGroupStore(server.store)
-        elif isinstance(server.store, PgStore):
-            store = PgGroupStore(server.store)
-        else:
-            raise StorageError("this store keeps no groups")
-        await store.open()
-        limits = server.limits
-        created = GroupService(
-            store,
-            RateLimiter(limits.group_creations_per_hour / 3600.0, limits.group_creations_burst),
-        )
-        server.extensions[EXTENSION] = created
-        return created
 
 
 async def load_state(store: GroupStore, group_id: bytes, *, max_members: int) -> GroupState | None:
@@ -129,52 +88,60 @@ async def head_state(store: GroupStore, group_id: bytes, *, max_members: int) ->
     return state
 
 
-async def _take(conn: ClientConnection, limit: str, key: str, per_hour: float, burst: int) -> bool:
-    if await conn.server.bus.take(limit, key, per_hour / 3600.0, burst):
+async def _take(services: Services, limit: str, key: str, per_hour: float, burst: int) -> bool:
+    if await services.bus.take(limit, key, per_hour / 3600.0, burst):
         return True
-    conn.server.limit_hit(limit, key)
+    services.limit_log.hit(limit, key)
     return False
 
 
 async def _within_change_limits(
-    conn: ClientConnection, req: int, groups: GroupService, change: GroupChange, size: int
+    request: Request,
+    services: Services,
+    req: int,
+    groups: GroupService,
+    change: GroupChange,
+    *,
+    size: int,
 ) -> bool:
     """Size, chain length and rate of changes; refuses the post and says False if over."""
     user = change.author
-    limits = conn.server.limits
+    limits = services.limits
     if size > limits.group_max_change_bytes:
-        conn.refuse(
+        request.refuse(
             req,
             "group_change_rejected",
             f"a group change may have at most {limits.group_max_change_bytes} bytes",
         )
         return False
     if change.seq >= limits.group_max_chain_changes:
-        conn.refuse(
+        request.refuse(
             req,
             "group_change_rejected",
             f"the group's chain is full ({limits.group_max_chain_changes} changes);"
             " start a new group",
         )
         return False
-    if isinstance(change.args, CreateGroup) and not groups.creations.allow(user, time.monotonic()):
-        conn.server.limit_hit("group_creations", user)
-        conn.refuse(req, "rate_limited", "too many new groups; try again later")
+    if isinstance(change.args, CreateGroup) and not groups.creations.allow(
+        user, services.clock.monotonic()
+    ):
+        services.limit_log.hit("group_creations", user)
+        request.refuse(req, "rate_limited", "too many new groups; try again later")
         return False
     if not await _take(
-        conn,
+        services,
         "group_changes_per_account",
         user,
         limits.group_changes_per_account_per_hour,
         limits.group_changes_per_account_burst,
     ) or not await _take(
-        conn,
+        services,
         "group_changes_per_group",
         change.group_id.hex(),
         limits.group_changes_per_group_per_hour,
         limits.group_changes_per_group_burst,
     ):
-        conn.refuse(req, "rate_limited", "too many changes to groups; try again later")
+        request.refuse(req, "rate_limited", "too many changes to groups; try again later")
         return False
     return True
 
@@ -189,16 +156,15 @@ def _entering(change: GroupChange) -> list[tuple[str, bytes]]:
 
 
 async def _entry_states(
-    conn: ClientConnection, groups: GroupService, change: GroupChange, users: list[str]
+    services: Services, groups: GroupService, change: GroupChange, users: list[str]
 ) -> list[tuple[str, str]]:
     """The not-joined state of each entering user (those who join at once are left out).
 
     Raises :class:`ContactError` (``rate_limited``) when an invitation would
     break the recipient's flood limits, which are the contact requests' own.
     """
-    server = conn.server
-    limits = server.limits
-    book = await contacts.service(server)
+    limits = services.limits
+    book = services.contacts
     adder = change.author
     states: list[tuple[str, str]] = []
     for user in users:
@@ -216,7 +182,7 @@ async def _entry_states(
                 "rate_limited", f"{user} has too many open invitations; try again later"
             )
         if not await _take(
-            conn,
+            services,
             "contact_requests_per_recipient",
             user,
             limits.contact_requests_per_recipient_per_hour,
@@ -229,17 +195,18 @@ async def _entry_states(
     return states
 
 
-@handlers.handles(frames.GroupPost)
-async def post_change(conn: ClientConnection, frame: frames.GroupPost) -> None:
+async def post_change(request: Request, services: Services, frame: frames.GroupPost) -> None:
     """Check a change against the stored head, append it, notify members and invitees."""
-    user, device = conn.session.require_signed_in()
-    groups = await service(conn.server)
-    limits = conn.server.limits
+    user, device = request.signed_in()
+    groups = services.groups
+    limits = services.limits
     change = decode_change(frame.change)
     if change.author != user:
-        conn.refuse(frame.req, "group_change_rejected", "a change must be signed by its poster")
+        request.refuse(frame.req, "group_change_rejected", "a change must be signed by its poster")
         return
-    if not await _within_change_limits(conn, frame.req, groups, change, len(frame.change)):
+    if not await _within_change_limits(
+        request, services, frame.req, groups, change, size=len(frame.change)
+    ):
         return
     state = None
     if not isinstance(change.args, CreateGroup):
@@ -247,24 +214,24 @@ async def post_change(conn: ClientConnection, frame: frames.GroupPost) -> None:
             groups.store, change.group_id, max_members=limits.group_max_members
         )
         if state is None:
-            conn.refuse(frame.req, "unknown_group", "there is no such group")
+            request.refuse(frame.req, "unknown_group", "there is no such group")
             return
     after = apply_change(state, change, max_members=limits.group_max_members)
     entering = _entering(change)
     creator = [(user, change.args.creator_key)] if isinstance(change.args, CreateGroup) else []
     for name, key in [*entering, *creator]:
-        account = await conn.server.store.get_account(name)
+        account = await services.storage.relay.get_account(name)
         if account is None or account.identity_key != key:
-            conn.refuse(frame.req, "unknown_user", f"{name} has no account with that key"[:200])
+            request.refuse(frame.req, "unknown_user", f"{name} has no account with that key"[:200])
             return
-    invites = await _entry_states(conn, groups, change, [name for name, _ in entering])
+    invites = await _entry_states(services, groups, change, [name for name, _ in entering])
     before_active = await groups.store.active_members(change.group_id) if state else []
     old_not_joined = await groups.store.not_joined(change.group_id) if state else {}
     not_joined = {u: s for u, s in old_not_joined.items() if u in after.members}
     not_joined.update(invites)
     members = sorted(m for m in after.members if m not in not_joined)
     notify = sorted(set(members) | set(before_active))
-    now = _now_ms()
+    now = services.clock.now_ms()
     invite = frames.GroupInvite(
         group_id=change.group_id,
         name=after.name,
@@ -294,15 +261,15 @@ async def post_change(conn: ClientConnection, frame: frames.GroupPost) -> None:
             ),
         )
     except GroupConflictError as exc:
-        conn.refuse(frame.req, "group_conflict", str(exc))
+        request.refuse(frame.req, "group_conflict", str(exc))
         return
-    conn.send_frame(
+    request.reply(
         frames.GroupPosted(
             req=frame.req, seq=change.seq, members=members, invited=sorted(not_joined)
         )
     )
     for envelope in envelopes:
-        conn.server.bus.publish(envelope.user, envelope.device_id, envelope)
+        services.bus.publish(envelope.user, envelope.device_id, envelope)
 
 
 async def _departure(store: GroupStore, group_id: bytes, user: str) -> int:
@@ -342,20 +309,19 @@ def _removes(raw: bytes, user: str) -> bool:
     return isinstance(change.args, Leave) and change.author == user
 
 
-@handlers.handles(frames.GroupFetch)
-async def fetch_chain(conn: ClientConnection, frame: frames.GroupFetch) -> None:
+async def fetch_chain(request: Request, services: Services, frame: frames.GroupFetch) -> None:
     """Send a page of a group's chain to a current or former member."""
-    user, _ = conn.session.require_signed_in()
-    groups = await service(conn.server)
+    user, _ = request.signed_in()
+    groups = services.groups
     membership = await groups.store.membership(frame.group_id, user)
     if membership is None:
-        conn.refuse(frame.req, "unknown_group", "there is no such group you belong to")
+        request.refuse(frame.req, "unknown_group", "there is no such group you belong to")
         return
     page = await groups.store.changes(frame.group_id, frame.after_seq, CHAIN_PAGE)
     if not membership:
         # A former member sees the chain up to their own departure, nothing after it.
         head = await head_state(
-            groups.store, frame.group_id, max_members=conn.server.limits.group_max_members
+            groups.store, frame.group_id, max_members=services.limits.group_max_members
         )
         head_seq = -1 if head is None else head.seq
         last = await _departure_seen(groups, frame.group_id, user, head_seq)
@@ -370,7 +336,7 @@ async def fetch_chain(conn: ClientConnection, frame: frames.GroupFetch) -> None:
     more = len(changes) < len(page) or len(page) == CHAIN_PAGE
     members = await groups.store.active_members(frame.group_id) if membership else []
     invited = sorted(await groups.store.not_joined(frame.group_id)) if membership else []
-    conn.send_frame(
+    request.reply(
         frames.GroupChain(
             req=frame.req,
             group_id=frame.group_id,
@@ -382,19 +348,17 @@ async def fetch_chain(conn: ClientConnection, frame: frames.GroupFetch) -> None:
     )
 
 
-@handlers.handles(frames.GroupSend)
-async def send_message(conn: ClientConnection, frame: frames.GroupSend) -> None:
+async def send_message(request: Request, services: Services, frame: frames.GroupSend) -> None:
     """Fan one group ciphertext out to every member device, once per client message id."""
-    user, device = conn.session.require_signed_in()
-    server = conn.server
-    groups = await service(server)
-    if not server.messages_by_device.allow((user, device), time.monotonic()):
-        server.limit_hit("messages_per_device", f"{user}/{device}")
-        conn.refuse(frame.req, "rate_limited", "sending too fast; slow down")
+    user, device = request.signed_in()
+    groups = services.groups
+    if not services.message_rates.allow((user, device), services.clock.monotonic()):
+        services.limit_log.hit("messages_per_device", f"{user}/{device}")
+        request.refuse(frame.req, "rate_limited", "sending too fast; slow down")
         return
     members = await groups.store.active_members(frame.group_id)
     if user not in members:
-        conn.refuse(frame.req, "not_a_member", "you are not a member of that group")
+        request.refuse(frame.req, "not_a_member", "you are not a member of that group")
         return
     # Nothing reaches a member from someone they blocked; the sender is not told.
     blocked_me = await groups.store.blocked_by(user)
@@ -404,21 +368,21 @@ async def send_message(conn: ClientConnection, frame: frames.GroupSend) -> None:
         sender=user,
         sender_device=device,
         client_msg_id=frame.client_msg_id,
-        server_ts=_now_ms(),
+        server_ts=services.clock.now_ms(),
         item=frames.encode_item(item),
     )
     invited = sorted(await groups.store.not_joined(frame.group_id))
-    conn.send_frame(
+    request.reply(
         frames.GroupSent(req=frame.req, server_ts=server_ts, members=members, invited=invited)
     )
-    if server.metrics is not None and envelopes:
-        server.metrics.messages.inc()
+    if envelopes:
+        services.metrics.count_messages()
     for envelope in envelopes:
-        server.bus.publish(envelope.user, envelope.device_id, envelope)
+        services.bus.publish(envelope.user, envelope.device_id, envelope)
 
 
 async def room_key_may_pass(
-    server: RelayServer, sender: str, to: str, group_id: bytes, *, blocked_by_recipient: bool
+    services: Services, sender: str, to: str, group_id: bytes, *, blocked_by_recipient: bool
 ) -> bool:
     """Whether an Olm message on ``group_id``'s room-key path is stored (True) or dropped.
 
@@ -427,7 +391,7 @@ async def room_key_may_pass(
     the chain but has not joined (a pending, declined or withheld invitation look
     alike). A recipient who blocked the sender gets nothing; the sender is not told.
     """
-    groups = await service(server)
+    groups = services.groups
     if await groups.store.membership(group_id, sender) is not True:
         raise ContactError("not_a_member", "you are not a member of that group")
     if await groups.store.membership(group_id, to) is not True:
@@ -437,8 +401,8 @@ async def room_key_may_pass(
     return not blocked_by_recipient
 
 
-contacts.ROOM_KEY_RULES.append(room_key_may_pass)
-
-
-def _now_ms() -> int:
-    return time.time_ns() // 1_000_000
+ROUTES = (
+    Route(frames.GroupPost, post_change),
+    Route(frames.GroupFetch, fetch_chain),
+    Route(frames.GroupSend, send_message),
+)

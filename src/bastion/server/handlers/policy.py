@@ -9,19 +9,14 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from bastion.crypto.policy import PolicyDocument, sign_policy
 from bastion.crypto.signing import AccountIdentity
 from bastion.errors import StorageError
 from bastion.protocol import frames
-from bastion.server.handlers import handles
-
-if TYPE_CHECKING:
-    from bastion.server.net.connection import ClientConnection
+from bastion.server.handlers._context import Request, Route, Services
 
 POLICY_KEY_FILE = "policy.key"
-EXTENSION = "policy_key"
 
 
 def ensure_policy_key(data_dir: Path) -> AccountIdentity:
@@ -40,14 +35,10 @@ def ensure_policy_key(data_dir: Path) -> AccountIdentity:
     return key
 
 
-@handles(frames.GetPolicy, before_signin=True)
-async def get_policy(conn: ClientConnection, frame: frames.GetPolicy) -> None:
+async def get_policy(request: Request, services: Services, frame: frames.GetPolicy) -> None:
     """Answer with the current policy, signed."""
-    key = conn.server.extensions.get(EXTENSION)
-    if not isinstance(key, AccountIdentity):
-        key = ensure_policy_key(conn.server.config.data_dir)
-        conn.server.extensions[EXTENSION] = key
-    policy = conn.server.policy
+    key = services.policy_key
+    policy = services.admin.policy
     raw, signature = sign_policy(
         key,
         PolicyDocument(
@@ -57,6 +48,9 @@ async def get_policy(conn: ClientConnection, frame: frames.GetPolicy) -> None:
             max_file_mb=policy.max_file_mb,
         ),
     )
-    conn.send_frame(
+    request.reply(
         frames.PolicyInfo(req=frame.req, key=key.public_bytes, document=raw, signature=signature)
     )
+
+
+ROUTES = (Route(frames.GetPolicy, get_policy, before_signin=True),)

@@ -1,18 +1,18 @@
-"""The relay: authenticated WebSocket connections over TLS, and routing between them.
+"""One client's WebSocket connection: picows callbacks, outbox, back-pressure, the guard.
 
-Each connection holds a sans-I/O :class:`~bastion.protocol.auth.ServerSession`.
-The sender of a message is always the connection's authenticated device, never
-a field of a frame. Delivery is cursor-based: a device receives its queue in
-order, live envelopes are pushed as they are stored, and at most
-``delivery_window`` envelopes are unacknowledged at a time (the rest wait in
-the store, not in memory).
+Each connection holds a sans-I/O :class:`~bastion.protocol.auth.ServerSession` and
+implements :class:`~bastion.server.handlers._context.Request`, which is all a
+handler sees of it. The sender of a message is always the connection's
+authenticated device, never a field of a frame. Delivery is cursor-based: a
+device receives its queue in order, live envelopes are pushed as they are
+stored, and at most ``delivery_window`` envelopes are unacknowledged at a time
+(the rest wait in the store, not in memory).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import secrets
 import socket
@@ -29,50 +29,25 @@ from picows import (
     WSTransport,
 )
 
-from bastion.crypto.device import verify_published_key
 from bastion.errors import AuthenticationError, BastionError, ProtocolError
 from bastion.protocol import frames
 from bastion.protocol.auth import ServerSession
 from bastion.protocol.codes import ErrorCode
-from bastion.ratelimit import BackoffRules, RateLimiter, address_key
-from bastion.server import features as _features  # noqa: F401 - registers feature handlers
-from bastion.server import handlers
-from bastion.server.admin.policy import Policy
-from bastion.server.admin.watch import AdminChannel
-from bastion.server.audit.log import AuditLog
-from bastion.server.cluster.local import Bus, BusEvent, KeysLow, Kick, Push, RateHandover
-from bastion.server.config import ServerConfig
+from bastion.ratelimit import address_key
+from bastion.server.cluster.local import BusEvent, KeysLow, Kick, Push, RateHandover
 from bastion.server.core.delivery import DeliveryWindow, Step
-from bastion.server.handlers import contacts, device_lists, devices
-from bastion.server.metrics import RelayMetrics
-from bastion.server.net.tls import server_context
-from bastion.server.storage.interfaces import (
-    AccountRecord,
-    Copy,
-    DeviceMismatchError,
-    KeyRecord,
-    NotContactsError,
-    QueuedEnvelope,
-    QueueFullError,
-    Store,
-    StoredMessage,
-    UnknownRecipientError,
-    UsernameTakenError,
-)
+from bastion.server.handlers import contacts, messages
+from bastion.server.handlers._context import INTERNAL_MESSAGE, REFUSED_MESSAGE
+from bastion.server.storage.interfaces import QueuedEnvelope
 
 if TYPE_CHECKING:
-    from bastion.server.net.proxy import ProxiedListener
+    from bastion.server.net.listener import RelayServer
 
 log = logging.getLogger("bastion.server")
 
 _OUTBOX_FLUSH_BYTES = 256 * 1024  # frames queued past this leave at once, not at iteration end
 _WS_LEN_16 = 126  # payload lengths from here on take a 16-bit length field
 _WS_LEN_64 = 1 << 16  # and from here on a 64-bit one
-
-
-def _now_ms() -> int:
-    return time.time_ns() // 1_000_000
-
 
 # Each connection's read buffer starts this small and doubles when a frame needs more.
 # Most connections are idle and most frames are under 1 KiB: at picows's default of
@@ -88,206 +63,14 @@ READ_BUFFER_INIT_BYTES = 2048
 KERNEL_SEND_BUFFER_BYTES = 128 * 1024
 
 
-class RelayServer:
-    """The relay: accepts connections, authenticates devices, stores and routes ciphertext."""
-
-    connection_class: type[ClientConnection]
-
-    def __init__(self, config: ServerConfig, store: Store, bus: Bus) -> None:
-        self.config = config
-        self.limits = config.limits
-        self.store = store
-        self.bus = bus
-        self.connections: set[ClientConnection] = set()
-        self._proxied: ProxiedListener | None = None
-        limits = self.limits
-        self.connection_class = ClientConnection
-        self.keys_low_notified: set[tuple[str, str]] = set()
-        self.all_closed = asyncio.Event()
-        # State that features built on the relay keep per server (their stores, caches).
-        self.extensions: dict[str, object] = {}
-        self.signin_backoff = BackoffRules(
-            base_delay=limits.signin_backoff_base_s,
-            max_delay=limits.signin_backoff_max_s,
-            free_failures=limits.signin_free_failures,
-        )
-        self.messages_by_device: RateLimiter[tuple[str, str]] = RateLimiter(
-            limits.messages_per_second, limits.messages_burst
-        )
-        self.connections_by_address: dict[str, int] = {}
-        # One audit record per limit and key per minute: a flood must not flood the log.
-        self._limit_audits: RateLimiter[tuple[str, str]] = RateLimiter(1 / 60.0, 1)
-        self.audit: AuditLog | None = None
-        self.admin: AdminChannel | None = None
-        self.metrics: RelayMetrics | None = None
-
-    async def start(self) -> int:
-        """Listen; returns the bound port."""
-        # The contact service hears of users whose node died (a cluster's bus tells one
-        # node each), so it must listen before anyone has signed in here.
-        await contacts.service(self)
-        # The accept loop is ours (not the transport library's): when the process runs out
-        # of descriptors it backs off and logs once instead of spinning (bastion.server.net.proxy).
-        from bastion.server.net.proxy import ProxiedListener  # noqa: PLC0415 - imports aiofastnet
-
-        self._proxied = ProxiedListener(
-            self._listener_for,
-            self.config.proxy_protocol_from,
-            server_context(self.config.data_dir),
-            self.limits,
-            read_buffer_bytes=READ_BUFFER_INIT_BYTES,
-        )
-        return await self._proxied.start(self.config.host, self.config.port)
-
-    def _listener_for(self, address: str) -> ClientConnection:
-        """A connection from ``address``: the peer's, or the client's as a balancer told us."""
-        conn = self.connection_class(self)
-        conn.forwarded_address = address
-        return conn
-
-    async def stop(self) -> None:
-        """Stop accepting, close every connection, then let the store finish."""
-        if self._proxied is not None:
-            await self._proxied.close()
-        for conn in list(self.connections):
-            conn.close(WSCloseCode.GOING_AWAY, "server shutting down")
-        # Clients get a moment to answer the close; one that does not is cut off,
-        # so a stuck peer can never hold the shutdown (and the store) hostage.
-        if self.connections:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.all_closed.wait(), self.limits.shutdown_grace_s)
-        for conn in list(self.connections):
-            conn.abort()
-        await self.store.close()
-
-    def resync(self) -> None:
-        """Re-read every receiving connection's queue from the store (after a bus outage)."""
-        for conn in list(self.connections):
-            conn.rewind(0)
-
-    async def allow_claim(self, requester: str, target: str) -> bool:
-        """Token buckets on key claims per requester and per (requester, target) pair.
-
-        The pair limit is what stops one account from draining another's
-        one-time keys to force fallback-key sessions (Prekey Pogo). Both are
-        counted across every node of a cluster (:meth:`Bus.take`).
-        """
-        limits = self.limits
-        if requester != target and not await self.bus.take(
-            "key_claims_per_target",
-            f"{requester}/{target}",
-            limits.key_claims_per_target_per_hour / 3600.0,
-            limits.key_claims_per_target_burst,
-        ):
-            return False
-        return await self.bus.take(
-            "key_claims", requester, limits.key_claims_per_minute / 60.0, limits.key_claims_burst
-        )
-
-    async def allow_registration(self, address: str) -> bool:
-        """The per-address registration bucket, counted across every node."""
-        limits = self.limits
-        return await self.bus.take(
-            "registrations_per_address",
-            address,
-            limits.registrations_per_address_per_hour / 3600.0,
-            limits.registrations_per_address_burst,
-        )
-
-    # Sign-in back-off, counted across every node (Bus.record_failure): by address, and
-    # by (address, account) so that failures from elsewhere never lock the owner out.
-
-    async def signin_wait(self, address: str, username: str) -> float:
-        """Seconds a sign-in from this address for this account must wait (0: go ahead)."""
-        return max(
-            await self.bus.failure_wait("signin_by_address", address),
-            await self.bus.failure_wait("signin_by_account", f"{address}/{username}"),
-        )
-
-    async def signin_failed(self, address: str, username: str) -> None:
-        """Count a failed sign-in against the address and the account."""
-        await self.bus.record_failure("signin_by_address", address, self.signin_backoff)
-        await self.bus.record_failure(
-            "signin_by_account", f"{address}/{username}", self.signin_backoff
-        )
-
-    async def signin_succeeded(self, address: str, username: str) -> None:
-        """Forget the account's failures from this address; the address's count only decays."""
-        await self.bus.clear_failures("signin_by_account", f"{address}/{username}")
-
-    # A device's message rate is checked in this node's memory (messages_by_device) and
-    # moves with the device between nodes (Bus.hand_over_rate, Bus.take_rate).
-
-    async def take_message_rate(self, username: str, device_id: str) -> None:
-        """Carry over the bucket the device left on the node it last used, if any."""
-        limits = self.limits
-        tokens = await self.bus.take_rate(
-            username, device_id, limits.messages_per_second, limits.messages_burst
-        )
-        if tokens is not None:
-            self.messages_by_device.lower((username, device_id), tokens, time.monotonic())
-
-    async def hand_over_message_rate(self, username: str, device_id: str) -> None:
-        """Leave the device's bucket for the node it signs in on next (a full one needs nothing)."""
-        limits = self.limits
-        tokens = self.messages_by_device.tokens((username, device_id), time.monotonic())
-        if tokens < limits.messages_burst:
-            await self.bus.hand_over_rate(
-                username, device_id, tokens, limits.messages_per_second, limits.messages_burst
-            )
-
-    @property
-    def policy(self) -> Policy:
-        """The organisation policy as of the last admin poll (defaults without one)."""
-        return self.admin.policy if self.admin is not None else Policy()
-
-    def audit_event(self, event: str, **fields: object) -> None:
-        """Append a security event to the audit log, if one is open; failures are logged."""
-        if self.audit is None:
-            return
-        try:
-            self.audit.append(event, time.time(), **fields)
-        except BastionError as exc:
-            log.error("audit.failed", extra={"error": type(exc).__name__})
-
-    def limit_hit(self, limit: str, key: str) -> None:
-        """Log a limit that refused a request, and audit it at most once a minute per key."""
-        log.info("limit.hit", extra={"limit": limit})
-        if self.metrics is not None:
-            self.metrics.limit_hits.labels(limit).inc()
-        if self._limit_audits.allow((limit, key), time.monotonic()):
-            self.audit_event("limit.hit", limit=limit, key=key[:200])
-
-    def admit(self, address: str) -> bool:
-        """Count a new connection from ``address``; False if it already has the maximum."""
-        count = self.connections_by_address.get(address, 0)
-        if count >= self.limits.connections_per_address:
-            return False
-        self.connections_by_address[address] = count + 1
-        return True
-
-    def release(self, address: str) -> None:
-        """Forget a connection counted by :meth:`admit`."""
-        count = self.connections_by_address.get(address, 0) - 1
-        if count > 0:
-            self.connections_by_address[address] = count
-        else:
-            self.connections_by_address.pop(address, None)
-
-    def sign_out_user(self, username: str, reason: str) -> int:
-        """Close every connection of ``username`` on this node; returns how many."""
-        closing = [c for c in self.connections if c.session.username == username]
-        for conn in closing:
-            conn.close(WSCloseCode.POLICY_VIOLATION, reason)
-        return len(closing)
-
-
 class ClientConnection(WSListener):
     """One client's WebSocket connection; holds the sans-I/O session state."""
 
     def __init__(self, server: RelayServer) -> None:
         super().__init__()
         self.server = server
+        self.services = server.services
+        self._routes = server.router.routes  # the dict itself: one lookup per frame
         self.limits = server.limits
         self.session = ServerSession(
             server_name=server.config.server_name,
@@ -300,7 +83,7 @@ class ClientConnection(WSListener):
         self.forwarded_address: str | None = None  # the client's, as a trusted balancer says
         self.bad_frames = 0
         self._tasks: set[asyncio.Task[None]] = set()
-        self._stores_in_flight = 0  # messages relayed without a task (see _relay)
+        self._stores_in_flight = 0  # messages relayed without a task (see hold)
         self._closed = False
         self._admitted = False
         self._paused_reading = False
@@ -315,8 +98,8 @@ class ClientConnection(WSListener):
         self._loop = asyncio.get_running_loop()  # a connection lives in one loop
         # Push topics this connection asked for (features: contacts and presence).
         self.topics: set[str] = set()
-        # What features hold for this connection and let go of when it closes (uploads).
-        self.on_disconnect: dict[str, Callable[[], None]] = {}
+        # What handlers hold for this connection and let go of when it closes (uploads).
+        self._releases: dict[str, Callable[[], None]] = {}
 
     # --- picows callbacks -------------------------------------------------------------------
 
@@ -334,7 +117,7 @@ class ClientConnection(WSListener):
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, KERNEL_SEND_BUFFER_BYTES)
         self.server.connections.add(self)
         if not self.server.admit(self.limit_key):
-            self.server.limit_hit("connections_per_address", self.limit_key)
+            self.services.limit_log.hit("connections_per_address", self.limit_key)
             self.close(WSCloseCode.TRY_AGAIN_LATER, "too many connections from your address")
             return
         self._admitted = True
@@ -345,7 +128,7 @@ class ClientConnection(WSListener):
             WSCloseCode.POLICY_VIOLATION,
             "sign-in timeout",
         )
-        self._send(self.session.challenge(time.monotonic(), secrets.token_bytes(32)))
+        self.reply(self.session.challenge(time.monotonic(), secrets.token_bytes(32)))
 
     def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
         if frame.msg_type is WSMsgType.CLOSE:
@@ -356,7 +139,7 @@ class ClientConnection(WSListener):
         if frame.msg_type is not WSMsgType.BINARY or not frame.fin:
             self._bad_frame("only whole binary frames are accepted")
             return
-        self._dispatch(frame.get_payload_as_bytes())
+        self.dispatch(frame.get_payload_as_bytes())
 
     def on_ws_disconnected(self, transport: WSTransport) -> None:
         self._closed = True
@@ -373,15 +156,17 @@ class ClientConnection(WSListener):
             self.server.bus.unsubscribe(
                 self.session.username, self.session.device_id, self._on_bus_event
             )
-            self._spawn(None, contacts.device_offline(self))
+            self.spawn(None, contacts.device_offline(self, self.services))
         if self.session.username and self.session.device_id:
-            self._spawn(
+            self.spawn(
                 None,
-                self.server.hand_over_message_rate(self.session.username, self.session.device_id),
+                messages.hand_over_message_rate(
+                    self.services, self.session.username, self.session.device_id
+                ),
             )
-        for release in self.on_disconnect.values():
+        for release in self._releases.values():
             release()
-        self.on_disconnect.clear()
+        self._releases.clear()
         # Running requests are left to finish (an acknowledgement already read must still be
         # stored); their replies go nowhere because the connection is closed.
 
@@ -437,7 +222,8 @@ class ClientConnection(WSListener):
         if self.transport is not None:
             self.transport.disconnect(graceful=False)
 
-    def _send(self, frame: frames.Frame) -> None:
+    def reply(self, frame: frames.Frame) -> None:
+        """Send a frame to this client (nothing once closed); see :class:`Request`."""
         # Frames queue up until the end of this loop iteration, then leave in one
         # write: one TLS record and one system call however many were sent.
         if self._closed or self.transport is None:
@@ -469,29 +255,42 @@ class ClientConnection(WSListener):
             log.warning("connection.slow_reader", extra={"buffered": buffered})
             self._cut_off()
 
-    @property
-    def disconnected(self) -> bool:
-        """True once the connection is gone (``on_disconnect`` has run or never will)."""
-        return self.transport is not None and self.transport.is_disconnected
+    # --- the Request interface of handlers (bastion.server.handlers._context) ------------------
 
-    def send_frame(self, frame: frames.Frame) -> None:
-        """Send a frame to this client (no-op once closed)."""
-        self._send(frame)
+    @property
+    def closed(self) -> bool:
+        """True once the connection is closing or gone."""
+        return self._closed
+
+    def signed_in(self) -> tuple[str, str]:
+        """The signed-in (username, device id); raises ProtocolError before sign-in."""
+        return self.session.require_signed_in()
 
     def refuse(self, req: int | None, code: str, message: str) -> None:
-        """Answer a request with an error frame."""
-        self._refuse(req, frames_error(code, message))
+        """Answer a request with an error frame (the message cut to the wire limit)."""
+        self.services.metrics.count_error(code)
+        self.reply(frames.Error(req=req, code=code, message=message[:256]))
 
-    async def signed_in(self, req: int, username: str, device_id: str, receive: bool) -> None:
-        """Bind the connection to a device and start delivery."""
-        await self._signed_in(req, username, device_id, receive)
+    def watch(self, topic: str) -> None:
+        """Send this connection the bus's pushes on ``topic``."""
+        self.topics.add(topic)
 
-    def _refuse(self, req: int | None, error: frames.Error) -> None:
-        if self.server.metrics is not None:
-            self.server.metrics.errors.labels(error.code).inc()
-        self._send(frames.Error(req=req, code=error.code, message=error.message))
+    def on_close(self, key: str, release: Callable[[], None]) -> None:
+        """Call ``release`` when the connection closes."""
+        self._releases[key] = release
 
-    def _spawn(self, req: int | None, work: Coroutine[Any, Any, None]) -> None:
+    def hold(self) -> None:
+        """Count a store call answered in a callback (a message: no task) as in flight."""
+        self._stores_in_flight += 1
+        self._hold_back_if_busy()
+
+    def release(self) -> None:
+        """The store call counted by :meth:`hold` answered."""
+        self._stores_in_flight -= 1
+        self._resume_if_idle()
+
+    def spawn(self, req: int | None, work: Coroutine[Any, Any, None]) -> None:
+        """Run ``work`` in a task counted against the requests in flight; errors answer ``req``."""
         task = self._loop.create_task(self._guard(req, work))
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
@@ -519,454 +318,85 @@ class ClientConnection(WSListener):
         started = time.perf_counter()
         try:
             await work
-            if self.server.metrics is not None:
-                request = getattr(work, "__name__", "request").lstrip("_")
-                self.server.metrics.latency.labels(request).observe(time.perf_counter() - started)
+            self.services.metrics.observe(getattr(work, "__name__", "request").lstrip("_"), started)
         except AuthenticationError as exc:
             log.info("signin.failed", extra={"reason": str(exc)})
-            self._refuse(req, frames_error("auth_failed", "sign-in failed"))
-            self._rechallenge()
+            self.refuse(req, "auth_failed", "sign-in failed")
+            self.rechallenge()
         except ProtocolError as exc:
-            self._refuse(req, frames_error(exc.code, str(exc)))
+            # A deliberate refusal: its code and text are the protocol's.
+            self.refuse(req, exc.code, str(exc))
         except BastionError as exc:
+            # Our state, not the peer's fault: its text may be the database's own
+            # (schema and constraint names), so the peer gets a fixed message and
+            # the log the error's type.
             log.warning("request.failed", extra={"error": type(exc).__name__})
-            self._refuse(req, frames_error("refused", str(exc)))
+            self.refuse(req, "refused", REFUSED_MESSAGE)
         except asyncio.CancelledError:
             raise
         except Exception:
             log.exception("request.crashed")
-            self._refuse(req, frames_error("internal", "the server failed to handle the request"))
+            self.refuse(req, "internal", INTERNAL_MESSAGE)
 
-    def _rechallenge(self) -> None:
+    def rechallenge(self) -> None:
+        """A new challenge after a failed attempt, or the close after the last one."""
         if self.session.attempts >= self.limits.signin_attempts_per_connection:
             self.close(WSCloseCode.POLICY_VIOLATION, "too many sign-in attempts")
         else:
-            self._send(self.session.challenge(time.monotonic(), secrets.token_bytes(32)))
+            self.reply(self.session.challenge(time.monotonic(), secrets.token_bytes(32)))
 
     # --- dispatch -----------------------------------------------------------------------------
 
     def _bad_frame(self, reason: str) -> None:
         self.bad_frames += 1
-        self._refuse(None, frames_error("bad_frame", reason))
+        self.refuse(None, "bad_frame", reason)
         if self.bad_frames >= self.limits.bad_frames_before_close:
             self.close(WSCloseCode.POLICY_VIOLATION, "too many malformed frames")
 
-    def _dispatch(self, data: bytes) -> None:
+    def dispatch(self, data: bytes) -> None:
+        """Decode one binary frame from the client and hand it to its route."""
         try:
             frame = frames.decode_client_frame(data, max_bytes=self.limits.max_frame_bytes)
         except ProtocolError as exc:
             self._bad_frame(str(exc))
             return
-        # The frames of every message first; neither has a handler before sign-in.
-        if type(frame) is frames.Send and self.session.username is not None:
-            self._relay(frame)
-            return
-        if type(frame) is frames.Ack and self.session.username is not None:
-            self._ack(frame.seqs)
-            return
-        if isinstance(frame, frames.Register):
-            self._spawn(frame.req, self._register(frame))
-            return
-        if isinstance(frame, frames.SignIn):
-            self._spawn(frame.req, self._signin(frame))
-            return
-        if isinstance(frame, frames.AddDevice):
-            self._spawn(frame.req, devices.add_device(self, frame))
-            return
-        if isinstance(frame, frames.LinkJoin):
-            self._spawn(frame.req, devices.link_join(self, frame))
-            return
-        early = handlers.BEFORE_SIGNIN.get(type(frame))
-        if early is not None:
-            self._spawn(getattr(frame, "req", None), early(self, frame))
-            return
-        if self.session.username is None:
-            req = None if isinstance(frame, frames.Ack) else frame.req
-            self._refuse(req, frames_error("not_signed_in", "sign in first"))
-            return
-        if isinstance(frame, frames.Send):
-            self._relay(frame)
-        elif isinstance(frame, frames.Ack):
-            self._ack(frame.seqs)
-        elif isinstance(frame, frames.QueryKeys):
-            self._spawn(frame.req, self._query_keys(frame))
-        elif isinstance(frame, frames.ClaimKeys):
-            self._spawn(frame.req, self._claim_keys(frame))
-        elif isinstance(frame, frames.LinkOpen):
-            self._spawn(frame.req, devices.link_open(self, frame))
-        elif isinstance(frame, frames.LinkAnswer):
-            self._spawn(frame.req, devices.link_answer(self, frame))
-        elif isinstance(frame, frames.RevokeDevice):
-            self._spawn(frame.req, devices.revoke_device(self, frame))
-        elif isinstance(frame, frames.UploadKeys):
-            self._spawn(frame.req, self._upload_keys(frame))
-        else:
-            handler = handlers.SIGNED_IN.get(type(frame))
-            req = getattr(frame, "req", None)
-            if handler is None:
-                self._refuse(req, frames_error("bad_frame", "this server does not handle that"))
+        route = self._routes.get(type(frame))
+        if route is not None and (route.before_signin or self.session.username is not None):
+            if route.inline:  # the message fast path: no task
+                route.handler(self, self.services, frame)
             else:
-                self._spawn(req, handler(self, frame))
-
-    # --- sign-in and registration -------------------------------------------------------------
-
-    async def _may_register(self, frame: frames.Register) -> bool:
-        """Registration policy and the per-address limit; refuses and returns False if not."""
-        mode = self.server.policy.registration
-        if mode == "closed":
-            code, message = "registration_closed", "this server does not accept new accounts"
-        elif mode == "invite" and frame.invite is None:
-            code, message = "invite_required", "this server accepts new accounts by invite only"
-        elif not await self.server.allow_registration(self.limit_key):
-            self.server.limit_hit("registrations_per_address", self.limit_key)
-            code, message = "rate_limited", "too many registrations from your address; try later"
+                self.spawn(getattr(frame, "req", None), route.handler(self, self.services, frame))
+        elif self.session.username is None:
+            self.refuse(getattr(frame, "req", None), "not_signed_in", "sign in first")
         else:
-            return True
-        if code != "rate_limited":
-            self.server.audit_event(
-                "registration.refused", reason=code, user=frame.username, address=self.address
+            self.refuse(
+                getattr(frame, "req", None), "bad_frame", "this server does not handle that"
             )
-        self._refuse(frame.req, frames_error(code, message))
-        return False
 
-    async def _take_invite(self, frame: frames.Register) -> tuple[bool, str | None]:
-        """Under an invite-only policy, take one use of the frame's invite code.
+    # --- sign-in ------------------------------------------------------------------------------
 
-        Returns whether the registration may go on, and the code whose use was taken:
-        None when no use was (no invite needed; a code sent anyway is left alone), so a
-        failed registration gives back only a use it took.
-        """
-        if self.server.policy.registration != "invite":
-            return True, None
-        admin = self.server.admin
-        if frame.invite is not None and admin is not None and await admin.use_invite(frame.invite):
-            return True, frame.invite
-        self.server.audit_event(
-            "registration.refused", reason="bad_invite", user=frame.username, address=self.address
-        )
-        self._refuse(
-            frame.req, frames_error("bad_invite", "the invite code is unknown, used up or expired")
-        )
-        self._rechallenge()
-        return False, None
-
-    async def _register(self, frame: frames.Register) -> None:
-        if not await self._may_register(frame):
-            return
-        nonce = self.session.take_nonce(time.monotonic())
-        device = frame.device
-        record = devices.verify_new_device(
-            server_name=self.session.server_name,
-            nonce=nonce,
-            username=frame.username,
-            identity_key=frame.identity_key,
-            device=device,
-            signature=frame.signature,
-            one_time_keys=frame.one_time_keys,
-            fallback_key=frame.fallback_key,
-        )
-        may_register, invite_taken = await self._take_invite(frame)
-        if not may_register:
-            return
-        now = _now_ms()
-        try:
-            await self.server.store.create_account(
-                AccountRecord(frame.username, frame.identity_key, now),
-                record,
-                [KeyRecord(k.key, k.signature) for k in frame.one_time_keys],
-                KeyRecord(frame.fallback_key.key, frame.fallback_key.signature),
-            )
-        except UsernameTakenError:
-            if invite_taken is not None and self.server.admin is not None:
-                await self.server.admin.return_invite(invite_taken)
-            self._refuse(frame.req, frames_error("username_taken", "that username is taken"))
-            self._send(self.session.challenge(time.monotonic(), secrets.token_bytes(32)))
-            return
-        log.info("account.registered")
-        self.server.audit_event(
-            "account.registered",
-            user=frame.username,
-            device=device.device_id,
-            address=self.address,
-            invited=invite_taken is not None,
-        )
-        await self._signed_in(frame.req, frame.username, device.device_id, frame.receive)
-
-    async def _signin(self, frame: frames.SignIn) -> None:
-        wait = await self.server.signin_wait(self.limit_key, frame.username)
-        if wait > 0:
-            self.server.limit_hit("signin_backoff", f"{self.limit_key} {frame.username}")
-            self._refuse(
-                frame.req,
-                frames_error(
-                    "rate_limited", f"too many failed sign-ins; try again in {wait:.0f} s"
-                ),
-            )
-            self.session.attempts += 1  # waiting it out still spends this connection's tries
-            self._rechallenge()
-            return
-        nonce = self.session.take_nonce(time.monotonic())
-        device = await self.server.store.get_device(frame.username, frame.device_id)
-        account = await self.server.store.get_account(frame.username)
-        try:
-            if device is None or account is None or account.disabled:
-                raise AuthenticationError("unknown device or disabled account")
-            self.session.verify_answer(
-                nonce=nonce,
-                username=frame.username,
-                device_id=frame.device_id,
-                device_ed25519=device.ed25519,
-                signature=frame.signature,
-            )
-        except AuthenticationError as exc:
-            await self.server.signin_failed(self.limit_key, frame.username)
-            self.server.audit_event(
-                "signin.failed", user=frame.username, address=self.address, reason=str(exc)[:200]
-            )
-            raise
-        await self.server.signin_succeeded(self.limit_key, frame.username)
-        log.info("signin.ok")
-        self.server.audit_event(
-            "signin.ok", user=frame.username, device=frame.device_id, address=self.address
-        )
-        await self._signed_in(frame.req, frame.username, frame.device_id, frame.receive)
-
-    async def _signed_in(self, req: int, username: str, device_id: str, receive: bool) -> None:
+    async def bind(self, req: int, username: str, device_id: str, *, receive: bool) -> None:
+        """Bind the connection to a device, answer ``signed_in`` and start delivery."""
         if self._closed:
             return
         if self._signin_timer is not None:
             self._signin_timer.cancel()
             self._signin_timer = None
         # Before any message of this connection is read as signed in.
-        await self.server.take_message_rate(username, device_id)
+        await messages.take_message_rate(self.services, username, device_id)
         if self._closed:
-            self._spawn(None, self.server.hand_over_message_rate(username, device_id))
+            self.spawn(None, messages.hand_over_message_rate(self.services, username, device_id))
             return
         self.session.authenticated(username, device_id)
         count = await self.server.store.count_one_time_keys(username, device_id)
-        self._send(
+        self.reply(
             frames.SignedIn(req=req, username=username, device_id=device_id, one_time_keys=count)
         )
         if receive:
             self._receiving = True
             self.server.bus.subscribe(username, device_id, self._on_bus_event)
-            self._spawn(None, contacts.device_online(self))
+            self.spawn(None, contacts.device_online(self, self.services))
             self._start_catch_up()
-
-    # --- keys ---------------------------------------------------------------------------------
-
-    async def _query_keys(self, frame: frames.QueryKeys) -> None:
-        account = await self.server.store.get_account(frame.user)
-        if account is None:
-            self._refuse(
-                frame.req, frames_error("unknown_user", f"there is no user named {frame.user}")
-            )
-            return
-        devices = await self.server.store.list_devices(frame.user)
-        device_list = await device_lists.latest_frame(self.server, frame.user, account.identity_key)
-        self._send(
-            frames.KeysResult(
-                req=frame.req,
-                user=frame.user,
-                identity_key=account.identity_key,
-                devices=[
-                    frames.DeviceKeys(
-                        device_id=d.device_id,
-                        ed25519=d.ed25519,
-                        curve25519=d.curve25519,
-                        created_at=d.created_at,
-                        certificate=d.certificate,
-                    )
-                    for d in devices
-                ],
-                device_list=device_list,
-            )
-        )
-
-    async def _claim_keys(self, frame: frames.ClaimKeys) -> None:
-        requester, _ = self.session.require_signed_in()
-        if not await self.server.allow_claim(requester, frame.user):
-            log.info("limit.hit", extra={"limit": "key_claims"})
-            self._refuse(
-                frame.req, frames_error("rate_limited", "too many key claims; wait a minute")
-            )
-            return
-        claimed = await self.server.store.claim_keys(frame.user)
-        self._send(
-            frames.ClaimResult(
-                req=frame.req,
-                user=frame.user,
-                keys=[
-                    frames.ClaimedKey(
-                        device_id=k.device_id, key=k.key, signature=k.signature, fallback=k.fallback
-                    )
-                    for k in claimed
-                ],
-            )
-        )
-        for k in claimed:
-            device = (frame.user, k.device_id)
-            if device in self.server.keys_low_notified:
-                continue  # told once; the next notice waits until the device uploads
-            count = await self.server.store.count_one_time_keys(frame.user, k.device_id)
-            if count < self.limits.one_time_keys_low:
-                self.server.keys_low_notified.add(device)
-                self.server.bus.publish(frame.user, k.device_id, KeysLow(count))
-
-    async def _upload_keys(self, frame: frames.UploadKeys) -> None:
-        username, device_id = self.session.require_signed_in()
-        device = await self.server.store.get_device(username, device_id)
-        if device is None:
-            raise AuthenticationError("device no longer exists")
-        for key in frame.one_time_keys:
-            verify_published_key(device.ed25519, device_id, key.key, key.signature, fallback=False)
-        if frame.fallback_key is not None:
-            fb = frame.fallback_key
-            verify_published_key(device.ed25519, device_id, fb.key, fb.signature, fallback=True)
-        current = await self.server.store.count_one_time_keys(username, device_id)
-        if current + len(frame.one_time_keys) > self.limits.one_time_keys_max:
-            self._refuse(frame.req, frames_error("too_many_keys", "one-time key stock is full"))
-            return
-        self.server.keys_low_notified.discard((username, device_id))
-        await self.server.store.add_one_time_keys(
-            username,
-            device_id,
-            [KeyRecord(k.key, k.signature) for k in frame.one_time_keys],
-            None
-            if frame.fallback_key is None
-            else KeyRecord(frame.fallback_key.key, frame.fallback_key.signature),
-        )
-        self._send(frames.Ok(req=frame.req))
-
-    # --- messages -----------------------------------------------------------------------------
-
-    def _relay(self, frame: frames.Send) -> None:
-        """Store a message and answer ``sent``, without a task in the common case.
-
-        A message between accepted contacts takes one store call, which checks the
-        pair and the recipient's queue in the storing transaction. Everything else
-        (a request's note, group co-members, a refusal) then follows the full
-        contact rules in a task (:meth:`_relay_checked`).
-        """
-        started = time.perf_counter()
-        device = self.session.require_signed_in()
-        sender, sender_device = device
-        if frame.to == sender:
-            self._refuse(frame.req, frames_error("bad_recipient", "you cannot message yourself"))
-            self._observe_relay(started)
-            return
-        if not self.server.messages_by_device.allow(device, time.monotonic()):
-            self.server.limit_hit("messages_per_device", f"{sender}/{sender_device}")
-            self._refuse(frame.req, frames_error("rate_limited", "sending too fast; slow down"))
-            self._observe_relay(started)
-            return
-        # A room key travels on its group's path: its kind tells the recipient that
-        # only a room key may be inside (docs/protocol.md §8.7).
-        path = 0 if frame.group_id is None else frames.ROOM_KEY_PATH
-        copies = [Copy(c.user, c.device_id, path + c.kind, c.body) for c in frame.ciphertexts]
-        stored = self._store(frame, sender, sender_device, copies, contacts_only=True)
-        self._stores_in_flight += 1
-        self._hold_back_if_busy()
-        stored.add_done_callback(
-            functools.partial(self._relay_stored, frame, device, copies, started)
-        )
-
-    def _relay_stored(
-        self,
-        frame: frames.Send,
-        device: tuple[str, str],
-        copies: list[Copy],
-        started: float,
-        stored: asyncio.Future[StoredMessage],
-    ) -> None:
-        """The store answered a message of :meth:`_relay` (a positional partial: no kwargs dict)."""
-        self._stores_in_flight -= 1
-        self._resume_if_idle()
-        if stored.cancelled():
-            return
-        exc = stored.exception()
-        if exc is None:
-            self._relayed(frame, stored.result())
-        elif isinstance(exc, NotContactsError):
-            # Timed apart, as ``relay_checked``.
-            sender, sender_device = device
-            self._spawn(frame.req, self._relay_checked(frame, sender, sender_device, copies))
-            return
-        elif not self._refuse_message(frame, exc):
-            if isinstance(exc, BastionError):
-                log.warning("request.failed", extra={"error": type(exc).__name__})
-                self._refuse(frame.req, frames_error("refused", str(exc)))
-            else:
-                log.error("request.crashed", exc_info=exc)
-                self._refuse(
-                    frame.req, frames_error("internal", "the server failed to handle the request")
-                )
-        self._observe_relay(started)
-
-    async def _relay_checked(
-        self, frame: frames.Send, sender: str, sender_device: str, copies: list[Copy]
-    ) -> None:
-        if not await contacts.check_may_send(
-            self.server, sender, frame.to, frame.client_msg_id, group_id=frame.group_id
-        ):
-            self._send(frames.Sent(req=frame.req, server_ts=_now_ms()))  # dropped: blocked
-            return
-        try:
-            stored = await self._store(frame, sender, sender_device, copies, contacts_only=False)
-        except (UnknownRecipientError, QueueFullError, DeviceMismatchError) as exc:
-            self._refuse_message(frame, exc)
-            return
-        self._relayed(frame, stored)
-
-    def _refuse_message(self, frame: frames.Send, exc: BaseException) -> bool:
-        """Answer a refusal of the store; False if ``exc`` is not one."""
-        if isinstance(exc, UnknownRecipientError):
-            self._refuse(
-                frame.req, frames_error("unknown_user", f"there is no user named {frame.to}")
-            )
-        elif isinstance(exc, QueueFullError):
-            self.server.limit_hit("offline_queue", frame.to)
-            self._refuse(
-                frame.req,
-                frames_error("queue_full", f"{frame.to} has too many undelivered messages"),
-            )
-        elif isinstance(exc, DeviceMismatchError):
-            detail = "missing " + ",".join(exc.missing) + "; extra " + ",".join(exc.extra)
-            self._refuse(frame.req, frames_error("device_mismatch", detail[:256]))
-        else:
-            return False
-        return True
-
-    def _observe_relay(self, started: float) -> None:
-        if self.server.metrics is not None:
-            self.server.metrics.latency.labels("relay").observe(time.perf_counter() - started)
-
-    def _relayed(self, frame: frames.Send, stored: StoredMessage) -> None:
-        self._send(frames.Sent(req=frame.req, server_ts=stored.server_ts))
-        if self.server.metrics is not None:
-            self.server.metrics.messages.inc()
-        for envelope in stored.envelopes:
-            self.server.bus.publish(envelope.user, envelope.device_id, envelope)
-
-    def _store(
-        self,
-        frame: frames.Send,
-        sender: str,
-        sender_device: str,
-        copies: list[Copy],
-        *,
-        contacts_only: bool,
-    ) -> asyncio.Future[StoredMessage]:
-        return self.server.store.submit_message(
-            sender=sender,
-            sender_device=sender_device,
-            client_msg_id=frame.client_msg_id,
-            recipient=frame.to,
-            server_ts=_now_ms(),
-            copies=copies,
-            queue_max=self.limits.offline_queue_max,
-            contacts_only=contacts_only,
-        )
 
     # --- delivery -----------------------------------------------------------------------------
 
@@ -975,20 +405,20 @@ class ClientConnection(WSListener):
             self.close(WSCloseCode.POLICY_VIOLATION, event.reason)
         elif isinstance(event, Push):
             if event.topic in self.topics:
-                self._send(event.frame)
+                self.reply(event.frame)
         elif isinstance(event, KeysLow):
-            self._send(frames.KeysLow(one_time_keys=event.count))
+            self.reply(frames.KeysLow(one_time_keys=event.count))
         elif isinstance(event, RateHandover):
             if self._closed:
                 return  # this connection's own bucket is being handed over
             username, device_id = self.session.require_signed_in()
-            self._spawn(None, self.server.take_message_rate(username, device_id))
+            self.spawn(None, messages.take_message_rate(self.services, username, device_id))
         elif not self._closed:
             step = self._window.notice(event.seq)
             if step is Step.PUSH:
                 self._push(event)
             elif step is Step.READ:
-                self._spawn(None, self._catch_up())
+                self.spawn(None, self._catch_up())
 
     def rewind(self, after_seq: int) -> None:
         """Re-read this device's queue from the store after ``after_seq``.
@@ -999,11 +429,11 @@ class ClientConnection(WSListener):
         if not self._receiving or self._closed:
             return
         if self._window.rewind(after_seq):
-            self._spawn(None, self._catch_up())
+            self.spawn(None, self._catch_up())
 
     def _push(self, envelope: QueuedEnvelope) -> None:
         """Send an envelope that the delivery window counted as sent."""
-        self._send(
+        self.reply(
             frames.Deliver(
                 seq=envelope.seq,
                 sender=envelope.sender,
@@ -1016,7 +446,7 @@ class ClientConnection(WSListener):
 
     def _start_catch_up(self) -> None:
         if self._window.start_reading():
-            self._spawn(None, self._catch_up())
+            self.spawn(None, self._catch_up())
 
     async def _catch_up(self) -> None:
         """The page reader: one at a time, started when the window says so."""
@@ -1034,18 +464,17 @@ class ClientConnection(WSListener):
                 for row in page.push:
                     self._push(row)
                 if page.synced:
-                    self._send(frames.Synced())
+                    self.reply(frames.Synced())
                 if not page.more:
                     return
         finally:
             window.reading_stopped()
 
-    def _ack(self, seqs: list[int]) -> None:
+    def ack(self, seqs: list[int]) -> None:
+        """Acknowledgements of delivered envelopes (the ``ack`` frame)."""
         username, device_id = self.session.require_signed_in()
         if not self._receiving:
-            self._refuse(
-                None, frames_error(ErrorCode.NOT_RECEIVING, "this connection receives nothing")
-            )
+            self.refuse(None, ErrorCode.NOT_RECEIVING, "this connection receives nothing")
             return
         start_reading = self._window.ack(seqs)
         # Acknowledgements that arrive in one read are deleted in one store call.
@@ -1053,12 +482,12 @@ class ClientConnection(WSListener):
             self._loop.call_soon(self._flush_acks, username, device_id)
         self._acks_to_store.extend(seqs)
         if start_reading:
-            self._spawn(None, self._catch_up())
+            self.spawn(None, self._catch_up())
 
     def _flush_acks(self, username: str, device_id: str) -> None:
         seqs, self._acks_to_store = self._acks_to_store, []
         if seqs:
-            self._spawn(None, self._store_ack(username, device_id, seqs))
+            self.spawn(None, self._store_ack(username, device_id, seqs))
 
     async def _store_ack(self, username: str, device_id: str, seqs: list[int]) -> None:
         await self.server.store.ack(username, device_id, seqs)
@@ -1072,8 +501,3 @@ def _binary_frame(payload: bytes) -> bytes:
     if size < _WS_LEN_64:
         return struct.pack("!BBH", 0x82, 126, size) + payload
     return struct.pack("!BBQ", 0x82, 127, size) + payload
-
-
-def frames_error(code: str, message: str) -> frames.Error:
-    """An error frame with a message cut to the wire limit."""
-    return frames.Error(req=None, code=code, message=message[:256])

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Callable
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from bastion.server.core.contact_rules import ACCEPTED, PENDING_IN, ContactRow, Pair, Transition
-from bastion.server.storage.postgres.relay import Connection, PgStore
 from bastion.server.storage.sqlite.relay import SQLiteStore
+
+if TYPE_CHECKING:
+    from bastion.server.storage.postgres.relay import Connection, PgStore
 
 Rule = Callable[[Pair], Transition]
 

@@ -41,7 +41,7 @@ async def _event(conn: Connection, now_ms: int, action: str, target: str) -> Non
 
 
 class PgAdmin:
-    """:class:`~bastion.server.admin.policy.AdminBackend` on the cluster's PostgreSQL schema.
+    """:class:`~bastion.server.storage.admin.AdminBackend` on the cluster's PostgreSQL schema.
 
     ``connection`` hands out pooled connections (:meth:`PgStore.connection`);
     ``owned`` is a store opened for this object alone, closed with it.
