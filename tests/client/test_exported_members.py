@@ -1,6 +1,12 @@
-"""The public API of ``bastion.client``: exactly the names front ends may use, each real."""
+"""The public API of ``bastion.client``: exactly the names front ends may use, each real, and front
+ends that import nothing else of the client package."""
 
 from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
 
 import bastion.client
 
@@ -67,3 +73,46 @@ def test_the_exported_client_installs_the_default_features() -> None:
     assert len(set(names)) == len(names)
     assert {"verification", "receipts", "policy", "files", "groups", "contacts"} <= set(names)
     assert issubclass(bastion.client.Client, bastion.client.client.Client)
+
+
+FRONT_ENDS = Path(__file__).resolve().parents[2] / "src" / "bastion"
+
+
+def client_imports(tree: ast.AST) -> list[str]:
+    """Each ``bastion.client`` import of a module: ``bastion.client.X`` modules and names."""
+    found: list[str] = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            if node.module == "bastion.client":
+                found.extend(alias.name for alias in node.names)
+            elif node.module.startswith("bastion.client."):
+                found.append(node.module)
+        elif isinstance(node, ast.Import):
+            found.extend(a.name for a in node.names if a.name.startswith("bastion.client"))
+    return found
+
+
+def test_the_import_finder_sees_modules_and_names() -> None:
+    tree = ast.parse(
+        "from bastion.client import Client, groups\n"
+        "from bastion.client.profile import Profile\n"
+        "def later():\n"
+        "    import bastion.client.transport\n"
+    )
+    assert sorted(client_imports(tree)) == [
+        "Client",
+        "bastion.client.profile",
+        "bastion.client.transport",
+        "groups",
+    ]
+
+
+@pytest.mark.parametrize("front_end", ["cli", "tui"])
+def test_front_ends_import_only_the_exported_names(front_end: str) -> None:
+    outside = {
+        f"{path.name}: {name}"
+        for path in sorted((FRONT_ENDS / front_end).rglob("*.py"))
+        for name in client_imports(ast.parse(path.read_text()))
+        if name not in bastion.client.__all__
+    }
+    assert sorted(outside) == []
