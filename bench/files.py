@@ -37,8 +37,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from bastion.client import contacts, files
-from bastion.client.client import Client
+from bastion.client import Client, contacts, files
 from bastion.files.cipher import encrypt_file
 from bastion.files.scan import scan_file
 

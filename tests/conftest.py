@@ -16,8 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from bastion.client import contacts
-from bastion.client.client import Client
+from bastion.client import Client, contacts
 from bastion.errors import ProfileError
 
 PASSPHRASE = "correct horse battery staple"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from bastion.client.client import Client, Event, MessageEvent, WarningEvent
+from bastion.client import Client, Event, MessageEvent, WarningEvent
 from tests.conftest import free_port
 
 

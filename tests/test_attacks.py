@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from bastion.client.client import Client, Event, MessageEvent, WarningEvent
+from bastion.client import Client, Event, MessageEvent, WarningEvent
 from bastion.crypto.olm import NORMAL, PRE_KEY
 from bastion.protocol import frames
 from tests.conftest import Profiles, ServerProcess

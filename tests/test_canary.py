@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from bastion.client.client import MessageEvent
+from bastion.client import MessageEvent
 from bastion.protocol import frames
 from tests.conftest import Profiles, ServerProcess
 from tests.helpers import next_events

@@ -22,8 +22,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from bastion.client import contacts, devices, files, presence
-from bastion.client.client import Client, MessageEvent
+from bastion.client import Client, MessageEvent, contacts, devices, files, presence
 from bastion.client.presence import PresenceEvent
 from bastion.crypto.olm import OlmDevice
 from bastion.errors import BastionError, ServerRefusedError

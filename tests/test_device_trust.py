@@ -20,8 +20,7 @@ import msgspec
 import pytest
 
 from bastion.cli._common import event_json
-from bastion.client import devices, trust
-from bastion.client.client import Client, DevicesChangedEvent
+from bastion.client import Client, DevicesChangedEvent, devices, trust
 from bastion.crypto.device import SignedDeviceList
 from bastion.crypto.safety import safety_number
 from bastion.crypto.signing import AccountIdentity
@@ -367,7 +366,7 @@ async def test_an_invalid_name_fails_at_once_instead_of_waiting(profiles: Profil
     with pytest.raises(ValueError, match="not a valid username"):
         await asyncio.wait_for(trust.safety_number_with(alice, "x"), 5)
     # Any request the strict schema refuses fails unsent, with the reason.
-    conn = alice._connection()
+    conn = alice.connection()
     req = conn.next_req()
     with pytest.raises(ValueError, match="the server would refuse it: invalid frame"):
         await asyncio.wait_for(conn.request(frames.ClaimKeys(req=req, user="B@D"), req), 5)
@@ -483,7 +482,7 @@ async def test_the_server_stores_only_newer_lists_signed_by_the_account(
     profiles: Profiles,
 ) -> None:
     alice = await profiles.online("alice", receive=False)
-    conn = alice._connection()
+    conn = alice.connection()
     me = alice.account.device_id
 
     async def publish(identity: AccountIdentity, version: int) -> str:

@@ -11,8 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from bastion.client import devices, trust
-from bastion.client.client import Client, DevicesChangedEvent, KeyChangedEvent, MessageEvent
+from bastion.client import (
+    Client,
+    DevicesChangedEvent,
+    KeyChangedEvent,
+    MessageEvent,
+    devices,
+    trust,
+)
 from bastion.errors import KeyChangedError, ServerRefusedError, StateError
 from tests.conftest import PASSPHRASE, Profiles, ServerProcess
 from tests.helpers import drain, next_events, texts
@@ -66,7 +72,7 @@ async def test_linked_device_gets_messages_and_sent_copies_then_is_revoked(
     assert [r.text for r in alice1_rx.history("bob")] == ["to both of you", "from the laptop"]
 
     await devices.revoke_device(alice1, alice2.account.device_id)
-    await asyncio.wait_for(alice2._connection().disconnected.wait(), 5)
+    await asyncio.wait_for(alice2.connection().disconnected.wait(), 5)
     with pytest.raises(ServerRefusedError) as refused:
         await alice2.connect()
     assert refused.value.code == "auth_failed"

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from bastion.client.client import Client, Event
+from bastion.client import Client, Event
 from tests.conftest import Profiles, ServerProcess
 from tests.helpers import drain, next_events, texts, warnings
 

@@ -7,7 +7,8 @@ import sqlite3
 
 import pytest
 
-from bastion.client.client import ONE_TIME_KEY_TARGET, Client
+from bastion.client import Client
+from bastion.client.client import ONE_TIME_KEY_TARGET
 from bastion.errors import ServerRefusedError
 from bastion.protocol import frames
 from tests.conftest import Profiles, ServerProcess
@@ -25,7 +26,7 @@ def stock(server: ServerProcess, username: str) -> int:
 
 
 async def claim(client: Client, user: str) -> frames.ClaimResult:
-    conn = client._connection()
+    conn = client.connection()
     req = conn.next_req()
     reply = await conn.request(frames.ClaimKeys(req=req, user=user), req)
     assert isinstance(reply, frames.ClaimResult)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from bastion.client.client import Client, MessageEvent
+from bastion.client import Client, MessageEvent
 from bastion.errors import ServerRefusedError
 from tests.conftest import PASSPHRASE, Profiles, ServerProcess
 from tests.helpers import drain, next_events, texts, warnings

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from bastion.client.passphrase import MIN_PASSPHRASE_CHARS, weakness
+from bastion.client import weakness
+from bastion.client.passphrase import MIN_PASSPHRASE_CHARS
 from bastion.client.profile import Profile
 from bastion.crypto.atrest import KdfParams
 from bastion.errors import ProfileError

@@ -12,8 +12,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 
-from bastion.client import verification
-from bastion.client.client import Client, Event, MessageEvent
+from bastion.client import Client, Event, MessageEvent, verification
 from bastion.client.verification import SasCodes, VerificationFailed, VerificationRequestEvent
 from tests.conftest import Profiles
 from tests.helpers import drain
@@ -221,7 +220,7 @@ async def test_a_peer_spamming_verification_requests_is_prompted_once_and_capped
     alice, bob = await pair(profiles)
     carol = await profiles.online("carol")
     await profiles.befriend("carol", "alice")
-    verification.install(alice, max_requests_total=1)
+    verification.set_limits(alice, max_requests_total=1)
 
     async def start_from(sender: Client) -> str:
         body = verification.VerificationBody(

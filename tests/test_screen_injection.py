@@ -19,8 +19,7 @@ import sys
 
 import pytest
 
-from bastion.client import contacts, groups, presence, verification
-from bastion.client.client import Client
+from bastion.client import Client, contacts, groups, presence, verification
 from bastion.display import CONTINUATION
 from bastion.files.names import sanitize_filename
 from tests.conftest import PASSPHRASE, REPO, Profiles

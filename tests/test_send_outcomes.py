@@ -15,8 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from bastion.client import contacts
-from bastion.client.client import Client
+from bastion.client import Client, contacts
 from tests.conftest import PASSPHRASE, ServerProcess
 from tests.helpers import TcpForwarder
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from bastion.client.client import Client
+from bastion.client import Client
 from bastion.client.records import AccountInfo
 from bastion.client.transport import ServerConnection
 from bastion.crypto.device import DeviceCertificate

@@ -9,10 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from bastion.client import receiving
-from bastion.client.client import Client
+from bastion.client import Client, ContactRecord, receiving
 from bastion.client.profile import Profile
-from bastion.client.records import AccountInfo, ContactRecord
+from bastion.client.records import AccountInfo
 from bastion.crypto.atrest import KdfParams
 from tests.conftest import PASSPHRASE, Profiles, ServerProcess
 

@@ -12,15 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from bastion.client.client import Client, MessageEvent, WarningEvent, _envelope_key
+from bastion.client import Client, ContactRecord, HistoryRecord, MessageEvent, WarningEvent
+from bastion.client.client import _envelope_key
 from bastion.client.profile import DB_FILE, HEADER_FILE, Profile
-from bastion.client.records import (
-    AccountInfo,
-    ContactRecord,
-    DeviceEntry,
-    HistoryRecord,
-    Stats,
-)
+from bastion.client.records import AccountInfo, DeviceEntry, Stats
 from bastion.crypto.atrest import KdfParams
 from bastion.crypto.device import DeviceCertificate
 from bastion.crypto.olm import PRE_KEY, OlmDevice

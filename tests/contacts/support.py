@@ -5,8 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
-from bastion.client import presence
-from bastion.client.client import Client, Event
+from bastion.client import Client, Event, presence
 from tests.conftest import Profiles
 
 

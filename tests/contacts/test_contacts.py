@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from bastion.client import contacts
-from bastion.client.client import Client, MessageEvent
+from bastion.client import Client, MessageEvent, contacts
 from bastion.client.contacts import ContactChangedEvent, ContactRequestEvent
 from bastion.errors import ServerRefusedError
 from tests.conftest import Profiles

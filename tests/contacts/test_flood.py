@@ -11,8 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from bastion.client import contacts
-from bastion.client.client import Client
+from bastion.client import Client, contacts
 from bastion.client.contacts import ContactRequestEvent
 from bastion.errors import ServerRefusedError
 from tests.conftest import Profiles

@@ -7,8 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from bastion.client import contacts, presence
-from bastion.client.client import Client
+from bastion.client import Client, contacts, presence
 from bastion.client.presence import PresenceEvent
 from bastion.protocol import frames
 from tests.conftest import Profiles, ServerProcess

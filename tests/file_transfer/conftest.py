@@ -9,8 +9,7 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from bastion.client import files
-from bastion.client.client import Client
+from bastion.client import Client, files
 from bastion.files.cipher import encrypt_file
 from tests.conftest import Profiles, ServerProcess
 from tests.files.test_file_clamd import clamd_socket  # noqa: F401 - a real clamd, as a fixture

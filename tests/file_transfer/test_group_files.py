@@ -10,8 +10,7 @@ import sys
 
 import pytest
 
-from bastion.client import files, groups
-from bastion.client.client import Client
+from bastion.client import Client, files, groups
 from bastion.errors import ServerRefusedError
 from tests.conftest import PASSPHRASE, Profiles
 from tests.file_transfer.conftest import write
@@ -53,7 +52,7 @@ async def test_file_offered_to_a_group_reaches_every_member_and_no_one_else(
     # Dave is no member: he got no offer, and the blob is not his to download.
     dave = await profiles.online("dave")
     assert await offers(dave) == []
-    conn = dave._connection()
+    conn = dave.connection()
     with pytest.raises(ServerRefusedError):
         await files.download_blob(conn, sent.blob, len(data) + 64, profiles.root / "dave.part")
 

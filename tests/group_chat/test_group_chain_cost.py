@@ -19,8 +19,7 @@ import time
 
 import pytest
 
-from bastion.client import groups
-from bastion.client.client import Client
+from bastion.client import Client, groups
 from bastion.crypto.signing import AccountIdentity
 from bastion.groups import chain
 from bastion.protocol import frames

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from bastion.client import groups
-from bastion.client.client import Client, Event, MessageEvent, WarningEvent
+from bastion.client import Client, Event, MessageEvent, WarningEvent, groups
 from bastion.groups import chain
 from bastion.protocol import frames
 from tests.conftest import Profiles

@@ -13,8 +13,15 @@ from pathlib import Path
 
 import pytest
 
-from bastion.client import contacts, group_invites, groups
-from bastion.client.client import Client, Event, MessageEvent, WarningEvent
+from bastion.client import (
+    Client,
+    Event,
+    MessageEvent,
+    WarningEvent,
+    contacts,
+    group_invites,
+    groups,
+)
 from bastion.errors import ServerRefusedError, StateError
 from bastion.groups import chain
 from bastion.protocol import frames

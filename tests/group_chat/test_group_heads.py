@@ -10,8 +10,7 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from bastion.client import group_keys, groups
-from bastion.client.client import Client, WarningEvent
+from bastion.client import Client, WarningEvent, group_keys, groups
 from bastion.errors import StateError
 from bastion.groups import chain
 from bastion.protocol import frames

@@ -7,8 +7,7 @@ import json
 
 import pytest
 
-from bastion.client import groups
-from bastion.client.client import WarningEvent
+from bastion.client import WarningEvent, groups
 from bastion.protocol import frames
 from tests.conftest import Profiles
 from tests.group_chat.test_group_chat import fresh

@@ -5,8 +5,7 @@ from __future__ import annotations
 import msgspec
 import pytest
 
-from bastion.client import group_keys, groups
-from bastion.client.client import WarningEvent
+from bastion.client import WarningEvent, group_keys, groups
 from bastion.protocol import frames
 from tests.conftest import Profiles
 from tests.group_chat.test_group_chat import fresh, group_texts
@@ -47,7 +46,7 @@ async def test_a_member_cannot_slip_in_a_room_key_for_another_sender(profiles: P
         chain_seq=ops.seq,
         chain_hash=ops.state_hash,
     )
-    _, ciphertext = group_keys.encrypt(fake, claimed, bob._device().sign, bob.profile.pickle_key)
+    _, ciphertext = group_keys.encrypt(fake, claimed, bob.device().sign, bob.profile.pickle_key)
     carol = await fresh(profiles, "carol")
     prefix = f"group-in:{ops.group_id.hex()}:"
     filed = carol.profile.get(prefix + f"bob:{bob.account.device_id}", groups.InboundSessions)

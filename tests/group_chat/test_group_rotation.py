@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from bastion.client import devices, group_keys, groups
-from bastion.client.client import Client
+from bastion.client import Client, devices, group_keys, groups
 from bastion.errors import RejectedMessageError
 from bastion.groups import chain
 from tests.conftest import Profiles
@@ -74,7 +73,7 @@ async def test_session_is_replaced_when_a_members_device_is_revoked(profiles: Pr
                 group_id=ops.group_id,
                 sender="alice",
                 sender_device=alice.account.device_id,
-                sender_ed25519=alice._device().ed25519,
+                sender_ed25519=alice.device().ed25519,
                 pickle_key=bob_laptop.profile.pickle_key,
             )
 

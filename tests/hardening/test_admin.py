@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from bastion.client.client import Client
+from bastion.client import Client
 from bastion.errors import ServerRefusedError
 from tests.conftest import PASSPHRASE, REPO, Profiles
 from tests.hardening.harness import ConfiguredServers, admin

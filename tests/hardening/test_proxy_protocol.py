@@ -19,7 +19,7 @@ from proxyprotocol.result import ProxyResult, ProxyResultIPv4, ProxyResultIPv6, 
 from proxyprotocol.v1 import ProxyProtocolV1
 from proxyprotocol.v2 import ProxyProtocolV2
 
-from bastion.client.client import Client
+from bastion.client import Client
 from bastion.errors import BastionError, ConfigError, ServerRefusedError
 from bastion.server.config import parse_networks, parse_settings
 from bastion.server.net.proxy import ProxyHeaderError, is_trusted, read_client_address

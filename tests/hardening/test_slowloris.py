@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from bastion.client.client import Client
+from bastion.client import Client
 from bastion.client.transport import ServerConnection
 from bastion.protocol import frames
 from tests.conftest import Profiles, ServerProcess

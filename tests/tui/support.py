@@ -11,8 +11,7 @@ from rich.text import Text
 from textual.pilot import Pilot
 from textual.widget import Widget
 
-from bastion.client.client import Client
-from bastion.client.records import ContactRecord, HistoryRecord
+from bastion.client import Client, ContactRecord, HistoryRecord
 from bastion.crypto.payload import direct_conversation
 from bastion.tui.app import ChatApp
 from bastion.tui.chat import ChatScreen

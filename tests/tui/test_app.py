@@ -14,6 +14,8 @@ from textual.pilot import Pilot
 from textual.widgets import Input, ListView
 
 from bastion.client import (
+    Client,
+    MessageEvent,
     contacts,
     devices,
     files,
@@ -23,7 +25,6 @@ from bastion.client import (
     trust,
     verification,
 )
-from bastion.client.client import Client, MessageEvent
 from bastion.crypto.safety import safety_number
 from bastion.tui.app import ChatApp
 from bastion.tui.screens import (

@@ -15,8 +15,7 @@ from textual.screen import Screen
 from textual.widgets import Button, Input
 
 import bastion.tui.app
-from bastion.client import contacts, devices, files, trust, verification
-from bastion.client.client import Client
+from bastion.client import Client, contacts, devices, files, trust, verification
 from bastion.crypto.safety import safety_number
 from bastion.tui.app import ChatApp
 from bastion.tui.screens import FirstRunScreen, NewChatScreen, RequestScreen

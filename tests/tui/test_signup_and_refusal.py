@@ -9,7 +9,7 @@ import pytest
 from textual.pilot import Pilot
 from textual.widgets import Input
 
-from bastion.client.client import Client, MessageEvent
+from bastion.client import Client, MessageEvent
 from bastion.tui.app import ChatApp
 from bastion.tui.screens import FirstRunScreen
 from bastion.tui.widgets import MessageLine

@@ -18,7 +18,7 @@ import pytest
 from textual.pilot import Pilot
 from textual.widgets import Button, Static
 
-from bastion.client.client import Client
+from bastion.client import Client
 from bastion.crypto.safety import safety_number
 from bastion.tui.app import ChatApp
 from bastion.tui.verify_screens import VerifyScreen

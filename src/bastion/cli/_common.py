@@ -24,18 +24,19 @@ from typing import Any, TypeAlias
 
 import platformdirs
 
-from bastion.client import receipts
-from bastion.client.client import (
+from bastion.client import (
     Client,
     DevicesChangedEvent,
     Event,
     FeatureEvent,
+    HistoryRecord,
     KeyChangedEvent,
     MessageEvent,
     WarningEvent,
+    check_new_passphrase,
+    receipts,
+    weakness,
 )
-from bastion.client.passphrase import check_new_passphrase, weakness
-from bastion.client.records import HistoryRecord
 from bastion.display import escape_body, escape_text
 from bastion.errors import BastionError, KeyChangedError, ServerRefusedError
 

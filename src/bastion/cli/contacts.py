@@ -6,8 +6,7 @@ import argparse
 import json
 
 from bastion.cli._common import Subcommands, pick_up_waiting, with_client
-from bastion.client import contacts, presence
-from bastion.client.client import Client, Event
+from bastion.client import Client, Event, contacts, presence
 from bastion.display import escape_text
 
 

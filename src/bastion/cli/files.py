@@ -15,8 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from bastion.cli._common import Subcommands, iso, pick_up_waiting, with_client
-from bastion.client import files, groups
-from bastion.client.client import Client, Event
+from bastion.client import Client, Event, files, groups
 from bastion.display import escape_text
 from bastion.errors import BastionError
 from bastion.groups.chain import GroupState

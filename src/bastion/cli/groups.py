@@ -8,8 +8,7 @@ import json
 from typing import Any
 
 from bastion.cli._common import Subcommands, iso, with_client
-from bastion.client import group_invites, groups
-from bastion.client.client import Client
+from bastion.client import Client, group_invites, groups
 from bastion.display import escape_text
 from bastion.errors import BastionError
 from bastion.groups import chain

@@ -14,8 +14,7 @@ from pathlib import Path
 import msgspec
 
 from bastion.cli._common import Subcommands, passphrase, profile_dir, with_client, with_profile
-from bastion.client import comparison, devices, policy, trust, verification
-from bastion.client.client import Client
+from bastion.client import Client, comparison, devices, policy, trust, verification
 from bastion.crypto.safety import qr_png, render_qr_text
 from bastion.display import escape_text
 from bastion.errors import BastionError

@@ -25,9 +25,16 @@ from bastion.cli._common import (
     with_client,
     with_profile,
 )
-from bastion.client import outbox, presence, receipts
-from bastion.client.client import Client, Event, MessageEvent, SendRefusedError
-from bastion.client.records import HistoryRecord
+from bastion.client import (
+    Client,
+    Event,
+    HistoryRecord,
+    MessageEvent,
+    SendRefusedError,
+    outbox,
+    presence,
+    receipts,
+)
 from bastion.display import escape_text
 from bastion.errors import BastionError, ServerRefusedError
 

@@ -1,1 +1,76 @@
-"""The client library: profile, connection, end-to-end messaging. Front ends sit on it."""
+"""The client library: profile, connection, end-to-end messaging. Front ends sit on it.
+
+Everything a front end may use is named in ``__all__``: the :class:`Client`
+(with :data:`DEFAULT_FEATURES` installed), the events it yields, the records
+it returns, and the feature modules as namespaces (``groups.send_text(client,
+...)``). Anything else in the package is internal and may change.
+"""
+
+from __future__ import annotations
+
+from bastion.client import (
+    comparison,
+    contacts,
+    devices,
+    files,
+    group_invites,
+    groups,
+    outbox,
+    policy,
+    presence,
+    receipts,
+    receiving,
+    trust,
+    verification,
+)
+from bastion.client._default import DEFAULT_FEATURES, Client, open_client
+from bastion.client._util import UNANSWERED, USERNAME_RE, check_username, now_ms
+from bastion.client.client import SendRefusedError
+from bastion.client.events import (
+    DevicesChangedEvent,
+    Event,
+    FeatureEvent,
+    KeyChangedEvent,
+    MessageEvent,
+    WarningEvent,
+)
+from bastion.client.feature import ClientCore, Feature, Hooks
+from bastion.client.passphrase import check_new_passphrase, weakness
+from bastion.client.records import ContactRecord, HistoryRecord
+
+__all__ = [
+    "DEFAULT_FEATURES",
+    "UNANSWERED",
+    "USERNAME_RE",
+    "Client",
+    "ClientCore",
+    "ContactRecord",
+    "DevicesChangedEvent",
+    "Event",
+    "Feature",
+    "FeatureEvent",
+    "HistoryRecord",
+    "Hooks",
+    "KeyChangedEvent",
+    "MessageEvent",
+    "SendRefusedError",
+    "WarningEvent",
+    "check_new_passphrase",
+    "check_username",
+    "comparison",
+    "contacts",
+    "devices",
+    "files",
+    "group_invites",
+    "groups",
+    "now_ms",
+    "open_client",
+    "outbox",
+    "policy",
+    "presence",
+    "receipts",
+    "receiving",
+    "trust",
+    "verification",
+    "weakness",
+]

@@ -1,28 +1,36 @@
-"""The client library: register, sign in, send and receive end-to-end encrypted messages.
+"""The client core: register, sign in, send and receive end-to-end encrypted messages.
 
-Front ends (the command line, the terminal app) call this module and nothing
-below it. Every received message is decrypted, its signature and sender binding
-checked, and de-duplicated before anything is stored or shown; a message that
-fails any check becomes a :class:`WarningEvent`, never a message.
+Front ends use it through :mod:`bastion.client` (whose ``Client`` installs the
+default features); this module imports no feature: each is handed the client
+as a :class:`~bastion.client.feature.ClientCore` and registers its handlers in
+the client's :class:`~bastion.client.feature.Hooks`. Every received message is
+decrypted, its signature and sender binding checked, and de-duplicated before
+anything is stored or shown; a message that fails any check becomes a
+:class:`WarningEvent`, never a message.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-import re
 import secrets
-import time
 import typing
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Self
 
 import msgspec
 
 from bastion.client import device_list, receiving
+from bastion.client._util import TRANSIENT_ERRORS, UNANSWERED, check_username, now_ms
+from bastion.client.events import (
+    DevicesChangedEvent,
+    Event,
+    KeyChangedEvent,
+    MessageEvent,
+    WarningEvent,
+)
+from bastion.client.feature import Feature, install_all
 from bastion.client.group_keys import ROOM_KEY_KIND
 from bastion.client.profile import Profile
 from bastion.client.records import (
@@ -49,18 +57,9 @@ from bastion.errors import (
 from bastion.protocol import frames
 from bastion.protocol.auth import register_message, signin_message
 
-USERNAME_RE = re.compile(frames.USERNAME_PATTERN)
 ONE_TIME_KEY_TARGET = 40
 ONE_TIME_KEY_LOW = 15
-TRANSIENT_ERRORS = frozenset({"disconnected", "timeout", "unreachable", "rate_limited", "internal"})
-# No answer came: the server may or may not have stored the message, so it stays kept.
-UNANSWERED = frozenset({"disconnected", "timeout"})
 RETRY_LOOKBACK = 50  # how far back a retry looks for the failed copy it replaces
-
-
-def now_ms() -> int:
-    """Wall-clock milliseconds since the epoch."""
-    return time.time_ns() // 1_000_000
 
 
 def _envelope_key(deliver: frames.Deliver) -> str:
@@ -72,36 +71,6 @@ def _envelope_key(deliver: frames.Deliver) -> str:
     return f"{deliver.seq}:{hashlib.sha256(deliver.body).hexdigest()[:32]}"
 
 
-def json_object(body: str) -> dict[str, Any]:
-    """A peer's JSON payload body as a dict; empty if it is not a JSON object (never raises)."""
-    try:
-        value = json.loads(body)
-    except ValueError:
-        return {}
-    return value if isinstance(value, dict) else {}
-
-
-def certified_device(user: str, identity_key: bytes, keys: frames.DeviceKeys) -> DeviceEntry | None:
-    """The device if its certificate verifies under ``identity_key`` for ``user``, else None."""
-    try:
-        DeviceCertificate(
-            username=user,
-            device_id=keys.device_id,
-            ed25519=keys.ed25519,
-            curve25519=keys.curve25519,
-            created_at=keys.created_at,
-            signature=keys.certificate,
-        ).verify(identity_key)
-    except AuthenticationError:
-        return None
-    return DeviceEntry(
-        device_id=keys.device_id,
-        ed25519=keys.ed25519,
-        curve25519=keys.curve25519,
-        created_at=keys.created_at,
-    )
-
-
 class SendRefusedError(ServerRefusedError):
     """The server refused a message; ``record`` is its history entry, now marked failed."""
 
@@ -110,79 +79,16 @@ class SendRefusedError(ServerRefusedError):
         self.record = record
 
 
-def check_username(username: str) -> str:
-    """Return ``username`` if valid; raise ValueError with a sentence a user understands."""
-    if not USERNAME_RE.match(username):
-        raise ValueError(
-            f"{username!r} is not a valid username: use 3 to 32 characters, "
-            "lowercase letters, digits, '.', '_' or '-'"
-        )
-    return username
+class Client:
+    """One unlocked device profile and, once connected, its server connection.
 
-
-@dataclass(frozen=True, slots=True)
-class MessageEvent:
-    """A message that passed every check (or a copy of one this account sent elsewhere)."""
-
-    record: HistoryRecord
-    verified: bool
-
-
-@dataclass(frozen=True, slots=True)
-class WarningEvent:
-    """Something arrived that failed a check; it was dropped and counted."""
-
-    reason: str
-    sender: str
-    device: str
-    at: int
-
-
-@dataclass(frozen=True, slots=True)
-class KeyChangedEvent:
-    """A contact's account key is not the pinned one; their messages wait until you decide."""
-
-    user: str
-    at: int
-
-
-@dataclass(frozen=True, slots=True)
-class DevicesChangedEvent:
-    """A user's set of certified devices changed since we last looked."""
-
-    user: str
-    added: tuple[str, ...]
-    removed: tuple[str, ...]
-    at: int
-    certified_at: tuple[int, ...] = ()  # when each added device was certified, in order
-    own_account: bool = False  # the devices of this device's own account changed
-
-
-class FeatureEvent:
-    """Base of the events that features built on the core report (see ``payload_handlers``).
-
-    Each kind says how a front end shows it: as one JSON object, and as a sentence.
+    ``features`` are installed once, here, in order; with none the client sends and
+    receives text and nothing else (any other payload kind is refused as unknown).
     """
 
-    def to_json(self) -> dict[str, Any]:
-        """The ``--json`` form: a dict with a ``type`` key."""
-        raise NotImplementedError
-
-    def describe(self) -> str:
-        """One sentence for a person."""
-        raise NotImplementedError
-
-
-Event = MessageEvent | WarningEvent | KeyChangedEvent | DevicesChangedEvent | FeatureEvent
-PayloadHandler = Callable[[Payload, DeviceEntry, frames.Deliver], "Event | None"]
-PushHandler = Callable[[frames.Frame], Awaitable["Event | None"]]
-DeliverHandler = Callable[[frames.Deliver], Awaitable["Event | None"]]
-
-
-class Client:
-    """One unlocked device profile and, once connected, its server connection."""
-
-    def __init__(self, profile: Profile, account: AccountInfo) -> None:
+    def __init__(
+        self, profile: Profile, account: AccountInfo, *, features: Sequence[Feature] = ()
+    ) -> None:
         self.profile = profile
         self.account = account
         self.conn: ServerConnection | None = None
@@ -191,25 +97,15 @@ class Client:
         # Kept messages the last connect() handed to the server (see send_payload).
         self.flushed: list[HistoryRecord] = []
         self._receiving: int | None = None  # see bastion.client.receiving
-        # Extension points for features built on the core (verification, contacts, files,
-        # groups): handlers of checked payloads by kind, and of server pushes by frame type.
-        self.payload_handlers: dict[str, PayloadHandler] = {}
-        self.push_handlers: dict[type[frames.Frame], PushHandler] = {}
-        # Envelopes that are not Olm messages (``Deliver.kind`` beyond 0 and 1), by kind.
-        self.deliver_handlers: dict[int, DeliverHandler] = {}
         self.extensions: dict[str, object] = {}  # per-client state of features
-        # Checks every feature runs right after sign-in (a failure closes the connection).
-        self.connect_hooks: list[Callable[[Client], Awaitable[None]]] = []
-        # Run by receive() with the events of each batch, once nothing more is waiting.
-        self.batch_hooks: list[Callable[[Client, list[Event]], Awaitable[None]]] = []
-        from bastion.client import features  # noqa: PLC0415 - features import this module
-
-        features.install(self)
+        # What the features registered: handlers of checked payloads by kind, of server pushes
+        # by frame type, of envelopes that are not Olm messages, and the connect/batch hooks.
+        self.hooks = install_all(features, self)
 
     # --- opening and registering ------------------------------------------------------------
 
     @classmethod
-    def open(cls, path: Path, passphrase: str) -> Client:
+    def open(cls, path: Path, passphrase: str) -> Self:
         """Unlock an existing profile; raises :class:`ProfileError`."""
         profile = Profile.unlock(path, passphrase)
         account = profile.get("account", AccountInfo)
@@ -228,7 +124,7 @@ class Client:
         server_url: str,
         fingerprint: str | None = None,
         invite: str | None = None,
-    ) -> Client:
+    ) -> Self:
         """Create an account and its first device on a server, and a profile for it.
 
         With no ``fingerprint`` the server's certificate is trusted on first use
@@ -258,7 +154,7 @@ class Client:
         challenge: frames.Challenge,
         *,
         invite: str | None = None,
-    ) -> Client:
+    ) -> Self:
         return await cls.enroll(
             conn,
             profile,
@@ -284,7 +180,7 @@ class Client:
         challenge: frames.Challenge,
         new_account: bool,
         invite: str | None = None,
-    ) -> Client:
+    ) -> Self:
         """Certify ``device`` under the account key, save the profile, and register it.
 
         With ``new_account`` the account is created; otherwise the device joins
@@ -393,7 +289,7 @@ class Client:
                     f"the server calls itself {challenge.server_name!r}, not "
                     f"{self.account.server_name!r}; refusing to sign in"
                 )
-            device = self._device()
+            device = self.device()
             req = conn.next_req()
             reply = await conn.request(
                 frames.SignIn(
@@ -417,8 +313,8 @@ class Client:
             raise
         self.conn = conn
         try:
-            for hook in self.connect_hooks:
-                await hook(self)
+            for hook in self.hooks.on_connect:
+                await hook()
         except BaseException:
             self.conn = None
             await conn.aclose()
@@ -440,12 +336,28 @@ class Client:
             self._receiving = None
         self.profile.close()
 
-    def _connection(self) -> ServerConnection:
+    def connection(self) -> ServerConnection:
+        """The open server connection; raises ServerRefusedError ``disconnected``."""
         if self.conn is None:
             raise ServerRefusedError("disconnected", "not connected to the server")
         return self.conn
 
-    def _device(self) -> OlmDevice:
+    async def request(self, frame: frames.Frame) -> frames.ServerFrame:
+        """Send ``frame`` with a fresh request number and wait for its answer.
+
+        Raises ServerRefusedError (``disconnected`` when not connected, or the
+        server's refusal).
+        """
+        conn = self.connection()
+        req = conn.next_req()
+        return await conn.request(msgspec.structs.replace(frame, req=req), req)
+
+    def notify(self, *events: Event) -> None:
+        """Add ``events`` to :attr:`notices` (yielded by :meth:`receive` before its next event)."""
+        self.notices.extend(events)
+
+    def device(self) -> OlmDevice:
+        """This device's Olm account (private), from the encrypted profile."""
         pickle = self.profile.get("device", str)
         if pickle is None:
             raise ProfileError("the profile holds no device keys")
@@ -457,10 +369,10 @@ class Client:
         if count <= 0:
             return
         with self.profile.transaction():
-            device = self._device()
+            device = self.device()
             keys = device.new_one_time_keys(count)
             self.profile.put("device", device.pickle(self.profile.pickle_key))
-        conn = self._connection()
+        conn = self.connection()
         req = conn.next_req()
         await conn.request(
             frames.UploadKeys(
@@ -490,7 +402,7 @@ class Client:
         ``publish_missing_list`` publishes the first one.
         """
         check_username(user)
-        conn = self._connection()
+        conn = self.connection()
         req = conn.next_req()
         reply = await conn.request(frames.QueryKeys(req=req, user=user), req)
         if not isinstance(reply, frames.KeysResult) or reply.user != user:
@@ -510,7 +422,7 @@ class Client:
         devices = [
             entry
             for d in reply.devices
-            if (entry := certified_device(user, reply.identity_key, d)) is not None
+            if (entry := device_list.certified_device(user, reply.identity_key, d)) is not None
         ]
         me = self.account.username
         signed = device_list.checked_list(
@@ -546,14 +458,14 @@ class Client:
         missing = [d for d in devices if not self.profile.sessions(d.curve25519)]
         if not missing:
             return
-        conn = self._connection()
+        conn = self.connection()
         req = conn.next_req()
         reply = await conn.request(frames.ClaimKeys(req=req, user=user), req)
         if not isinstance(reply, frames.ClaimResult) or reply.user != user:
             raise RejectedMessageError("the server answered a key claim for someone else")
         by_id = {d.device_id: d for d in missing}
         with self.profile.transaction():
-            device = self._device()
+            device = self.device()
             for claimed in reply.keys:
                 target = by_id.get(claimed.device_id)
                 if target is None or self.profile.sessions(target.curve25519):
@@ -631,7 +543,7 @@ class Client:
                 history=history,
                 group_id=group_id,
             )
-            conn = self._connection()
+            conn = self.connection()
             req = conn.next_req()
             try:
                 reply = await conn.request(msgspec.structs.replace(frame, req=req), req)
@@ -684,7 +596,7 @@ class Client:
             history=False,
             group_id=group_id,
         )
-        conn = self._connection()
+        conn = self.connection()
         req = conn.next_req()
         try:
             reply = await conn.request(msgspec.structs.replace(frame, req=req), req)
@@ -711,7 +623,7 @@ class Client:
         conversation = direct_conversation(me, to)
         ciphertexts = []
         with self.profile.transaction():
-            device = self._device()
+            device = self.device()
             for user, target in targets:
                 sessions = self.profile.sessions(target.curve25519)
                 if not sessions:
@@ -800,7 +712,7 @@ class Client:
         changed meanwhile) is marked failed, never re-encrypted to new keys behind
         the user's back; those records are returned so a front end can say so.
         """
-        conn = self._connection()
+        conn = self.connection()
         failed = []
         for raw in self.profile.outgoing():
             frame = msgspec.msgpack.decode(raw, type=frames.Send)
@@ -834,7 +746,7 @@ class Client:
         With ``until_synced`` it stops once everything queued at sign-in was
         handled; otherwise it runs until the connection closes.
         """
-        conn = self._connection()
+        conn = self.connection()
         batch: list[Event] = []
         while True:
             item = await conn.incoming.get()
@@ -853,7 +765,7 @@ class Client:
             if isinstance(item, frames.LinkPush):
                 continue  # only the linking flow reads these
             if not isinstance(item, frames.Deliver):
-                push = self.push_handlers.get(type(item))
+                push = self.hooks.pushes.get(type(item))
                 notice = await push(item) if push is not None else None
                 if notice is not None:
                     yield notice
@@ -874,8 +786,8 @@ class Client:
                 yield event
 
     async def _run_batch_hooks(self, batch: list[Event]) -> None:
-        for hook in self.batch_hooks:
-            await hook(self, batch)
+        for hook in self.hooks.on_batch:
+            await hook(batch)
 
     async def process(self, deliver: frames.Deliver) -> Event | None:
         """Decrypt and check one envelope; store it if it passes. None for a duplicate."""
@@ -883,7 +795,7 @@ class Client:
         if self.profile.seen("env", envelope):
             return None
         if deliver.kind not in {0, 1, frames.ROOM_KEY_PATH, frames.ROOM_KEY_PATH + 1}:
-            special = self.deliver_handlers.get(deliver.kind)
+            special = self.hooks.envelopes.get(deliver.kind)
             if special is not None:
                 handled = await special(deliver)
                 if isinstance(handled, WarningEvent):  # a rejected group message, say
@@ -934,7 +846,7 @@ class Client:
         return known[device_id]
 
     def _accept(self, deliver: frames.Deliver, sender: DeviceEntry) -> Event | None:
-        device = self._device()
+        device = self.device()
         account_changed = False
         plaintext: bytes | None = None
         session: OlmSession | None = None
@@ -975,7 +887,7 @@ class Client:
             )
         handler = None
         if payload.kind != "text":
-            handler = self.payload_handlers.get(payload.kind)
+            handler = self.hooks.payloads.get(payload.kind)
             if handler is None:
                 raise RejectedMessageError(f"unknown message kind {payload.kind!r}")
         outgoing = payload.sender == me

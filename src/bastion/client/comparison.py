@@ -19,7 +19,7 @@ import os
 import re
 
 from bastion.client import trust
-from bastion.client.client import Client
+from bastion.client.feature import ClientCore
 from bastion.crypto.safety import GROUP_DIGITS, SafetyNumber, safety_number, verify_qr
 from bastion.errors import SecurityError, StateError
 
@@ -43,7 +43,7 @@ def normalise_number(typed: str, *, digits: int = SAFETY_NUMBER_DIGITS) -> str:
     return compact
 
 
-def current_number(client: Client, user: str) -> SafetyNumber:
+def current_number(client: ClientCore, user: str) -> SafetyNumber:
     """The safety number with ``user``'s pinned key; StateError if none can be verified now."""
     contact = client.contact(user)
     if contact is None:
@@ -55,7 +55,7 @@ def current_number(client: Client, user: str) -> SafetyNumber:
     )
 
 
-def confirm_number(client: Client, user: str, typed: str) -> SafetyNumber:
+def confirm_number(client: ClientCore, user: str, typed: str) -> SafetyNumber:
     """Mark ``user`` verified if ``typed`` is the whole safety number; returns it.
 
     Raises ValueError for something that is not 60 digits, ComparisonMismatch for
@@ -72,7 +72,7 @@ def confirm_number(client: Client, user: str, typed: str) -> SafetyNumber:
     return number
 
 
-def confirm_last_group(client: Client, number: SafetyNumber, typed: str) -> None:
+def confirm_last_group(client: ClientCore, number: SafetyNumber, typed: str) -> None:
     """Mark ``number.their_user`` verified if ``typed`` is the number's last group of five.
 
     The person reads the whole number while the other side reads out the last group;
@@ -113,7 +113,7 @@ def decode_qr_image(path: str | os.PathLike[str]) -> list[bytes]:
     return [bytes(code.bytes) for code in found]
 
 
-def confirm_qr_image(client: Client, user: str, path: str | os.PathLike[str]) -> SafetyNumber:
+def confirm_qr_image(client: ClientCore, user: str, path: str | os.PathLike[str]) -> SafetyNumber:
     """Mark ``user`` verified if the image holds the QR code ``user`` shows for us.
 
     Raises ValueError if the image holds no QR code, ComparisonMismatch if no code in

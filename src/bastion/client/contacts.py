@@ -17,11 +17,12 @@ from typing import Any, cast
 
 import msgspec
 
-from bastion.client.client import Client, FeatureEvent, check_username, json_object, now_ms
+from bastion.client._util import check_username, json_object, now_ms
+from bastion.client.events import FeatureEvent
+from bastion.client.feature import ClientCore, FeatureSpec, Hooks
 from bastion.client.records import DeviceEntry
-from bastion.client.transport import ServerConnection
 from bastion.crypto.payload import Payload
-from bastion.errors import RejectedMessageError, ServerRefusedError
+from bastion.errors import RejectedMessageError
 from bastion.protocol import frames
 
 MAX_NOTE_CHARS = 280
@@ -121,27 +122,27 @@ class ContactChangedEvent(FeatureEvent):
 # --- the list in the profile ------------------------------------------------------------------
 
 
-def _names(client: Client) -> list[str]:
+def _names(client: ClientCore) -> list[str]:
     return client.profile.get(_INDEX, list[str]) or []
 
 
-def buddy(client: Client, user: str) -> BuddyRecord | None:
+def buddy(client: ClientCore, user: str) -> BuddyRecord | None:
     """The profile's record of ``user``, if any."""
     record = client.profile.get("contacts.buddy:" + user, BuddyRecord)
     return None if record is None or record.state == "none" else record
 
 
-def presence_record(client: Client, user: str) -> PresenceRecord:
+def presence_record(client: ClientCore, user: str) -> PresenceRecord:
     """What we last heard of ``user``'s presence."""
     return client.profile.get("contacts.presence:" + user, PresenceRecord) or PresenceRecord()
 
 
-def put_presence(client: Client, user: str, record: PresenceRecord) -> None:
+def put_presence(client: ClientCore, user: str, record: PresenceRecord) -> None:
     """Store what we heard of ``user``'s presence (inside a profile transaction)."""
     client.profile.put("contacts.presence:" + user, record)
 
 
-def _put(client: Client, record: BuddyRecord | None, user: str) -> None:
+def _put(client: ClientCore, record: BuddyRecord | None, user: str) -> None:
     names = _names(client)
     if record is None:
         client.profile.put("contacts.buddy:" + user, BuddyRecord(user=user, state="none"))
@@ -154,7 +155,7 @@ def _put(client: Client, record: BuddyRecord | None, user: str) -> None:
         client.profile.put(_INDEX, sorted([*names, user]))
 
 
-def set_state(client: Client, user: str, state: str, at: int) -> BuddyRecord | None:
+def set_state(client: ClientCore, user: str, state: str, at: int) -> BuddyRecord | None:
     """Record the server's state for ``user`` (``none`` forgets them); inside a transaction."""
     if state == "none":
         _put(client, None, user)
@@ -175,7 +176,7 @@ def combined(record: BuddyRecord | None, presence: PresenceRecord) -> tuple[str,
     return presence.state, presence.status
 
 
-def local_contacts(client: Client) -> list[Contact]:
+def local_contacts(client: ClientCore) -> list[Contact]:
     """The contact list as the profile holds it, sorted by name."""
     out = []
     for name in _names(client):
@@ -190,16 +191,8 @@ def local_contacts(client: Client) -> list[Contact]:
 # --- talking to the server --------------------------------------------------------------------
 
 
-def _conn(client: Client) -> ServerConnection:
-    if client.conn is None:
-        raise ServerRefusedError("disconnected", "not connected to the server")
-    return client.conn
-
-
-async def _action(client: Client, user: str, action: frames.ContactActionName) -> str:
-    conn = _conn(client)
-    req = conn.next_req()
-    reply = await conn.request(frames.ContactAction(req=req, user=user, action=action), req)
+async def _action(client: ClientCore, user: str, action: frames.ContactActionName) -> str:
+    reply = await client.request(frames.ContactAction(req=0, user=user, action=action))
     if not isinstance(reply, frames.ContactResult) or reply.user != user:
         raise RejectedMessageError("the server answered a contact action for someone else")
     with client.profile.transaction():
@@ -207,7 +200,7 @@ async def _action(client: Client, user: str, action: frames.ContactActionName) -
     return str(reply.state)
 
 
-async def request(client: Client, user: str, note: str = "", *, notify: bool = True) -> str:
+async def request(client: ClientCore, user: str, note: str = "", *, notify: bool = True) -> str:
     """Ask ``user`` to become a contact; returns the new state as the server names it.
 
     With ``notify`` the note (at most 280 characters, possibly empty) is sent end
@@ -231,7 +224,7 @@ async def request(client: Client, user: str, note: str = "", *, notify: bool = T
     return state
 
 
-async def act(client: Client, user: str, action: str) -> str:
+async def act(client: ClientCore, user: str, action: str) -> str:
     """Accept, decline, remove, block or unblock ``user``; returns the new state.
 
     Raises ValueError for an unknown action, ServerRefusedError if the server
@@ -243,7 +236,7 @@ async def act(client: Client, user: str, action: str) -> str:
     return await _action(client, user, cast("frames.ContactActionName", action))
 
 
-def merge(client: Client, listing: frames.ContactListResult) -> list[Contact]:
+def merge(client: ClientCore, listing: frames.ContactListResult) -> list[Contact]:
     """Make the profile's list match the server's states (keeping notes and presence)."""
     now = now_ms()
     seen = set()
@@ -265,17 +258,15 @@ def merge(client: Client, listing: frames.ContactListResult) -> list[Contact]:
     return local_contacts(client)
 
 
-async def sync(client: Client) -> list[Contact]:
+async def sync(client: ClientCore) -> list[Contact]:
     """Fetch the server's contact list, update the profile, and return the list."""
-    conn = _conn(client)
-    req = conn.next_req()
-    reply = await conn.request(frames.ContactList(req=req), req)
+    reply = await client.request(frames.ContactList(req=0))
     if not isinstance(reply, frames.ContactListResult):
         raise RejectedMessageError("the server answered a contact list with something else")
     return merge(client, reply)
 
 
-def accepted(client: Client) -> list[str]:
+def accepted(client: ClientCore) -> list[str]:
     """The accepted contacts, as the profile holds them."""
     return [c.user for c in local_contacts(client) if c.state == "accepted"]
 
@@ -283,8 +274,8 @@ def accepted(client: Client) -> list[str]:
 # --- handlers ---------------------------------------------------------------------------------
 
 
-def install(client: Client) -> None:
-    """Register the contact payload kind and push handler on ``client``."""
+def install(client: ClientCore, hooks: Hooks) -> None:
+    """Register the contact payload kind and push handler for ``client``."""
 
     def on_request(
         payload: Payload, sender: DeviceEntry, deliver: frames.Deliver
@@ -314,5 +305,8 @@ def install(client: Client) -> None:
             return None  # shown when the encrypted request with its note arrives
         return ContactChangedEvent(user=frame.user, state=shown_state(frame.state), at=frame.at)
 
-    client.payload_handlers[REQUEST_KIND] = on_request
-    client.push_handlers[frames.ContactChanged] = on_changed
+    hooks.payloads.add(REQUEST_KIND, on_request)
+    hooks.pushes.add(frames.ContactChanged, on_changed)
+
+
+FEATURE = FeatureSpec("contacts", install)

@@ -18,14 +18,35 @@ from typing import TYPE_CHECKING
 import msgspec
 
 from bastion.client.records import ContactRecord, DeviceEntry
-from bastion.crypto.device import SignedDeviceList
+from bastion.crypto.device import DeviceCertificate, SignedDeviceList
 from bastion.errors import AuthenticationError, DeviceListError, ServerRefusedError
 from bastion.protocol import frames
 
 if TYPE_CHECKING:
-    from bastion.client.client import Client
+    from bastion.client.feature import ClientCore
 
 PUBLISH_ATTEMPTS = 3
+
+
+def certified_device(user: str, identity_key: bytes, keys: frames.DeviceKeys) -> DeviceEntry | None:
+    """The device if its certificate verifies under ``identity_key`` for ``user``, else None."""
+    try:
+        DeviceCertificate(
+            username=user,
+            device_id=keys.device_id,
+            ed25519=keys.ed25519,
+            curve25519=keys.curve25519,
+            created_at=keys.created_at,
+            signature=keys.certificate,
+        ).verify(identity_key)
+    except AuthenticationError:
+        return None
+    return DeviceEntry(
+        device_id=keys.device_id,
+        ed25519=keys.ed25519,
+        curve25519=keys.curve25519,
+        created_at=keys.created_at,
+    )
 
 
 def checked_list(
@@ -91,7 +112,7 @@ def pinned_record(record: ContactRecord, signed: SignedDeviceList | None) -> Con
 
 
 async def update_own_list(
-    client: Client, *, add: Iterable[str] = (), remove: Iterable[str] = ()
+    client: ClientCore, *, add: Iterable[str] = (), remove: Iterable[str] = ()
 ) -> SignedDeviceList:
     """Publish the next version of this account's list, with ``add`` and without ``remove``.
 
@@ -101,7 +122,7 @@ async def update_own_list(
     :class:`ServerRefusedError` if the server keeps refusing the new version.
     """
     me = client.account.username
-    conn = client._connection()
+    conn = client.connection()
     adding, removing = set(add), set(remove)
     for _attempt in range(PUBLISH_ATTEMPTS):
         await client.devices_of(me, publish_missing_list=False)

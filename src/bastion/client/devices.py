@@ -20,7 +20,9 @@ from pathlib import Path
 import msgspec
 
 from bastion.client import device_list
-from bastion.client.client import Client, check_username, now_ms
+from bastion.client._default import Client
+from bastion.client._util import check_username, now_ms
+from bastion.client.feature import ClientCore
 from bastion.client.profile import Profile
 from bastion.client.records import DeviceEntry
 from bastion.client.transport import ServerConnection, _Closed
@@ -55,13 +57,13 @@ class LinkedDevice:
     device_id: str
 
 
-async def list_devices(client: Client) -> list[DeviceEntry]:
+async def list_devices(client: ClientCore) -> list[DeviceEntry]:
     """This account's certified devices, as the server lists them and the account key signs."""
     return await client.devices_of(client.account.username)
 
 
 async def offer_link(
-    client: Client,
+    client: ClientCore,
     show_code: Callable[[str], Awaitable[None] | None],
     *,
     wait_s: float = LINK_WAIT_S,
@@ -70,7 +72,7 @@ async def offer_link(
 
     ``client`` must be connected. Raises ServerRefusedError or TimeoutError.
     """
-    conn = client._connection()
+    conn = client.connection()
     code = linking.new_code()
     slot, key = linking.slot_and_key(linking.parse_code(code))
     req = conn.next_req()
@@ -107,7 +109,7 @@ async def offer_link(
 
 
 def _remember_own_devices(
-    client: Client, *, add: DeviceEntry | None = None, remove: str | None = None
+    client: ClientCore, *, add: DeviceEntry | None = None, remove: str | None = None
 ) -> None:
     """Record a change this device made itself, so it is not reported back to it as news."""
     me = client.account.username
@@ -211,11 +213,11 @@ def _check_same_server(
         )
 
 
-async def revoke_device(client: Client, device_id: str) -> None:
+async def revoke_device(client: ClientCore, device_id: str) -> None:
     """Revoke another device of this account with the account key's signature."""
     if device_id == client.account.device_id:
         raise StateError("revoke this device from another device of the account")
-    conn = client._connection()
+    conn = client.connection()
     revoked_at = now_ms()
     signature = sign_revocation(client.identity(), client.account.username, device_id, revoked_at)
     req = conn.next_req()
@@ -243,7 +245,7 @@ class AccountExport(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
         return f"AccountExport({self.username}, <redacted>)"
 
 
-def export_account(client: Client, file: Path, passphrase: str) -> None:
+def export_account(client: ClientCore, file: Path, passphrase: str) -> None:
     """Write the account key and server pins to ``file``, sealed under ``passphrase``.
 
     The file is created with mode 0600 and never overwrites an existing one.

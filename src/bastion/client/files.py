@@ -39,7 +39,11 @@ from typing import Annotated, Any
 import msgspec
 from msgspec import Meta
 
-from bastion.client.client import Client, Event, FeatureEvent, check_username, now_ms
+from bastion.client import group_messages
+from bastion.client._util import check_username, now_ms
+from bastion.client.events import Event, FeatureEvent
+from bastion.client.feature import ClientCore, FeatureSpec, Hooks
+from bastion.client.group_keys import GroupPlaintext
 from bastion.client.records import DeviceEntry
 from bastion.client.transport import ServerConnection
 from bastion.crypto.payload import Payload
@@ -191,13 +195,28 @@ def human_size(size: int) -> str:
     return f"{size} bytes"
 
 
-def install(client: Client) -> None:
-    """Register the ``file.offer`` payload handler on ``client``."""
+def install(client: ClientCore, hooks: Hooks) -> None:
+    """Register the ``file.offer`` handlers for ``client``: sent directly, and in a group."""
 
     def on_offer(payload: Payload, sender: DeviceEntry, deliver: frames.Deliver) -> Event | None:
         return _record_offer(client, payload, deliver)
 
-    client.payload_handlers[OFFER_KIND] = on_offer
+    def on_group_offer(plaintext: GroupPlaintext, deliver: frames.Deliver) -> Event | None:
+        # None for our own offer seen on another of our devices.
+        return record_offer(
+            client,
+            sender=plaintext.sender,
+            device=plaintext.sender_device,
+            message_id=plaintext.message_id,
+            body=plaintext.body,
+            at=deliver.server_ts,
+        )
+
+    hooks.payloads.add(OFFER_KIND, on_offer)
+    hooks.group_payloads.add(OFFER_KIND, on_group_offer)
+
+
+FEATURE = FeatureSpec("files", install)
 
 
 def parse_offer(text: str) -> OfferBody:
@@ -208,7 +227,7 @@ def parse_offer(text: str) -> OfferBody:
         raise RejectedMessageError("malformed file offer") from None
 
 
-def _record_offer(client: Client, payload: Payload, deliver: frames.Deliver) -> Event | None:
+def _record_offer(client: ClientCore, payload: Payload, deliver: frames.Deliver) -> Event | None:
     return record_offer(
         client,
         sender=payload.sender,
@@ -220,7 +239,7 @@ def _record_offer(client: Client, payload: Payload, deliver: frames.Deliver) -> 
 
 
 def record_offer(
-    client: Client, *, sender: str, device: str, message_id: bytes, body: str, at: int
+    client: ClientCore, *, sender: str, device: str, message_id: bytes, body: str, at: int
 ) -> FileEvent | None:
     """Record a checked offer (from a 1:1 or a group message); None if ours or seen before.
 
@@ -272,12 +291,6 @@ def _private_dir(path: Path) -> Path:
     return path
 
 
-def _connection(client: Client) -> ServerConnection:
-    if client.conn is None:
-        raise ServerRefusedError("disconnected", "not connected to the server")
-    return client.conn
-
-
 def _refusal(exc: ServerRefusedError) -> ServerRefusedError:
     if exc.code == "file_too_large":
         return ServerRefusedError(
@@ -288,7 +301,7 @@ def _refusal(exc: ServerRefusedError) -> ServerRefusedError:
 
 
 async def send_file(
-    client: Client,
+    client: ClientCore,
     to: str | GroupState,
     path: Path,
     *,
@@ -315,7 +328,7 @@ async def send_file(
         raise ValueError(f"{path} is not a file")
     name = sanitize_filename(path.name).name
     claimed = content_type or mimetypes.guess_type(name)[0] or "application/octet-stream"
-    conn = _connection(client)
+    conn = client.connection()
     folder = _private_dir(client.profile.path / "outgoing")
     temp = folder / f"upload-{secrets.token_hex(12)}"
     try:
@@ -347,9 +360,7 @@ async def send_file(
     if isinstance(to, str):
         record = await client.send_payload(to, OFFER_KIND, text, history=False)
     else:
-        from bastion.client import groups  # noqa: PLC0415 - groups import the client too
-
-        record = await groups.send_body(client, to, text, kind=OFFER_KIND)
+        record = await group_messages.send_body(client, to, text, kind=OFFER_KIND)
     return SentFile(offer_id=record.id.hex(), blob=blob, name=name, size=encrypted.plaintext_size)
 
 
@@ -419,7 +430,7 @@ async def upload_blob(
 # --- receiving -------------------------------------------------------------------------------
 
 
-def list_files(client: Client) -> list[FileRecord]:
+def list_files(client: ClientCore) -> list[FileRecord]:
     """Every file offered to this device, oldest first."""
     out = []
     for offer_id in client.profile.get(_INDEX, list[str]) or []:
@@ -429,7 +440,7 @@ def list_files(client: Client) -> list[FileRecord]:
     return out
 
 
-def find_file(client: Client, offer_id: str) -> FileRecord:
+def find_file(client: ClientCore, offer_id: str) -> FileRecord:
     """The offer whose id is (or starts with, if unambiguous) ``offer_id``.
 
     Raises ValueError if there is none or several.
@@ -445,7 +456,7 @@ def find_file(client: Client, offer_id: str) -> FileRecord:
     return matches[0]
 
 
-def _save(client: Client, record: FileRecord) -> None:
+def _save(client: ClientCore, record: FileRecord) -> None:
     with client.profile.transaction():
         client.profile.put("file:" + record.id, record)
 
@@ -516,10 +527,10 @@ def clamd_socket_from_env() -> Path | None:
 
 
 async def _fetch_into_quarantine(
-    client: Client, record: FileRecord, quarantine: Quarantine, window: int
+    client: ClientCore, record: FileRecord, quarantine: Quarantine, window: int
 ) -> tuple[Path, Path]:
     """Download, check and seal the blob; return the sealed file and a decrypted copy."""
-    conn = _connection(client)
+    conn = client.connection()
     part = _private_dir(client.profile.path / "downloads") / f"{record.id}.blob"
     try:
         await download_blob(conn, record.blob, record.size, part, window=window)
@@ -550,7 +561,7 @@ def _open_sealed(quarantine: Quarantine, sealed: Path, record: FileRecord) -> Pa
 
 
 async def _sealed_and_plaintext(
-    client: Client, record: FileRecord, quarantine: Quarantine, window: int
+    client: ClientCore, record: FileRecord, quarantine: Quarantine, window: int
 ) -> tuple[FileRecord, Path, Path]:
     """The offer's sealed file in quarantine (downloaded if needed) and a decrypted copy.
 
@@ -582,7 +593,7 @@ async def _sealed_and_plaintext(
 
 
 async def get_file(
-    client: Client,
+    client: ClientCore,
     offer_id: str,
     to_dir: Path,
     *,
@@ -641,7 +652,7 @@ async def get_file(
     return FileResult(record=record, verdict=verdict, saved_to=saved)
 
 
-def _log_override(client: Client, record: FileRecord, verdict: Verdict) -> None:
+def _log_override(client: ClientCore, record: FileRecord, verdict: Verdict) -> None:
     log.warning("file.saved_despite_verdict", extra={"verdict": str(verdict.kind)})
     entry = OverrideEntry(
         id=record.id, at=now_ms(), verdict=str(verdict.kind), reasons=list(verdict.reasons)
@@ -651,7 +662,7 @@ def _log_override(client: Client, record: FileRecord, verdict: Verdict) -> None:
         client.profile.put(_OVERRIDES, [*entries, entry])
 
 
-def overrides(client: Client) -> list[OverrideEntry]:
+def overrides(client: ClientCore) -> list[OverrideEntry]:
     """Every blocked file the user saved anyway (the local log of ``--allow-blocked``)."""
     return client.profile.get(_OVERRIDES, list[OverrideEntry]) or []
 

@@ -16,7 +16,7 @@ from collections.abc import Mapping
 
 import msgspec
 
-from bastion.client.client import Client
+from bastion.client.feature import ClientCore
 
 SERVER: str = ""  # the key under which the server's own announcements are kept
 
@@ -41,17 +41,17 @@ def _name(group_id: bytes) -> str:
     return "group-status:" + group_id.hex()
 
 
-def status_of(client: Client, group_id: bytes) -> GroupStatus:
+def status_of(client: ClientCore, group_id: bytes) -> GroupStatus:
     """The group's status record (empty if none was kept)."""
     return client.profile.get(_name(group_id), GroupStatus) or GroupStatus()
 
 
-def save_status(client: Client, group_id: bytes, status: GroupStatus) -> None:
+def save_status(client: ClientCore, group_id: bytes, status: GroupStatus) -> None:
     """Store the group's status record (one write: atomic alone or in a transaction)."""
     client.profile.put(_name(group_id), status)
 
 
-def announce(client: Client, group_id: bytes, who: str, seq: int) -> None:
+def announce(client: ClientCore, group_id: bytes, who: str, seq: int) -> None:
     """Remember that ``who`` (a member, or :data:`SERVER`) named chain position ``seq``."""
     status = status_of(client, group_id)
     if status.announced.get(who, -1) < seq:

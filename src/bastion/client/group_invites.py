@@ -14,10 +14,9 @@ import datetime
 from dataclasses import dataclass
 from typing import Any
 
-import msgspec
-
-from bastion.client import groups
-from bastion.client.client import Client, Event, FeatureEvent
+from bastion.client import group_state
+from bastion.client.events import Event, FeatureEvent
+from bastion.client.feature import ClientCore, FeatureSpec, Hooks
 from bastion.errors import ServerRefusedError, StateError
 from bastion.groups import chain
 from bastion.protocol import frames
@@ -63,25 +62,26 @@ def _event(invite: frames.GroupInvite) -> GroupInviteEvent:
     )
 
 
-def on_invite(
-    client: Client, deliver: frames.Deliver, item: frames.GroupInviteItem
-) -> Event | None:
-    """An invitation delivered to this device (None for one already answered elsewhere)."""
-    del client, deliver
+def on_invite(deliver: frames.Deliver, item: frames.GroupItem) -> Event | None:
+    """An invitation delivered to this device."""
+    del deliver
+    if not isinstance(item, frames.GroupInviteItem):
+        return None
     return _event(item.invite)
 
 
-async def _request(client: Client, frame: frames.Frame) -> frames.ServerFrame:
-    conn = client.conn
-    if conn is None:
-        raise ServerRefusedError("disconnected", "not connected to the server")
-    req = conn.next_req()
-    return await conn.request(msgspec.structs.replace(frame, req=req), req)
+def install(client: ClientCore, hooks: Hooks) -> None:
+    """Show the invitations delivered to ``client`` (answering them is :func:`accept`'s)."""
+    del client
+    hooks.group_items.add(frames.GroupInviteItem, on_invite)
 
 
-async def pending(client: Client) -> list[GroupInviteEvent]:
+FEATURE = FeatureSpec("group_invites", install)
+
+
+async def pending(client: ClientCore) -> list[GroupInviteEvent]:
     """The invitations that wait for this account's answer, oldest first."""
-    reply = await _request(client, frames.GroupInvites(req=0))
+    reply = await client.request(frames.GroupInvites(req=0))
     if not isinstance(reply, frames.GroupInviteList):
         raise ServerRefusedError("bad_reply", "the server answered with something else")
     return [_event(invite) for invite in reply.invites]
@@ -97,7 +97,7 @@ def _find(invites: list[GroupInviteEvent], ref: str) -> GroupInviteEvent:
     return matches[0]
 
 
-async def accept(client: Client, ref: str) -> chain.GroupState:
+async def accept(client: ClientCore, ref: str) -> chain.GroupState:
     """Join the group of an invitation (hex id, 8+ digit prefix, or name): its verified state.
 
     Raises StateError (no such invitation, or its chain does not verify),
@@ -105,17 +105,17 @@ async def accept(client: Client, ref: str) -> chain.GroupState:
     """
     invite = _find(await pending(client), ref)
     group_id = bytes.fromhex(invite.group_id)
-    await _request(client, frames.GroupRespond(req=0, group_id=group_id, accept=True))
-    client.notices.extend(await groups.sync(client, group_id))
-    state = groups.state_of(client, group_id)
+    await client.request(frames.GroupRespond(req=0, group_id=group_id, accept=True))
+    client.notify(*await group_state.sync(client, group_id))
+    state = group_state.state_of(client, group_id)
     if state is None or client.account.username not in state.members:
         raise StateError("the group's chain does not show you as a member")
     return state
 
 
-async def decline(client: Client, ref: str) -> GroupInviteEvent:
+async def decline(client: ClientCore, ref: str) -> GroupInviteEvent:
     """Decline an invitation (silently: the inviter is not told). Raises like :func:`accept`."""
     invite = _find(await pending(client), ref)
     group_id = bytes.fromhex(invite.group_id)
-    await _request(client, frames.GroupRespond(req=0, group_id=group_id, accept=False))
+    await client.request(frames.GroupRespond(req=0, group_id=group_id, accept=False))
     return invite

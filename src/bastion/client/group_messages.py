@@ -16,17 +16,11 @@ import secrets
 import msgspec
 
 from bastion.client import group_heads, group_keys
-from bastion.client.client import (
-    TRANSIENT_ERRORS,
-    Client,
-    DevicesChangedEvent,
-    Event,
-    MessageEvent,
-    WarningEvent,
-    certified_device,
-    now_ms,
-)
-from bastion.client.groups import (
+from bastion.client._util import TRANSIENT_ERRORS, now_ms
+from bastion.client.device_list import certified_device
+from bastion.client.events import DevicesChangedEvent, Event, MessageEvent, WarningEvent
+from bastion.client.feature import ClientCore, FeatureSpec, Hooks
+from bastion.client.group_state import (
     MAX_INBOUND_PER_DEVICE,
     MAX_UNKNOWN_GROUP_KEYS,
     MAX_UNKNOWN_GROUP_KEYS_PER_SENDER,
@@ -36,7 +30,6 @@ from bastion.client.groups import (
     _compare_members,
     _inbound_name,
     _record_fork,
-    _request,
     _warning,
     chain_hashes,
     conversation,
@@ -52,10 +45,10 @@ from bastion.protocol import frames
 
 
 async def _member_devices(
-    client: Client, group_id: bytes, user: str, key: bytes
+    client: ClientCore, group_id: bytes, user: str, key: bytes
 ) -> tuple[list[DeviceEntry], list[Event]]:
     """``user``'s devices certified by ``key`` (the verified state's key), and warnings."""
-    reply = await _request(client, frames.QueryKeys(req=0, user=user))
+    reply = await client.request(frames.QueryKeys(req=0, user=user))
     if not isinstance(reply, frames.KeysResult) or reply.user != user:
         raise RejectedMessageError("the server answered a key query for someone else")
     contact = client.contact(user)
@@ -99,7 +92,7 @@ async def _member_devices(
         before = {d.device_id for d in contact.devices}
         after = {d.device_id for d in devices}
         if contact.devices and before != after:
-            client.notices.append(
+            client.notify(
                 DevicesChangedEvent(
                     user=user,
                     added=tuple(sorted(after - before)),
@@ -117,7 +110,7 @@ def _outbound_name(group_id: bytes) -> str:
 
 
 async def send_text(
-    client: Client,
+    client: ClientCore,
     group: chain.GroupState,
     text: str,
     *,
@@ -131,7 +124,7 @@ async def send_text(
 
 
 async def send_body(
-    client: Client,
+    client: ClientCore,
     group: chain.GroupState,
     text: str,
     *,
@@ -147,15 +140,15 @@ async def send_body(
     first when a member or device is gone, or after ``rotate_after_messages``
     messages or 7 days. The message and the room key name this client's chain
     head. Warnings about the server's member list or uncertified devices go to
-    ``client.notices``. Raises ValueError, StateError (not a member; or the chain
+    the client's notices. Raises ValueError, StateError (not a member; or the chain
     is forked, or could not be verified to the head announced: sending stops,
     fail closed), ServerRefusedError.
     """
     if not text or len(text) > 16_000:
         raise ValueError("a message has 1 to 16,000 characters")
     group_id = group.group_id
-    client.notices.extend(await sync(client, group_id))
-    client.notices.extend(await settle_fork(client, group_id))
+    client.notify(*await sync(client, group_id))
+    client.notify(*await settle_fork(client, group_id))
     state = state_of(client, group_id)
     me = client.account.username
     if state is None or me not in state.members:
@@ -169,7 +162,7 @@ async def send_body(
     checked: dict[str, list[DeviceEntry]] = {}
     for user in sorted(state.members):
         devices, warnings = await _member_devices(client, group_id, user, state.members[user])
-        client.notices.extend(warnings)
+        client.notify(*warnings)
         found = [d for d in devices if d.device_id != client.account.device_id]
         if found:
             checked[user] = found
@@ -200,16 +193,15 @@ async def send_body(
         chain_hash=state.state_hash,
     )
     with client.profile.transaction():
-        device = client._device()  # the device key signs the plaintext
+        device = client.device()  # the device key signs the plaintext
         out, ciphertext = group_keys.encrypt(out, plaintext, device.sign, key)
         client.profile.put(_outbound_name(group_id), out)  # index used: never again
-    reply = await _request(
-        client,
+    reply = await client.request(
         frames.GroupSend(req=0, group_id=group_id, client_msg_id=message_id, ciphertext=ciphertext),
     )
     server_ts = reply.server_ts if isinstance(reply, frames.GroupSent) else at
     if isinstance(reply, frames.GroupSent):
-        client.notices.extend(_compare_members(group_id, state, reply.members, reply.invited))
+        client.notify(*_compare_members(group_id, state, reply.members, reply.invited))
     record = HistoryRecord(
         id=message_id,
         sender=me,
@@ -230,7 +222,7 @@ async def send_body(
 
 
 async def _share_room_key(
-    client: Client,
+    client: ClientCore,
     group_id: bytes,
     out: group_keys.OutboundSession,
     checked: dict[str, list[DeviceEntry]],
@@ -265,7 +257,7 @@ async def _share_room_key(
                 raise
             if exc.code == "not_joined":
                 continue  # invited, not joined yet: gets the key with a message after joining
-            client.notices.append(
+            client.notify(
                 _warning(group_id, f"the room key could not be shared with {user}: {exc.code}")
             )
             continue
@@ -274,13 +266,15 @@ async def _share_room_key(
             out.shared[me] = ids[me]
 
 
-def history(client: Client, group: chain.GroupState, *, limit: int = 1000) -> list[HistoryRecord]:
+def history(
+    client: ClientCore, group: chain.GroupState, *, limit: int = 1000
+) -> list[HistoryRecord]:
     """The group's conversation from the local encrypted store, oldest first."""
     return client.profile.history(conversation(group.group_id), HistoryRecord, limit=limit)
 
 
 def on_room_key(
-    client: Client, payload: Payload, sender: DeviceEntry, deliver: frames.Deliver
+    client: ClientCore, payload: Payload, sender: DeviceEntry, deliver: frames.Deliver
 ) -> Event | None:
     """Store a room key received over Olm, filed under the device that sent it.
 
@@ -325,7 +319,7 @@ def on_room_key(
     return event
 
 
-def _hold_unknown_key(client: Client, name: str, sender: str) -> None:
+def _hold_unknown_key(client: ClientCore, name: str, sender: str) -> None:
     """Count a room-key record for a group not known yet; raise when the caps are reached."""
     held = client.profile.get(UNKNOWN_KEYS, list[str]) or []
     if name in held:
@@ -336,8 +330,9 @@ def _hold_unknown_key(client: Client, name: str, sender: str) -> None:
     client.profile.put(UNKNOWN_KEYS, [*held, name])
 
 
-async def on_deliver(client: Client, deliver: frames.Deliver) -> Event | None:
-    """Handle a group envelope: a chain notice (sync) or a message (decrypt and check)."""
+async def on_deliver(client: ClientCore, hooks: Hooks, deliver: frames.Deliver) -> Event | None:
+    """Handle a group envelope: a chain notice (sync), a message (decrypt and check), or
+    another item for the feature that registered it in ``hooks`` (an invitation)."""
     seen = f"{deliver.seq}:{hashlib.sha256(deliver.body).hexdigest()[:32]}"
     if client.profile.seen("group-env", seen):
         return None
@@ -348,26 +343,34 @@ async def on_deliver(client: Client, deliver: frames.Deliver) -> Event | None:
             "malformed group envelope", deliver.sender, deliver.sender_device, deliver.server_ts
         )
     else:
-        if isinstance(item, frames.GroupInviteItem):
-            from bastion.client import group_invites  # noqa: PLC0415 - built on groups
-
-            event = group_invites.on_invite(client, deliver, item)
-        elif isinstance(item, frames.GroupChangeItem):
+        if isinstance(item, frames.GroupChangeItem):
             try:
                 if state_of(client, item.group_id) is not None:
                     group_heads.announce(client, item.group_id, group_heads.SERVER, item.seq)
-                client.notices.extend(await _sync_or_reject(client, item.group_id))
+                client.notify(*await _sync_or_reject(client, item.group_id))
                 event = None
             except RejectedMessageError as exc:
                 event = _warning(item.group_id, exc.reason)
+        elif isinstance(item, frames.GroupMessageItem):
+            event = await _receive_message(client, hooks, deliver, item)
         else:
-            event = await _receive_message(client, deliver, item)
+            handler = hooks.group_items.get(type(item))
+            event = (
+                handler(deliver, item)
+                if handler is not None
+                else WarningEvent(
+                    "group envelope of a kind this client does not handle",
+                    deliver.sender,
+                    deliver.sender_device,
+                    deliver.server_ts,
+                )
+            )
     with client.profile.transaction():
         client.profile.mark_seen("group-env", seen)
     return event
 
 
-async def _sync_or_reject(client: Client, group_id: bytes) -> list[Event]:
+async def _sync_or_reject(client: ClientCore, group_id: bytes) -> list[Event]:
     try:
         return await sync(client, group_id)
     except ServerRefusedError as exc:
@@ -377,13 +380,13 @@ async def _sync_or_reject(client: Client, group_id: bytes) -> list[Event]:
 
 
 async def _receive_message(
-    client: Client, deliver: frames.Deliver, item: frames.GroupMessageItem
+    client: ClientCore, hooks: Hooks, deliver: frames.Deliver, item: frames.GroupMessageItem
 ) -> Event | None:
     group_id = item.group_id
     try:
         state = state_of(client, group_id)
         if state is None or deliver.sender not in state.members:
-            client.notices.extend(await _sync_or_reject(client, group_id))
+            client.notify(*await _sync_or_reject(client, group_id))
             state = state_of(client, group_id)
         if state is None or deliver.sender not in state.members:
             raise RejectedMessageError("group message from someone who is not a member")
@@ -404,6 +407,7 @@ async def _receive_message(
             raise RejectedMessageError("group message from someone who is not a member")
         return _accept(
             client,
+            hooks,
             deliver,
             item,
             held=held,
@@ -416,7 +420,7 @@ async def _receive_message(
 
 
 async def _check_head(
-    client: Client, group_id: bytes, plaintext: group_keys.GroupPlaintext
+    client: ClientCore, group_id: bytes, plaintext: group_keys.GroupPlaintext
 ) -> None:
     """Accept a message only from a chain head this client verified; raises RejectedMessageError.
 
@@ -427,7 +431,7 @@ async def _check_head(
     who, seq = plaintext.sender, plaintext.chain_seq
     if seq >= len(chain_hashes(client, group_id)):
         group_heads.announce(client, group_id, who, seq)
-        client.notices.extend(await _sync_or_reject(client, group_id))
+        client.notify(*await _sync_or_reject(client, group_id))
     hashes = chain_hashes(client, group_id)
     if seq >= len(hashes):
         raise RejectedMessageError(
@@ -435,8 +439,8 @@ async def _check_head(
             f" not verify (it holds {len(hashes) - 1}); sending to the group is stopped"
         )
     if group_heads.mismatch(hashes, seq, plaintext.chain_hash):
-        client.notices.append(_record_fork(client, group_id, seq, plaintext.chain_hash, who))
-        client.notices.extend(await settle_fork(client, group_id))
+        client.notify(_record_fork(client, group_id, seq, plaintext.chain_hash, who))
+        client.notify(*await settle_fork(client, group_id))
         if group_heads.mismatch(chain_hashes(client, group_id), seq, plaintext.chain_hash):
             raise RejectedMessageError(
                 f"{who} wrote from another branch of the group's chain (a fork at position"
@@ -445,10 +449,10 @@ async def _check_head(
     else:
         settled = _converged(client, group_id, who, seq)
         if settled is not None:
-            client.notices.append(settled)
+            client.notify(settled)
 
 
-def _converged(client: Client, group_id: bytes, who: str, seq: int) -> GroupWarningEvent | None:
+def _converged(client: ClientCore, group_id: bytes, who: str, seq: int) -> GroupWarningEvent | None:
     """Clear a fork once the member who named the other branch names ours at or past it."""
     status = group_heads.status_of(client, group_id)
     if status.fork is None or status.fork.by != who or seq < status.fork.seq:
@@ -459,7 +463,8 @@ def _converged(client: Client, group_id: bytes, who: str, seq: int) -> GroupWarn
 
 
 def _accept(
-    client: Client,
+    client: ClientCore,
+    hooks: Hooks,
     deliver: frames.Deliver,
     item: frames.GroupMessageItem,
     *,
@@ -472,6 +477,11 @@ def _accept(
     replay_key = plaintext.sender + "\0" + plaintext.message_id.hex()
     if client.profile.seen("group-msg", replay_key):
         raise RejectedMessageError("replayed group message")
+    handler = None
+    if plaintext.kind != "text":
+        handler = hooks.group_payloads.get(plaintext.kind)
+        if handler is None:
+            raise RejectedMessageError(f"unknown group message kind {plaintext.kind!r}")
     record = HistoryRecord(
         id=plaintext.message_id,
         sender=plaintext.sender,
@@ -489,18 +499,9 @@ def _accept(
     with client.profile.transaction():
         client.profile.put(name, InboundSessions(sessions=sessions))
         client.profile.mark_seen("group-msg", replay_key)
-        if plaintext.kind == "file.offer":
-            from bastion.client import files  # noqa: PLC0415 - files build on groups
-
-            # None for our own offer seen on another of our devices.
-            return files.record_offer(
-                client,
-                sender=plaintext.sender,
-                device=plaintext.sender_device,
-                message_id=plaintext.message_id,
-                body=plaintext.body,
-                at=deliver.server_ts,
-            )
+        if handler is not None:
+            # Everything was checked; the handler may write to the profile (same transaction).
+            return handler(plaintext, deliver)
         client.profile.add_message(record.conversation, record.id, record)
     contact = client.contact(plaintext.sender)
     return MessageEvent(record=record, verified=contact is not None and contact.trust == "verified")
@@ -511,7 +512,7 @@ def _decrypt_any(
     deliver: frames.Deliver,
     item: frames.GroupMessageItem,
     sender: DeviceEntry,
-    client: Client,
+    client: ClientCore,
 ) -> tuple[int, group_keys.InboundSession, group_keys.GroupPlaintext]:
     undecryptable = "group message could not be decrypted"
     error = RejectedMessageError(undecryptable)
@@ -534,11 +535,14 @@ def _decrypt_any(
     raise error
 
 
-def install(client: Client) -> None:
-    """Register the group handlers on ``client``."""
-    client.payload_handlers[group_keys.ROOM_KEY_KIND] = lambda p, s, d: on_room_key(client, p, s, d)
+def install(client: ClientCore, hooks: Hooks) -> None:
+    """Register the group handlers for ``client``: room keys over Olm, group envelopes."""
+    hooks.payloads.add(group_keys.ROOM_KEY_KIND, lambda p, s, d: on_room_key(client, p, s, d))
 
     async def deliver(frame: frames.Deliver) -> Event | None:
-        return await on_deliver(client, frame)
+        return await on_deliver(client, hooks, frame)
 
-    client.deliver_handlers[frames.GROUP_KIND] = deliver
+    hooks.envelopes.add(frames.GROUP_KIND, deliver)
+
+
+FEATURE = FeatureSpec("groups", install)

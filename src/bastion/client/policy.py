@@ -12,7 +12,7 @@ import hashlib
 
 import msgspec
 
-from bastion.client.client import Client
+from bastion.client.feature import ClientCore, FeatureSpec, Hooks
 from bastion.crypto.policy import PolicyDocument, open_policy
 from bastion.errors import AuthenticationError, UntrustedServerError
 from bastion.protocol import frames
@@ -20,13 +20,16 @@ from bastion.protocol import frames
 RECORD = "server-policy"
 
 
-def install(client: Client) -> None:
-    """Check the signed policy on every connection."""
+def install(client: ClientCore, hooks: Hooks) -> None:
+    """Check the signed policy on every connection of ``client``."""
 
-    async def check(connected: Client) -> None:
-        await refresh(connected)
+    async def check() -> None:
+        await refresh(client)
 
-    client.connect_hooks.append(check)
+    hooks.on_connect.append(check)
+
+
+FEATURE = FeatureSpec("policy", install)
 
 
 class PinnedPolicy(msgspec.Struct, frozen=True, kw_only=True):
@@ -42,15 +45,13 @@ def key_fingerprint(key: bytes) -> str:
     return "SHA256:" + hashlib.sha256(key).hexdigest()
 
 
-async def refresh(client: Client) -> PolicyDocument:
+async def refresh(client: ClientCore) -> PolicyDocument:
     """Fetch, check and remember the server's policy.
 
     Raises :class:`UntrustedServerError` if the key is not the pinned one, the
     signature does not verify, or the policy is older than one seen before.
     """
-    conn = client._connection()
-    req = conn.next_req()
-    reply = await conn.request(frames.GetPolicy(req=req), req)
+    reply = await client.request(frames.GetPolicy(req=0))
     if not isinstance(reply, frames.PolicyInfo):
         raise UntrustedServerError("the server answered the policy request with something else")
     pinned = client.profile.get(RECORD, PinnedPolicy)
@@ -77,7 +78,7 @@ async def refresh(client: Client) -> PolicyDocument:
     return document
 
 
-def current(client: Client) -> PolicyDocument | None:
+def current(client: ClientCore) -> PolicyDocument | None:
     """The newest checked policy, if any was fetched yet."""
     pinned = client.profile.get(RECORD, PinnedPolicy)
     if pinned is None:
@@ -85,7 +86,7 @@ def current(client: Client) -> PolicyDocument | None:
     return open_policy(pinned.key, pinned.document, pinned.signature)
 
 
-def pinned_key(client: Client) -> bytes | None:
+def pinned_key(client: ClientCore) -> bytes | None:
     """The pinned policy key."""
     pinned = client.profile.get(RECORD, PinnedPolicy)
     return None if pinned is None else pinned.key

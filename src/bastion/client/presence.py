@@ -19,7 +19,9 @@ from typing import Any
 import msgspec
 
 from bastion.client import contacts
-from bastion.client.client import Client, FeatureEvent, json_object, now_ms
+from bastion.client._util import json_object, now_ms
+from bastion.client.events import FeatureEvent
+from bastion.client.feature import ClientCore, FeatureSpec, Hooks
 from bastion.client.records import DeviceEntry
 from bastion.crypto.payload import Payload
 from bastion.errors import RejectedMessageError, ServerRefusedError
@@ -64,41 +66,38 @@ class PresenceEvent(FeatureEvent):
         return f"{self.user} is {self.state}{status}"
 
 
-def own(client: Client) -> OwnPresence:
+def own(client: ClientCore) -> OwnPresence:
     """What this account last set (online with no status by default)."""
     return client.profile.get(_SELF, OwnPresence) or OwnPresence()
 
 
-def _event(client: Client, user: str, at: int) -> PresenceEvent:
+def _event(client: ClientCore, user: str, at: int) -> PresenceEvent:
     state, status = contacts.combined(
         contacts.buddy(client, user), contacts.presence_record(client, user)
     )
     return PresenceEvent(user=user, state=state, status=status, at=at)
 
 
-def current(client: Client) -> list[PresenceEvent]:
+def current(client: ClientCore) -> list[PresenceEvent]:
     """The presence of every accepted contact, as last heard."""
     now = now_ms()
     return [_event(client, user, now) for user in contacts.accepted(client)]
 
 
-async def watch(client: Client) -> list[PresenceEvent]:
+async def watch(client: ClientCore) -> list[PresenceEvent]:
     """Ask the server for contact and presence pushes on this connection; returns a snapshot.
 
     From then on :meth:`Client.receive` yields :class:`PresenceEvent` and
     contact events as they happen. Raises ServerRefusedError when disconnected.
     """
-    if client.conn is None:
-        raise ServerRefusedError("disconnected", "not connected to the server")
-    req = client.conn.next_req()
-    reply = await client.conn.request(frames.PresenceWatch(req=req), req)
+    reply = await client.request(frames.PresenceWatch(req=0))
     if not isinstance(reply, frames.ContactListResult):
         raise RejectedMessageError("the server answered a presence watch with something else")
     contacts.merge(client, reply)
     return current(client)
 
 
-async def set_presence(client: Client, state: str, status: str | None = None) -> list[str]:
+async def set_presence(client: ClientCore, state: str, status: str | None = None) -> list[str]:
     """Set this account's presence; returns the contacts the update could not reach.
 
     ``invisible`` shows the account offline to everyone (the server stops
@@ -110,12 +109,7 @@ async def set_presence(client: Client, state: str, status: str | None = None) ->
         raise ValueError(f"presence is one of {', '.join(STATES)}")
     if status is not None and len(status) > MAX_STATUS_CHARS:
         raise ValueError(f"the status is longer than {MAX_STATUS_CHARS} characters")
-    if client.conn is None:
-        raise ServerRefusedError("disconnected", "not connected to the server")
-    req = client.conn.next_req()
-    await client.conn.request(
-        frames.PresenceVisibility(req=req, invisible=state == "invisible"), req
-    )
+    await client.request(frames.PresenceVisibility(req=0, invisible=state == "invisible"))
     with client.profile.transaction():
         client.profile.put(_SELF, OwnPresence(state=state, status=status))
     if state == "invisible":
@@ -132,8 +126,8 @@ async def set_presence(client: Client, state: str, status: str | None = None) ->
     return missed
 
 
-def install(client: Client) -> None:
-    """Register the presence payload kind and push handler on ``client``."""
+def install(client: ClientCore, hooks: Hooks) -> None:
+    """Register the presence payload kind and push handler for ``client``."""
 
     def on_update(
         payload: Payload, sender: DeviceEntry, deliver: frames.Deliver
@@ -176,5 +170,8 @@ def install(client: Client) -> None:
             )
             return _event(client, frame.user, frame.at)
 
-    client.payload_handlers[UPDATE_KIND] = on_update
-    client.push_handlers[frames.PresenceChanged] = on_changed
+    hooks.payloads.add(UPDATE_KIND, on_update)
+    hooks.pushes.add(frames.PresenceChanged, on_changed)
+
+
+FEATURE = FeatureSpec("presence", install)

@@ -17,13 +17,16 @@ from typing import Any
 
 import msgspec
 
-from bastion.client.client import Client, Event, FeatureEvent, MessageEvent, now_ms
+from bastion.client._util import is_dm_conversation, now_ms
+from bastion.client.events import Event, FeatureEvent, MessageEvent
+from bastion.client.feature import ClientCore, FeatureSpec, Hooks
 from bastion.client.records import DeviceEntry, HistoryRecord
 from bastion.crypto.payload import Payload
 from bastion.errors import BastionError, RejectedMessageError
 from bastion.protocol import frames
 
 KIND = "receipt.delivered"
+ENABLED = "receipts.enabled"  # set in client.extensions by enable()
 MAX_IDS = 256
 log = logging.getLogger("bastion.client")
 
@@ -50,24 +53,32 @@ class ReceiptBody(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     ids: list[str]
 
 
-def install(client: Client) -> None:
-    """Understand receipts (always); sending them is :func:`enable`'s."""
-    client.payload_handlers[KIND] = functools.partial(_on_receipt, client)
+def install(client: ClientCore, hooks: Hooks) -> None:
+    """Understand receipts (always); sending them waits for :func:`enable`."""
+    hooks.payloads.add(KIND, functools.partial(_on_receipt, client))
+
+    async def after_batch(events: list[Event]) -> None:
+        if client.extensions.get(ENABLED):
+            await _send_receipts(client, events)
+
+    hooks.on_batch.append(after_batch)
 
 
-def enable(client: Client) -> None:
+FEATURE = FeatureSpec("receipts", install)
+
+
+def enable(client: ClientCore) -> None:
     """Send a receipt for each batch of direct messages this client receives."""
-    if _send_receipts not in client.batch_hooks:
-        client.batch_hooks.append(_send_receipts)
+    client.extensions[ENABLED] = True
 
 
-async def _send_receipts(client: Client, events: list[Event]) -> None:
+async def _send_receipts(client: ClientCore, events: list[Event]) -> None:
     by_sender: dict[str, list[str]] = {}
     for event in events:
         if not isinstance(event, MessageEvent):
             continue
         record = event.record
-        if record.direction == "in" and record.conversation.startswith("dm:"):
+        if record.direction == "in" and is_dm_conversation(record.conversation):
             by_sender.setdefault(record.sender, []).append(record.id.hex())
     for sender, ids in by_sender.items():
         for start in range(0, len(ids), MAX_IDS):
@@ -80,7 +91,7 @@ async def _send_receipts(client: Client, events: list[Event]) -> None:
 
 
 def _on_receipt(
-    client: Client, payload: Payload, sender: DeviceEntry, deliver: frames.Deliver
+    client: ClientCore, payload: Payload, sender: DeviceEntry, deliver: frames.Deliver
 ) -> Event | None:
     del sender, deliver
     if payload.sender == client.account.username:

@@ -16,7 +16,7 @@ import hmac
 
 import msgspec
 
-from bastion.client.client import Client
+from bastion.client.feature import ClientCore
 from bastion.client.records import ContactRecord
 from bastion.crypto.safety import SafetyNumber, safety_number
 from bastion.crypto.signing import signing_input
@@ -25,7 +25,7 @@ from bastion.errors import KeyChangedError, StateError
 KEY_FINGERPRINT_CONTEXT = "bastion/v1/account-key-fingerprint"
 
 
-async def pinned_contact(client: Client, user: str) -> ContactRecord:
+async def pinned_contact(client: ClientCore, user: str) -> ContactRecord:
     """The contact record, fetching and pinning the key on first sight."""
     contact = client.contact(user)
     if contact is None:
@@ -36,7 +36,7 @@ async def pinned_contact(client: Client, user: str) -> ContactRecord:
     return contact
 
 
-async def safety_number_with(client: Client, user: str) -> SafetyNumber:
+async def safety_number_with(client: ClientCore, user: str) -> SafetyNumber:
     """The safety number of this account and ``user``'s pinned key.
 
     Raises :class:`KeyChangedError` while a changed key waits for a decision.
@@ -48,7 +48,7 @@ async def safety_number_with(client: Client, user: str) -> SafetyNumber:
     return safety_number(me, client.identity().public_bytes, user, contact.identity_key)
 
 
-def mark_verified(client: Client, user: str, number: SafetyNumber) -> None:
+def mark_verified(client: ClientCore, user: str, number: SafetyNumber) -> None:
     """Mark ``user`` verified, bound to the key the compared ``number`` was made from.
 
     Raises :class:`StateError` if the pinned key changed since the number was shown.
@@ -71,7 +71,7 @@ def key_fingerprint(identity_key: bytes) -> str:
     return "-".join(digest[i : i + 4] for i in range(0, 20, 4))
 
 
-def pending_safety_number(client: Client, user: str) -> SafetyNumber:
+def pending_safety_number(client: ClientCore, user: str) -> SafetyNumber:
     """The safety number with the *new* key ``user`` shows, to compare before accepting it.
 
     Raises :class:`StateError` if no key change is waiting.
@@ -87,7 +87,7 @@ def _digits(text: str) -> str:
     return "".join(ch for ch in text if not ch.isspace() and ch != "-")
 
 
-def accept_new_key(client: Client, user: str, shown: str) -> ContactRecord:
+def accept_new_key(client: ClientCore, user: str, shown: str) -> ContactRecord:
     """Pin the new account key of ``user`` if it is the one ``shown`` stands for.
 
     ``shown`` is the safety number made with the new key (60 digits, spaces

@@ -36,7 +36,9 @@ from typing import Any
 import msgspec
 
 from bastion.client import trust
-from bastion.client.client import Client, FeatureEvent, now_ms
+from bastion.client._util import now_ms
+from bastion.client.events import FeatureEvent
+from bastion.client.feature import ClientCore, FeatureSpec, Hooks
 from bastion.client.records import DeviceEntry
 from bastion.crypto.payload import Payload
 from bastion.crypto.safety import safety_number
@@ -156,7 +158,7 @@ class _State:
         return not theirs
 
 
-def _state(client: Client) -> _State:
+def _state(client: ClientCore) -> _State:
     state = client.extensions.get(EXTENSION)
     if not isinstance(state, _State):
         state = _State()
@@ -173,7 +175,7 @@ class SasVerification:
 
     def __init__(
         self,
-        client: Client,
+        client: ClientCore,
         peer: str,
         txn: str,
         *,
@@ -302,13 +304,23 @@ class SasVerification:
 # --- receiving ------------------------------------------------------------------------------
 
 
-def install(
-    client: Client,
+def install(client: ClientCore, hooks: Hooks) -> None:
+    """Register the verification payload handlers for ``client`` (default limits)."""
+    set_limits(client)
+    for kind in KINDS:
+        hooks.payloads.add(kind, functools.partial(_handle, client))
+
+
+FEATURE = FeatureSpec("verification", install)
+
+
+def set_limits(
+    client: ClientCore,
     *,
     max_requests_per_peer: int = MAX_REQUESTS_PER_PEER,
     max_requests_total: int = MAX_REQUESTS_TOTAL,
 ) -> None:
-    """Register the verification payload handlers on ``client``.
+    """Bound the requests of ``client`` that wait for an answer.
 
     At most ``max_requests_per_peer`` devices of one user, and ``max_requests_total``
     requests in all, wait for an answer; more are dropped without a prompt.
@@ -316,12 +328,10 @@ def install(
     state = _state(client)
     state.max_requests_per_peer = max_requests_per_peer
     state.max_requests_total = max_requests_total
-    for kind in KINDS:
-        client.payload_handlers[kind] = functools.partial(_handle, client)
 
 
 def _handle(
-    client: Client, payload: Payload, sender: DeviceEntry, deliver: frames.Deliver
+    client: ClientCore, payload: Payload, sender: DeviceEntry, deliver: frames.Deliver
 ) -> FeatureEvent | None:
     del sender, deliver
     try:
@@ -367,7 +377,7 @@ def _handle(
 
 
 async def start(
-    client: Client, user: str, *, step_timeout_s: float = STEP_TIMEOUT_S
+    client: ClientCore, user: str, *, step_timeout_s: float = STEP_TIMEOUT_S
 ) -> SasVerification:
     """Ask ``user``'s devices to verify; the first to answer takes part."""
     contact = await trust.pinned_contact(client, user)
@@ -394,7 +404,9 @@ async def start(
     return session
 
 
-def accept(client: Client, txn: str, *, step_timeout_s: float = STEP_TIMEOUT_S) -> SasVerification:
+def accept(
+    client: ClientCore, txn: str, *, step_timeout_s: float = STEP_TIMEOUT_S
+) -> SasVerification:
     """Answer a pending request; raises StateError if there is none with that id."""
     state = _state(client)
     request = state.requests.pop(txn, None)
@@ -412,7 +424,7 @@ def accept(client: Client, txn: str, *, step_timeout_s: float = STEP_TIMEOUT_S) 
     return session
 
 
-def pending_request(client: Client, user: str) -> str | None:
+def pending_request(client: ClientCore, user: str) -> str | None:
     """The id of the newest pending request from ``user`` that has not timed out, if any."""
     state = _state(client)
     now = now_ms()
@@ -425,7 +437,7 @@ def pending_request(client: Client, user: str) -> str | None:
 
 
 async def verify_interactively(
-    client: Client,
+    client: ClientCore,
     user: str,
     compare: Callable[[SasCodes], Awaitable[bool]],
     *,

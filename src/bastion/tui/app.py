@@ -12,7 +12,7 @@ from textual.app import App, ComposeResult
 from textual.binding import Binding, BindingType
 from textual.widgets import Static
 
-from bastion.client.client import Client, now_ms
+from bastion.client import Client, now_ms
 from bastion.errors import ProfileError
 from bastion.tui.base import ChatSettings
 from bastion.tui.chat import ChatScreen

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from textual.screen import Screen
 
-from bastion.client.client import Client
+from bastion.client import Client
 from bastion.tui.conversations import ConversationIndex
 
 PAGE = 100

@@ -15,18 +15,24 @@ from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.widgets import Footer, Input, Label, ListView, ProgressBar
 
-from bastion.client import contacts, files, groups, outbox, presence, receipts, verification
-from bastion.client.client import (
+from bastion.client import (
     UNANSWERED,
     DevicesChangedEvent,
     Event,
     FeatureEvent,
+    HistoryRecord,
     KeyChangedEvent,
     MessageEvent,
     SendRefusedError,
     WarningEvent,
+    contacts,
+    files,
+    groups,
+    outbox,
+    presence,
+    receipts,
+    verification,
 )
-from bastion.client.records import HistoryRecord
 from bastion.errors import (
     AuthenticationError,
     BastionError,

@@ -14,9 +14,7 @@ from dataclasses import dataclass
 import msgspec
 
 from bastion import display
-from bastion.client import groups
-from bastion.client.client import Client
-from bastion.client.records import ContactRecord, HistoryRecord
+from bastion.client import Client, ContactRecord, HistoryRecord, groups
 from bastion.errors import StateError
 from bastion.groups.chain import GroupState
 

@@ -17,9 +17,14 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import ModalScreen, Screen
 from textual.widgets import Button, Input, Label, Static
 
-from bastion.client import devices
-from bastion.client.client import USERNAME_RE, Client, check_username
-from bastion.client.passphrase import check_new_passphrase, weakness
+from bastion.client import (
+    USERNAME_RE,
+    Client,
+    check_new_passphrase,
+    check_username,
+    devices,
+    weakness,
+)
 from bastion.crypto import linking
 from bastion.errors import BastionError, ProfileError
 from bastion.tui.conversations import safe_text

@@ -12,7 +12,7 @@ from rich.text import Text
 from textual.app import ComposeResult
 from textual.widgets import Input, Label, ListItem, Static
 
-from bastion.client.records import ContactRecord, HistoryRecord
+from bastion.client import ContactRecord, HistoryRecord
 from bastion.groups.chain import GroupState
 from bastion.tui.conversations import (
     ConversationEntry,

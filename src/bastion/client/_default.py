@@ -1,0 +1,56 @@
+"""The client as front ends get it: the core with every feature of this package installed.
+
+Kept apart from ``bastion.client/__init__`` so that :mod:`bastion.client.devices`
+(which builds clients when it links or imports a device) can use it without
+importing the package that exports it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from bastion.client import client as core
+from bastion.client import (
+    contacts,
+    files,
+    group_invites,
+    group_messages,
+    policy,
+    presence,
+    receipts,
+    verification,
+)
+from bastion.client.feature import Feature
+from bastion.client.profile import Profile
+from bastion.client.records import AccountInfo
+
+# In the order they are installed (the order of today's hooks: policy checks on connect).
+DEFAULT_FEATURES: tuple[Feature, ...] = (
+    verification.FEATURE,
+    receipts.FEATURE,
+    policy.FEATURE,
+    files.FEATURE,
+    group_messages.FEATURE,
+    group_invites.FEATURE,
+    contacts.FEATURE,
+    presence.FEATURE,
+)
+
+
+class Client(core.Client):
+    """The client core with :data:`DEFAULT_FEATURES` unless ``features`` says otherwise."""
+
+    def __init__(
+        self,
+        profile: Profile,
+        account: AccountInfo,
+        *,
+        features: Sequence[Feature] = DEFAULT_FEATURES,
+    ) -> None:
+        super().__init__(profile, account, features=features)
+
+
+def open_client(path: Path, passphrase: str) -> Client:
+    """Unlock the profile at ``path`` (see :meth:`Client.open`); raises ProfileError."""
+    return Client.open(path, passphrase)
