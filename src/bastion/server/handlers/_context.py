@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from bastion.errors import BastionError
 from bastion.protocol import frames
 from bastion.protocol.auth import ServerSession
+from bastion.protocol.codes import ErrorCode
 from bastion.ratelimit import BackoffRules, RateLimiter
 from bastion.server.cluster.local import Bus
 from bastion.server.config import Limits
@@ -64,7 +65,7 @@ class Request(Protocol):
         """Send a frame to this client (nothing once closed)."""
         ...
 
-    def refuse(self, req: int | None, code: str, message: str) -> None:
+    def refuse(self, req: int | None, code: ErrorCode, message: str) -> None:
         """Answer a request (or, with ``req`` None, a frame) with an error frame."""
         ...
 
@@ -170,7 +171,7 @@ class Metrics(Protocol):
         """A message was stored for delivery."""
         ...
 
-    def count_error(self, code: str) -> None:
+    def count_error(self, code: ErrorCode) -> None:
         """An error frame was sent."""
         ...
 
@@ -192,7 +193,7 @@ class NullMetrics:
     def count_messages(self) -> None:
         """See :meth:`Metrics.count_messages`."""
 
-    def count_error(self, code: str) -> None:
+    def count_error(self, code: ErrorCode) -> None:
         """See :meth:`Metrics.count_error`."""
 
     def count_limit_hit(self, limit: str) -> None:
