@@ -140,10 +140,23 @@ class Audit(Protocol):
 
 
 class NullAudit:
-    """No audit log: events are dropped."""
+    """No audit log: events are dropped.
+
+    Also stands in for the log the admin watcher writes to
+    (:class:`~bastion.server.admin.watch.AdminAudit`): nothing to append, flush or sign.
+    """
 
     def event(self, event: str, **fields: object) -> None:
         """See :meth:`Audit.event`."""
+
+    def append(self, event: str, now: float, **fields: object) -> None:
+        """See ``AdminAudit.append``."""
+
+    def flush(self) -> None:
+        """See ``AdminAudit.flush``."""
+
+    def checkpoint(self, now: float | None = None) -> None:
+        """See ``AdminAudit.checkpoint``."""
 
 
 class AuditTrail:
