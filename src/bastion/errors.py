@@ -27,6 +27,8 @@ operation and is reported to the local user.
 
 from __future__ import annotations
 
+from bastion.protocol.codes import ErrorCode
+
 
 class BastionError(Exception):
     """Root of every error Bastion raises on purpose."""
@@ -35,19 +37,19 @@ class BastionError(Exception):
 class ProtocolError(BastionError):
     """A peer sent something that breaks the protocol."""
 
-    code = "protocol"
+    code: ErrorCode = ErrorCode.PROTOCOL
 
 
 class FrameError(ProtocolError):
     """A frame could not be decoded against its schema."""
 
-    code = "bad_frame"
+    code: ErrorCode = ErrorCode.BAD_FRAME
 
 
 class AuthenticationError(ProtocolError):
     """A signature, certificate or challenge failed verification."""
 
-    code = "auth_failed"
+    code: ErrorCode = ErrorCode.AUTH_FAILED
 
 
 class SecurityError(BastionError):

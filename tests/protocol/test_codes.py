@@ -2,13 +2,16 @@
 
 Codes reach the wire from call sites spread over the server (``refuse``, ``frames_error``,
 ``ContactError``, a ``code`` attribute of an exception class...); an AST walk over them
-finds every literal code, so a new refusal cannot ship without a row in the docs.
+finds every code they write, so a new refusal cannot ship without a row in the docs.
+The server writes each code as an ``ErrorCode`` member (mypy --strict rejects a misspelled
+one); the walker still reads string literals, so one slipped in is checked as well.
 """
 
 from __future__ import annotations
 
 import ast
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 import msgspec
@@ -45,7 +48,11 @@ def table_codes(markdown: str) -> list[str]:
 
 
 def _code_of(node: ast.expr) -> str | None:
-    """The code an expression spells: a string literal or ``ErrorCode.MEMBER``."""
+    """The code an expression spells: a string literal or ``ErrorCode.MEMBER``.
+
+    A name that is no member comes back as ``ErrorCode.NAME``, which no code equals:
+    the member check then reports it rather than the walker failing on it.
+    """
     if isinstance(node, ast.Constant) and isinstance(node.value, str):
         return node.value
     if (
@@ -53,32 +60,35 @@ def _code_of(node: ast.expr) -> str | None:
         and isinstance(node.value, ast.Name)
         and node.value.id == "ErrorCode"
     ):
-        return ErrorCode[node.attr].value
+        member = ErrorCode.__members__.get(node.attr)
+        return f"ErrorCode.{node.attr}" if member is None else member.value
     return None
 
 
-def sent_codes(source: str) -> set[str]:
-    """Every code written in a code position of ``source``."""
-    found: set[str | None] = set()
+def code_expressions(source: str) -> Iterator[ast.expr]:
+    """Every expression of ``source`` in a code position (what the walker reads)."""
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.Call):
             func = node.func
             name = func.id if isinstance(func, ast.Name) else getattr(func, "attr", None)
             position = CODE_ARGUMENT.get(name or "")
             if position is not None and len(node.args) > position:
-                found.add(_code_of(node.args[position]))
-            found.update(_code_of(kw.value) for kw in node.keywords if kw.arg == "code")
+                yield node.args[position]
+            yield from (kw.value for kw in node.keywords if kw.arg == "code")
+        elif isinstance(node, ast.AnnAssign):
+            if isinstance(node.target, ast.Name) and node.target.id == "code" and node.value:
+                yield node.value
         elif isinstance(node, ast.Assign):
             for target in node.targets:
                 if isinstance(target, ast.Name) and target.id == "code":
-                    found.add(_code_of(node.value))
+                    yield node.value
                 elif (
                     isinstance(target, ast.Tuple)
                     and isinstance(node.value, ast.Tuple)
                     and len(target.elts) == len(node.value.elts)
                 ):
-                    found.update(
-                        _code_of(value)
+                    yield from (
+                        value
                         for name, value in zip(target.elts, node.value.elts, strict=True)
                         if isinstance(name, ast.Name) and name.id == "code"
                     )
@@ -87,8 +97,24 @@ def sent_codes(source: str) -> set[str]:
                     and target.id.endswith("REFUSAL_MESSAGES")
                     and isinstance(node.value, ast.Dict)
                 ):
-                    found.update(_code_of(k) for k in node.value.keys if k is not None)
+                    yield from (k for k in node.value.keys if k is not None)
+
+
+def sent_codes(source: str) -> set[str]:
+    """Every code written in a code position of ``source``."""
+    found = {_code_of(node) for node in code_expressions(source)}
     return {code for code in found if code is not None}
+
+
+def literal_codes(source: str) -> list[str]:
+    """Codes ``source`` writes as string literals rather than ``ErrorCode`` members."""
+    return sorted(
+        {
+            node.value
+            for node in code_expressions(source)
+            if isinstance(node, ast.Constant) and isinstance(node.value, str)
+        }
+    )
 
 
 def opaque_code_arguments(source: str) -> list[str]:
@@ -121,11 +147,20 @@ def server_codes() -> dict[str, list[str]]:
     return where
 
 
+def not_members(where: dict[str, list[str]]) -> dict[str, list[str]]:
+    """The codes of ``where`` that are no ``ErrorCode`` member, with their files."""
+    members = {code.value for code in ErrorCode}
+    return {code: files for code, files in where.items() if code not in members}
+
+
 # --- the checkers find what they look for ------------------------------------------------------
 
 SYNTHETIC = """
 class SlotError(ProtocolError):
     code = "slot_gone"
+
+class BaseError(Exception):
+    code: ErrorCode = ErrorCode.BAD_OFFSET
 
 REFUSAL_MESSAGES = {"policy_off": "off"}
 
@@ -150,6 +185,7 @@ def test_code_walker_finds_every_kind_of_call_site() -> None:
         "policy_off",
         "from_refuse",
         "unknown_blob",
+        "bad_offset",
         "from_frames_error",
         "from_upload",
         "from_contact_error",
@@ -157,6 +193,20 @@ def test_code_walker_finds_every_kind_of_call_site() -> None:
         "from_keyword",
         "from_tuple",
     }
+
+
+def test_code_walker_catches_a_code_that_is_no_member() -> None:
+    source = (
+        "conn.refuse(req, ErrorCode.UNKNOWN_BLOB, m)\n"
+        "conn.refuse(req, ErrorCode.UNKNOWN_BLOBS, m)\n"
+        'raise ContactError("unknown_blobs", m)\n'
+    )
+    where = {code: ["x.py"] for code in sent_codes(source)}
+    assert not_members(where) == {
+        "ErrorCode.UNKNOWN_BLOBS": ["x.py"],
+        "unknown_blobs": ["x.py"],
+    }
+    assert literal_codes(source) == ["unknown_blobs"]
 
 
 def test_code_walker_reports_what_it_cannot_read() -> None:
@@ -183,8 +233,15 @@ def test_enum_is_the_table_in_the_protocol_docs() -> None:
 
 
 def test_every_code_the_server_sends_is_a_member() -> None:
-    members = {code.value for code in ErrorCode}
-    assert {c: files for c, files in server_codes().items() if c not in members} == {}
+    assert not_members(server_codes()) == {}
+
+
+def test_the_server_writes_codes_as_members() -> None:
+    # A member is checked by mypy --strict where it is written; a literal only here.
+    literals = {
+        path.relative_to(ROOT).as_posix(): literal_codes(path.read_text()) for path in CODE_SOURCES
+    }
+    assert {k: v for k, v in literals.items() if v} == {}
 
 
 def test_every_code_argument_in_the_server_is_readable() -> None:

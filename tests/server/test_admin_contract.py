@@ -26,6 +26,7 @@ from bastion.server.admin.watch import (
     audit_pending_events,
 )
 from bastion.server.audit.log import AUDIT_DIR, AuditLog, ensure_audit_key, read_records
+from bastion.server.handlers._context import NullAudit
 from bastion.server.storage.admin import AdminBackend
 from bastion.server.storage.interfaces import Store
 from bastion.server.storage.postgres.admin import PgAdmin, _event
@@ -179,8 +180,10 @@ async def test_each_node_keeps_its_own_position_and_catches_up_after_a_stop(
 
     await operator.set_disabled("bob", True, now_ms=NOW_MS)
     for channel in channels:
-        assert [e.action for e in await channel.poll_once(None, sign_out)] == ["user.disabled"]
-        assert await channel.poll_once(None, sign_out) == []
+        assert [e.action for e in await channel.poll_once(NullAudit(), sign_out)] == [
+            "user.disabled"
+        ]
+        assert await channel.poll_once(NullAudit(), sign_out) == []
     assert signed_out == ["bob", "bob"]
 
     # Node 2 stops; two changes happen; it comes back and applies both, once.
@@ -188,11 +191,11 @@ async def test_each_node_keeps_its_own_position_and_catches_up_after_a_stop(
     await operator.set_policy("file_transfer=off", now_ms=NOW_MS)
     restarted = await AdminChannel.open(await database.node(), folders[1], poll_s=1)
     assert restarted.policy.file_transfer is False
-    assert [e.action for e in await restarted.poll_once(None, sign_out)] == [
+    assert [e.action for e in await restarted.poll_once(NullAudit(), sign_out)] == [
         "user.enabled",
         "policy.set",
     ]
-    assert await restarted.poll_once(None, sign_out) == []
+    assert await restarted.poll_once(NullAudit(), sign_out) == []
     for channel in (*channels, restarted):
         channel._executor.shutdown()
 
@@ -205,7 +208,7 @@ async def test_a_node_joining_later_starts_at_the_present(
     folder = tmp_path / "late"
     folder.mkdir()
     channel = await AdminChannel.open(await database.node(), folder, poll_s=1)
-    pending = await channel.poll_once(None, lambda user, reason: 0)
+    pending = await channel.poll_once(NullAudit(), lambda user, reason: 0)
     channel._executor.shutdown()
     if database.kind == "sqlite":
         # One server, one file: events made before its first start are its own, and audited.

@@ -79,6 +79,7 @@ from bastion.errors import (
     ProtocolError,
     StateError,
 )
+from bastion.protocol.codes import ErrorCode
 from bastion.protocol.frames import USERNAME_PATTERN
 
 GROUP_CHANGE_CONTEXT: Final = "bastion/v1/group-change"
@@ -103,7 +104,7 @@ _INT64_MAX: Final = 2**63 - 1
 class GroupChangeError(ProtocolError):
     """A group change breaks the group rules; it is not applied."""
 
-    code = "group_change_rejected"
+    code = ErrorCode.GROUP_CHANGE_REJECTED
 
 
 class GroupSequenceError(GroupChangeError):

@@ -12,6 +12,8 @@ from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+from bastion.protocol.codes import ErrorCode
+
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 
@@ -61,7 +63,7 @@ class RelayMetrics:
         """A message was stored for delivery."""
         self.messages.inc()
 
-    def count_error(self, code: str) -> None:
+    def count_error(self, code: ErrorCode) -> None:
         """An error frame was sent."""
         self.errors.labels(code).inc()
 

@@ -19,11 +19,10 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 from bastion.errors import BastionError, StorageError
 from bastion.server.admin.policy import AdminEvent, Policy
-from bastion.server.audit.log import AuditLog
 from bastion.server.storage import open_admin as open_admin_backend
 from bastion.server.storage.admin import AdminBackend
 
@@ -36,10 +35,32 @@ SignOut = Callable[[str, str], int]
 CURSOR_FILE = "admin-events.json"
 
 # open_admin_backend is storage.open_admin, named here for ``bastion admin``.
-__all__ = ["AdminChannel", "EventCursor", "audit_admin_event", "open_admin_backend"]
+__all__ = ["AdminAudit", "AdminChannel", "EventCursor", "audit_admin_event", "open_admin_backend"]
 
 
-def audit_admin_event(audit: AuditLog, event: AdminEvent, *, now: float) -> None:
+class AdminAudit(Protocol):
+    """The audit log as the watcher writes to it.
+
+    A :class:`~bastion.server.audit.log.AuditLog`, or
+    :class:`~bastion.server.handlers._context.NullAudit` for none. Unlike the
+    handlers' ``Audit.event``, a failed write raises: the position must not move
+    past an event the log does not hold.
+    """
+
+    def append(self, event: str, now: float, **fields: object) -> object:
+        """Append one record dated ``now``. Raises :class:`StorageError`."""
+        ...
+
+    def flush(self) -> None:
+        """Force the appended records to disk. Raises :class:`StorageError`."""
+        ...
+
+    def checkpoint(self, now: float | None = None) -> object:
+        """Sign the chain so far (nothing if nothing is new). Raises :class:`StorageError`."""
+        ...
+
+
+def audit_admin_event(audit: AdminAudit, event: AdminEvent, *, now: float) -> None:
     """Write one admin event to the audit log. Raises :class:`StorageError`."""
     if event.action == "policy.set":
         key, _, value = event.target.partition("=")
@@ -101,7 +122,7 @@ class EventCursor:
 
 
 async def audit_pending_events(
-    backend: AdminBackend, cursor: EventCursor, audit: AuditLog, *, now: float
+    backend: AdminBackend, cursor: EventCursor, audit: AdminAudit, *, now: float
 ) -> list[AdminEvent]:
     """Write the events after the saved position to the audit log and move past them.
 
@@ -162,7 +183,7 @@ class AdminChannel:
         """Give back an invite use after a registration that failed."""
         await self.backend.return_invite(code)
 
-    async def poll_once(self, audit: AuditLog | None, sign_out: SignOut) -> list[AdminEvent]:
+    async def poll_once(self, audit: AdminAudit, sign_out: SignOut) -> list[AdminEvent]:
         """Reload the policy, sign out newly disabled users, audit the events."""
         self.policy = await self.backend.policy()
         if self.count_queue:
@@ -173,18 +194,17 @@ class AdminChannel:
                 closed = sign_out(event.target, "account disabled by the operator")
                 log.info("admin.user_disabled", extra={"connections_closed": closed})
         if events:
-            if audit is not None:
-                now = time.time()
-                for event in events:
-                    audit_admin_event(audit, event, now=now)
-                await self._call(audit.flush)
+            now = time.time()
+            for event in events:
+                audit_admin_event(audit, event, now=now)
+            await self._call(audit.flush)
             last = events[-1].id
             await self._call(lambda: self._cursor.save(self._source, last))
             self._last = last
         return events
 
     async def run(
-        self, audit: AuditLog | None, sign_out: SignOut, *, checkpoint_s: float = 60.0
+        self, audit: AdminAudit, sign_out: SignOut, *, checkpoint_s: float = 60.0
     ) -> None:
         """Poll until cancelled; a failed poll is logged and retried.
 
@@ -196,11 +216,10 @@ class AdminChannel:
         while True:
             try:
                 await self.poll_once(audit, sign_out)
-                if audit is not None:
-                    if time.monotonic() - last_checkpoint >= checkpoint_s:
-                        last_checkpoint = time.monotonic()
-                        audit.checkpoint(time.time())
-                    await self._call(audit.flush)
+                if time.monotonic() - last_checkpoint >= checkpoint_s:
+                    last_checkpoint = time.monotonic()
+                    audit.checkpoint(time.time())
+                await self._call(audit.flush)
             except BastionError as exc:
                 log.error("admin.poll_failed", extra={"error": type(exc).__name__})
             await asyncio.sleep(self.poll_s)

@@ -17,6 +17,7 @@ from dataclasses import dataclass, replace
 from enum import Enum
 
 from bastion.errors import ProtocolError
+from bastion.protocol.codes import ErrorCode
 
 PENDING_OUT = "pending_out"
 PENDING_IN = "pending_in"
@@ -28,7 +29,7 @@ NONE = "none"
 class ContactError(ProtocolError):
     """A contact action or message was refused; ``code`` says why."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: ErrorCode, message: str) -> None:
         super().__init__(message)
         self.code = code
 
@@ -86,7 +87,7 @@ def _keep(pair: Pair, result: str) -> Transition:
     return Transition(mine=pair.mine, theirs=pair.theirs, result=result)
 
 
-def _fail(pair: Pair, code: str, message: str) -> Transition:
+def _fail(pair: Pair, code: ErrorCode, message: str) -> Transition:
     return Transition(
         mine=pair.mine,
         theirs=pair.theirs,
@@ -120,7 +121,7 @@ def apply_action(
     theirs = state_of(pair.theirs)
     if action == "request":
         if mine == BLOCKED:
-            return _fail(pair, "blocked", f"you blocked {peer}; unblock them first")
+            return _fail(pair, ErrorCode.BLOCKED, f"you blocked {peer}; unblock them first")
         if mine == ACCEPTED:
             return _keep(pair, ACCEPTED)
         if mine == PENDING_IN:
@@ -133,7 +134,7 @@ def apply_action(
                 contacts_max=contacts_max,
             )
         if mine == NONE and pair.my_count >= contacts_max:
-            return _fail(pair, "too_many_contacts", "your contact list is full")
+            return _fail(pair, ErrorCode.TOO_MANY_CONTACTS, "your contact list is full")
         if theirs == BLOCKED:
             # Kept on the sender's side only: it looks like a request never answered.
             return Transition(
@@ -150,10 +151,12 @@ def apply_action(
             )
         if pair.their_pending >= pending_max:
             return _fail(
-                pair, "rate_limited", f"{peer} has too many open contact requests; try later"
+                pair,
+                ErrorCode.RATE_LIMITED,
+                f"{peer} has too many open contact requests; try later",
             )
         if pair.their_count >= contacts_max:
-            return _fail(pair, "too_many_contacts", f"{peer}'s contact list is full")
+            return _fail(pair, ErrorCode.TOO_MANY_CONTACTS, f"{peer}'s contact list is full")
         return Transition(
             mine=ContactRow(PENDING_OUT, now),
             theirs=ContactRow(PENDING_IN, now),
@@ -164,7 +167,7 @@ def apply_action(
         if mine == ACCEPTED:
             return _keep(pair, ACCEPTED)
         if mine != PENDING_IN or theirs != PENDING_OUT:
-            return _fail(pair, "no_request", f"{peer} has not asked to be your contact")
+            return _fail(pair, ErrorCode.NO_REQUEST, f"{peer} has not asked to be your contact")
         return Transition(
             mine=ContactRow(ACCEPTED, now),
             theirs=ContactRow(ACCEPTED, now),
@@ -173,18 +176,18 @@ def apply_action(
         )
     if action == "decline":
         if mine != PENDING_IN:
-            return _fail(pair, "no_request", f"{peer} has not asked to be your contact")
+            return _fail(pair, ErrorCode.NO_REQUEST, f"{peer} has not asked to be your contact")
         return Transition(mine=None, theirs=pair.theirs, result=NONE)
     if action == "remove":
         if mine == BLOCKED:
-            return _fail(pair, "blocked", f"{peer} is blocked; use unblock")
+            return _fail(pair, ErrorCode.BLOCKED, f"{peer} is blocked; use unblock")
         if mine == NONE:
             return _keep(pair, NONE)
         new_theirs, tell = _peer_side_dropped(pair.theirs)
         return Transition(mine=None, theirs=new_theirs, result=NONE, tell_peer=tell)
     if action == "block":
         if mine == NONE and pair.my_count >= contacts_max:
-            return _fail(pair, "too_many_contacts", "your contact list is full")
+            return _fail(pair, ErrorCode.TOO_MANY_CONTACTS, "your contact list is full")
         new_theirs, tell = _peer_side_dropped(pair.theirs)
         return Transition(
             mine=ContactRow(BLOCKED, now), theirs=new_theirs, result=BLOCKED, tell_peer=tell
@@ -193,7 +196,7 @@ def apply_action(
         if mine != BLOCKED:
             return _keep(pair, mine)
         return Transition(mine=None, theirs=pair.theirs, result=NONE)
-    return _fail(pair, "bad_action", f"unknown contact action {action!r}")
+    return _fail(pair, ErrorCode.BAD_ACTION, f"unknown contact action {action!r}")
 
 
 def may_send(pair: Pair, message_id: bytes) -> tuple[Delivery, Transition]:

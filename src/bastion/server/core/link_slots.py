@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from bastion.errors import ProtocolError
+from bastion.protocol.codes import ErrorCode
 
 LINK_TTL_S = 600.0
 MAX_LINK_SLOTS = 10_000
@@ -27,7 +28,7 @@ Owner = tuple[str, str]
 class LinkError(ProtocolError):
     """A link slot is unknown, expired, already used, not yours, or cannot be opened now."""
 
-    code = "link_failed"
+    code = ErrorCode.LINK_FAILED
 
 
 UNKNOWN = "that link code is unknown, expired or already used"

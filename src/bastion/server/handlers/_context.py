@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from bastion.errors import BastionError
 from bastion.protocol import frames
 from bastion.protocol.auth import ServerSession
+from bastion.protocol.codes import ErrorCode
 from bastion.ratelimit import BackoffRules, RateLimiter
 from bastion.server.cluster.local import Bus
 from bastion.server.config import Limits
@@ -64,7 +65,7 @@ class Request(Protocol):
         """Send a frame to this client (nothing once closed)."""
         ...
 
-    def refuse(self, req: int | None, code: str, message: str) -> None:
+    def refuse(self, req: int | None, code: ErrorCode, message: str) -> None:
         """Answer a request (or, with ``req`` None, a frame) with an error frame."""
         ...
 
@@ -139,10 +140,23 @@ class Audit(Protocol):
 
 
 class NullAudit:
-    """No audit log: events are dropped."""
+    """No audit log: events are dropped.
+
+    Also stands in for the log the admin watcher writes to
+    (:class:`~bastion.server.admin.watch.AdminAudit`): nothing to append, flush or sign.
+    """
 
     def event(self, event: str, **fields: object) -> None:
         """See :meth:`Audit.event`."""
+
+    def append(self, event: str, now: float, **fields: object) -> None:
+        """See ``AdminAudit.append``."""
+
+    def flush(self) -> None:
+        """See ``AdminAudit.flush``."""
+
+    def checkpoint(self, now: float | None = None) -> None:
+        """See ``AdminAudit.checkpoint``."""
 
 
 class AuditTrail:
@@ -170,7 +184,7 @@ class Metrics(Protocol):
         """A message was stored for delivery."""
         ...
 
-    def count_error(self, code: str) -> None:
+    def count_error(self, code: ErrorCode) -> None:
         """An error frame was sent."""
         ...
 
@@ -192,7 +206,7 @@ class NullMetrics:
     def count_messages(self) -> None:
         """See :meth:`Metrics.count_messages`."""
 
-    def count_error(self, code: str) -> None:
+    def count_error(self, code: ErrorCode) -> None:
         """See :meth:`Metrics.count_error`."""
 
     def count_limit_hit(self, limit: str) -> None:

@@ -14,6 +14,7 @@ import secrets
 
 from bastion.errors import AuthenticationError
 from bastion.protocol import frames
+from bastion.protocol.codes import ErrorCode
 from bastion.server.handlers._context import Request, Route, Services
 from bastion.server.handlers.devices import verify_new_device
 from bastion.server.storage.interfaces import AccountRecord, KeyRecord, UsernameTakenError
@@ -63,15 +64,18 @@ async def _may_register(request: Request, services: Services, frame: frames.Regi
     """Registration policy and the per-address limit; refuses and returns False if not."""
     mode = services.admin.policy.registration
     if mode == "closed":
-        code, message = "registration_closed", "this server does not accept new accounts"
+        code, message = ErrorCode.REGISTRATION_CLOSED, "this server does not accept new accounts"
     elif mode == "invite" and frame.invite is None:
-        code, message = "invite_required", "this server accepts new accounts by invite only"
+        code, message = ErrorCode.INVITE_REQUIRED, "this server accepts new accounts by invite only"
     elif not await allow_registration(services, request.limit_key):
         services.limit_log.hit("registrations_per_address", request.limit_key)
-        code, message = "rate_limited", "too many registrations from your address; try later"
+        code, message = (
+            ErrorCode.RATE_LIMITED,
+            "too many registrations from your address; try later",
+        )
     else:
         return True
-    if code != "rate_limited":
+    if code is not ErrorCode.RATE_LIMITED:
         services.audit.event(
             "registration.refused", reason=code, user=frame.username, address=request.address
         )
@@ -95,7 +99,9 @@ async def _take_invite(
     services.audit.event(
         "registration.refused", reason="bad_invite", user=frame.username, address=request.address
     )
-    request.refuse(frame.req, "bad_invite", "the invite code is unknown, used up or expired")
+    request.refuse(
+        frame.req, ErrorCode.BAD_INVITE, "the invite code is unknown, used up or expired"
+    )
     request.rechallenge()
     return False, None
 
@@ -130,7 +136,7 @@ async def register(request: Request, services: Services, frame: frames.Register)
     except UsernameTakenError:
         if invite_taken is not None:
             await services.admin.return_invite(invite_taken)
-        request.refuse(frame.req, "username_taken", "that username is taken")
+        request.refuse(frame.req, ErrorCode.USERNAME_TAKEN, "that username is taken")
         request.reply(
             request.session.challenge(services.clock.monotonic(), secrets.token_bytes(32))
         )
@@ -155,7 +161,9 @@ async def signin(request: Request, services: Services, frame: frames.SignIn) -> 
     if wait > 0:
         services.limit_log.hit("signin_backoff", f"{request.limit_key} {frame.username}")
         request.refuse(
-            frame.req, "rate_limited", f"too many failed sign-ins; try again in {wait:.0f} s"
+            frame.req,
+            ErrorCode.RATE_LIMITED,
+            f"too many failed sign-ins; try again in {wait:.0f} s",
         )
         request.session.attempts += 1  # waiting it out still spends this connection's tries
         request.rechallenge()

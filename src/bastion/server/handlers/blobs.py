@@ -43,6 +43,7 @@ from pathlib import Path
 
 from bastion.errors import StorageError
 from bastion.protocol import frames
+from bastion.protocol.codes import ErrorCode
 from bastion.server.config import Limits
 from bastion.server.handlers._context import Request, Route, Services
 from bastion.server.storage.blob_content import BlobContent
@@ -63,8 +64,8 @@ _RECORD_CACHE_S = 5.0
 _RECORD_CACHE_MAX = 1024
 
 REFUSAL_MESSAGES = {
-    "file_transfer_off": "file transfer is turned off on this server",
-    "quota_exceeded": "your stored files would exceed your quota on this server",
+    ErrorCode.FILE_TRANSFER_OFF: "file transfer is turned off on this server",
+    ErrorCode.QUOTA_EXCEEDED: "your stored files would exceed your quota on this server",
 }
 
 
@@ -216,7 +217,7 @@ class BlobService:
 
 
 def _refuse_upload(
-    request: Request, req: int, user: str, code: str, message: str, *, services: Services
+    request: Request, req: int, user: str, code: ErrorCode, message: str, *, services: Services
 ) -> None:
     services.audit.event("upload.blocked", reason=code, user=user, address=request.address)
     request.refuse(req, code, message)
@@ -231,8 +232,8 @@ async def blob_begin(request: Request, services: Services, frame: frames.BlobBeg
             request,
             frame.req,
             username,
-            "file_transfer_off",
-            REFUSAL_MESSAGES["file_transfer_off"],
+            ErrorCode.FILE_TRANSFER_OFF,
+            REFUSAL_MESSAGES[ErrorCode.FILE_TRANSFER_OFF],
             services=services,
         )
         return
@@ -241,28 +242,34 @@ async def blob_begin(request: Request, services: Services, frame: frames.BlobBeg
             request,
             frame.req,
             username,
-            "file_too_large",
+            ErrorCode.FILE_TOO_LARGE,
             f"files larger than {policy.max_file_mb} MB are not accepted on this server",
             services=services,
         )
         return
     recipients = sorted({user for user in frame.recipients if user != username})
     if not recipients:
-        request.refuse(frame.req, "bad_recipient", "a file needs a recipient other than you")
+        request.refuse(
+            frame.req, ErrorCode.BAD_RECIPIENT, "a file needs a recipient other than you"
+        )
         return
     for user in recipients:
         if await services.storage.relay.get_account(user) is None:
-            request.refuse(frame.req, "unknown_user", f"there is no user named {user}")
+            request.refuse(frame.req, ErrorCode.UNKNOWN_USER, f"there is no user named {user}")
             return
     service = services.blobs
     if service.in_progress(username) >= MAX_UPLOADS_PER_ACCOUNT:
         services.limit_log.hit("uploads_per_account", username)
-        request.refuse(frame.req, "rate_limited", "too many uploads at once; finish one first")
+        request.refuse(
+            frame.req, ErrorCode.RATE_LIMITED, "too many uploads at once; finish one first"
+        )
         return
     if service.in_progress() >= services.limits.blob_uploads_max:
         services.limit_log.hit("uploads_in_progress", username)
         request.refuse(
-            frame.req, "rate_limited", "the server has too many uploads in progress; try later"
+            frame.req,
+            ErrorCode.RATE_LIMITED,
+            "the server has too many uploads in progress; try later",
         )
         return
     service.starting[username] = service.starting.get(username, 0) + 1
@@ -304,8 +311,8 @@ async def _start_upload(
             request,
             frame.req,
             username,
-            "quota_exceeded",
-            REFUSAL_MESSAGES["quota_exceeded"],
+            ErrorCode.QUOTA_EXCEEDED,
+            REFUSAL_MESSAGES[ErrorCode.QUOTA_EXCEEDED],
             services=services,
         )
         return
@@ -339,7 +346,7 @@ async def blob_chunk(request: Request, services: Services, frame: frames.BlobChu
     service = services.blobs
     upload = service.uploads.get(frame.blob_id)
     if upload is None or upload.owner != username:
-        request.refuse(frame.req, "unknown_blob", "no such upload in progress")
+        request.refuse(frame.req, ErrorCode.UNKNOWN_BLOB, "no such upload in progress")
         return
     if not services.admin.policy.file_transfer:
         service.abort_upload(frame.blob_id)
@@ -347,13 +354,15 @@ async def blob_chunk(request: Request, services: Services, frame: frames.BlobChu
             request,
             frame.req,
             username,
-            "file_transfer_off",
-            REFUSAL_MESSAGES["file_transfer_off"],
+            ErrorCode.FILE_TRANSFER_OFF,
+            REFUSAL_MESSAGES[ErrorCode.FILE_TRANSFER_OFF],
             services=services,
         )
         return
     if frame.offset != upload.written:
-        request.refuse(frame.req, "bad_offset", f"the upload continues at byte {upload.written}")
+        request.refuse(
+            frame.req, ErrorCode.BAD_OFFSET, f"the upload continues at byte {upload.written}"
+        )
         return
     if upload.written + len(frame.data) > upload.size:
         service.abort_upload(frame.blob_id)
@@ -361,7 +370,7 @@ async def blob_chunk(request: Request, services: Services, frame: frames.BlobChu
             request,
             frame.req,
             username,
-            "file_too_large",
+            ErrorCode.FILE_TOO_LARGE,
             "the upload is longer than announced",
             services=services,
         )
@@ -385,7 +394,7 @@ async def blob_end(request: Request, services: Services, frame: frames.BlobEnd) 
     service = services.blobs
     upload = service.uploads.get(frame.blob_id)
     if upload is None or upload.owner != username:
-        request.refuse(frame.req, "unknown_blob", "no such upload in progress")
+        request.refuse(frame.req, ErrorCode.UNKNOWN_BLOB, "no such upload in progress")
         return
     del service.uploads[frame.blob_id]
     if upload.written != upload.size or not hmac.compare_digest(
@@ -396,7 +405,7 @@ async def blob_end(request: Request, services: Services, frame: frames.BlobEnd) 
         upload.path.unlink(missing_ok=True)
         await service.store.delete(frame.blob_id)
         request.refuse(
-            frame.req, "blob_mismatch", "the upload's size or hash is not the announced one"
+            frame.req, ErrorCode.BLOB_MISMATCH, "the upload's size or hash is not the announced one"
         )
         return
     try:
@@ -427,16 +436,16 @@ async def blob_get(request: Request, services: Services, frame: frames.BlobGet) 
     """Serve up to 64 KiB of a blob from any offset (to its owner and recipients only)."""
     found = await _readable(request, services, frame.blob_id)
     if found is None:
-        request.refuse(frame.req, "unknown_blob", "no such file, or it has expired")
+        request.refuse(frame.req, ErrorCode.UNKNOWN_BLOB, "no such file, or it has expired")
         return
     service, record = found
     if frame.offset > record.size:
-        request.refuse(frame.req, "bad_offset", "the offset is past the end of the file")
+        request.refuse(frame.req, ErrorCode.BAD_OFFSET, "the offset is past the end of the file")
         return
     length = min(frames.MAX_BLOB_CHUNK_BYTES, record.size - frame.offset)
     data = await service.content.read(frame.blob_id, frame.offset, length)
     if data is None:
-        request.refuse(frame.req, "unknown_blob", "no such file, or it has expired")
+        request.refuse(frame.req, ErrorCode.UNKNOWN_BLOB, "no such file, or it has expired")
         return
     request.reply(
         frames.BlobData(
@@ -454,7 +463,7 @@ async def blob_done(request: Request, services: Services, frame: frames.BlobDone
     username, _ = request.signed_in()
     found = await _readable(request, services, frame.blob_id)
     if found is None:
-        request.refuse(frame.req, "unknown_blob", "no such file, or it has expired")
+        request.refuse(frame.req, ErrorCode.UNKNOWN_BLOB, "no such file, or it has expired")
         return
     service, record = found
     if username in record.recipients and await service.store.mark_downloaded(

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 from bastion.errors import StorageError
 from bastion.protocol import frames
+from bastion.protocol.codes import ErrorCode
 from bastion.server.cluster.local import Push
 from bastion.server.core.contact_rules import (
     ACCEPTED,
@@ -117,9 +118,10 @@ async def check_may_send(
                 services, sender, to, group_id, blocked_by_recipient=blocked
             )
         if await services.storage.relay.get_account(to) is None:
-            raise ContactError("unknown_user", f"there is no user named {to}")
+            raise ContactError(ErrorCode.UNKNOWN_USER, f"there is no user named {to}")
         raise ContactError(
-            "not_a_contact", f"{to} has not accepted you as a contact; send a contact request first"
+            ErrorCode.NOT_A_CONTACT,
+            f"{to} has not accepted you as a contact; send a contact request first",
         )
     return verdict is Delivery.ALLOW
 
@@ -188,7 +190,9 @@ async def _check_request_limits(
         limits.contact_requests_per_sender_burst,
     ):
         services.limit_log.hit("contact_requests_per_sender", me)
-        raise ContactError("rate_limited", "you sent too many contact requests; try again tomorrow")
+        raise ContactError(
+            ErrorCode.RATE_LIMITED, "you sent too many contact requests; try again tomorrow"
+        )
     if delivers_request(pair) and not await bus.take(
         "contact_requests_per_recipient",
         peer,
@@ -197,7 +201,8 @@ async def _check_request_limits(
     ):
         services.limit_log.hit("contact_requests_per_recipient", peer)
         raise ContactError(
-            "rate_limited", f"{peer} is receiving too many contact requests; try again later"
+            ErrorCode.RATE_LIMITED,
+            f"{peer} is receiving too many contact requests; try again later",
         )
 
 
@@ -206,10 +211,10 @@ async def contact_action(request: Request, services: Services, frame: frames.Con
     me, _ = request.signed_in()
     peer = frame.user
     if peer == me:
-        raise ContactError("bad_recipient", "you cannot be your own contact")
+        raise ContactError(ErrorCode.BAD_RECIPIENT, "you cannot be your own contact")
     contacts = services.contacts
     if await services.storage.relay.get_account(peer) is None:
-        raise ContactError("unknown_user", f"there is no user named {peer}")
+        raise ContactError(ErrorCode.UNKNOWN_USER, f"there is no user named {peer}")
     if frame.action == "request":
         await _check_request_limits(services, contacts, me, peer)
     now = services.clock.now_ms()

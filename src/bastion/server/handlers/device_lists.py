@@ -14,6 +14,7 @@ from __future__ import annotations
 from bastion.crypto.device import SignedDeviceList
 from bastion.errors import AuthenticationError
 from bastion.protocol import frames
+from bastion.protocol.codes import ErrorCode
 from bastion.server.handlers._context import Request, Route, Services
 from bastion.server.storage.device_lists import StaleDeviceListError, StoredDeviceList
 
@@ -41,7 +42,9 @@ async def publish(request: Request, services: Services, frame: frames.PublishDev
     try:
         signed.verify(account.identity_key)
     except AuthenticationError:
-        request.refuse(frame.req, "bad_device_list", "the device list is not signed by the account")
+        request.refuse(
+            frame.req, ErrorCode.BAD_DEVICE_LIST, "the device list is not signed by the account"
+        )
         return
     try:
         await services.storage.device_lists.replace(
@@ -51,7 +54,7 @@ async def publish(request: Request, services: Services, frame: frames.PublishDev
             ),
         )
     except StaleDeviceListError as exc:
-        request.refuse(frame.req, "stale_device_list", str(exc))
+        request.refuse(frame.req, ErrorCode.STALE_DEVICE_LIST, str(exc))
         return
     services.audit.event(
         "device_list.published", user=username, version=signed.version, by=device_id

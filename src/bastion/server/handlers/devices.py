@@ -15,6 +15,7 @@ from bastion.crypto.signing import verify_ed25519
 from bastion.errors import AuthenticationError
 from bastion.protocol import frames
 from bastion.protocol.auth import register_message
+from bastion.protocol.codes import ErrorCode
 from bastion.server.cluster.local import Kick
 from bastion.server.core.link_slots import LinkDeliver, LinkError
 from bastion.server.handlers._context import Request, Route, Services
@@ -127,7 +128,7 @@ async def add_device(request: Request, services: Services, frame: frames.AddDevi
             max_devices=services.limits.max_devices_per_account,
         )
     except DeviceRefusedError as exc:
-        request.refuse(frame.req, "device_refused", str(exc))
+        request.refuse(frame.req, ErrorCode.DEVICE_REFUSED, str(exc))
         return
     services.audit.event(
         "device.added", user=frame.username, device=record.device_id, address=request.address
@@ -139,10 +140,10 @@ async def revoke_device(request: Request, services: Services, frame: frames.Revo
     """Remove a device of the signed-in account, on the account key's signature."""
     username, device_id = request.signed_in()
     if frame.device_id == device_id:
-        request.refuse(frame.req, "bad_request", "revoke this device from another one")
+        request.refuse(frame.req, ErrorCode.BAD_REQUEST, "revoke this device from another one")
         return
     if abs(frame.revoked_at - services.clock.now_ms()) > REVOCATION_SKEW_MS:
-        request.refuse(frame.req, "bad_request", "the revocation is dated too far from now")
+        request.refuse(frame.req, ErrorCode.BAD_REQUEST, "the revocation is dated too far from now")
         return
     account = await services.storage.relay.get_account(username)
     if account is None:
@@ -151,7 +152,7 @@ async def revoke_device(request: Request, services: Services, frame: frames.Revo
         account.identity_key, frame.signature, username, frame.device_id, frame.revoked_at
     )
     if not await services.storage.relay.revoke_device(username, frame.device_id):
-        request.refuse(frame.req, "unknown_device", "the account has no such device")
+        request.refuse(frame.req, ErrorCode.UNKNOWN_DEVICE, "the account has no such device")
         return
     services.bus.publish(username, frame.device_id, Kick("device revoked"))
     services.audit.event("device.revoked", user=username, device=frame.device_id, by=device_id)

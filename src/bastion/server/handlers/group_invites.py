@@ -10,6 +10,7 @@ invitation never answered, and it stays so until an admin removes them.
 from __future__ import annotations
 
 from bastion.protocol import frames
+from bastion.protocol.codes import ErrorCode
 from bastion.server.handlers._context import Request, Route, Services
 from bastion.server.handlers.groups import head_state
 
@@ -44,7 +45,9 @@ async def respond(request: Request, services: Services, frame: frames.GroupRespo
         groups.store, frame.group_id, max_members=services.limits.group_max_members
     )
     if state is None:
-        request.refuse(frame.req, "no_invitation", "no invitation to that group waits for you")
+        request.refuse(
+            frame.req, ErrorCode.NO_INVITATION, "no invitation to that group waits for you"
+        )
         return
     notice = frames.GroupChangeItem(group_id=frame.group_id, seq=state.seq)
     envelopes = await groups.store.respond(
@@ -56,7 +59,9 @@ async def respond(request: Request, services: Services, frame: frames.GroupRespo
         item=frames.encode_item(notice),
     )
     if envelopes is None:
-        request.refuse(frame.req, "no_invitation", "no invitation to that group waits for you")
+        request.refuse(
+            frame.req, ErrorCode.NO_INVITATION, "no invitation to that group waits for you"
+        )
         return
     request.reply(frames.Ok(req=frame.req))
     for envelope in envelopes:

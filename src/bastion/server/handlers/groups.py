@@ -32,6 +32,7 @@ from bastion.groups.chain import (
     verify_chain,
 )
 from bastion.protocol import frames
+from bastion.protocol.codes import ErrorCode
 from bastion.ratelimit import RateLimiter
 from bastion.server.core.contact_rules import ACCEPTED, BLOCKED, ContactError, state_of
 from bastion.server.handlers._context import Request, Route, Services
@@ -110,14 +111,14 @@ async def _within_change_limits(
     if size > limits.group_max_change_bytes:
         request.refuse(
             req,
-            "group_change_rejected",
+            ErrorCode.GROUP_CHANGE_REJECTED,
             f"a group change may have at most {limits.group_max_change_bytes} bytes",
         )
         return False
     if change.seq >= limits.group_max_chain_changes:
         request.refuse(
             req,
-            "group_change_rejected",
+            ErrorCode.GROUP_CHANGE_REJECTED,
             f"the group's chain is full ({limits.group_max_chain_changes} changes);"
             " start a new group",
         )
@@ -126,7 +127,7 @@ async def _within_change_limits(
         user, services.clock.monotonic()
     ):
         services.limit_log.hit("group_creations", user)
-        request.refuse(req, "rate_limited", "too many new groups; try again later")
+        request.refuse(req, ErrorCode.RATE_LIMITED, "too many new groups; try again later")
         return False
     if not await _take(
         services,
@@ -141,7 +142,7 @@ async def _within_change_limits(
         limits.group_changes_per_group_per_hour,
         limits.group_changes_per_group_burst,
     ):
-        request.refuse(req, "rate_limited", "too many changes to groups; try again later")
+        request.refuse(req, ErrorCode.RATE_LIMITED, "too many changes to groups; try again later")
         return False
     return True
 
@@ -179,7 +180,7 @@ async def _entry_states(
         waiting = await groups.store.pending_invites(user, limits.contact_requests_pending_max)
         if len(waiting) >= limits.contact_requests_pending_max:
             raise ContactError(
-                "rate_limited", f"{user} has too many open invitations; try again later"
+                ErrorCode.RATE_LIMITED, f"{user} has too many open invitations; try again later"
             )
         if not await _take(
             services,
@@ -189,7 +190,7 @@ async def _entry_states(
             limits.contact_requests_per_recipient_burst,
         ):
             raise ContactError(
-                "rate_limited", f"{user} is receiving too many invitations; try again later"
+                ErrorCode.RATE_LIMITED, f"{user} is receiving too many invitations; try again later"
             )
         states.append((user, PENDING))
     return states
@@ -202,7 +203,9 @@ async def post_change(request: Request, services: Services, frame: frames.GroupP
     limits = services.limits
     change = decode_change(frame.change)
     if change.author != user:
-        request.refuse(frame.req, "group_change_rejected", "a change must be signed by its poster")
+        request.refuse(
+            frame.req, ErrorCode.GROUP_CHANGE_REJECTED, "a change must be signed by its poster"
+        )
         return
     if not await _within_change_limits(
         request, services, frame.req, groups, change, size=len(frame.change)
@@ -214,7 +217,7 @@ async def post_change(request: Request, services: Services, frame: frames.GroupP
             groups.store, change.group_id, max_members=limits.group_max_members
         )
         if state is None:
-            request.refuse(frame.req, "unknown_group", "there is no such group")
+            request.refuse(frame.req, ErrorCode.UNKNOWN_GROUP, "there is no such group")
             return
     after = apply_change(state, change, max_members=limits.group_max_members)
     entering = _entering(change)
@@ -222,7 +225,9 @@ async def post_change(request: Request, services: Services, frame: frames.GroupP
     for name, key in [*entering, *creator]:
         account = await services.storage.relay.get_account(name)
         if account is None or account.identity_key != key:
-            request.refuse(frame.req, "unknown_user", f"{name} has no account with that key"[:200])
+            request.refuse(
+                frame.req, ErrorCode.UNKNOWN_USER, f"{name} has no account with that key"[:200]
+            )
             return
     invites = await _entry_states(services, groups, change, [name for name, _ in entering])
     before_active = await groups.store.active_members(change.group_id) if state else []
@@ -261,7 +266,7 @@ async def post_change(request: Request, services: Services, frame: frames.GroupP
             ),
         )
     except GroupConflictError as exc:
-        request.refuse(frame.req, "group_conflict", str(exc))
+        request.refuse(frame.req, ErrorCode.GROUP_CONFLICT, str(exc))
         return
     request.reply(
         frames.GroupPosted(
@@ -315,7 +320,7 @@ async def fetch_chain(request: Request, services: Services, frame: frames.GroupF
     groups = services.groups
     membership = await groups.store.membership(frame.group_id, user)
     if membership is None:
-        request.refuse(frame.req, "unknown_group", "there is no such group you belong to")
+        request.refuse(frame.req, ErrorCode.UNKNOWN_GROUP, "there is no such group you belong to")
         return
     page = await groups.store.changes(frame.group_id, frame.after_seq, CHAIN_PAGE)
     if not membership:
@@ -354,11 +359,11 @@ async def send_message(request: Request, services: Services, frame: frames.Group
     groups = services.groups
     if not services.message_rates.allow((user, device), services.clock.monotonic()):
         services.limit_log.hit("messages_per_device", f"{user}/{device}")
-        request.refuse(frame.req, "rate_limited", "sending too fast; slow down")
+        request.refuse(frame.req, ErrorCode.RATE_LIMITED, "sending too fast; slow down")
         return
     members = await groups.store.active_members(frame.group_id)
     if user not in members:
-        request.refuse(frame.req, "not_a_member", "you are not a member of that group")
+        request.refuse(frame.req, ErrorCode.NOT_A_MEMBER, "you are not a member of that group")
         return
     # Nothing reaches a member from someone they blocked; the sender is not told.
     blocked_me = await groups.store.blocked_by(user)
@@ -393,11 +398,11 @@ async def room_key_may_pass(
     """
     groups = services.groups
     if await groups.store.membership(group_id, sender) is not True:
-        raise ContactError("not_a_member", "you are not a member of that group")
+        raise ContactError(ErrorCode.NOT_A_MEMBER, "you are not a member of that group")
     if await groups.store.membership(group_id, to) is not True:
         if to in await groups.store.not_joined(group_id):
-            raise ContactError("not_joined", f"{to} has not joined the group yet")
-        raise ContactError("not_a_member", f"{to} is not a member of that group")
+            raise ContactError(ErrorCode.NOT_JOINED, f"{to} has not joined the group yet")
+        raise ContactError(ErrorCode.NOT_A_MEMBER, f"{to} is not a member of that group")
     return not blocked_by_recipient
 
 

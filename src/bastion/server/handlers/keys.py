@@ -13,6 +13,7 @@ import logging
 from bastion.crypto.device import verify_published_key
 from bastion.errors import AuthenticationError
 from bastion.protocol import frames
+from bastion.protocol.codes import ErrorCode
 from bastion.server.cluster.local import KeysLow
 from bastion.server.handlers import device_lists
 from bastion.server.handlers._context import Request, Route, Services
@@ -44,7 +45,7 @@ async def query_keys(request: Request, services: Services, frame: frames.QueryKe
     store = services.storage.relay
     account = await store.get_account(frame.user)
     if account is None:
-        request.refuse(frame.req, "unknown_user", f"there is no user named {frame.user}")
+        request.refuse(frame.req, ErrorCode.UNKNOWN_USER, f"there is no user named {frame.user}")
         return
     devices = await store.list_devices(frame.user)
     device_list = await device_lists.latest_frame(services, frame.user, account.identity_key)
@@ -73,7 +74,7 @@ async def claim_keys(request: Request, services: Services, frame: frames.ClaimKe
     requester, _ = request.signed_in()
     if not await allow_claim(services, requester, frame.user):
         log.info("limit.hit", extra={"limit": "key_claims"})
-        request.refuse(frame.req, "rate_limited", "too many key claims; wait a minute")
+        request.refuse(frame.req, ErrorCode.RATE_LIMITED, "too many key claims; wait a minute")
         return
     store = services.storage.relay
     claimed = await store.claim_keys(frame.user)
@@ -113,7 +114,7 @@ async def upload_keys(request: Request, services: Services, frame: frames.Upload
         verify_published_key(device.ed25519, device_id, fb.key, fb.signature, fallback=True)
     current = await store.count_one_time_keys(username, device_id)
     if current + len(frame.one_time_keys) > services.limits.one_time_keys_max:
-        request.refuse(frame.req, "too_many_keys", "one-time key stock is full")
+        request.refuse(frame.req, ErrorCode.TOO_MANY_KEYS, "one-time key stock is full")
         return
     services.keys_low_notified.discard((username, device_id))
     await store.add_one_time_keys(

@@ -20,6 +20,7 @@ import time
 
 from bastion.errors import BastionError
 from bastion.protocol import frames
+from bastion.protocol.codes import ErrorCode
 from bastion.server.handlers import contacts
 from bastion.server.handlers._context import (
     INTERNAL_MESSAGE,
@@ -46,12 +47,12 @@ def send(request: Request, services: Services, frame: frames.Send) -> None:
     device = request.signed_in()
     sender, sender_device = device
     if frame.to == sender:
-        request.refuse(frame.req, "bad_recipient", "you cannot message yourself")
+        request.refuse(frame.req, ErrorCode.BAD_RECIPIENT, "you cannot message yourself")
         services.metrics.observe("relay", started)
         return
     if not services.message_rates.allow(device, time.monotonic()):
         services.limit_log.hit("messages_per_device", f"{sender}/{sender_device}")
-        request.refuse(frame.req, "rate_limited", "sending too fast; slow down")
+        request.refuse(frame.req, ErrorCode.RATE_LIMITED, "sending too fast; slow down")
         services.metrics.observe("relay", started)
         return
     # A room key travels on its group's path: its kind tells the recipient that
@@ -88,10 +89,10 @@ def _stored(  # noqa: PLR0917 - a positional partial: no kwargs dict per message
     elif not _refuse_message(request, services, frame, exc):
         if isinstance(exc, BastionError):
             log.warning("request.failed", extra={"error": type(exc).__name__})
-            request.refuse(frame.req, "refused", REFUSED_MESSAGE)
+            request.refuse(frame.req, ErrorCode.REFUSED, REFUSED_MESSAGE)
         else:
             log.error("request.crashed", exc_info=exc)
-            request.refuse(frame.req, "internal", INTERNAL_MESSAGE)
+            request.refuse(frame.req, ErrorCode.INTERNAL, INTERNAL_MESSAGE)
     services.metrics.observe("relay", started)
 
 
@@ -122,13 +123,15 @@ def _refuse_message(
 ) -> bool:
     """Answer a refusal of the store; False if ``exc`` is not one."""
     if isinstance(exc, UnknownRecipientError):
-        request.refuse(frame.req, "unknown_user", f"there is no user named {frame.to}")
+        request.refuse(frame.req, ErrorCode.UNKNOWN_USER, f"there is no user named {frame.to}")
     elif isinstance(exc, QueueFullError):
         services.limit_log.hit("offline_queue", frame.to)
-        request.refuse(frame.req, "queue_full", f"{frame.to} has too many undelivered messages")
+        request.refuse(
+            frame.req, ErrorCode.QUEUE_FULL, f"{frame.to} has too many undelivered messages"
+        )
     elif isinstance(exc, DeviceMismatchError):
         detail = "missing " + ",".join(exc.missing) + "; extra " + ",".join(exc.extra)
-        request.refuse(frame.req, "device_mismatch", detail)
+        request.refuse(frame.req, ErrorCode.DEVICE_MISMATCH, detail)
     else:
         return False
     return True

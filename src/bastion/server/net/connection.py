@@ -266,7 +266,7 @@ class ClientConnection(WSListener):
         """The signed-in (username, device id); raises ProtocolError before sign-in."""
         return self.session.require_signed_in()
 
-    def refuse(self, req: int | None, code: str, message: str) -> None:
+    def refuse(self, req: int | None, code: ErrorCode, message: str) -> None:
         """Answer a request with an error frame (the message cut to the wire limit)."""
         self.services.metrics.count_error(code)
         self.reply(frames.Error(req=req, code=code, message=message[:256]))
@@ -321,7 +321,7 @@ class ClientConnection(WSListener):
             self.services.metrics.observe(getattr(work, "__name__", "request").lstrip("_"), started)
         except AuthenticationError as exc:
             log.info("signin.failed", extra={"reason": str(exc)})
-            self.refuse(req, "auth_failed", "sign-in failed")
+            self.refuse(req, ErrorCode.AUTH_FAILED, "sign-in failed")
             self.rechallenge()
         except ProtocolError as exc:
             # A deliberate refusal: its code and text are the protocol's.
@@ -331,12 +331,12 @@ class ClientConnection(WSListener):
             # (schema and constraint names), so the peer gets a fixed message and
             # the log the error's type.
             log.warning("request.failed", extra={"error": type(exc).__name__})
-            self.refuse(req, "refused", REFUSED_MESSAGE)
+            self.refuse(req, ErrorCode.REFUSED, REFUSED_MESSAGE)
         except asyncio.CancelledError:
             raise
         except Exception:
             log.exception("request.crashed")
-            self.refuse(req, "internal", INTERNAL_MESSAGE)
+            self.refuse(req, ErrorCode.INTERNAL, INTERNAL_MESSAGE)
 
     def rechallenge(self) -> None:
         """A new challenge after a failed attempt, or the close after the last one."""
@@ -349,7 +349,7 @@ class ClientConnection(WSListener):
 
     def _bad_frame(self, reason: str) -> None:
         self.bad_frames += 1
-        self.refuse(None, "bad_frame", reason)
+        self.refuse(None, ErrorCode.BAD_FRAME, reason)
         if self.bad_frames >= self.limits.bad_frames_before_close:
             self.close(WSCloseCode.POLICY_VIOLATION, "too many malformed frames")
 
@@ -367,10 +367,10 @@ class ClientConnection(WSListener):
             else:
                 self.spawn(getattr(frame, "req", None), route.handler(self, self.services, frame))
         elif self.session.username is None:
-            self.refuse(getattr(frame, "req", None), "not_signed_in", "sign in first")
+            self.refuse(getattr(frame, "req", None), ErrorCode.NOT_SIGNED_IN, "sign in first")
         else:
             self.refuse(
-                getattr(frame, "req", None), "bad_frame", "this server does not handle that"
+                getattr(frame, "req", None), ErrorCode.BAD_FRAME, "this server does not handle that"
             )
 
     # --- sign-in ------------------------------------------------------------------------------
