@@ -2,11 +2,11 @@
 
 - ``cli/main.py`` only assembles: every command module is in ``COMMANDS``, and no
   command module imports ``main`` (they share ``cli/_common.py``).
-- Imports inside functions load only heavy parts on use: Textual (the chat app),
-  the server, ``rich.progress``.
+- Building the parser loads neither the server nor Textual (imports inside functions
+  are tests/test_layout.py's rule).
 - The front ends (``cli``, ``tui``) use the client library's public API: no
-  ``client.conn``, ``client.profile`` or ``_private`` attributes of a client, and no
-  transport or profile module.
+  ``client.conn``, ``client.profile`` or ``_private`` attributes of a client (which
+  modules they may import is tests/test_layout.py's rule).
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ from bastion.cli.main import COMMANDS
 SRC = Path(__file__).resolve().parent.parent / "src" / "bastion"
 CLI = SRC / "cli"
 FRONT_ENDS = (SRC / "cli", SRC / "tui")
-LAZY_ALLOWED = ("bastion.tui", "bastion.server", "rich.progress", "textual")
 CLIENT_INTERNAL_MODULES = frozenset({"bastion.client.transport", "bastion.client.profile"})
 CLIENT_INTERNAL_ATTRIBUTES = frozenset({"conn", "profile"})
 
@@ -36,16 +35,6 @@ def imported(tree: ast.AST) -> set[str]:
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
             found.add(node.module)
             found.update(f"{node.module}.{alias.name}" for alias in node.names)
-    return found
-
-
-def function_imports(tree: ast.AST) -> set[str]:
-    """The modules imported inside functions."""
-    found: set[str] = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
-            for inner in node.body:
-                found |= imported(inner)
     return found
 
 
@@ -90,7 +79,6 @@ async def run(client, self):
 def test_the_checkers_find_imports_and_client_internals() -> None:
     tree = ast.parse(SYNTHETIC)
     assert {"bastion.cli.main", "bastion.client.transport"} <= imported(tree)
-    assert function_imports(tree) == {"bastion.server.main", "bastion.server.main.serve", "json"}
     assert sorted(client_internals(tree)) == [
         "client._device (line 10)",
         "client.conn (line 8)",
@@ -116,16 +104,10 @@ def test_command_modules_never_import_the_entry_point() -> None:
             assert "bastion.cli.main" not in imported(ast.parse(path.read_text())), path.name
 
 
-def test_imports_inside_functions_only_load_heavy_parts() -> None:
-    for path in sources(*FRONT_ENDS):
-        for module in function_imports(ast.parse(path.read_text())):
-            assert module.startswith(LAZY_ALLOWED), f"{path.name} imports {module} in a function"
-
-
 def test_front_ends_use_only_the_public_client_api() -> None:
     for path in sources(*FRONT_ENDS):
         tree = ast.parse(path.read_text())
-        assert not imported(tree) & CLIENT_INTERNAL_MODULES, path.name
+        assert not imported(tree) & CLIENT_INTERNAL_MODULES, path.name  # and see test_layout.py
         assert client_internals(tree) == [], path.name
 
 

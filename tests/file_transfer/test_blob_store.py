@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from bastion.server.config import Limits, Settings
-from bastion.server.handlers.blobs import DAY_MS, BlobService
+from bastion.server.handlers._services import DAY_MS, BlobService
 from bastion.server.storage import open_storage
 from bastion.server.storage.blob_content import (
     PIECE_BYTES,

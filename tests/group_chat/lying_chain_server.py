@@ -24,7 +24,8 @@ from bastion.groups.chain import decode_change
 from bastion.protocol import frames
 from bastion.server import main as server_main
 from bastion.server.app import Overrides
-from bastion.server.handlers._context import Request, Route, Services
+from bastion.server.handlers._context import Route, Services
+from bastion.server.handlers._request import Request
 from bastion.server.handlers.groups import CHAIN_PAGE, fetch_chain
 from bastion.server.storage.groups import SQLiteGroupStore
 

@@ -18,7 +18,6 @@ from bastion.cli._common import Subcommands, iso, pick_up_waiting, with_client
 from bastion.client import Client, Event, files, groups
 from bastion.display import escape_text
 from bastion.errors import BastionError
-from bastion.groups.chain import GroupState
 
 
 @contextlib.contextmanager
@@ -64,7 +63,7 @@ async def cmd_file_send(args: argparse.Namespace) -> int:
 
     async def work(client: Client) -> int:
         show_bar = sys.stderr.isatty() and not args.json
-        to: str | GroupState = args.user
+        to: str | groups.GroupState = args.user
         if args.group is not None:
             to = groups.resolve(client, args.group)
             await groups.sync(client, to.group_id)
@@ -72,7 +71,9 @@ async def cmd_file_send(args: argparse.Namespace) -> int:
         with _progress_bar(path.name, show_bar) as progress:
             sent = await files.send_file(client, to, path, progress=progress)
         if args.group is not None:
-            args.user = groups.conversation(to.group_id) if isinstance(to, GroupState) else to
+            args.user = (
+                groups.conversation(to.group_id) if isinstance(to, groups.GroupState) else to
+            )
         if args.json:
             print(
                 json.dumps(

@@ -11,10 +11,9 @@ from bastion.cli._common import Subcommands, iso, with_client
 from bastion.client import Client, group_invites, groups
 from bastion.display import escape_text
 from bastion.errors import BastionError
-from bastion.groups import chain
 
 
-def _describe(state: chain.GroupState) -> dict[str, Any]:
+def _describe(state: groups.GroupState) -> dict[str, Any]:
     return {
         "type": "group",
         "group": state.group_id.hex(),
@@ -61,16 +60,16 @@ async def cmd_change(args: argparse.Namespace) -> int:
     return await with_client(args, work)
 
 
-def _args(args: argparse.Namespace) -> chain.MemberChange:
+def _args(args: argparse.Namespace) -> groups.MemberChange:
     if args.action == "remove":
-        return chain.RemoveMember(user=args.user)
+        return groups.RemoveMember(user=args.user)
     if args.action == "leave":
-        return chain.Leave()
+        return groups.Leave()
     if args.action == "rename":
-        return chain.Rename(name=args.name)
+        return groups.Rename(name=args.name)
     if args.grant == args.revoke:
         raise BastionError("say what to do: --grant or --revoke")
-    return chain.Promote(user=args.user) if args.grant else chain.Demote(user=args.user)
+    return groups.Promote(user=args.user) if args.grant else groups.Demote(user=args.user)
 
 
 async def cmd_list(args: argparse.Namespace) -> int:

@@ -15,7 +15,6 @@ import msgspec
 
 from bastion.cli._common import Subcommands, passphrase, profile_dir, with_client, with_profile
 from bastion.client import Client, comparison, devices, policy, trust, verification
-from bastion.crypto.safety import qr_png, render_qr_text
 from bastion.display import escape_text
 from bastion.errors import BastionError
 
@@ -70,7 +69,9 @@ async def cmd_verify(args: argparse.Namespace) -> int:
         contact = client.contact(args.user)
         state = contact.trust if contact is not None else "unverified"
         if args.qr:
-            await asyncio.to_thread(Path(args.qr).write_bytes, qr_png(number.qr_payload()))
+            await asyncio.to_thread(
+                Path(args.qr).write_bytes, comparison.qr_png(number.qr_payload())
+            )
         if args.json:
             print(
                 json.dumps(
@@ -90,7 +91,7 @@ async def cmd_verify(args: argparse.Namespace) -> int:
         print(f"Safety number with {args.user} (compare it with theirs, in person or by call):")
         print(str(number))
         if not args.qr:
-            print(render_qr_text(number.qr_payload()))
+            print(comparison.render_qr_text(number.qr_payload()))
         print(f"{args.user} is {state}.")
         if state != "verified":
             print(
@@ -133,9 +134,9 @@ def show_new_key(client: Client, args: argparse.Namespace) -> int:
     print(str(number))
     print(f"New key fingerprint: {fingerprint}")
     if args.qr:
-        Path(args.qr).write_bytes(qr_png(number.qr_payload()))
+        Path(args.qr).write_bytes(comparison.qr_png(number.qr_payload()))
     else:
-        print(render_qr_text(number.qr_payload()))
+        print(comparison.render_qr_text(number.qr_payload()))
     print(
         f"If it matches what {user} sees, accept exactly this key:\n"
         f"  bastion trust {user} --accept-new-key {fingerprint}"
@@ -195,7 +196,7 @@ async def cmd_devices_link(args: argparse.Namespace) -> int:
                 command = f"bastion link {code} --server {client.account.server_url}"
                 print("On the new machine, run (or scan the code below):", flush=True)
                 print(f"  {command}", flush=True)
-                print(render_qr_text(command.encode()), flush=True)
+                print(comparison.render_qr_text(command.encode()), flush=True)
                 print("The code works once, for 10 minutes. Waiting...", flush=True)
 
         linked = await devices.offer_link(client, show)

@@ -20,8 +20,31 @@ import re
 
 from bastion.client import trust
 from bastion.client.feature import ClientCore
-from bastion.crypto.safety import GROUP_DIGITS, SafetyNumber, safety_number, verify_qr
+from bastion.crypto.safety import (
+    GROUP_DIGITS,
+    SafetyNumber,
+    qr_png,
+    render_qr_text,
+    safety_number,
+    verify_qr,
+)
 from bastion.errors import SecurityError, StateError
+
+__all__ = [
+    "MAX_QR_IMAGE_BYTES",
+    "MAX_QR_IMAGE_PIXELS",
+    "SAFETY_NUMBER_DIGITS",
+    "ComparisonMismatch",
+    "SafetyNumber",
+    "confirm_last_group",
+    "confirm_number",
+    "confirm_qr_image",
+    "current_number",
+    "decode_qr_image",
+    "normalise_number",
+    "qr_png",
+    "render_qr_text",
+]
 
 SAFETY_NUMBER_DIGITS = 60
 MAX_QR_IMAGE_BYTES = 20 * 1024 * 1024

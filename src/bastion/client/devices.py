@@ -108,6 +108,15 @@ async def offer_link(
     return LinkedDevice(new_id)
 
 
+def is_link_code(text: str) -> bool:
+    """Whether ``text`` reads as a link code (``bastion devices link``), not a username."""
+    try:
+        linking.parse_code(text)
+    except ValueError:
+        return False
+    return True
+
+
 def _remember_own_devices(
     client: ClientCore, *, add: DeviceEntry | None = None, remove: str | None = None
 ) -> None:

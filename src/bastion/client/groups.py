@@ -35,6 +35,15 @@ from bastion.client.group_state import (
     state_of,
     sync,
 )
+from bastion.groups.chain import (
+    Demote,
+    GroupState,
+    Leave,
+    MemberChange,
+    Promote,
+    RemoveMember,
+    Rename,
+)
 
 __all__ = [
     "FEATURE",
@@ -42,10 +51,17 @@ __all__ = [
     "MAX_SYNC_PAGES",
     "MAX_UNKNOWN_GROUP_KEYS",
     "MAX_UNKNOWN_GROUP_KEYS_PER_SENDER",
+    "Demote",
     "GroupChangeEvent",
     "GroupRecord",
+    "GroupState",
     "GroupWarningEvent",
     "InboundSessions",
+    "Leave",
+    "MemberChange",
+    "Promote",
+    "RemoveMember",
+    "Rename",
     "add_member",
     "chain_hashes",
     "change",

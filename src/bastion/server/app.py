@@ -51,6 +51,7 @@ from bastion.server.handlers._context import (
     SystemClock,
     build_router,
 )
+from bastion.server.handlers._services import BlobService, ContactService, GroupService
 from bastion.server.handlers.policy import ensure_policy_key
 from bastion.server.logs import handle_loop_errors
 from bastion.server.metrics import RelayMetrics
@@ -172,9 +173,7 @@ def build_services(
     """Every service handlers use, built once; the blob sweep starts here."""
     clock = SystemClock()
     trail = AuditTrail(audit)
-    blob_service = blobs.BlobService(
-        limits, storage.blobs, storage.blob_folder, storage.blob_content
-    )
+    blob_service = BlobService(limits, storage.blobs, storage.blob_folder, storage.blob_content)
     services = Services(
         limits=limits,
         clock=clock,
@@ -185,8 +184,8 @@ def build_services(
         metrics=metrics,
         limit_log=LimitLog(trail, metrics, clock),
         policy_key=ensure_policy_key(data_dir),
-        contacts=contacts.ContactService(storage.contacts),
-        groups=groups.GroupService(
+        contacts=ContactService(storage.contacts),
+        groups=GroupService(
             storage.groups,
             RateLimiter(limits.group_creations_per_hour / 3600.0, limits.group_creations_burst),
         ),

@@ -16,7 +16,6 @@ import msgspec
 from bastion import display
 from bastion.client import Client, ContactRecord, HistoryRecord, groups
 from bastion.errors import StateError
-from bastion.groups.chain import GroupState
 
 INDEX_RECORD = "chat:conversations"
 GROUP_PREFIX = "group:"  # usernames hold no ':', so a conversation key says what it is
@@ -97,7 +96,7 @@ def is_group(peer: str) -> bool:
     return peer.startswith(GROUP_PREFIX)
 
 
-def group_state(client: Client, peer: str) -> GroupState | None:
+def group_state(client: Client, peer: str) -> groups.GroupState | None:
     """The verified state of the group a conversation key names (None if unknown)."""
     try:
         group_id = bytes.fromhex(peer.removeprefix(GROUP_PREFIX))

@@ -25,7 +25,6 @@ from bastion.client import (
     devices,
     weakness,
 )
-from bastion.crypto import linking
 from bastion.errors import BastionError, ProfileError
 from bastion.tui.conversations import safe_text
 
@@ -122,12 +121,9 @@ class FirstRunScreen(Screen[Client]):
         if not server.startswith("wss://"):
             error.update("The server address starts with wss://")
             return
-        if not USERNAME_RE.fullmatch(who):
-            try:
-                linking.parse_code(who)
-            except ValueError:
-                error.update(self.NEITHER.format(who=who))
-                return
+        if not USERNAME_RE.fullmatch(who) and not devices.is_link_code(who):
+            error.update(self.NEITHER.format(who=who))
+            return
         try:
             check_new_passphrase(passphrase)
         except ProfileError as exc:

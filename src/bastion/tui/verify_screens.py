@@ -20,7 +20,7 @@ from textual.containers import Horizontal, Vertical
 from textual.screen import ModalScreen
 from textual.widgets import Button, Input, Label, Static
 
-from bastion.crypto.safety import SafetyNumber, render_qr_text
+from bastion.client import comparison
 from bastion.errors import BastionError
 from bastion.tui.conversations import safe_text
 
@@ -40,7 +40,7 @@ class VerifyScreen(ModalScreen[str | None]):
     def __init__(
         self,
         user: str,
-        number: SafetyNumber,
+        number: comparison.SafetyNumber,
         *,
         verified: bool,
         confirm: ConfirmGroup,
@@ -138,13 +138,13 @@ class QrScreen(ModalScreen[None]):
         Binding("enter", "dismiss(None)", "Close", show=False),
     ]
 
-    def __init__(self, user: str, number: SafetyNumber) -> None:
+    def __init__(self, user: str, number: comparison.SafetyNumber) -> None:
         super().__init__()
         self.user = user
         self.number = number
 
     def compose(self) -> ComposeResult:
-        code = render_qr_text(self.number.qr_payload())
+        code = comparison.render_qr_text(self.number.qr_payload())
         hint = Static(
             Text(
                 f"{safe_text(self.user)} photographs this, then runs: bastion verify "

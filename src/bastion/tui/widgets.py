@@ -12,8 +12,7 @@ from rich.text import Text
 from textual.app import ComposeResult
 from textual.widgets import Input, Label, ListItem, Static
 
-from bastion.client import ContactRecord, HistoryRecord
-from bastion.groups.chain import GroupState
+from bastion.client import ContactRecord, HistoryRecord, groups
 from bastion.tui.conversations import (
     ConversationEntry,
     delivery_label,
@@ -127,7 +126,7 @@ class ContactBar(Static):
             line.append(f"  {extra}")
         self.update(line)
 
-    def show_group(self, state: GroupState | None) -> None:
+    def show_group(self, state: groups.GroupState | None) -> None:
         """Show a group: its name, members, and that each message is signed by its sender."""
         for style in ("verified", "unverified", "changed", "self"):
             self.set_class(False, f"-{style}")

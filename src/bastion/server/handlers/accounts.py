@@ -15,7 +15,8 @@ import secrets
 from bastion.errors import AuthenticationError
 from bastion.protocol import frames
 from bastion.protocol.codes import ErrorCode
-from bastion.server.handlers._context import Request, Route, Services
+from bastion.server.handlers._context import Route, Services
+from bastion.server.handlers._request import Request
 from bastion.server.handlers.devices import verify_new_device
 from bastion.server.storage.interfaces import AccountRecord, KeyRecord, UsernameTakenError
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass, field
 
 from bastion.errors import StorageError
 from bastion.protocol import frames
@@ -36,21 +35,13 @@ from bastion.server.core.contact_rules import (
     may_send,
     state_of,
 )
-from bastion.server.handlers._context import Request, Route, Services
-from bastion.server.storage.contacts import ContactStore
+from bastion.server.handlers._context import Route, Services
+from bastion.server.handlers._request import Request
+from bastion.server.handlers._services import ContactService
 
 log = logging.getLogger("bastion.server.handlers.contacts")
 
 TOPIC = "contacts"
-
-
-@dataclass
-class ContactService:
-    """Per-server state: the store, and who is connected here."""
-
-    store: ContactStore
-    online: dict[str, set[Request]] = field(default_factory=dict)  # on this node
-    tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
 
 def listen(services: Services) -> None:

@@ -15,7 +15,8 @@ from bastion.crypto.device import SignedDeviceList
 from bastion.errors import AuthenticationError
 from bastion.protocol import frames
 from bastion.protocol.codes import ErrorCode
-from bastion.server.handlers._context import Request, Route, Services
+from bastion.server.handlers._context import Route, Services
+from bastion.server.handlers._request import Request
 from bastion.server.storage.device_lists import StaleDeviceListError, StoredDeviceList
 
 

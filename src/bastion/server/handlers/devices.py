@@ -18,7 +18,8 @@ from bastion.protocol.auth import register_message
 from bastion.protocol.codes import ErrorCode
 from bastion.server.cluster.local import Kick
 from bastion.server.core.link_slots import LinkDeliver, LinkError
-from bastion.server.handlers._context import Request, Route, Services
+from bastion.server.handlers._context import Route, Services
+from bastion.server.handlers._request import Request
 from bastion.server.storage.interfaces import DeviceRecord, DeviceRefusedError, KeyRecord
 
 REVOCATION_SKEW_MS = 86_400_000

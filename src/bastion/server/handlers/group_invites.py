@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from bastion.protocol import frames
 from bastion.protocol.codes import ErrorCode
-from bastion.server.handlers._context import Request, Route, Services
+from bastion.server.handlers._context import Route, Services
+from bastion.server.handlers._request import Request
 from bastion.server.handlers.groups import head_state
 
 

@@ -17,8 +17,6 @@ group, room keys included, reaches a member from a member they blocked.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 from bastion.errors import ProtocolError
 from bastion.groups.chain import (
     AddMember,
@@ -33,9 +31,10 @@ from bastion.groups.chain import (
 )
 from bastion.protocol import frames
 from bastion.protocol.codes import ErrorCode
-from bastion.ratelimit import RateLimiter
 from bastion.server.core.contact_rules import ACCEPTED, BLOCKED, ContactError, state_of
-from bastion.server.handlers._context import Request, Route, Services
+from bastion.server.handlers._context import Route, Services
+from bastion.server.handlers._request import Request
+from bastion.server.handlers._services import GroupService
 from bastion.server.storage.group_heads import decode_head, encode_head
 from bastion.server.storage.groups import (
     PENDING,
@@ -48,17 +47,6 @@ from bastion.server.storage.groups import (
 CHAIN_PAGE = 128
 CHAIN_PAGE_BYTES = 160 * 1024
 MAX_DEPARTURES_KEPT = 4096
-
-
-@dataclass
-class GroupService:
-    """Per-server state of the group feature: its store, the creation rate limit, and
-    where each recently asking former member left (so a fetch does not scan the chain)."""
-
-    store: GroupStore
-    creations: RateLimiter[str]
-    # (group id, user) -> (head seq when looked up, seq of the change that ended membership)
-    departures: dict[tuple[bytes, str], tuple[int, int]] = field(default_factory=dict)
 
 
 async def load_state(store: GroupStore, group_id: bytes, *, max_members: int) -> GroupState | None:

@@ -16,7 +16,8 @@ from bastion.protocol import frames
 from bastion.protocol.codes import ErrorCode
 from bastion.server.cluster.local import KeysLow
 from bastion.server.handlers import device_lists
-from bastion.server.handlers._context import Request, Route, Services
+from bastion.server.handlers._context import Route, Services
+from bastion.server.handlers._request import Request
 from bastion.server.storage.interfaces import KeyRecord
 
 log = logging.getLogger("bastion.server")

@@ -25,10 +25,10 @@ from bastion.server.handlers import contacts
 from bastion.server.handlers._context import (
     INTERNAL_MESSAGE,
     REFUSED_MESSAGE,
-    Request,
     Route,
     Services,
 )
+from bastion.server.handlers._request import Request
 from bastion.server.storage.interfaces import (
     Copy,
     DeviceMismatchError,

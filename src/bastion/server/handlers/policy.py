@@ -14,7 +14,8 @@ from bastion.crypto.policy import PolicyDocument, sign_policy
 from bastion.crypto.signing import AccountIdentity
 from bastion.errors import StorageError
 from bastion.protocol import frames
-from bastion.server.handlers._context import Request, Route, Services
+from bastion.server.handlers._context import Route, Services
+from bastion.server.handlers._request import Request
 
 POLICY_KEY_FILE = "policy.key"
 

@@ -19,7 +19,7 @@ import socket
 import struct
 import time
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from picows import (
     WSCloseCode,
@@ -34,14 +34,12 @@ from bastion.protocol import frames
 from bastion.protocol.auth import ServerSession
 from bastion.protocol.codes import ErrorCode
 from bastion.ratelimit import address_key
-from bastion.server.cluster.local import BusEvent, KeysLow, Kick, Push, RateHandover
+from bastion.server.cluster.local import Bus, BusEvent, KeysLow, Kick, Push, RateHandover
+from bastion.server.config import Limits, ServerConfig
 from bastion.server.core.delivery import DeliveryWindow, Step
 from bastion.server.handlers import contacts, messages
-from bastion.server.handlers._context import INTERNAL_MESSAGE, REFUSED_MESSAGE
-from bastion.server.storage.interfaces import QueuedEnvelope
-
-if TYPE_CHECKING:
-    from bastion.server.net.listener import RelayServer
+from bastion.server.handlers._context import INTERNAL_MESSAGE, REFUSED_MESSAGE, Router, Services
+from bastion.server.storage.interfaces import QueuedEnvelope, Store
 
 log = logging.getLogger("bastion.server")
 
@@ -63,10 +61,26 @@ READ_BUFFER_INIT_BYTES = 2048
 KERNEL_SEND_BUFFER_BYTES = 128 * 1024
 
 
+class Node(Protocol):
+    """What a connection uses of the listener that accepted it (``net/listener.RelayServer``)."""
+
+    config: ServerConfig
+    limits: Limits
+    services: Services
+    router: Router
+    store: Store
+    bus: Bus
+    connections: set[ClientConnection]
+    all_closed: asyncio.Event
+
+    def admit(self, address: str) -> bool: ...
+    def release(self, address: str) -> None: ...
+
+
 class ClientConnection(WSListener):
     """One client's WebSocket connection; holds the sans-I/O session state."""
 
-    def __init__(self, server: RelayServer) -> None:
+    def __init__(self, server: Node) -> None:
         super().__init__()
         self.server = server
         self.services = server.services
