@@ -9,8 +9,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import IO
 
 import msgspec
 import pytest
@@ -25,6 +34,7 @@ from bastion.client import (
 )
 from bastion.errors import BastionError, ServerRefusedError, UntrustedServerError
 from tests.conftest import PASSPHRASE, Profiles, ServerProcess
+from tests.test_cli import bastion, befriend, register
 from tests.test_send_outcomes import LONG_TEXT, CuttingForwarder, make_pair
 
 pytestmark = pytest.mark.network
@@ -249,3 +259,94 @@ async def test_an_unreachable_server_is_retried_with_growing_pauses(
         ("reconnecting", 8.0, 6),
     ]
     assert all("reach" in s.reason for s in states)
+
+
+# --- bastion listen -------------------------------------------------------------------------------
+
+
+class Lines:
+    """The lines a child process writes to one of its pipes, read by a thread."""
+
+    def __init__(self, pipe: IO[str]) -> None:
+        self.queue: queue.Queue[str] = queue.Queue()
+        self.seen: list[str] = []
+        self.pipe = pipe
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+
+    def _read(self) -> None:
+        for line in self.pipe:
+            self.queue.put(line)
+
+    def close(self) -> None:
+        """Once the process ended: wait for the last lines and close the pipe."""
+        self.thread.join(timeout=10)
+        self.pipe.close()
+
+    def until(self, condition: Callable[[str], bool], what: str, wait_s: float = 30.0) -> str:
+        deadline = time.monotonic() + wait_s
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"timed out waiting for {what}; saw {self.seen}")
+            try:
+                line = self.queue.get(timeout=left)
+            except queue.Empty:
+                continue
+            self.seen.append(line)
+            if condition(line):
+                return line
+
+
+@pytest.mark.parametrize("as_json", [True, False], ids=["json", "human"])
+def test_listen_survives_a_server_restart_and_says_so(
+    server: ServerProcess, tmp_path: Path, as_json: bool
+) -> None:
+    alice = register(server, "alice", tmp_path)
+    bob = register(server, "bob", tmp_path)
+    befriend(alice, "alice", bob, "bob")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BASTION_")}
+    env["BASTION_PASSPHRASE"] = PASSPHRASE
+    command = [sys.executable, "-m", "bastion", "listen", "--profile", str(bob)]
+    listener = subprocess.Popen(
+        [*command, "--json"] if as_json else command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    assert listener.stdout is not None
+    assert listener.stderr is not None
+    out = Lines(listener.stdout)
+    err = Lines(listener.stderr)
+    try:
+        bastion("send", "bob", "before the crash", "--profile", str(alice))
+        out.until(lambda line: "before the crash" in line, "the first message")
+        server.kill()
+        if as_json:
+            line = out.until(lambda line: '"connection"' in line, "the reconnecting line")
+            lost = json.loads(line)
+            assert (lost["type"], lost["state"]) == ("connection", "reconnecting")
+            assert lost["retry_in_s"] >= 0
+            assert lost["reason"]
+        else:
+            err.until(lambda line: "reconnecting in" in line, "the reconnecting warning")
+        server.start()
+        if as_json:
+            back = out.until(lambda line: '"connected"' in line, "the connected line")
+            assert json.loads(back) == {"type": "connection", "state": "connected"}
+        else:
+            err.until(lambda line: line == "connected again\n", "the connected notice")
+        bastion("send", "bob", "after the restart", "--profile", str(alice))
+        out.until(lambda line: "after the restart" in line, "the message after the restart")
+        listener.send_signal(signal.SIGINT)
+        assert listener.wait(timeout=15) == 0
+        messages = [line for line in out.seen if "the crash" in line or "the restart" in line]
+        assert len(messages) == 2  # nothing shown twice
+        if not as_json:
+            assert all(line.startswith("warning: ") for line in err.seen[:-1])
+    finally:
+        listener.kill()
+        listener.wait()
+        out.close()
+        err.close()
