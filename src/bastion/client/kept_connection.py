@@ -17,10 +17,13 @@ sign-in:
 
 Only failures that a later attempt may heal are retried: the network, the
 server going away, a timeout, rate limiting, a server error
-(:data:`RETRIED_CODES`). Everything else ends the loop with its error, at once:
-a certificate or server name that is not the pinned one, a refused sign-in, a
-revoked device, an unknown account, a protocol version we do not speak. Never
-retrying into a server we do not trust is the point (fail closed).
+(:data:`RETRIED_CODES`), and once signed in any refusal of a request made while
+a delivery was handled (the delivery was not acknowledged and comes again).
+Everything else ends the loop with its error, at once: a certificate, server
+name or policy key that is not the pinned one, a refused sign-in, a revoked
+device, an unknown account, a protocol version we do not speak, a profile that
+cannot be read. Never retrying into a server we do not trust is the point
+(fail closed).
 """
 
 from __future__ import annotations
@@ -69,7 +72,7 @@ async def stay_connected(
     is: :meth:`Client.disconnect` or :meth:`Client.close` ends it) or an error
     that retrying cannot heal is raised: UntrustedServerError,
     AuthenticationError, ProfileError, or ServerRefusedError with a code
-    outside :data:`RETRIED_CODES`.
+    outside :data:`RETRIED_CODES` at sign-in.
     """
     policy = backoff if backoff is not None else Backoff()
     pause = sleep if sleep is not None else asyncio.sleep
@@ -99,7 +102,9 @@ async def stay_connected(
                 yield event
             reason = client.close_reason or LOST
         except Exception as exc:
-            retried = _retried(exc)
+            # Any refusal while a delivery was handled: the delivery was not acknowledged
+            # and waits on the server for the next connection.
+            retried = exc.message if isinstance(exc, ServerRefusedError) else _retried(exc)
             if retried is None:
                 await client.disconnect()
                 raise
