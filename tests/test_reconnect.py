@@ -33,9 +33,11 @@ from bastion.client import (
     outbox,
 )
 from bastion.errors import BastionError, ServerRefusedError, UntrustedServerError
+from bastion.tui.app import ChatApp
 from tests.conftest import PASSPHRASE, Profiles, ServerProcess
 from tests.test_cli import bastion, befriend, register
 from tests.test_send_outcomes import LONG_TEXT, CuttingForwarder, make_pair
+from tests.tui.support import chat_screen, online, plain, shown_texts, wait_until
 
 pytestmark = pytest.mark.network
 
@@ -350,3 +352,33 @@ def test_listen_survives_a_server_restart_and_says_so(
         listener.wait()
         out.close()
         err.close()
+
+
+# --- bastion chat ---------------------------------------------------------------------------------
+
+
+async def test_chat_says_it_is_reconnecting_and_comes_back_after_a_restart(
+    server: ServerProcess, profiles: Profiles
+) -> None:
+    alice = await profiles.register("alice")
+    bob = await profiles.register("bob")
+    await profiles.befriend("alice", "bob")
+    await bob.close()
+    app = ChatApp(profiles.path("bob"), passphrase=PASSPHRASE, reconnect_delay_s=0.1)
+
+    def status() -> str:
+        return plain(chat_screen(app).query_one("#status"))
+
+    async with app.run_test(size=(80, 24)) as pilot:
+        await wait_until(pilot, lambda: online(app), what="sign-in")
+        server.kill()
+        await wait_until(pilot, lambda: "reconnecting in" in status(), what="the offline status")
+        assert status().startswith("Bastion · bob · offline (")
+        await asyncio.to_thread(server.start)
+        await wait_until(pilot, lambda: online(app), what="sign-in after the restart")
+        await alice.connect(receive=False)
+        await alice.send_text("bob", "welcome back")
+        chat_screen(app).open_conversation("alice")
+        await wait_until(
+            pilot, lambda: shown_texts(app) == ["welcome back"], what="the message", wait_s=20
+        )
