@@ -29,10 +29,12 @@ from bastion.client import (
     Backoff,
     Client,
     ConnectionStateEvent,
+    Event,
     MessageEvent,
     outbox,
 )
 from bastion.errors import BastionError, ServerRefusedError, UntrustedServerError
+from bastion.protocol import frames
 from bastion.tui.app import ChatApp
 from tests.conftest import PASSPHRASE, Profiles, ServerProcess
 from tests.test_cli import bastion, befriend, register
@@ -382,3 +384,58 @@ async def test_chat_says_it_is_reconnecting_and_comes_back_after_a_restart(
         await wait_until(
             pilot, lambda: shown_texts(app) == ["welcome back"], what="the message", wait_s=20
         )
+
+
+async def test_a_takeover_by_another_connection_of_the_device_ends_the_loop(
+    server: ServerProcess, profiles: Profiles
+) -> None:
+    bob = await profiles.register("bob")
+    async with kept(bob) as bob_loop:
+        await until(lambda: bob_loop.up.is_set(), "sign-in")
+        await profiles.online("bob")  # `bastion inbox` on the same profile, say
+        await until(lambda: bob_loop.task.done(), "the loop to end")
+        assert isinstance(bob_loop.error, ServerRefusedError)
+        assert bob_loop.error.code == "sent_away"
+        assert "another connection" in bob_loop.error.message
+        assert [s.state for s in bob_loop.states] == ["connected"]  # not fought back
+        assert not bob.connected
+
+
+async def test_messages_whose_acknowledgement_was_lost_come_again_and_are_not_shown_twice(
+    server: ServerProcess, profiles: Profiles
+) -> None:
+    alice = await profiles.online("alice", receive=False)
+    bob = await profiles.register("bob")
+    await profiles.befriend("alice", "bob")
+    handled: list[str] = []  # per delivery: "new" or "again" (dropped as already stored)
+    process = bob.process
+
+    async def counting(deliver: frames.Deliver) -> Event | None:
+        event = await process(deliver)
+        handled.append("again" if event is None else "new")
+        return event
+
+    bob.process = counting  # type: ignore[method-assign]
+    async with kept(bob) as bob_loop:
+        await until(lambda: bob_loop.up.is_set(), "sign-in")
+        first = bob.conn
+        assert first is not None
+        send = first.send
+
+        def no_acks(frame: frames.Frame) -> None:
+            if not isinstance(frame, frames.Ack):
+                send(frame)
+
+        first.send = no_acks  # type: ignore[method-assign]
+        sent = ["one", "two", "three"]
+        for text in sent:
+            await alice.send_text("bob", text)
+        await until(lambda: bob_loop.texts == sent, "the messages")
+        await first.aclose()  # the acknowledgements never left: the server still holds them
+        await until(lambda: bob_loop.count("connected") == 2, "the reconnect")
+        await until(lambda: handled.count("again") == len(sent), "the redelivery")
+        await asyncio.sleep(0.5)
+        assert bob_loop.texts == sent  # delivered twice, shown once
+        assert handled == ["new"] * len(sent) + ["again"] * len(sent)
+        assert [r.text for r in bob.history("alice")] == sent
+        assert bob.stats().rejected == 0

@@ -24,6 +24,12 @@ name or policy key that is not the pinned one, a refused sign-in, a revoked
 device, an unknown account, a protocol version we do not speak, a profile that
 cannot be read. Never retrying into a server we do not trust is the point
 (fail closed).
+
+When the server closes the connection on purpose for this device (another
+connection of the same device signed in to receive, the device was revoked),
+the loop ends with ServerRefusedError :data:`SENT_AWAY` and the server's
+reason: signing in again would cut off the other connection, which would do
+the same, for ever. The caller decides (``bastion chat`` tries again later).
 """
 
 from __future__ import annotations
@@ -42,6 +48,8 @@ RETRIED_CODES = TRANSIENT_ERRORS
 """Refusals worth another attempt; any other code ends :func:`stay_connected`."""
 
 LOST = "the connection to the server was lost"
+SENT_AWAY = "sent_away"
+"""The code of the error that ends the loop when the server closed the connection on purpose."""
 
 
 def _retried(exc: Exception) -> str | None:
@@ -72,7 +80,7 @@ async def stay_connected(
     is: :meth:`Client.disconnect` or :meth:`Client.close` ends it) or an error
     that retrying cannot heal is raised: UntrustedServerError,
     AuthenticationError, ProfileError, or ServerRefusedError with a code
-    outside :data:`RETRIED_CODES` at sign-in.
+    outside :data:`RETRIED_CODES` at sign-in, or :data:`SENT_AWAY` (see the module).
     """
     policy = backoff if backoff is not None else Backoff()
     pause = sleep if sleep is not None else asyncio.sleep
@@ -96,19 +104,23 @@ async def stay_connected(
         yield ConnectionStateEvent(
             "connected", sent=tuple(client.flushed), failed=tuple(client.failed)
         )
-        reason = LOST
         try:
             async for event in client.receive():
                 yield event
-            reason = client.close_reason or LOST
+        except ServerRefusedError as exc:
+            reason = exc.message  # refused while a delivery was handled: it comes again
         except Exception as exc:
-            # Any refusal while a delivery was handled: the delivery was not acknowledged
-            # and waits on the server for the next connection.
-            retried = exc.message if isinstance(exc, ServerRefusedError) else _retried(exc)
+            retried = _retried(exc)
             if retried is None:
                 await client.disconnect()
                 raise
             reason = retried
+        else:
+            reason = client.close_reason or LOST
+            if client.conn is not None and client.conn.sent_away:
+                policy.disconnected(now())
+                await client.disconnect()
+                raise ServerRefusedError(SENT_AWAY, reason)
         policy.disconnected(now())
         delay = policy.next_delay()
         yield ConnectionStateEvent(

@@ -6,6 +6,7 @@ touched from that loop. Nothing here knows the wire format or the crypto.
 
 from __future__ import annotations
 
+import asyncio
 from typing import ClassVar
 
 from textual import events, on, work
@@ -59,6 +60,7 @@ from bastion.tui.widgets import (
 SEARCH_LIMIT = 5000
 NOTICES_KEPT = 200  # per conversation, for as long as the app runs
 RECONNECT_CAP_S = 30.0  # the longest pause between two connection attempts
+SENT_AWAY = "sent_away"  # the server closed the connection for another one of this device
 
 
 class ChatScreen(PeopleActions, FileActions):
@@ -485,15 +487,30 @@ class ChatScreen(PeopleActions, FileActions):
         base = self.settings.reconnect_delay_s
         backoff = Backoff(base_s=base, cap_s=max(RECONNECT_CAP_S, base))
         self.set_status("connecting…")
-        try:
-            async for event in client.stay_connected(backoff=backoff):
-                if isinstance(event, ConnectionStateEvent):
-                    await self.connection_changed(event)
-                else:
-                    self.handle(event)
-        except BastionError as exc:
-            self.set_status("not connected")
-            self.notify(f"Not connecting: {exc}", severity="error", timeout=30, markup=False)
+        while True:
+            try:
+                async for event in client.stay_connected(backoff=backoff):
+                    if isinstance(event, ConnectionStateEvent):
+                        await self.connection_changed(event)
+                    else:
+                        self.handle(event)
+            except ServerRefusedError as exc:
+                if exc.code != SENT_AWAY:
+                    self.not_connecting(exc)
+                    return
+                # Another connection of this device took over (another bastion command on
+                # this profile): come back after a pause, which grows if it keeps happening.
+                delay = backoff.next_delay()
+                self.set_status(f"offline ({exc}); reconnecting in {delay:.1f} s")
+                await asyncio.sleep(delay)
+            except BastionError as exc:
+                self.not_connecting(exc)
+                return
+
+    def not_connecting(self, exc: BastionError) -> None:
+        """The connection cannot come back by trying again: say why, and stop."""
+        self.set_status("not connected")
+        self.notify(f"Not connecting: {exc}", severity="error", timeout=30, markup=False)
 
     async def connection_changed(self, event: ConnectionStateEvent) -> None:
         """Show the connection's state; once signed in, catch up on what the server knows."""
