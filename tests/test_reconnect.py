@@ -439,3 +439,65 @@ async def test_messages_whose_acknowledgement_was_lost_come_again_and_are_not_sh
         assert handled == ["new"] * len(sent) + ["again"] * len(sent)
         assert [r.text for r in bob.history("alice")] == sent
         assert bob.stats().rejected == 0
+
+
+async def test_texts_written_while_the_server_is_down_are_queued_and_sent_in_order_when_back(
+    server: ServerProcess, profiles: Profiles
+) -> None:
+    alice = await profiles.register("alice")
+    bob = await profiles.register("bob")
+    await profiles.befriend("alice", "bob")
+    async with kept(alice) as alice_loop, kept(bob) as bob_loop:
+        await until(lambda: alice_loop.up.is_set() and bob_loop.up.is_set(), "sign-in")
+        await alice.send_text("bob", "before")
+        server.kill()
+        await until(lambda: not alice_loop.up.is_set(), "alice to notice")
+        with pytest.raises(ServerRefusedError):
+            await alice.send_text("bob", "not connected: refused at once, nothing kept")
+        written = [outbox.queue_text(alice, "bob", f"offline {i}") for i in range(3)]
+        assert [r.state for r in written] == ["queued"] * 3
+        assert outbox.queued_messages(alice) == written
+        assert [r.text for r in alice.history("bob")] == [
+            "before",
+            "offline 0",
+            "offline 1",
+            "offline 2",
+        ]
+        await asyncio.sleep(0.3)
+        assert outbox.queued_messages(alice) == written  # still waiting while down
+
+        await asyncio.to_thread(server.start)
+        await until(lambda: alice_loop.up.is_set(), "alice to come back")
+        back = alice_loop.states[-1]
+        assert [(r.id, r.state) for r in back.sent] == [(r.id, "sent") for r in written]
+        assert outbox.queued_messages(alice) == []
+        assert outbox.kept_messages(alice) == []
+        expected = ["before", "offline 0", "offline 1", "offline 2"]
+        await until(lambda: bob_loop.texts == expected, "the queued messages at bob")
+        await asyncio.sleep(1.0)
+        assert bob_loop.texts == expected
+        assert [(r.text, r.state) for r in alice.history("bob")] == [(t, "sent") for t in expected]
+
+
+async def test_a_queued_text_to_a_changed_key_is_marked_failed_not_sent(
+    server: ServerProcess, profiles: Profiles
+) -> None:
+    alice = await profiles.register("alice")
+    await profiles.register("bob")
+    await profiles.befriend("alice", "bob")
+    await alice.connect(receive=False)
+    await alice.devices_of("bob")  # pins bob's key
+    record = outbox.queue_text(alice, "bob", "for the old key")
+    contact = alice.contact("bob")
+    assert contact is not None
+    with alice.profile.transaction():  # as if the key changed after the text was written
+        alice.profile.put(
+            "contact:bob",
+            msgspec.structs.replace(contact, trust="changed", pending_key=b"\x01" * 32),
+        )
+    sent, failed = await outbox.send_queued(alice)
+    assert sent == []
+    assert [(r.id, r.state) for r in failed] == [(record.id, "failed")]
+    assert "account key has changed" in failed[0].reason
+    assert outbox.queued_messages(alice) == []
+    assert outbox.kept_messages(alice) == []

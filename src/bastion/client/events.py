@@ -56,8 +56,9 @@ class ConnectionStateEvent:
     """The kept connection came up, or was lost and is tried again (see ``stay_connected``).
 
     Not an :data:`Event` of the conversation: only ``stay_connected`` yields it.
-    ``connected``: signed in and receiving; ``sent`` are kept messages the server
-    confirmed as the connection opened, ``failed`` kept ones it refused for good.
+    ``connected``: signed in and receiving; ``sent`` are kept and queued messages
+    the server confirmed as the connection opened, ``failed`` those that cannot
+    go out (refused for good, or the recipient's key changed).
     ``reconnecting``: the next attempt comes after ``retry_in_s`` seconds;
     ``reason`` says what went wrong (never message content), ``attempt`` counts
     the attempts since the last connection that stayed up.

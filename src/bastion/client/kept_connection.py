@@ -13,7 +13,8 @@ sign-in:
   is recognised by its queue position and ciphertext and dropped silently,
   and a message id seen before is refused as a replay;
 - messages kept in the outbox (sent, but the server's answer never came) go out
-  again under their own id as the connection opens, and the server stores them once.
+  again under their own id as the connection opens, and the server stores them once;
+  then the texts queued while offline go out, in order (:mod:`bastion.client.outbox`).
 
 Only failures that a later attempt may heal are retried: the network, the
 server going away, a timeout, rate limiting, a server error
@@ -38,6 +39,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
+from bastion.client import outbox
 from bastion.client._util import TRANSIENT_ERRORS
 from bastion.client.client import Client
 from bastion.client.events import ConnectionStateEvent, Event
@@ -101,8 +103,12 @@ async def stay_connected(
             await pause(delay)
             continue
         policy.connected(now())
+        # Kept messages went out as the connection opened; queued ones go out now, after them.
+        queued_sent, queued_failed = await outbox.send_queued(client)
         yield ConnectionStateEvent(
-            "connected", sent=tuple(client.flushed), failed=tuple(client.failed)
+            "connected",
+            sent=(*client.flushed, *queued_sent),
+            failed=(*client.failed, *queued_failed),
         )
         try:
             async for event in client.receive():
