@@ -465,6 +465,8 @@ async def test_texts_written_while_the_server_is_down_are_queued_and_sent_in_ord
         ]
         await asyncio.sleep(0.3)
         assert outbox.queued_messages(alice) == written  # still waiting while down
+        listed = bastion("outbox", "--profile", str(profiles.path("alice"))).stdout
+        assert listed.count("[queued: goes out when the server can be reached]") == 3
 
         await asyncio.to_thread(server.start)
         await until(lambda: alice_loop.up.is_set(), "alice to come back")

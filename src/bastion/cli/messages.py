@@ -170,7 +170,7 @@ def report_kept(args: argparse.Namespace, record: HistoryRecord) -> int:
 
 async def cmd_outbox(args: argparse.Namespace) -> int:
     async def work(client: Client) -> int:
-        for record in outbox.kept_messages(client):
+        for record in [*outbox.kept_messages(client), *outbox.queued_messages(client)]:
             if args.json:
                 print(json.dumps(message_json(record, verified=False)))
             else:
