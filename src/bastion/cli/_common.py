@@ -214,6 +214,8 @@ def format_message(record: HistoryRecord) -> str:
         line += f"  [NOT SENT: {escape_text(record.reason or 'refused by the server')}]"
     elif record.direction == "out" and record.state == "pending":
         line += "  [kept: goes out on the next connection]"
+    elif record.direction == "out" and record.state == "queued":
+        line += "  [queued: goes out when the server can be reached]"
     return line
 
 

@@ -27,6 +27,7 @@ from bastion.cli._common import (
 )
 from bastion.client import (
     Client,
+    ConnectionStateEvent,
     Event,
     HistoryRecord,
     MessageEvent,
@@ -169,7 +170,7 @@ def report_kept(args: argparse.Namespace, record: HistoryRecord) -> int:
 
 async def cmd_outbox(args: argparse.Namespace) -> int:
     async def work(client: Client) -> int:
-        for record in outbox.kept_messages(client):
+        for record in [*outbox.kept_messages(client), *outbox.queued_messages(client)]:
             if args.json:
                 print(json.dumps(message_json(record, verified=False)))
             else:
@@ -199,11 +200,17 @@ async def cmd_listen(args: argparse.Namespace) -> int:
         receipts.enable(client)
 
         async def pump() -> None:
-            async for event in client.receive():
-                print_event(event, args.json, server_url=client.account.server_url)
+            lost = False  # the connection was lost since listen started
+            async for event in client.stay_connected():
+                if not isinstance(event, ConnectionStateEvent):
+                    print_event(event, args.json, server_url=client.account.server_url)
+                    continue
+                if event.state == "reconnecting" or lost:
+                    report_connection(args, event)
+                lost = event.state == "reconnecting" or lost
+                if event.state == "connected":
+                    await print_presence(client, args)
 
-        for snapshot in await presence.watch(client):
-            print_event(snapshot, args.json)
         pump_task = asyncio.create_task(pump())
         stop_task = asyncio.create_task(stop.wait())
         done, _ = await asyncio.wait({pump_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
@@ -214,12 +221,44 @@ async def cmd_listen(args: argparse.Namespace) -> int:
         if pump_task in done and not stop.is_set():
             exc = pump_task.exception() if not pump_task.cancelled() else None
             if exc is not None:
-                raise exc
-            reason = client.close_reason or "the server closed the connection"
-            raise ServerRefusedError("disconnected", reason)
+                raise exc  # one that reconnecting cannot heal (a certificate that changed...)
         return 0
 
-    return await with_client(args, work, receive=True)
+    return await with_client(args, work, connect=False)
+
+
+async def print_presence(client: Client, args: argparse.Namespace) -> None:
+    """Ask for presence pushes on the new connection and print who is online now."""
+    try:
+        snapshots = await presence.watch(client)
+    except ServerRefusedError as exc:
+        if exc.code not in OFFLINE_CODES:
+            raise
+        return  # lost again at once: the kept connection says so and tries again
+    for snapshot in snapshots:
+        print_event(snapshot, args.json)
+
+
+def report_connection(args: argparse.Namespace, event: ConnectionStateEvent) -> None:
+    """Say that the connection was lost and when it is tried again, or that it is back.
+
+    With ``--json`` as an event line like the others (``{"type": "connection", ...}``),
+    otherwise as a warning on standard error.
+    """
+    if args.json:
+        line: dict[str, object] = {"type": "connection", "state": event.state}
+        if event.state == "reconnecting":
+            line["reason"] = event.reason
+            line["retry_in_s"] = round(event.retry_in_s, 3)
+        print(json.dumps(line), flush=True)
+    elif event.state == "reconnecting":
+        print(
+            f"warning: {escape_text(event.reason)}; reconnecting in {event.retry_in_s:.1f} s",
+            file=sys.stderr,
+            flush=True,
+        )
+    else:
+        print("connected again", file=sys.stderr, flush=True)
 
 
 async def cmd_history(args: argparse.Namespace) -> int:

@@ -27,6 +27,7 @@ from bastion.client._default import DEFAULT_FEATURES, Client, open_client
 from bastion.client._util import UNANSWERED, USERNAME_RE, check_username, now_ms
 from bastion.client.client import SendRefusedError
 from bastion.client.events import (
+    ConnectionStateEvent,
     DevicesChangedEvent,
     Event,
     FeatureEvent,
@@ -36,14 +37,17 @@ from bastion.client.events import (
 )
 from bastion.client.feature import ClientCore, Feature, Hooks
 from bastion.client.passphrase import check_new_passphrase, weakness
+from bastion.client.reconnect import Backoff
 from bastion.client.records import ContactRecord, HistoryRecord
 
 __all__ = [
     "DEFAULT_FEATURES",
     "UNANSWERED",
     "USERNAME_RE",
+    "Backoff",
     "Client",
     "ClientCore",
+    "ConnectionStateEvent",
     "ContactRecord",
     "DevicesChangedEvent",
     "Event",

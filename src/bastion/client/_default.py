@@ -7,7 +7,7 @@ importing the package that exports it.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 
 from bastion.client import client as core
@@ -21,8 +21,11 @@ from bastion.client import (
     receipts,
     verification,
 )
+from bastion.client.events import ConnectionStateEvent, Event
 from bastion.client.feature import Feature
+from bastion.client.kept_connection import stay_connected
 from bastion.client.profile import Profile
+from bastion.client.reconnect import Backoff
 from bastion.client.records import AccountInfo
 
 # In the order they are installed (the order of today's hooks: policy checks on connect).
@@ -49,6 +52,20 @@ class Client(core.Client):
         features: Sequence[Feature] = DEFAULT_FEATURES,
     ) -> None:
         super().__init__(profile, account, features=features)
+
+    def stay_connected(
+        self,
+        *,
+        backoff: Backoff | None = None,
+        sleep: Callable[[float], Awaitable[object]] | None = None,
+        clock: Callable[[], float] | None = None,
+    ) -> AsyncIterator[Event | ConnectionStateEvent]:
+        """Connect, receive, and reconnect with backoff when the connection is lost.
+
+        See :func:`bastion.client.kept_connection.stay_connected` (what is
+        retried, what ends it, and why nothing is lost or shown twice).
+        """
+        return stay_connected(self, backoff=backoff, sleep=sleep, clock=clock)
 
 
 def open_client(path: Path, passphrase: str) -> Client:

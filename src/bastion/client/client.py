@@ -60,6 +60,16 @@ from bastion.protocol.auth import register_message, signin_message
 ONE_TIME_KEY_TARGET = 40
 ONE_TIME_KEY_LOW = 15
 RETRY_LOOKBACK = 50  # how far back a retry looks for the failed copy it replaces
+MAX_TEXT_CHARS = 16_000
+
+
+def check_text(text: str) -> str:
+    """Return ``text`` if it can be sent as a message; raise ValueError saying why not."""
+    if not text:
+        raise ValueError("the message is empty")
+    if len(text) > MAX_TEXT_CHARS:
+        raise ValueError("the message is longer than 16,000 characters")
+    return text
 
 
 def _envelope_key(deliver: frames.Deliver) -> str:
@@ -487,17 +497,18 @@ class Client:
 
     # --- sending ------------------------------------------------------------------------------
 
-    async def send_text(self, to: str, text: str) -> HistoryRecord:
+    async def send_text(
+        self, to: str, text: str, *, message_id: bytes | None = None
+    ) -> HistoryRecord:
         """Encrypt ``text`` to every device of ``to`` (and our other devices) and send it.
 
-        Returns once the server has stored it durably. Raises ValueError for bad
-        input, KeyChangedError if ``to``'s account key changed, ServerRefusedError.
+        Returns once the server has stored it durably. ``message_id`` is that of
+        a history entry written earlier (a message queued while offline); by
+        default a new one. Raises ValueError for bad input, KeyChangedError if
+        ``to``'s account key changed, ServerRefusedError.
         """
-        if not text:
-            raise ValueError("the message is empty")
-        if len(text) > 16_000:
-            raise ValueError("the message is longer than 16,000 characters")
-        return await self.send_payload(to, "text", text)
+        check_text(text)
+        return await self.send_payload(to, "text", text, message_id=message_id)
 
     async def send_payload(
         self,
@@ -507,6 +518,7 @@ class Client:
         *,
         history: bool = True,
         group_id: bytes | None = None,
+        message_id: bytes | None = None,
     ) -> HistoryRecord:
         """Encrypt a signed payload of ``kind`` to every device of ``to`` and our others.
 
@@ -514,7 +526,8 @@ class Client:
         contact notes, file offers...) are handled by whoever registered a
         handler for that kind on the receiving side. ``group_id`` sends a room key
         of that group on its room-key path (members need not be contacts; the
-        receiver accepts nothing but a room key that way). Raises like :meth:`send_text`.
+        receiver accepts nothing but a room key that way). ``message_id`` as for
+        :meth:`send_text`. Raises like :meth:`send_text`.
         """
         check_username(to)
         if to == self.account.username:
@@ -522,7 +535,9 @@ class Client:
         contact = self.contact(to)
         if contact is not None and contact.trust == "changed":
             raise KeyChangedError(to)
-        message_id = (self._failed_copy(to, body) if history else None) or secrets.token_bytes(16)
+        if message_id is None:
+            retried = self._failed_copy(to, body) if history else None
+            message_id = retried or secrets.token_bytes(16)
         for attempt in range(2):
             theirs = await self.devices_of(to)
             if not theirs:

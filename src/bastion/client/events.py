@@ -8,7 +8,7 @@ through its own ``to_json`` and ``describe``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from bastion.client.records import HistoryRecord
 
@@ -49,6 +49,27 @@ class DevicesChangedEvent:
     at: int
     certified_at: tuple[int, ...] = ()  # when each added device was certified, in order
     own_account: bool = False  # the devices of this device's own account changed
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionStateEvent:
+    """The kept connection came up, or was lost and is tried again (see ``stay_connected``).
+
+    Not an :data:`Event` of the conversation: only ``stay_connected`` yields it.
+    ``connected``: signed in and receiving; ``sent`` are kept and queued messages
+    the server confirmed as the connection opened, ``failed`` those that cannot
+    go out (refused for good, or the recipient's key changed).
+    ``reconnecting``: the next attempt comes after ``retry_in_s`` seconds;
+    ``reason`` says what went wrong (never message content), ``attempt`` counts
+    the attempts since the last connection that stayed up.
+    """
+
+    state: Literal["connected", "reconnecting"]
+    reason: str = ""
+    retry_in_s: float = 0.0
+    attempt: int = 0
+    sent: tuple[HistoryRecord, ...] = ()
+    failed: tuple[HistoryRecord, ...] = ()
 
 
 class FeatureEvent:

@@ -53,7 +53,7 @@ class HistoryRecord(msgspec.Struct, frozen=True, kw_only=True):
     sent_at: int
     server_ts: int
     direction: str  # in | out
-    state: str  # pending | sent | delivered | received | failed
+    state: str  # queued | pending | sent | delivered | received | failed
     reason: str = ""  # why a failed message was refused (the server's words)
 
 

@@ -71,6 +71,7 @@ class _Listener(WSListener):
     def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
         if frame.msg_type is WSMsgType.CLOSE:
             self.conn.close_reason = frame.get_close_reason() or "closed by the server"
+            self.conn.sent_away = frame.get_close_code() == WSCloseCode.POLICY_VIOLATION
             transport.send_close(WSCloseCode.OK)
             transport.disconnect()
             return
@@ -95,6 +96,9 @@ class ServerConnection:
         self.pin_given = False  # the user gave ``pin`` for a new profile (see ``open``)
         self.fingerprint: str | None = None
         self.close_reason: str | None = None
+        # The server closed this connection on purpose, for this device (another connection
+        # of it signed in, it was revoked, it misbehaved), not because it is going away.
+        self.sent_away = False
         self.incoming: asyncio.Queue[Incoming | _Closed] = asyncio.Queue()
         self._transport: WSTransport | None = None
         self._pending: dict[int, asyncio.Future[frames.ServerFrame]] = {}

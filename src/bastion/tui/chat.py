@@ -17,6 +17,8 @@ from textual.widgets import Footer, Input, Label, ListView, ProgressBar
 
 from bastion.client import (
     UNANSWERED,
+    Backoff,
+    ConnectionStateEvent,
     DevicesChangedEvent,
     Event,
     FeatureEvent,
@@ -33,13 +35,7 @@ from bastion.client import (
     receipts,
     verification,
 )
-from bastion.errors import (
-    AuthenticationError,
-    BastionError,
-    KeyChangedError,
-    ServerRefusedError,
-    UntrustedServerError,
-)
+from bastion.errors import BastionError, KeyChangedError, ServerRefusedError
 from bastion.tui.base import PAGE
 from bastion.tui.conversations import (
     GROUP_PREFIX,
@@ -63,6 +59,8 @@ from bastion.tui.widgets import (
 
 SEARCH_LIMIT = 5000
 NOTICES_KEPT = 200  # per conversation, for as long as the app runs
+RECONNECT_CAP_S = 30.0  # the longest pause between two connection attempts
+SENT_AWAY = "sent_away"  # the server closed the connection for another one of this device
 
 
 class ChatScreen(PeopleActions, FileActions):
@@ -478,39 +476,56 @@ class ChatScreen(PeopleActions, FileActions):
 
     @work(exclusive=True, group="network")
     async def stay_connected(self) -> None:
-        """Sign in, receive until the connection ends, and sign in again after a pause."""
+        """Sign in, receive, and sign in again after a lost connection, with growing pauses.
+
+        The pauses start at the ``reconnect_delay_s`` setting and grow to a cap
+        (:class:`~bastion.client.Backoff`). A server that is not the pinned one,
+        or a refused sign-in, stops it: never retried into (fail closed).
+        """
         client = self.client
         receipts.enable(client)  # tell contacts when their messages arrived
+        base = self.settings.reconnect_delay_s
+        backoff = Backoff(base_s=base, cap_s=max(RECONNECT_CAP_S, base))
+        self.set_status("connecting…")
         while True:
-            await client.disconnect()
-            self.set_status("connecting…")
             try:
-                await client.connect(receive=True)
-            except (UntrustedServerError, AuthenticationError) as exc:
-                self.set_status("not connected")
-                self.notify(f"Not connecting: {exc}", severity="error", timeout=30)
-                return  # fail closed: never retry into a server we do not trust
-            except (BastionError, OSError) as exc:
-                self.set_status(f"offline ({exc}); retrying")
-                await asyncio.sleep(self.settings.reconnect_delay_s)
-                continue
-            self.set_status("online")
-            await self.sync_contacts()
-            self.add_groups()
-            self.open_latest()
-            for record in client.failed:
-                self.add_notice(record.peer, f"A message to {record.peer} could not be sent.")
-            for record in client.flushed:  # kept messages the server has now confirmed
-                if record.peer == self.current:
-                    self.add_line(record)
-            try:
-                async for event in client.receive():
-                    self.handle(event)
-            except (BastionError, OSError) as exc:
-                self.set_status(f"offline ({exc}); reconnecting")
-            else:
-                self.set_status("offline; reconnecting")
-            await asyncio.sleep(self.settings.reconnect_delay_s)
+                async for event in client.stay_connected(backoff=backoff):
+                    if isinstance(event, ConnectionStateEvent):
+                        await self.connection_changed(event)
+                    else:
+                        self.handle(event)
+            except ServerRefusedError as exc:
+                if exc.code != SENT_AWAY:
+                    self.not_connecting(exc)
+                    return
+                # Another connection of this device took over (another bastion command on
+                # this profile): come back after a pause, which grows if it keeps happening.
+                delay = backoff.next_delay()
+                self.set_status(f"offline ({exc}); reconnecting in {delay:.1f} s")
+                await asyncio.sleep(delay)
+            except BastionError as exc:
+                self.not_connecting(exc)
+                return
+
+    def not_connecting(self, exc: BastionError) -> None:
+        """The connection cannot come back by trying again: say why, and stop."""
+        self.set_status("not connected")
+        self.notify(f"Not connecting: {exc}", severity="error", timeout=30, markup=False)
+
+    async def connection_changed(self, event: ConnectionStateEvent) -> None:
+        """Show the connection's state; once signed in, catch up on what the server knows."""
+        if event.state == "reconnecting":
+            self.set_status(f"offline ({event.reason}); reconnecting in {event.retry_in_s:.1f} s")
+            return
+        self.set_status("online")
+        await self.sync_contacts()
+        self.add_groups()
+        self.open_latest()
+        for record in event.failed:
+            self.add_notice(record.peer, f"A message to {record.peer} could not be sent.")
+        for record in event.sent:  # kept messages the server has now confirmed
+            if record.peer == self.current:
+                self.add_line(record)
 
     def handle(self, event: Event) -> None:
         """Show one event from the client library."""
