@@ -341,7 +341,7 @@ NO_IO = (
     "bastion.server.core",
     "bastion.ratelimit",
 )
-FRONT_ENDS = ("bastion.cli", "bastion.tui")
+FRONT_ENDS = ("bastion.cli", "bastion.tui", "bastion.gateway")
 # What a front end may import besides the client's public API and each other.
 FRONT_END_ALLOWED = ("bastion", "bastion.errors", "bastion.display")
 # The two operator commands run or inspect a server; they load it on use.

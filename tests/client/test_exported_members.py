@@ -12,6 +12,7 @@ import bastion.client
 
 EXPECTED = [
     "DEFAULT_FEATURES",
+    "SENT_AWAY",
     "UNANSWERED",
     "USERNAME_RE",
     "Backoff",

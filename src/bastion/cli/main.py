@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Sequence
 from typing import Any, Protocol
 
 from bastion import __version__
-from bastion.cli import admin, chat, contacts, files, groups, identity, messages, server
+from bastion.cli import admin, chat, contacts, files, gateway, groups, identity, messages, server
 from bastion.cli._common import EXIT_INTERRUPTED, Subcommands, print_error, set_hint_profile
 from bastion.errors import BastionError
 
@@ -45,6 +45,7 @@ COMMANDS: tuple[CommandModule, ...] = (
     files,
     groups,
     chat,
+    gateway,
     admin,
 )
 

@@ -36,12 +36,14 @@ from bastion.client.events import (
     WarningEvent,
 )
 from bastion.client.feature import ClientCore, Feature, Hooks
+from bastion.client.kept_connection import SENT_AWAY
 from bastion.client.passphrase import check_new_passphrase, weakness
 from bastion.client.reconnect import Backoff
 from bastion.client.records import ContactRecord, HistoryRecord
 
 __all__ = [
     "DEFAULT_FEATURES",
+    "SENT_AWAY",
     "UNANSWERED",
     "USERNAME_RE",
     "Backoff",

@@ -1,0 +1,106 @@
+"""``bastion gateway``: run the profile's gateway in the foreground (see :mod:`bastion.gateway`)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+import sys
+from pathlib import Path
+
+from bastion.cli._common import Subcommands, passphrase, profile_dir
+from bastion.client import Client
+from bastion.errors import ConfigError
+from bastion.gateway import daemon, unlock
+from bastion.gateway.daemon import GatewayOptions, Ready
+from bastion.gateway.notify import Notifier
+
+
+def options_from(args: argparse.Namespace) -> GatewayOptions:
+    """The doors and switches asked for on the command line."""
+    tls: tuple[Path, Path] | None = None
+    if args.tls_cert or args.tls_key:
+        if not (args.tls_cert and args.tls_key):
+            raise ConfigError("--tls-cert and --tls-key go together")
+        tls = (Path(args.tls_cert), Path(args.tls_key))
+    return GatewayOptions(
+        http_host=args.http_host,
+        http_port=args.http,
+        http_tls=tls,
+        irc_host=args.irc_host,
+        irc_port=args.irc,
+        notify=not args.no_notify,
+    )
+
+
+async def cmd_gateway(args: argparse.Namespace) -> int:
+    options = options_from(args)
+    folder = profile_dir(args)
+    if daemon.gateway_running(folder):
+        raise ConfigError("a gateway is already running for this profile")
+    secret = unlock.passphrase_for(folder, use_keyring=args.keyring, ask=passphrase)
+    client = Client.open(folder, secret)
+    if args.keyring:
+        unlock.remember(folder, secret)
+    del secret
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+
+    def ready(where: Ready) -> None:
+        if args.json:
+            print(json.dumps(where.to_json()), flush=True)
+            return
+        print(f"gateway for {client.account.username} ready", flush=True)
+        print(f"  socket: {where.socket}", flush=True)
+        if where.http:
+            print(f"  http:   {where.http} (token in {folder / 'gateway.token'})", flush=True)
+        if where.irc:
+            print(f"  irc:    {where.irc} (password: the token)", flush=True)
+
+    notifier = None
+    if options.notify:
+        notifier = Notifier(client.account.username)
+    try:
+        await daemon.run(
+            client,
+            options,
+            stop=stop,
+            on_ready=ready,
+            on_event=notifier.show if notifier is not None else (lambda event: None),
+        )
+    finally:
+        await client.close()
+        if notifier is not None:
+            await notifier.close()
+    print("gateway stopped", file=sys.stderr, flush=True)
+    return 0
+
+
+def add_commands(sub: Subcommands, common: argparse.ArgumentParser) -> None:
+    """Register ``bastion gateway`` on the main parser."""
+    gw = sub.add_parser(
+        "gateway",
+        parents=[common],
+        help="run this profile's gateway: one connection for every local program",
+        description=(
+            "Unlock the profile once, stay connected, and serve local programs: JSON-RPC on "
+            "a Unix socket in the profile folder (the bastion commands use it), and, when "
+            "asked for, JSON-RPC over HTTP and WebSocket and an IRC server on 127.0.0.1."
+        ),
+    )
+    gw.add_argument("--http", type=int, metavar="PORT", help="serve JSON-RPC over HTTP/WebSocket")
+    gw.add_argument("--http-host", default="127.0.0.1", help="address of the HTTP door")
+    gw.add_argument("--tls-cert", help="certificate for an HTTP door off the loopback")
+    gw.add_argument("--tls-key", help="private key for --tls-cert")
+    gw.add_argument("--irc", type=int, metavar="PORT", help="serve IRC (e.g. 6667)")
+    gw.add_argument("--irc-host", default="127.0.0.1", help="address of the IRC door (loopback)")
+    gw.add_argument(
+        "--keyring",
+        action="store_true",
+        help="take the passphrase from the OS keyring, and keep it there once it unlocks",
+    )
+    gw.add_argument("--no-notify", action="store_true", help="no desktop notifications")
+    gw.set_defaults(run=cmd_gateway)
