@@ -24,6 +24,8 @@ def options_from(args: argparse.Namespace) -> GatewayOptions:
         if not (args.tls_cert and args.tls_key):
             raise ConfigError("--tls-cert and --tls-key go together")
         tls = (Path(args.tls_cert), Path(args.tls_key))
+    if not 0 < args.reconnect_delay <= 30:
+        raise ConfigError("--reconnect-delay is more than 0 and at most 30 seconds")
     return GatewayOptions(
         http_host=args.http_host,
         http_port=args.http,
@@ -31,6 +33,7 @@ def options_from(args: argparse.Namespace) -> GatewayOptions:
         irc_host=args.irc_host,
         irc_port=args.irc,
         notify=not args.no_notify,
+        reconnect_delay_s=args.reconnect_delay,
     )
 
 
@@ -101,6 +104,13 @@ def add_commands(sub: Subcommands, common: argparse.ArgumentParser) -> None:
         "--keyring",
         action="store_true",
         help="take the passphrase from the OS keyring, and keep it there once it unlocks",
+    )
+    gw.add_argument(
+        "--reconnect-delay",
+        type=float,
+        default=1.0,
+        metavar="SECONDS",
+        help="first pause after a lost connection (it doubles, with jitter, up to 30 s)",
     )
     gw.add_argument("--no-notify", action="store_true", help="no desktop notifications")
     gw.set_defaults(run=cmd_gateway)

@@ -66,6 +66,7 @@ class GatewayOptions:
     irc_host: str = "127.0.0.1"
     irc_port: int | None = None  # None: no IRC door
     notify: bool = False
+    reconnect_delay_s: float = 1.0  # the first pause after a lost connection; it grows to 30 s
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,7 +144,9 @@ async def run(
         for door in doors:
             await door.start()
             opened.append(door)
-        keeper = asyncio.create_task(keep_connected(ctx, on_event))
+        keeper = asyncio.create_task(
+            keep_connected(ctx, on_event, Backoff(base_s=options.reconnect_delay_s))
+        )
         on_ready(Ready(socket=opened[0].address, http=http, irc=irc))
         stopper = asyncio.create_task(stop.wait())
         await asyncio.wait({keeper, stopper}, return_when=asyncio.FIRST_COMPLETED)
@@ -176,12 +179,14 @@ def publish(ctx: GatewayContext, event: dict[str, Any]) -> None:
 
 
 async def keep_connected(
-    ctx: GatewayContext, on_event: Callable[[dict[str, Any]], None] = lambda event: None
+    ctx: GatewayContext,
+    on_event: Callable[[dict[str, Any]], None] = lambda event: None,
+    backoff: Backoff | None = None,
 ) -> None:
     """Receive for ever, reconnecting as needed; publish each event and each change of state."""
     client = ctx.client
     receipts.enable(client)
-    backoff = Backoff()
+    backoff = backoff if backoff is not None else Backoff()
 
     def out(event: dict[str, Any]) -> None:
         publish(ctx, event)

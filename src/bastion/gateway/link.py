@@ -71,14 +71,20 @@ class GatewayLink:
 
     async def call(self, method: str, **params: Any) -> Any:
         """Call ``method`` and return its result; raises GatewayError (or its Bastion kin)."""
+        if self._task.done():
+            raise GatewayError("gateway_gone", "the gateway closed the connection")
         req_id = next(self._ids)
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._waiting[req_id] = future
         line = json.dumps({"jsonrpc": "2.0", "id": req_id, "method": method, "params": params})
         if len(line) > MAX_REQUEST_BYTES:
             raise ValueError("the request is too long for the gateway")
-        self._writer.write(line.encode() + b"\n")
-        await self._writer.drain()
+        try:
+            self._writer.write(line.encode() + b"\n")
+            await self._writer.drain()
+        except ConnectionError:
+            self._waiting.pop(req_id, None)
+            raise GatewayError("gateway_gone", "the gateway closed the connection") from None
         answer = await future
         if "error" in answer:
             raise error_of(answer["error"])
