@@ -208,11 +208,12 @@ async def test_the_gateway_refuses_to_reconnect_to_a_server_that_is_not_the_pinn
             impostor = ServerProcess(tmp_path / "impostor", server.port)
             impostor.start()  # same address, another certificate
             try:
-                assert gw.proc is not None
-                await until(lambda: gw.proc.poll() is not None, "the gateway to stop", wait_s=60)
+                proc = gw.proc
+                assert proc is not None
+                await until(lambda: proc.poll() is not None, "the gateway to stop", wait_s=60)
             finally:
                 impostor.kill()
-        assert gw.proc.returncode == 1
+        assert proc.returncode == 1
         assert "certificate" in gw.log_text() or "pinned" in gw.log_text()
         assert not paths.socket_path(alice).exists()
         with pytest.raises(GatewayError):

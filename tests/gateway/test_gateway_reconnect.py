@@ -106,10 +106,11 @@ async def test_messages_written_while_the_server_is_down_are_queued_then_sent_in
             await until(lambda: len(bob_events.texts_in()) >= 3, "the queued messages at bob")
             assert bob_events.texts_in() == ["offline 0", "offline 1", "offline 2"]
             for q in queued:
-                event = await alice_events.wait_for(
-                    lambda e, i=q["id"]: e.get("id") == i and e.get("state") == "sent",
-                    "marked sent",
-                )
+
+                def marked_sent(e: dict[str, Any], i: str = q["id"]) -> bool:
+                    return bool(e.get("id") == i and e.get("state") == "sent")
+
+                event = await alice_events.wait_for(marked_sent, "marked sent")
                 assert event["text"].startswith("offline")
             await until(lambda: len(alice_events.of("delivered")) >= 1, "delivered receipts")
             await until(
