@@ -30,10 +30,18 @@ class GatewayProcess:
         self.ready: dict[str, Any] = {}
         self.log_path = profile.parent / f"{profile.name}-gateway.log"
 
-    def start(self, *, wait_s: float = 30.0, env: dict[str, str] | None = None) -> dict[str, Any]:
+    def start(
+        self,
+        *,
+        wait_s: float = 30.0,
+        env: dict[str, str] | None = None,
+        passphrase: str | None = PASSPHRASE,
+    ) -> dict[str, Any]:
         """Start it and wait for its ``gateway_ready`` line; returns that line."""
         environ = {k: v for k, v in os.environ.items() if not k.startswith("BASTION_")}
-        environ.update({"BASTION_PASSPHRASE": PASSPHRASE, "PYTHONUNBUFFERED": "1"})
+        environ["PYTHONUNBUFFERED"] = "1"
+        if passphrase is not None:
+            environ["BASTION_PASSPHRASE"] = passphrase
         environ.update(env or {})
         command = [sys.executable, "-m", "bastion", "gateway", "--json", "--no-notify"]
         args = [*command, "--profile", str(self.profile), *self.extra]
