@@ -8,6 +8,7 @@ import datetime
 import io
 import ipaddress
 import os
+import socket
 import ssl
 import stat
 from collections.abc import Awaitable, Callable, Iterator
@@ -392,5 +393,39 @@ async def test_tls_door_with_a_pinned_certificate_and_an_allowed_origin(
             with pytest.raises(aiohttp.ClientConnectorCertificateError):
                 async with http.post(ready["http"] + "/rpc", json=whoami, headers=auth) as r:
                     await r.read()
+        assert gateway.stop() == 0
     finally:
         gateway.kill()
+
+
+def test_a_certificate_that_cannot_load_is_refused_before_unlocking(tmp_path: Path) -> None:
+    (tmp_path / "door.crt").write_text("not a certificate\n")
+    (tmp_path / "door.key").write_text("not a key\n")
+    result = bastion(
+        "gateway",
+        *("--http", "0", "--tls-cert", str(tmp_path / "door.crt")),
+        *("--tls-key", str(tmp_path / "door.key"), "--profile", str(tmp_path / "nobody")),
+        passphrase=None,
+        check=False,
+    )
+    assert result.returncode == 1
+    assert "cannot be used" in result.stderr
+    assert "passphrase" not in result.stderr
+
+
+def test_a_port_in_use_stops_the_gateway_cleanly(world: World) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        result = bastion(
+            "gateway",
+            "--json",
+            "--no-notify",
+            "--http",
+            str(port),
+            "--profile",
+            str(world.carol),
+            check=False,
+        )
+    assert result.returncode == 1
+    assert f"the HTTP door cannot listen on 127.0.0.1 port {port}" in result.stderr
+    assert not (world.carol / paths.TOKEN_FILE).exists()  # a token for no gateway is not left

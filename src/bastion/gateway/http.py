@@ -239,7 +239,10 @@ class HttpDoor:
         names = [*LOOPBACK_NAMES]
         if not is_loopback(self.host):
             names.append(f"[{self.host}]" if ":" in self.host else self.host.lower())
-        self._hosts = frozenset(f"{name}:{self.port}" for name in names)
+        hosts = {f"{name}:{self.port}" for name in names}
+        if self.port == {"http": 80, "https": 443}[self.scheme]:
+            hosts.update(names)  # clients leave the scheme's default port out of Host and Origin
+        self._hosts = frozenset(hosts)
         self._own_origins = frozenset(f"{self.scheme}://{host}" for host in self._hosts)
         return self.address
 
