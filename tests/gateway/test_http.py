@@ -204,6 +204,7 @@ async def test_send_and_history_round_trip_over_http(world: World) -> None:
         assert (sent["type"], sent["to"], sent["state"]) == ("sent", "bob", "stored")
         texts = [m["text"] for m in await call("history", user="bob")]
         assert texts[-1] == "over http"
+        assert "over http" not in world.gateway.log_text()
 
         same_origin = world.auth(Origin=f"http://127.0.0.1:{world.port}")
         batch = [
@@ -267,6 +268,13 @@ async def test_websocket_token_as_subprotocol(world: World) -> None:
         await ws.send_json({"jsonrpc": "2.0", "id": "w", "method": "whoami"})
         answer = await ws.receive_json(timeout=WAIT_S)
         assert answer["result"]["user"] == "alice"
+        await ws.send_bytes(b'{"jsonrpc":"2.0","id":1,"method":"whoami"}')
+        answer = await ws.receive_json(timeout=WAIT_S)
+        assert answer["error"]["message"] == "send JSON-RPC in text frames"
+        await ws.send_str(" " * (MAX_REQUEST_BYTES + 1))
+        closing = await ws.receive(timeout=WAIT_S)
+        assert closing.type == aiohttp.WSMsgType.CLOSE
+        assert ws.close_code == aiohttp.WSCloseCode.MESSAGE_TOO_BIG
 
 
 def test_files_and_folder_are_for_the_owner_only(world: World) -> None:
