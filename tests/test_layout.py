@@ -343,7 +343,7 @@ NO_IO = (
 )
 FRONT_ENDS = ("bastion.cli", "bastion.tui", "bastion.gateway")
 # What a front end may import besides the client's public API and each other.
-FRONT_END_ALLOWED = ("bastion", "bastion.errors", "bastion.display")
+FRONT_END_ALLOWED = ("bastion", "bastion.errors", "bastion.display", "bastion.tlsprofile")
 # The two operator commands run or inspect a server; they load it on use.
 SERVER_COMMANDS = ("bastion.cli.server", "bastion.cli.admin")
 # Imports inside a function: only heavy or optional parts loaded on first use, never a way to

@@ -12,7 +12,7 @@ from pathlib import Path
 from bastion.cli._common import Subcommands, passphrase, profile_dir
 from bastion.client import Client
 from bastion.errors import ConfigError
-from bastion.gateway import daemon, unlock
+from bastion.gateway import daemon, http, unlock
 from bastion.gateway.daemon import GatewayOptions, Ready
 from bastion.gateway.notify import Notifier
 
@@ -26,10 +26,22 @@ def options_from(args: argparse.Namespace) -> GatewayOptions:
         tls = (Path(args.tls_cert), Path(args.tls_key))
     if not 0 < args.reconnect_delay <= 30:
         raise ConfigError("--reconnect-delay is more than 0 and at most 30 seconds")
+    origins = tuple(args.http_origin or ())
+    if args.http is not None:
+        # Refused here, before the passphrase is asked for and the profile opened.
+        if not 0 <= args.http <= 65535:
+            raise ConfigError(f"--http {args.http} is not a port (0 to 65535; 0: any free one)")
+        http.check_bind(args.http_host, tls)
+        if tls is not None:
+            http.server_context(tls)  # a certificate that cannot load stops us now
+        origins = tuple(http.normal_origin(origin) for origin in origins)
+    elif origins or tls:
+        raise ConfigError("--http-origin, --tls-cert and --tls-key need --http PORT")
     return GatewayOptions(
         http_host=args.http_host,
         http_port=args.http,
         http_tls=tls,
+        http_origins=origins,
         irc_host=args.irc_host,
         irc_port=args.irc,
         notify=not args.no_notify,
@@ -98,6 +110,13 @@ def add_commands(sub: Subcommands, common: argparse.ArgumentParser) -> None:
     gw.add_argument("--http-host", default="127.0.0.1", help="address of the HTTP door")
     gw.add_argument("--tls-cert", help="certificate for an HTTP door off the loopback")
     gw.add_argument("--tls-key", help="private key for --tls-cert")
+    gw.add_argument(
+        "--http-origin",
+        action="append",
+        metavar="URL",
+        help="let a browser app from this origin (e.g. https://app.example) use the HTTP door "
+        "(repeatable)",
+    )
     gw.add_argument("--irc", type=int, metavar="PORT", help="serve IRC (e.g. 6667)")
     gw.add_argument("--irc-host", default="127.0.0.1", help="address of the IRC door (loopback)")
     gw.add_argument(

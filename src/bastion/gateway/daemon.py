@@ -33,6 +33,7 @@ from bastion.client import (
 from bastion.errors import ConfigError, ServerRefusedError
 from bastion.gateway import methods, paths
 from bastion.gateway.context import GatewayContext
+from bastion.gateway.http import HttpDoor
 from bastion.gateway.rpc import Dispatcher
 from bastion.gateway.unix import UnixDoor
 
@@ -63,6 +64,7 @@ class GatewayOptions:
     http_host: str = "127.0.0.1"
     http_port: int | None = None  # None: no HTTP door; 0: any free port
     http_tls: tuple[Path, Path] | None = None  # certificate and key, required off loopback
+    http_origins: tuple[str, ...] = ()  # browser apps' origins allowed besides the door's own
     irc_host: str = "127.0.0.1"
     irc_port: int | None = None  # None: no IRC door
     notify: bool = False
@@ -84,10 +86,27 @@ class Ready:
 def build_doors(
     ctx: GatewayContext, dispatcher: Dispatcher, token: str, options: GatewayOptions
 ) -> tuple[list[Door], str | None, str | None]:
-    """The doors to open: the Unix socket always, HTTP and IRC when asked for."""
+    """The doors to open: the Unix socket always, HTTP and IRC when asked for.
+
+    Returns the doors and the URLs of the HTTP and IRC doors; the HTTP door
+    takes its port here, so ``--http 0`` tells the port it was given.
+    """
     profile_dir = ctx.client.profile.path
     doors: list[Door] = [UnixDoor(dispatcher, ctx.hub, paths.socket_path(profile_dir))]
-    return doors, None, None
+    http: str | None = None
+    if options.http_port is not None:
+        door = HttpDoor(
+            dispatcher,
+            ctx.hub,
+            token,
+            host=options.http_host,
+            port=options.http_port,
+            tls=options.http_tls,
+            origins=options.http_origins,
+        )
+        http = door.bind()
+        doors.append(door)
+    return doors, http, None
 
 
 def hold_lock(profile_dir: Path) -> int | None:
@@ -137,10 +156,11 @@ async def run(
     ctx = GatewayContext(client=client, started_at=time.monotonic())
     dispatcher = Dispatcher(methods.table(ctx))
     token = paths.new_token(profile_dir)
-    doors, http, irc = build_doors(ctx, dispatcher, token, options)
+    doors: list[Door] = []
     opened: list[Door] = []
     keeper: asyncio.Task[None] | None = None
     try:
+        doors, http, irc = build_doors(ctx, dispatcher, token, options)
         for door in doors:
             await door.start()
             opened.append(door)
@@ -163,7 +183,7 @@ async def run(
             keeper.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await keeper
-        for door in reversed(opened):
+        for door in reversed(doors):  # a door bound but never started lets go of its port too
             with contextlib.suppress(Exception):
                 await door.close()
         with contextlib.suppress(FileNotFoundError):
