@@ -106,7 +106,7 @@ async def verify_confirm(
         comparison.confirm_number(client, user, params["number"])
     else:
         image = absolute(params["qr_image"], "qr_image")
-        await asyncio.to_thread(comparison.confirm_qr_image, client, user, image)
+        comparison.confirm_qr_image(client, user, image)  # the profile is this thread's
     contact = client.contact(user)
     return safety_number_json(user, number, contact.trust if contact else "unverified")
 
@@ -293,7 +293,9 @@ async def account_export(
     file = absolute(params["file"], "file")
     if file.exists():
         raise StateError("that file exists already; the export never overwrites a file")
-    await asyncio.to_thread(devices.export_account, ctx.client, file, params["passphrase"])
+    # On the loop's thread: the profile's database belongs to it (the key derivation
+    # holds the gateway up for about a second, as the command would).
+    devices.export_account(ctx.client, file, params["passphrase"])
     return {"type": "exported", "file": str(file)}
 
 
