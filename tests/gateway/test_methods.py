@@ -158,6 +158,23 @@ async def test_unknown_method_and_bad_params_get_json_rpc_errors(world: World) -
         assert "Traceback" not in error["message"]
 
 
+async def test_a_refused_secret_is_not_quoted_back(world: World, tmp_path: Path) -> None:
+    secret = "x" * 1025  # too long for the schema
+    answer = await raw(
+        world.alice_gw,
+        {
+            "jsonrpc": "2.0",
+            "id": 4,
+            "method": "account.export",
+            "params": {"file": str(tmp_path / "export"), "passphrase": secret},
+        },
+    )
+    assert answer["error"]["code"] == rpc.INVALID_PARAMS
+    assert answer["error"]["message"].startswith("passphrase: ")
+    assert "xxxx" not in json.dumps(answer)
+    assert not (tmp_path / "export").exists()
+
+
 async def test_the_method_checks_what_the_schema_cannot(world: World) -> None:
     """Either-or params and relative paths are refused with a sentence, as invalid params."""
     for method, params, says in (
@@ -255,8 +272,9 @@ async def test_groups_from_creation_to_leaving(world: World) -> None:
             },
         )
         assert answer["error"]["code"] == rpc.APP_ERROR, answer
-        assert answer["error"]["data"]["code"]
-        assert answer["error"]["message"]
+        assert answer["error"]["data"]["code"] == "state"
+        assert "only an admin may rename" in answer["error"]["message"]
+        assert (await call(bob, "groups.show", group=group))["name"] == "Book club"
 
         promoted = await call(alice, "groups.promote", group=group, user="bob")
         assert promoted["admins"] == ["alice", "bob"]

@@ -46,7 +46,7 @@ class SasFlow:
     user: str
     answer: asyncio.Future[bool]
     codes: verification.SasCodes | None = None
-    task: asyncio.Task[None] | None = None
+    task: asyncio.Task[None] = field(init=False)  # set as it starts
 
 
 @dataclass(slots=True)
@@ -198,7 +198,6 @@ async def verify_sas_confirm(
         raise StateError("the codes are not shown yet: wait for the verification_codes event")
     if not flow.answer.done():
         flow.answer.set_result(True)
-    assert flow.task is not None
     await asyncio.wait({flow.task}, timeout=verification.STEP_TIMEOUT_S + 5)
     if not flow.task.done():
         raise MethodError(
@@ -218,7 +217,6 @@ async def verify_sas_cancel(
 ) -> dict[str, Any]:
     """Stop a verification (the codes differ, or the user gave up); nothing is marked."""
     flow = _flow(ctx, params["id"])
-    assert flow.task is not None
     if flow.codes is not None and not flow.answer.done():
         flow.answer.set_result(False)  # the other side is told the codes did not match
     else:
