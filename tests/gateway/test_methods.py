@@ -21,7 +21,7 @@ import jsonschema
 import pytest
 
 from bastion.client import devices
-from bastion.errors import KeyChangedError
+from bastion.errors import KeyChangedError, ServerRefusedError
 from bastion.gateway import paths, rpc
 from bastion.gateway.link import GatewayError, GatewayLink
 from tests.conftest import ServerProcess, free_port
@@ -495,6 +495,27 @@ async def test_accepting_a_changed_key(server: ServerProcess, tmp_path: Path) ->
             )
             assert accepted == {"type": "key_accepted", "user": "dave", "trust": "unverified"}
             assert (await call(link, "verify.number", user="dave"))["trust"] == "unverified"
+
+            # Offline: what needs the server says so clearly; what the profile holds still works.
+            server.stop()
+
+            async def reconnecting() -> bool:
+                return bool((await link.call("status"))["connection"] == "reconnecting")
+
+            await eventually(reconnecting, "the gateway to notice the server is gone")
+            for method, params in (
+                ("groups.invites", {}),
+                ("groups.create", {"name": "Offline"}),
+                ("devices.list", {}),
+                ("files.get", {"id": "00000000"}),
+            ):
+                with pytest.raises(ServerRefusedError) as gone:
+                    await link.call(method, **params)
+                assert gone.value.code == "disconnected", (method, gone.value.code)
+                assert "cannot be reached" in gone.value.message
+            assert await call(link, "groups.list") == []
+            assert await call(link, "files.list") == []
+            assert (await call(link, "server.info"))["server"] == server.url
     finally:
         gw.kill()
 
