@@ -54,6 +54,16 @@ def check_result(name: str, result: Any) -> None:
     CALLED.add(name)
 
 
+def check_events(seen: list[dict[str, Any]]) -> None:
+    """Fail unless every live event matches ``components.schemas.Event``."""
+    document = rpc.schema_document()
+    schema = {"$ref": "#/components/schemas/Event", "components": document["components"]}
+    validator = jsonschema.Draft202012Validator(schema)
+    for event in seen:
+        errors = list(validator.iter_errors(event))
+        assert not errors, f"event {event['type']} breaks the Event schema: {errors[0].message}"
+
+
 async def call(link: GatewayLink, method: str, /, **params: Any) -> Any:
     """Call ``method`` and check its result against the schema."""
     result = await link.call(method, **params)
@@ -430,6 +440,7 @@ async def test_sas_verification_as_a_multi_call_flow(world: World) -> None:
         assert stopped["type"] == "verification_cancelled"
         gone = await refused(bob, "verify.sas_confirm", id=lonely["id"])
         assert gone.code == "not_found"
+        check_events(alice_events.seen + bob_events.seen)
 
 
 async def test_devices_link_list_revoke_export_and_server_info(
@@ -466,6 +477,7 @@ async def test_devices_link_list_revoke_export_and_server_info(
         assert secret not in world.alice_gw.log_text()
         opened = await asyncio.to_thread(devices.read_export, export, secret)
         assert (opened.username, opened.server_url) == ("alice", world.server.url)
+        check_events(events.seen)
 
 
 async def test_accepting_a_changed_key(server: ServerProcess, tmp_path: Path) -> None:
@@ -481,7 +493,7 @@ async def test_accepting_a_changed_key(server: ServerProcess, tmp_path: Path) ->
     gw = GatewayProcess(alice)
     gw.start()
     try:
-        async with await gw.link() as link:
+        async with subscribed(gw) as (link, events):
             await online(link)
             with pytest.raises(KeyChangedError):
                 await link.call("send", to="dave", text="who are you?")
@@ -497,7 +509,12 @@ async def test_accepting_a_changed_key(server: ServerProcess, tmp_path: Path) ->
             assert (await call(link, "verify.number", user="dave"))["trust"] == "unverified"
 
             # Offline: what needs the server says so clearly; what the profile holds still works.
+            # A link code offered just before is reported as failed, not left waiting.
+            await call(link, "devices.link")
             server.stop()
+            failed = await events.wait_for(lambda e: e["type"] == "link_failed", "link_failed")
+            assert failed["reason"]
+            check_events(events.seen)
 
             async def reconnecting() -> bool:
                 return bool((await link.call("status"))["connection"] == "reconnecting")
