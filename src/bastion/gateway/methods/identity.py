@@ -266,7 +266,11 @@ async def devices_link(
     links.add(task)
     task.add_done_callback(links.discard)
     task.add_done_callback(_quiet)
-    code = await asyncio.wait_for(asyncio.shield(shown), 30)
+    try:
+        code = await asyncio.wait_for(asyncio.shield(shown), 30)
+    except TimeoutError:
+        task.cancel()
+        raise MethodError("timeout", "the server did not open a link slot in time") from None
     return {
         "type": "link_code",
         "code": code,
