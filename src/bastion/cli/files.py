@@ -75,17 +75,7 @@ async def cmd_file_send(args: argparse.Namespace) -> int:
                 groups.conversation(to.group_id) if isinstance(to, groups.GroupState) else to
             )
         if args.json:
-            print(
-                json.dumps(
-                    {
-                        "type": "file_sent",
-                        "id": sent.offer_id,
-                        "to": args.user,
-                        "name": sent.name,
-                        "size": sent.size,
-                    }
-                )
-            )
+            print(json.dumps(file_sent_json(sent, args.user)))
         else:
             size = files.human_size(sent.size)
             print(escape_text(f"sent {sent.name} ({size}) to {args.user}"))
@@ -94,7 +84,19 @@ async def cmd_file_send(args: argparse.Namespace) -> int:
     return await with_client(args, work)
 
 
-def _record_json(record: files.FileRecord) -> dict[str, Any]:
+def file_sent_json(sent: files.SentFile, to: str) -> dict[str, Any]:
+    """``bastion file send --json``: the offer sent to a user or a group's conversation."""
+    return {
+        "type": "file_sent",
+        "id": sent.offer_id,
+        "to": to,
+        "name": sent.name,
+        "size": sent.size,
+    }
+
+
+def file_json(record: files.FileRecord) -> dict[str, Any]:
+    """A received file's ``--json`` form (``bastion file list|get``, and the gateway's)."""
     return {
         "type": "file",
         "id": record.id,
@@ -118,7 +120,7 @@ async def cmd_file_list(args: argparse.Namespace) -> int:
         await pick_up_waiting(client, args, shown_by_list=offer)
         for record in files.list_files(client):
             if args.json:
-                print(json.dumps(_record_json(record)))
+                print(json.dumps(file_json(record)))
             else:
                 verdict = f" ({record.verdict})" if record.verdict else ""
                 line = (
@@ -157,7 +159,7 @@ async def cmd_file_get(args: argparse.Namespace) -> int:
             result = await files.get_file(client, args.id, to_dir, allow_blocked=True)
         record = result.record
         if args.json:
-            print(json.dumps(_record_json(record)))
+            print(json.dumps(file_json(record)))
         elif result.saved_to is not None and record.state == "saved":
             print(escape_text(f"clean: saved '{record.name}' as {result.saved_to}"))
         elif result.saved_to is not None:

@@ -8,12 +8,13 @@ import json
 from typing import Any
 
 from bastion.cli._common import Subcommands, iso, with_client
-from bastion.client import Client, group_invites, groups
+from bastion.client import Client, HistoryRecord, group_invites, groups
 from bastion.display import escape_text
 from bastion.errors import BastionError
 
 
-def _describe(state: groups.GroupState) -> dict[str, Any]:
+def group_json(state: groups.GroupState) -> dict[str, Any]:
+    """A group's ``--json`` form (``bastion group create|add|...|list``, and the gateway's)."""
     return {
         "type": "group",
         "group": state.group_id.hex(),
@@ -39,7 +40,7 @@ async def cmd_create(args: argparse.Namespace) -> int:
     async def work(client: Client) -> int:
         members = [m for m in (args.members or "").split(",") if m]
         state = await groups.create(client, args.name, members)
-        print(json.dumps(_describe(state)) if args.json else state.group_id.hex())
+        print(json.dumps(group_json(state)) if args.json else state.group_id.hex())
         return 0
 
     return await with_client(args, work)
@@ -54,7 +55,7 @@ async def cmd_change(args: argparse.Namespace) -> int:
             state = await groups.change(client, group, _args(args))
         _print_notices(client, args.json)
         if args.json:
-            print(json.dumps(_describe(state)))
+            print(json.dumps(group_json(state)))
         return 0
 
     return await with_client(args, work)
@@ -76,7 +77,7 @@ async def cmd_list(args: argparse.Namespace) -> int:
     async def work(client: Client) -> int:
         for state in groups.groups(client):
             if args.json:
-                print(json.dumps(_describe(state)))
+                print(json.dumps(group_json(state)))
             else:
                 count = len(state.members)
                 print(f"{state.group_id.hex()[:16]}  {escape_text(state.name)}  ({count} members)")
@@ -92,11 +93,8 @@ async def cmd_info(args: argparse.Namespace) -> int:
             client.notices.append(event)
         _print_notices(client, args.json)
         state = groups.state_of(client, group.group_id) or group
-        devices = {}
-        for user in sorted(state.members):
-            contact = client.contact(user)
-            devices[user] = [d.device_id for d in contact.devices] if contact else []
-        info = {**_describe(state), "devices": devices}
+        info = group_info_json(client, state)
+        devices: dict[str, list[str]] = info["devices"]
         if args.json:
             print(json.dumps(info))
         else:
@@ -108,6 +106,30 @@ async def cmd_info(args: argparse.Namespace) -> int:
         return 0
 
     return await with_client(args, work)
+
+
+def group_info_json(client: Client, state: groups.GroupState) -> dict[str, Any]:
+    """``bastion group info --json``: the group with each member's known devices."""
+    devices = {}
+    for user in sorted(state.members):
+        contact = client.contact(user)
+        devices[user] = [d.device_id for d in contact.devices] if contact else []
+    return {**group_json(state), "devices": devices}
+
+
+def declined_json(invite: group_invites.GroupInviteEvent) -> dict[str, Any]:
+    """``bastion group decline --json``: the invitation that was declined."""
+    return {**invite.to_json(), "type": "group_declined"}
+
+
+def group_sent_json(record: HistoryRecord) -> dict[str, Any]:
+    """``bastion send --group ... --json``: the message stored on the server for the group."""
+    return {
+        "type": "sent",
+        "id": record.id.hex(),
+        "conversation": record.conversation,
+        "server_ts": iso(record.server_ts),
+    }
 
 
 async def cmd_invites(args: argparse.Namespace) -> int:
@@ -123,7 +145,7 @@ async def cmd_accept(args: argparse.Namespace) -> int:
     async def work(client: Client) -> int:
         state = await group_invites.accept(client, args.group)
         _print_notices(client, args.json)
-        print(json.dumps(_describe(state)) if args.json else f"joined {escape_text(state.name)}")
+        print(json.dumps(group_json(state)) if args.json else f"joined {escape_text(state.name)}")
         return 0
 
     return await with_client(args, work)
@@ -133,7 +155,7 @@ async def cmd_decline(args: argparse.Namespace) -> int:
     async def work(client: Client) -> int:
         invite = await group_invites.decline(client, args.group)
         if args.json:
-            print(json.dumps({**invite.to_json(), "type": "group_declined"}))
+            print(json.dumps(declined_json(invite)))
         else:
             print(f"declined {escape_text(invite.name)}")
         return 0
@@ -152,16 +174,7 @@ async def send_to_group(args: argparse.Namespace) -> int:
         record = await groups.send_text(client, group, text)
         _print_notices(client, args.json)
         if args.json:
-            print(
-                json.dumps(
-                    {
-                        "type": "sent",
-                        "id": record.id.hex(),
-                        "conversation": record.conversation,
-                        "server_ts": iso(record.server_ts),
-                    }
-                )
-            )
+            print(json.dumps(group_sent_json(record)))
         return 0
 
     return await with_client(args, work)

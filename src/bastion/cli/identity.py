@@ -10,6 +10,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import msgspec
 
@@ -73,16 +74,7 @@ async def cmd_verify(args: argparse.Namespace) -> int:
                 Path(args.qr).write_bytes, comparison.qr_png(number.qr_payload())
             )
         if args.json:
-            print(
-                json.dumps(
-                    {
-                        "type": "safety_number",
-                        "user": args.user,
-                        "safety_number": " ".join(number.groups),
-                        "trust": state,
-                    }
-                )
-            )
+            print(json.dumps(safety_number_json(args.user, number, state)))
             return 0
         if args.confirm is not None or args.qr_image is not None:
             how = "safety number" if args.confirm is not None else "QR code"
@@ -108,26 +100,37 @@ async def cmd_verify(args: argparse.Namespace) -> int:
     return await with_client(args, work)
 
 
-def show_new_key(client: Client, args: argparse.Namespace) -> int:
-    """While a key change waits: the safety number with the new key, and how to accept it."""
-    user = args.user
+def safety_number_json(
+    user: str, number: comparison.SafetyNumber, state: str, fingerprint: str | None = None
+) -> dict[str, Any]:
+    """``bastion verify USER --json``: the number to compare, and the new key's fingerprint
+    while a key change waits."""
+    out: dict[str, Any] = {
+        "type": "safety_number",
+        "user": user,
+        "safety_number": " ".join(number.groups),
+    }
+    if fingerprint is not None:
+        out["fingerprint"] = fingerprint
+    out["trust"] = state
+    return out
+
+
+def new_key(client: Client, user: str) -> tuple[comparison.SafetyNumber, str]:
+    """While a key change waits: the safety number with the new key, and its fingerprint."""
     number = trust.pending_safety_number(client, user)
     contact = client.contact(user)
     if contact is None or contact.pending_key is None:
         raise BastionError(f"no key change is waiting for {user}")
-    fingerprint = trust.key_fingerprint(contact.pending_key)
+    return number, trust.key_fingerprint(contact.pending_key)
+
+
+def show_new_key(client: Client, args: argparse.Namespace) -> int:
+    """While a key change waits: the safety number with the new key, and how to accept it."""
+    user = args.user
+    number, fingerprint = new_key(client, user)
     if args.json:
-        print(
-            json.dumps(
-                {
-                    "type": "safety_number",
-                    "user": user,
-                    "safety_number": " ".join(number.groups),
-                    "fingerprint": fingerprint,
-                    "trust": "changed",
-                }
-            )
-        )
+        print(json.dumps(safety_number_json(user, number, "changed", fingerprint)))
         return 0
     print(f"{user}'s account key has CHANGED. Their messages wait until you decide.")
     print(f"Safety number with {user}'s NEW key (compare it with theirs, in person or by call):")
@@ -163,22 +166,23 @@ async def cmd_trust(args: argparse.Namespace) -> int:
     return await with_client(args, work, connect=False)
 
 
+def device_json(device_id: str, created_at: int, *, this_device: bool) -> dict[str, Any]:
+    """``bastion devices list --json``: one certified device of this account."""
+    return {
+        "type": "device",
+        "device": device_id,
+        "created_at": created_at,
+        "this_device": this_device,
+    }
+
+
 async def cmd_devices_list(args: argparse.Namespace) -> int:
     async def work(client: Client) -> int:
         listed = await devices.list_devices(client)
         for d in listed:
             mine = d.device_id == client.account.device_id
             if args.json:
-                print(
-                    json.dumps(
-                        {
-                            "type": "device",
-                            "device": d.device_id,
-                            "created_at": d.created_at,
-                            "this_device": mine,
-                        }
-                    )
-                )
+                print(json.dumps(device_json(d.device_id, d.created_at, this_device=mine)))
             else:
                 print(f"{escape_text(d.device_id)}{'  (this device)' if mine else ''}")
         return 0
@@ -233,21 +237,28 @@ async def cmd_link(args: argparse.Namespace) -> int:
     return 0
 
 
+def server_info_json(client: Client) -> dict[str, Any]:
+    """``bastion server-info --json``: the server's pins and its signed policy."""
+    document = policy.current(client)
+    key = policy.pinned_key(client)
+    if document is None or key is None:
+        raise BastionError("the server sent no policy")
+    account = client.account
+    return {
+        "type": "server_info",
+        "server": account.server_url,
+        "name": account.server_name,
+        "fingerprint": account.fingerprint,
+        "policy_key": policy.key_fingerprint(key),
+        "policy": msgspec.to_builtins(document),
+    }
+
+
 async def cmd_server_info(args: argparse.Namespace) -> int:
     async def work(client: Client) -> int:
-        document = policy.current(client)
-        key = policy.pinned_key(client)
-        if document is None or key is None:
-            raise BastionError("the server sent no policy")
+        info = server_info_json(client)
+        document = info["policy"]
         account = client.account
-        info = {
-            "type": "server_info",
-            "server": account.server_url,
-            "name": account.server_name,
-            "fingerprint": account.fingerprint,
-            "policy_key": policy.key_fingerprint(key),
-            "policy": msgspec.to_builtins(document),
-        }
         if args.json:
             print(json.dumps(info))
             return 0
@@ -255,9 +266,9 @@ async def cmd_server_info(args: argparse.Namespace) -> int:
         print(f"certificate {account.fingerprint}")
         print(f"policy key {info['policy_key']} (pinned; checked on every connection)")
         print(
-            f"policy version {document.version}: registration {document.registration}, "
-            f"file transfer {'on' if document.file_transfer else 'off'}, "
-            f"files up to {document.max_file_mb} MB"
+            f"policy version {document['version']}: registration {document['registration']}, "
+            f"file transfer {'on' if document['file_transfer'] else 'off'}, "
+            f"files up to {document['max_file_mb']} MB"
         )
         return 0
 

@@ -75,12 +75,13 @@ async def offer_link(
     conn = client.connection()
     code = linking.new_code()
     slot, key = linking.slot_and_key(linking.parse_code(code))
+    answered = conn.link_push(slot)  # a receive loop running meanwhile does not take it
     req = conn.next_req()
     await conn.request(frames.LinkOpen(req=req, slot=slot), req)
     shown = show_code(code)
     if shown is not None:
         await shown
-    push = await asyncio.wait_for(_next_link_push(conn, slot), wait_s)
+    push = await asyncio.wait_for(answered, wait_s)
     request = linking.open_request(key, slot, push.blob)
     new_id = device_id_for(request.ed25519, request.curve25519)
     # The signed list names the new device before it joins, so no contact ever sees

@@ -102,6 +102,9 @@ class ServerConnection:
         self.incoming: asyncio.Queue[Incoming | _Closed] = asyncio.Queue()
         self._transport: WSTransport | None = None
         self._pending: dict[int, asyncio.Future[frames.ServerFrame]] = {}
+        # Link pushes someone waits for, by slot: they go to the linking flow, not to
+        # ``incoming``, so a receive loop running meanwhile (the gateway's) takes none.
+        self._link_waiters: dict[bytes, asyncio.Future[frames.LinkPush]] = {}
         self._ids = itertools.count(1)
         self._challenge: asyncio.Future[frames.Challenge] = (
             asyncio.get_running_loop().create_future()
@@ -169,6 +172,10 @@ class ServerConnection:
                 loop = asyncio.get_running_loop()
                 self._challenge = loop.create_future()
             self._challenge.set_result(frame)
+        elif isinstance(frame, frames.LinkPush) and frame.slot in self._link_waiters:
+            waiter = self._link_waiters.pop(frame.slot)
+            if not waiter.done():
+                waiter.set_result(frame)
         elif not hasattr(frame, "req"):
             # Frames without a request id are pushes: deliveries, notices, link messages.
             self.incoming.put_nowait(frame)
@@ -191,6 +198,11 @@ class ServerConnection:
             if not future.done():
                 future.set_exception(error)
         self._pending.clear()
+        for waiter in self._link_waiters.values():
+            if not waiter.done():
+                waiter.set_exception(error)
+                waiter.exception()  # retrieved: its flow may have stopped waiting
+        self._link_waiters.clear()
         if not self._challenge.done():
             self._challenge.set_exception(error)
             self._challenge.exception()  # retrieved: nobody may be waiting for it
@@ -201,6 +213,19 @@ class ServerConnection:
     def challenge(self) -> frames.Challenge:
         """The newest challenge the server issued (raises if none or failed)."""
         return self._challenge.result()
+
+    def link_push(self, slot: bytes) -> asyncio.Future[frames.LinkPush]:
+        """The next link push for ``slot``, routed here instead of to ``incoming``.
+
+        Ask before the slot can be answered; the future fails if the connection drops.
+        """
+        if self._failure is not None:
+            raise self._failure
+        if self.disconnected.is_set():
+            raise ServerRefusedError("disconnected", "not connected to the server")
+        waiter: asyncio.Future[frames.LinkPush] = asyncio.get_running_loop().create_future()
+        self._link_waiters[slot] = waiter
+        return waiter
 
     def next_req(self) -> int:
         """A fresh request id."""

@@ -237,4 +237,14 @@ def check_params(name: str, params: dict[str, Any]) -> str | None:
     if error is None:
         return None
     where = ".".join(str(p) for p in error.absolute_path)
+    if error.absolute_path and error.absolute_path[0] in _secret_params(name):
+        # jsonschema's message quotes the value: never a passphrase's, even back to its sender.
+        return f"{where}: the value does not fit its schema ({error.validator} check)"
     return f"{where}: {error.message}" if where else error.message
+
+
+@cache
+def _secret_params(name: str) -> frozenset[str]:
+    """The params of ``name`` marked ``writeOnly`` (secrets) in the schema."""
+    properties = method_schemas()[name]["properties"]
+    return frozenset(p for p, schema in properties.items() if schema.get("writeOnly"))

@@ -11,11 +11,11 @@ from __future__ import annotations
 import functools
 
 from bastion.gateway.context import GatewayContext
-from bastion.gateway.methods import contacts, messages
+from bastion.gateway.methods import contacts, files, groups, identity, messages
 from bastion.gateway.methods._base import ContextMethod
 from bastion.gateway.rpc import Method
 
-MODULES = (messages, contacts)
+MODULES = (messages, contacts, groups, files, identity)
 
 
 def table(ctx: GatewayContext) -> dict[str, Method]:
