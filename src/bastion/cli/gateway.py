@@ -14,6 +14,7 @@ from bastion.client import Client
 from bastion.errors import ConfigError
 from bastion.gateway import daemon, unlock
 from bastion.gateway.daemon import GatewayOptions, Ready
+from bastion.gateway.irc import check_host
 from bastion.gateway.notify import Notifier
 
 
@@ -24,6 +25,8 @@ def options_from(args: argparse.Namespace) -> GatewayOptions:
         if not (args.tls_cert and args.tls_key):
             raise ConfigError("--tls-cert and --tls-key go together")
         tls = (Path(args.tls_cert), Path(args.tls_key))
+    if args.irc is not None:
+        check_host(args.irc_host)  # before the passphrase is asked for
     return GatewayOptions(
         http_host=args.http_host,
         http_port=args.http,

@@ -33,6 +33,7 @@ from bastion.client import (
 from bastion.errors import ConfigError, ServerRefusedError
 from bastion.gateway import methods, paths
 from bastion.gateway.context import GatewayContext
+from bastion.gateway.irc import IrcDoor
 from bastion.gateway.rpc import Dispatcher
 from bastion.gateway.unix import UnixDoor
 
@@ -86,7 +87,12 @@ def build_doors(
     """The doors to open: the Unix socket always, HTTP and IRC when asked for."""
     profile_dir = ctx.client.profile.path
     doors: list[Door] = [UnixDoor(dispatcher, ctx.hub, paths.socket_path(profile_dir))]
-    return doors, None, None
+    irc: str | None = None
+    if options.irc_port is not None:
+        irc_door = IrcDoor(ctx, token, options.irc_host, options.irc_port)
+        doors.append(irc_door)
+        irc = irc_door.address
+    return doors, None, irc
 
 
 def hold_lock(profile_dir: Path) -> int | None:
