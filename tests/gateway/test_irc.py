@@ -222,7 +222,6 @@ async def test_long_multiline_and_hostile_text_reaches_irc_safely(two: tuple[Pat
             finally:
                 await link.close()
             await a.wait_for(lambda e: e.arguments == ["done"], "the last message")
-            lines = [r for r in a.raw if " PRIVMSG alice :" in r]
             assert all(len(r.encode()) + 2 <= 512 for r in a.raw)
             texts = a.privmsgs("bob")
             split = [t for t in texts if t.startswith("word")]
@@ -238,7 +237,6 @@ async def test_long_multiline_and_hostile_text_reaches_irc_safely(two: tuple[Pat
             assert not any("\x01" in r or "\x02" in r or "\x03" in r for r in a.raw)
             assert not any("VERSION" in t for t in texts)
             assert any("CTCP VERSION" in n for n in a.notices())
-            assert len(lines) == len([t for t in texts if t])
 
 
 async def test_a_group_is_a_channel(two: tuple[Path, Path]) -> None:
@@ -257,9 +255,8 @@ async def test_a_group_is_a_channel(two: tuple[Path, Path]) -> None:
             a.conn.invite("bob", "#garden")
             await a.wait_raw(r" 341 alice bob #garden", "the inviting reply")
             await a.wait_for(lambda e: e.type == "join" and e.nick == "bob", "bob in the channel")
-            invite = await b.wait_for(lambda e: e.type == "invite", "the invitation")
-            assert (invite.nick, invite.arguments) == ("alice", ["#garden"])
-            b.conn.join("#garden")
+            # bob is alice's contact: the server lets him in at once (a stranger would get an
+            # invitation, which JOIN accepts), and his client is joined to the channel.
             await b.wait_for(lambda e: e.type == "join" and e.nick == "bob", "bob joins")
             b_names = await b.wait_for(lambda e: e.type == "namreply", "bob's names")
             assert sorted(b_names.arguments[-1].split()) == ["@alice", "bob"]

@@ -103,6 +103,7 @@ class IrcSession:
         self.monitored: dict[str, None] = {}  # ordered set
         self.presence: dict[str, tuple[str, str | None]] = {}
         self.told_unverified: set[str] = set()
+        self.invited: set[bytes] = set()  # invitations shown and not answered
         self.connection_state = ""
         self.rpc = rpc.BasicSession()
         self.sub: Subscription | None = None
@@ -382,13 +383,16 @@ class IrcSession:
         )
         for contact in contacts.local_contacts(client):
             self.presence[contact.user] = (contact.presence, contact.status)
-        for state in groups.groups(client):
-            if me in state.members:
-                await self.join_view(state)
+        invites = []
         if self.ctx.online:
             with contextlib.suppress(BastionError):
-                for invite in await group_invites.pending(client):
-                    await self.show_invite(invite.to_json())
+                invites = await group_invites.pending(client)
+        waiting = {bytes.fromhex(invite.group_id) for invite in invites}
+        for state in groups.groups(client):
+            if me in state.members and state.group_id not in waiting:
+                await self.join_view(state)
+        for invite in invites:
+            await self.show_invite(invite.to_json())
         self.pump = asyncio.create_task(self.forward(self.sub))
 
     # --- direct messages and groups ----------------------------------------------------------
@@ -526,7 +530,11 @@ class IrcSession:
                 self.book.by_group.pop(group_id, None)
             return
         if view is None:
-            await self.join_view(state)
+            if by != me and await self.invitation_waits(group_id):
+                invite = {"group": group_id.hex(), "name": state.name, "by": by}
+                await self.show_invite({**invite, "members": len(state.members)})
+            else:
+                await self.join_view(state)
             return
         out: list[bytes] = []
         for user in sorted(set(state.members) - view.members):
@@ -545,6 +553,18 @@ class IrcSession:
         view.members, view.admins, view.name = set(state.members), set(state.admins), state.name
         await self.send(*out)
 
+    async def invitation_waits(self, group_id: bytes) -> bool:
+        """Whether the server holds an invitation of ours to this group (a JOIN accepts it)."""
+        if group_id in self.invited:
+            return True
+        if not self.ctx.online:
+            return False
+        try:
+            pending = await group_invites.pending(self.ctx.client)
+        except BastionError:
+            return False
+        return any(invite.group_id == group_id.hex() for invite in pending)
+
     async def on_join(self, params: list[str]) -> None:
         if not await self.need(params, 1, "JOIN"):
             return
@@ -560,10 +580,11 @@ class IrcSession:
             await self.send(self.num("403", channel[:64], "Channels start with #"))
             return
         group_id = self.book.group_of(channel)
+        if group_id is not None and group_id in self.views:
+            return
         state = groups.state_of(client, group_id) if group_id is not None else None
-        if state is not None and self.me in state.members:
-            if state.group_id not in self.views:
-                await self.join_view(state)
+        if state is not None and self.me in state.members and group_id not in self.invited:
+            await self.join_view(state)
             return
         try:
             self.ctx.require_online()
@@ -571,8 +592,13 @@ class IrcSession:
                 invited = bytes.fromhex(invite.group_id)
                 mapped = self.book.by_group.get(invited)
                 if fold(mapped or base_channel(invite.name)) == fold(channel):
+                    self.invited.discard(invited)
                     await self.join_view(await group_invites.accept(client, invite.group_id))
                     return
+            if state is not None and self.me in state.members:
+                self.invited.discard(state.group_id)  # accepted elsewhere meanwhile
+                await self.join_view(state)
+                return
             name = channel[1:]
             if base_channel(name) != channel:
                 await self.send(
@@ -1065,8 +1091,9 @@ class IrcSession:
             group_id = bytes.fromhex(str(event.get("group", "")))
         except ValueError:
             return
-        if not USERNAME_RE.fullmatch(inviter) or group_id in self.views:
+        if not USERNAME_RE.fullmatch(inviter) or group_id in self.views or group_id in self.invited:
             return
+        self.invited.add(group_id)
         channel = self.book.channel_of(group_id, str(event.get("name", "")))
         await self.send(
             line(user_prefix(inviter), "INVITE", self.nick, channel),
