@@ -87,18 +87,19 @@ def parse(raw: bytes) -> Message | None:
 def line(prefix: str | None, command: str, *params: str) -> bytes:
     """One line to the IRC client, CR LF included; the last parameter may hold spaces.
 
-    CR, LF and NUL cannot be in a parameter (callers clean what peers sent);
-    as a last guard they become spaces here, so no line can ever carry another.
+    The last parameter is always written as the trailing one (``:text``), as
+    most servers do. CR, LF and NUL cannot be in a parameter (callers clean
+    what peers sent); as a last guard they become spaces here, so no line can
+    ever carry another.
     """
     parts = [f":{prefix}"] if prefix else []
     parts.append(command)
     for index, param in enumerate(params):
         safe = param.replace("\r", " ").replace("\n", " ").replace("\x00", " ")
-        last = index == len(params) - 1
-        if last and (not safe or " " in safe or safe.startswith(":")):
+        if index == len(params) - 1:
             parts.append(":" + safe)
         else:
-            parts.append(safe.replace(" ", "_") or "*")
+            parts.append(safe.lstrip(":").replace(" ", "_") or "*")
     return (" ".join(parts)).encode("utf-8") + b"\r\n"
 
 
