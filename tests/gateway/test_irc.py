@@ -6,7 +6,9 @@ import asyncio
 import contextlib
 import json
 import re
+import shutil
 import socket
+import subprocess
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -410,3 +412,71 @@ async def test_limits_end_a_flooding_or_overlong_client(two: tuple[Path, Path]) 
         finally:
             for sock in held:
                 sock.close()
+
+
+async def test_leaving_a_group_parts_its_channel(two: tuple[Path, Path]) -> None:
+    alice, _ = two
+    with gateways(started(alice)) as (gw,):
+        await connected(gw)
+        async with on_irc(gw, "alice") as a:
+            assert a.conn is not None
+            a.conn.join("#shortlived")
+            await a.wait_for(lambda e: e.type == "join", "the new channel")
+            a.conn.join("#bad,name")  # two channels: "#bad" is made, "name" is not a channel
+            await a.wait_raw(r" 403 alice name ", "the refusal of a name without #")
+            a.conn.part("#shortlived")
+            parted = await a.wait_for(lambda e: e.type == "part", "the part")
+            assert (parted.nick, parted.target) == ("alice", "#shortlived")
+            listed = bastion("group", "list", "--json", "--profile", str(alice)).stdout
+            assert "shortlived" in listed  # the group is still known...
+            a.conn.privmsg("#shortlived", "anyone?")
+            await a.wait_raw(r" 403 alice #shortlived ", "...but its channel is gone")
+
+
+TMUX_SOCKET = "bastion-irc-test"
+
+
+def tmux(*args: str) -> str:
+    result = subprocess.run(
+        ["tmux", "-L", TMUX_SOCKET, *args], capture_output=True, text=True, timeout=20, check=True
+    )
+    return result.stdout
+
+
+async def test_irssi_talks_to_the_gateway(two: tuple[Path, Path], tmp_path: Path) -> None:
+    if shutil.which("irssi") is None or shutil.which("tmux") is None:
+        pytest.skip("irssi and tmux are needed for this test (apt-get install irssi tmux)")
+    alice, bob = two
+    with gateways(started(alice), started(bob)) as (gw_a, gw_b):
+        await connected(gw_a)
+        await connected(gw_b)
+        where = urlsplit(gw_a.ready["irc"])
+        home = tmp_path / "irssi"
+        home.mkdir()
+        command = (
+            f"irssi --home={home} -c {where.hostname} -p {where.port} "
+            f"-w {token_of(gw_a)} -n someone"
+        )
+        tmux("new-session", "-d", "-s", "irc", "-x", "200", "-y", "50", command)
+        try:
+            async with on_irc(gw_b, "bob") as b:
+                assert b.conn is not None
+
+                async def screen_shows(text: str) -> None:
+                    try:
+                        await until(lambda: text in tmux("capture-pane", "-p", "-t", "irc"), text)
+                    except AssertionError:
+                        raise AssertionError(tmux("capture-pane", "-p", "-t", "irc")) from None
+
+                await screen_shows("Welcome to Bastion, alice")
+                tmux("send-keys", "-t", "irc", "/msg bob hello from irssi", "Enter")
+                got = await b.wait_for(lambda e: e.type == "privmsg", "irssi's message")
+                assert (got.nick, got.arguments) == ("alice", ["hello from irssi"])
+                b.conn.privmsg("alice", "hello irssi \x02bold\x02")
+                tmux("send-keys", "-t", "irc", "/window goto bob", "Enter")  # the query window
+                await screen_shows("hello irssi bold")
+                tmux("send-keys", "-t", "irc", "/whois bob", "Enter")
+                await screen_shows("safety number:")
+        finally:
+            with contextlib.suppress(subprocess.SubprocessError):
+                tmux("kill-server")
