@@ -20,6 +20,7 @@ import irc.client_aio  # type: ignore[import-untyped]
 import pytest
 
 from bastion.gateway import paths
+from bastion.gateway.irc import protocol
 from tests.conftest import ServerProcess
 from tests.gateway.support import GatewayProcess, gateways, pair, until
 from tests.test_cli import bastion, register
@@ -480,3 +481,38 @@ async def test_irssi_talks_to_the_gateway(two: tuple[Path, Path], tmp_path: Path
         finally:
             with contextlib.suppress(subprocess.SubprocessError):
                 tmux("kill-server")
+
+
+def test_the_line_parser_reads_rfc_and_ircv3_lines() -> None:
+    parsed = protocol.parse(b"@time=2026-01-01T00:00:00Z;x :nick!u@h privmsg #a,bob :hi  there\r\n")
+    assert parsed is not None
+    assert (parsed.command, parsed.params, parsed.prefix) == (
+        "PRIVMSG",
+        ["#a,bob", "hi  there"],
+        "nick!u@h",
+    )
+    assert parsed.tags == {"time": "2026-01-01T00:00:00Z", "x": ""}
+    assert protocol.parse(b"\r\n") is None
+    with pytest.raises(ValueError, match="not an IRC command"):
+        protocol.parse(b":prefix-only")
+    many = protocol.parse(b"CMD " + b" ".join(b"p%d" % i for i in range(20)))
+    assert many is not None
+    assert len(many.params) == 15
+    assert many.params[-1] == " ".join(f"p{i}" for i in range(14, 20))
+
+
+def test_peer_text_cannot_inject_a_line_or_a_control() -> None:
+    assert protocol.line("a!a@b", "PRIVMSG", "bob", "x\r\nQUIT :y") == (
+        b":a!a@b PRIVMSG bob :x  QUIT :y\r\n"
+    )
+    assert protocol.clean_text("a\x01PING 1\x01b\n\x1d\x16c\x00", "bob") == ["ab", "c\\x00"]
+    assert protocol.clean_text("\x01ACTION \x0312waves\x01", "bob") == ["* bob waves"]
+    assert protocol.outgoing_text("\x01VERSION\x01", "alice") is None
+    assert protocol.outgoing_text("\x01ACTION nods\x01", "alice") == "* alice nods"
+
+
+def test_splitting_keeps_characters_whole_and_prefers_spaces() -> None:
+    assert protocol.split_text("aaaa bbbb cccc", 10) == ["aaaa bbbb", "cccc"]
+    pieces = protocol.split_text("é" * 9, 9)  # 18 bytes, 2 per character
+    assert pieces == ["éééé", "éééé", "é"]
+    assert all(len(p.encode()) <= 9 for p in pieces)

@@ -17,6 +17,12 @@ from dataclasses import dataclass, field
 MAX_CHANNEL_CHARS = 40
 SUFFIX_HEX = 6
 _OTHER_RE = re.compile(r"[^A-Za-z0-9_.-]+")
+_NICK_RE = re.compile(r"[a-z0-9._-]{1,64}")
+
+
+def _nick_ok(name: str) -> bool:
+    """Whether a member's name can be written as a nick (the chain names usernames)."""
+    return _NICK_RE.fullmatch(name) is not None
 
 
 def base_channel(name: str) -> str:
@@ -70,7 +76,7 @@ class ChannelView:
 
 def names_params(view: ChannelView) -> list[str]:
     """The members as in a NAMES reply (admins marked ``@``), in pieces that fit a line."""
-    marked = sorted(("@" + m) if m in view.admins else m for m in view.members)
+    marked = sorted(("@" + m) if m in view.admins else m for m in view.members if _nick_ok(m))
     out: list[str] = []
     current = ""
     for nick in marked:

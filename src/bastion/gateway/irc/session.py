@@ -408,7 +408,8 @@ class IrcSession:
             await self.send(self.num("412", "No text to send"))
             return
         for target in params[0].split(",")[:4]:
-            await self.privmsg(target, params[1])
+            # Nicks compare without case (CASEMAPPING=ascii); usernames are lower case.
+            await self.privmsg(target if target.startswith("#") else target.lower(), params[1])
 
     async def privmsg(self, target: str, raw: str) -> None:
         if target.lower() == SERVICE:
@@ -538,7 +539,8 @@ class IrcSession:
             return
         out: list[bytes] = []
         for user in sorted(set(state.members) - view.members):
-            out.append(line(user_prefix(user), "JOIN", view.channel))
+            if USERNAME_RE.fullmatch(user):
+                out.append(line(user_prefix(user), "JOIN", view.channel))
         for user in sorted(view.members - set(state.members)):
             if kind == "leave" and by == user:
                 out.append(line(user_prefix(user), "PART", view.channel, "left the group"))
@@ -683,7 +685,7 @@ class IrcSession:
     async def on_invite(self, params: list[str]) -> None:
         if not await self.need(params, 2, "INVITE"):
             return
-        user, channel = params[0], params[1]
+        user, channel = params[0].lower(), params[1]
         group_id = self.book.group_of(channel)
         state = groups.state_of(self.ctx.client, group_id) if group_id is not None else None
         if state is not None and user in state.members:
@@ -703,7 +705,7 @@ class IrcSession:
     async def on_kick(self, params: list[str]) -> None:
         if not await self.need(params, 2, "KICK"):
             return
-        channel, user = params[0], params[1]
+        channel, user = params[0], params[1].lower()
         group_id = self.book.group_of(channel)
         state = groups.state_of(self.ctx.client, group_id) if group_id is not None else None
         if state is not None and user not in state.members:
@@ -737,7 +739,7 @@ class IrcSession:
         if modes not in ("+o", "-o") or len(params) < 3:
             await self.send(self.num("472", modes[:8], "is unknown mode char to me"))
             return
-        user = params[2]
+        user = params[2].lower()
         group_id = self.book.group_of(target)
         change: groups.MemberChange = (
             groups.Promote(user=user) if modes == "+o" else groups.Demote(user=user)
@@ -794,14 +796,14 @@ class IrcSession:
         return user == self.me or self.state_of(user)[0] != "offline"
 
     async def on_ison(self, params: list[str]) -> None:
-        asked = " ".join(params).split()[:64]
+        asked = " ".join(params).lower().split()[:64]
         await self.send(self.num("303", " ".join(u for u in asked if self.is_online(u))))
 
     async def on_monitor(self, params: list[str]) -> None:
         if not await self.need(params, 1, "MONITOR"):
             return
         sub = params[0]
-        targets = [t for t in (params[1] if len(params) > 1 else "").split(",") if t]
+        targets = [t.lower() for t in (params[1] if len(params) > 1 else "").split(",") if t]
         if sub == "+":
             fresh = []
             for target in targets:
@@ -854,7 +856,7 @@ class IrcSession:
         if not params:
             await self.send(self.num("431", "No nickname given"))
             return
-        nick = params[-1].split(",")[0]
+        nick = params[-1].split(",")[0].lower()
         await self.send(*await self.whois_lines(nick))
 
     async def whois_lines(self, nick: str) -> list[bytes]:
