@@ -516,3 +516,26 @@ def test_splitting_keeps_characters_whole_and_prefers_spaces() -> None:
     pieces = protocol.split_text("é" * 9, 9)  # 18 bytes, 2 per character
     assert pieces == ["éééé", "éééé", "é"]
     assert all(len(p.encode()) <= 9 for p in pieces)
+
+
+async def test_a_file_offer_is_a_notice_with_the_command_to_fetch_it(
+    two: tuple[Path, Path], tmp_path: Path
+) -> None:
+    alice, bob = two
+    with gateways(started(alice)) as (gw,):
+        await connected(gw)
+        async with on_irc(gw, "alice") as a:
+            notes = tmp_path / "notes.txt"
+            notes.write_text("the plan\n")
+            bastion("file", "send", "alice", str(notes), "--profile", str(bob))
+            await until(lambda: any("offers the file" in n for n in a.notices()), "the offer")
+            offer = next(n for n in a.notices() if "offers the file" in n)
+            [listed] = [
+                json.loads(x)
+                for x in bastion("file", "list", "--json", "--profile", str(alice)).stdout.split(
+                    "\n"
+                )
+                if x.strip()
+            ]
+            assert offer.startswith("bob offers the file 'notes.txt'")
+            assert offer.endswith(f"bastion file get {listed['id']}")
