@@ -494,7 +494,9 @@ class IrcSession:
         return state, view
 
     async def join_view(self, state: groups.GroupState) -> None:
-        """Show a group as a joined channel: JOIN, topic, names."""
+        """Show a group as a joined channel: JOIN, topic, names (once, while it stays joined)."""
+        if state.group_id in self.views:
+            return
         channel = self.book.channel_of(state.group_id, state.name)
         view = ChannelView(
             channel=channel, name=state.name, members=set(state.members), admins=set(state.admins)
@@ -520,15 +522,16 @@ class IrcSession:
         author = user_prefix(by) if by and USERNAME_RE.fullmatch(by) else SERVICE_PREFIX
         if state is None or me not in state.members:
             if view is not None:
+                # Forget the channel before writing: a concurrent refresh shows it once only.
+                del self.views[group_id]
+                self.book.by_channel.pop(fold(view.channel), None)
+                self.book.by_group.pop(group_id, None)
                 if kind == "leave" and by == me:
                     await self.send(line(user_prefix(me), "PART", view.channel, "left the group"))
                 else:
                     await self.send(
                         line(author, "KICK", view.channel, me, "removed from the group")
                     )
-                del self.views[group_id]
-                self.book.by_channel.pop(fold(view.channel), None)
-                self.book.by_group.pop(group_id, None)
             return
         if view is None:
             if by != me and await self.invitation_waits(group_id):
