@@ -539,3 +539,26 @@ async def test_a_file_offer_is_a_notice_with_the_command_to_fetch_it(
             ]
             assert offer.startswith("bob offers the file 'notes.txt'")
             assert offer.endswith(f"bastion file get {listed['id']}")
+
+
+async def test_direct_messages_are_queued_in_order_while_the_server_is_away(
+    server: ServerProcess, two: tuple[Path, Path]
+) -> None:
+    alice, bob = two
+    with gateways(started(alice)) as (gw,):
+        await connected(gw)
+        async with on_irc(gw, "alice") as a:
+            assert a.conn is not None
+            server.stop()
+            await until(lambda: any("cannot be reached" in n for n in a.notices()), "offline")
+            a.conn.privmsg("bob", "one")
+            a.conn.privmsg("bob", "two")
+            a.conn.privmsg("#nowhere", "group messages need the server")
+            await until(lambda: sum("queued for bob" in n for n in a.notices()) == 2, "queued")
+            await a.wait_raw(r" 403 alice #nowhere ", "no such channel")
+            server.start()
+            await connected(gw)
+            await until(lambda: any("connected to the server" in n for n in a.notices()), "back")
+    inbox = bastion("inbox", "--json", "--profile", str(bob)).stdout.splitlines()
+    texts = [json.loads(x)["text"] for x in inbox if '"message"' in x]
+    assert texts == ["one", "two"]
