@@ -14,6 +14,7 @@ from bastion.client import Client
 from bastion.errors import ConfigError
 from bastion.gateway import daemon, http, unlock
 from bastion.gateway.daemon import GatewayOptions, Ready
+from bastion.gateway.irc import check_host
 from bastion.gateway.notify import Notifier
 
 
@@ -37,6 +38,8 @@ def options_from(args: argparse.Namespace) -> GatewayOptions:
         origins = tuple(http.normal_origin(origin) for origin in origins)
     elif origins or tls:
         raise ConfigError("--http-origin, --tls-cert and --tls-key need --http PORT")
+    if args.irc is not None:
+        check_host(args.irc_host)  # before the passphrase is asked for
     return GatewayOptions(
         http_host=args.http_host,
         http_port=args.http,

@@ -34,6 +34,7 @@ from bastion.errors import ConfigError, ServerRefusedError
 from bastion.gateway import methods, paths
 from bastion.gateway.context import GatewayContext
 from bastion.gateway.http import HttpDoor
+from bastion.gateway.irc import IrcDoor
 from bastion.gateway.rpc import Dispatcher
 from bastion.gateway.unix import UnixDoor
 
@@ -106,7 +107,12 @@ def build_doors(
         )
         http = door.bind()
         doors.append(door)
-    return doors, http, None
+    irc: str | None = None
+    if options.irc_port is not None:
+        irc_door = IrcDoor(ctx, token, options.irc_host, options.irc_port)
+        doors.append(irc_door)
+        irc = irc_door.address
+    return doors, http, irc
 
 
 def hold_lock(profile_dir: Path) -> int | None:
