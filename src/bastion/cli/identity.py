@@ -33,6 +33,12 @@ async def cmd_verify_sas(args: argparse.Namespace) -> int:
             answer = await asyncio.to_thread(input, "Do they match exactly? [y/N] ")
             return answer.strip().lower() in ("y", "yes")
 
+        if client.receiving_elsewhere():
+            raise BastionError(
+                "another program receives for this profile (a gateway, listen or chat): stop it "
+                f"to verify interactively, or compare safety numbers (bastion verify {args.user})"
+            )
+        await client.connect(receive=True)
         print(f"Waiting for {args.user} (they run: bastion verify {client.account.username} --sas)")
         pumping = asyncio.create_task(pump())
         try:
@@ -44,7 +50,7 @@ async def cmd_verify_sas(args: argparse.Namespace) -> int:
         print(f"{args.user} is verified.")
         return 0
 
-    return await with_client(args, work, receive=True)
+    return await with_client(args, work, connect=False)
 
 
 async def cmd_verify(args: argparse.Namespace) -> int:
