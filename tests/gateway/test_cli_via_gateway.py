@@ -144,6 +144,35 @@ async def test_commands_work_without_passphrase_and_open_no_second_connection(
     assert texts == ["hello through the gateway", "second one"]
 
 
+async def test_a_send_while_the_server_is_out_of_reach_is_queued_and_goes_out_later(
+    server: ServerProcess, alice_gateway: tuple[GatewayProcess, Path]
+) -> None:
+    gw, bob = alice_gateway
+    alice = str(gw.profile)
+    await connected(gw)
+    async with subscribed(gw) as (_link, events):
+        await asyncio.to_thread(server.stop)
+        await events.wait_for(lambda e: e.get("state") == "reconnecting", "the gateway to notice")
+        result = await run("send", "bob", "later", "--json", "--profile", alice)
+        [queued] = lines(result)
+        assert (queued["type"], queued["to"], queued["state"]) == ("queued", "bob", "queued")
+        human = await run("send", "bob", "later too", "--profile", alice)
+        assert "it goes out when the server can be reached" in human.stdout
+        waiting = (await run("outbox", "--profile", alice)).stdout.splitlines()
+        assert [line.split(": ", 1)[1] for line in waiting] == [
+            "later  [queued: goes out when the server can be reached]",
+            "later too  [queued: goes out when the server can be reached]",
+        ]
+        await asyncio.to_thread(server.start)
+        await events.wait_for(
+            lambda e: e.get("id") == queued["id"] and e.get("state") in ("sent", "delivered"),
+            "the queued message to go out",
+        )
+    assert (await run("outbox", "--profile", alice)).stdout == ""
+    received = lines(bastion("inbox", "--json", "--profile", str(bob)))
+    assert [m["text"] for m in received if m["type"] == "message"] == ["later", "later too"]
+
+
 async def test_send_and_history_print_the_same_shapes_with_and_without_the_gateway(
     alice_gateway: tuple[GatewayProcess, Path],
 ) -> None:

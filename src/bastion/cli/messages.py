@@ -123,7 +123,7 @@ def report_sent(args: argparse.Namespace, sent: dict[str, Any]) -> int:
     elif sent["type"] == "queued":
         print(
             f"queued for {escape_text(sent['to'])}: the server cannot be reached right now; "
-            "the gateway sends it when it can"
+            "it goes out when the server can be reached"
         )
     else:
         print(
