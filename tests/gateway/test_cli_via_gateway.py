@@ -23,7 +23,7 @@ import pytest
 from bastion.server.audit.log import AUDIT_DIR, read_records
 from tests.conftest import REPO, ServerProcess
 from tests.gateway.support import Events, GatewayProcess, pair, subscribed
-from tests.test_cli import bastion
+from tests.test_cli import bastion, register
 
 pytestmark = pytest.mark.network
 
@@ -171,6 +171,27 @@ async def test_a_send_while_the_server_is_out_of_reach_is_queued_and_goes_out_la
     assert (await run("outbox", "--profile", alice)).stdout == ""
     received = lines(bastion("inbox", "--json", "--profile", str(bob)))
     assert [m["text"] for m in received if m["type"] == "message"] == ["later", "later too"]
+
+
+async def test_a_refused_send_says_why_as_without_the_gateway(
+    server: ServerProcess, alice_gateway: tuple[GatewayProcess, Path], tmp_path: Path
+) -> None:
+    gw, _bob = alice_gateway
+    alice = str(gw.profile)
+    register(server, "carol", tmp_path)  # not alice's contact: the server refuses
+    await connected(gw)
+    result = await run("send", "carol", "hello carol", "--profile", alice, check=False)
+    assert result.returncode == 1
+    assert result.stdout == ""
+    assert result.stderr.startswith("error: not sent: the server refused it: ")
+    assert "not accepted you as a contact" in result.stderr
+    as_json = await run("send", "carol", "hello carol", "--json", "--profile", alice, check=False)
+    assert as_json.returncode == 1
+    [refused] = lines(as_json)
+    assert (refused["type"], refused["to"]) == ("refused", "carol")
+    assert as_json.stderr == result.stderr
+    shown = (await run("history", "carol", "--profile", alice)).stdout
+    assert "you -> carol: hello carol  [NOT SENT: " in shown
 
 
 async def test_send_and_history_print_the_same_shapes_with_and_without_the_gateway(
