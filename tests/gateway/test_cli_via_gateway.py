@@ -203,11 +203,15 @@ async def test_send_and_history_print_the_same_shapes_with_and_without_the_gatew
     [via_send] = lines(await run("send", "bob", "one", "--json", "--profile", alice))
     via_history = lines(await run("history", "bob", "--json", "--profile", alice))
     via_human = (await run("history", "bob", "--profile", alice)).stdout
+    via_mistake = await run("send", "Bob Smith", "hi", "--profile", alice, check=False)
     assert gw.stop() == 0
 
     [direct_send] = lines(bastion("send", "bob", "two", "--json", "--profile", alice))
     direct_history = lines(bastion("history", "bob", "--json", "--profile", alice))
     direct_human = bastion("history", "bob", "--profile", alice).stdout
+    direct_mistake = bastion("send", "Bob Smith", "hi", "--profile", alice, check=False)
+    assert (via_mistake.returncode, via_mistake.stderr) == (1, direct_mistake.stderr)
+    assert "is not a valid username" in via_mistake.stderr
     assert shape(via_send) == shape(direct_send)
     assert shape(via_history[-1]) == shape(direct_history[-1])
     assert direct_history[: len(via_history)] == via_history

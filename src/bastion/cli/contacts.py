@@ -8,7 +8,7 @@ from typing import Any
 
 from bastion.cli._common import Subcommands, pick_up_waiting, with_client
 from bastion.cli._gateway import print_event_json, with_gateway_or_client
-from bastion.client import Client, Event, contacts, presence
+from bastion.client import Client, Event, check_username, contacts, presence
 from bastion.display import escape_text
 from bastion.gateway.link import GatewayLink
 
@@ -38,6 +38,7 @@ def contact_line(contact: dict[str, Any]) -> str:
 
 async def cmd_contacts_add(args: argparse.Namespace) -> int:
     async def via_gateway(link: GatewayLink) -> int:
+        check_username(args.user)
         params = {"user": args.user, **({"note": args.note} if args.note else {})}
         print_contact(args, await link.call("contacts.add", **params))
         return 0
@@ -54,6 +55,7 @@ async def cmd_contacts_add(args: argparse.Namespace) -> int:
 
 async def cmd_contacts_action(args: argparse.Namespace) -> int:
     async def via_gateway(link: GatewayLink) -> int:
+        check_username(args.user)
         print_contact(args, await link.call(f"contacts.{args.action}", user=args.user))
         return 0
 

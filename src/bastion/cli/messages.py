@@ -36,6 +36,8 @@ from bastion.client import (
     HistoryRecord,
     MessageEvent,
     SendRefusedError,
+    check_text,
+    check_username,
     outbox,
     presence,
     receipts,
@@ -85,6 +87,9 @@ async def cmd_send(args: argparse.Namespace) -> int:
         raise BastionError("usage: bastion send USER TEXT (or --group GROUP TEXT)")
 
     async def via_gateway(link: GatewayLink) -> int:
+        # Checked here as the direct path does, so a mistake reads the same either way.
+        check_username(args.user)
+        check_text(args.text)
         try:
             answer = await link.call("send", to=args.user, text=args.text)
         except GatewayError as exc:
@@ -364,6 +369,7 @@ def report_connection(args: argparse.Namespace, event: ConnectionStateEvent) -> 
 async def cmd_history(args: argparse.Namespace) -> int:
     async def via_gateway(link: GatewayLink) -> int:
         # The gateway received and stored everything already: nothing waits on the server.
+        check_username(args.user)
         print_messages(args, await link.call("history", user=args.user))
         return 0
 
