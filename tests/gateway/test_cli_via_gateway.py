@@ -20,6 +20,23 @@ from typing import Any
 
 import pytest
 
+from bastion.cli._common import event_json, print_event
+from bastion.cli._gateway import print_event_json
+from bastion.client import (
+    DevicesChangedEvent,
+    Event,
+    HistoryRecord,
+    KeyChangedEvent,
+    MessageEvent,
+    WarningEvent,
+    contacts,
+    files,
+    group_invites,
+    groups,
+    presence,
+    receipts,
+    verification,
+)
 from bastion.server.audit.log import AUDIT_DIR, read_records
 from tests.conftest import REPO, ServerProcess
 from tests.gateway.support import Events, GatewayProcess, pair, subscribed
@@ -278,3 +295,55 @@ async def test_a_direct_command_leaves_receiving_to_the_gateway(
         bastion("send", "alice", "still here", "--profile", str(bob))
         await events.wait_for(lambda e: e.get("text") == "still here", "the message")
         no_reconnect(events)
+
+
+AT = 1_764_936_000_123  # milliseconds, with a fraction of a second that must survive
+
+
+def every_kind_of_event() -> list[Event]:
+    def record(direction: str, state: str, reason: str = "") -> HistoryRecord:
+        return HistoryRecord(
+            id=bytes(16),
+            sender="alice" if direction == "out" else "bob",
+            device="dev1",
+            peer="bob",
+            conversation="dm:alice,bob",
+            text="two\nlines \u202e",
+            sent_at=AT,
+            server_ts=AT,
+            direction=direction,
+            state=state,
+            reason=reason,
+        )
+
+    return [
+        MessageEvent(record("in", "received"), verified=True),
+        MessageEvent(record("out", "sent"), verified=False),
+        MessageEvent(record("out", "failed", "no"), verified=False),
+        KeyChangedEvent(user="bob", at=AT),
+        DevicesChangedEvent("bob", ("d2",), ("d1",), AT, certified_at=(AT,), own_account=False),
+        DevicesChangedEvent("alice", ("d9",), (), AT, certified_at=(AT,), own_account=True),
+        WarningEvent(reason="a bad signature", sender="bob", device="d1", at=AT),
+        presence.PresenceEvent(user="bob", state="away", status="lunch", at=AT),
+        receipts.DeliveredEvent(peer="bob", ids=("ab", "cd"), at=AT),
+        contacts.ContactRequestEvent(user="bob", note="it's me", at=AT),
+        contacts.ContactChangedEvent(user="bob", state="accepted", at=AT),
+        verification.VerificationRequestEvent(user="bob", device="d1", txn="t1", at=AT),
+        verification.VerificationCancelledEvent(user="bob", txn="t1", reason="timeout"),
+        files.FileEvent("f1", "bob", "a.txt", 2048, "text/plain", AT),
+        groups.GroupChangeEvent("g1", "ops", 2, "bob", "add_member", "alice", AT),
+        groups.GroupWarningEvent(group_id="g1", reason="a fork", at=AT),
+        group_invites.GroupInviteEvent("g1", "ops", "bob", 3, AT),
+    ]
+
+
+@pytest.mark.parametrize("event", every_kind_of_event(), ids=lambda e: type(e).__name__)
+def test_an_event_from_the_gateway_is_shown_as_the_direct_one(
+    event: Event, capsys: pytest.CaptureFixture[str]
+) -> None:
+    print_event(event, False, server_url="wss://example.org:8443")
+    direct = capsys.readouterr()
+    print_event_json(event_json(event), False, server_url="wss://example.org:8443")
+    via = capsys.readouterr()
+    assert (via.out, via.err) == (direct.out, direct.err)
+    assert direct.out or direct.err
