@@ -37,6 +37,7 @@ from bastion.client import (
     receipts,
     verification,
 )
+from bastion.gateway.daemon import hold_lock
 from bastion.server.audit.log import AUDIT_DIR, read_records
 from tests.conftest import REPO, ServerProcess
 from tests.gateway.support import Events, GatewayProcess, pair, subscribed
@@ -295,6 +296,26 @@ async def test_a_direct_command_leaves_receiving_to_the_gateway(
         bastion("send", "alice", "still here", "--profile", str(bob))
         await events.wait_for(lambda e: e.get("text") == "still here", "the message")
         no_reconnect(events)
+
+
+def test_a_gateway_that_does_not_answer_yet_is_not_taken_over(
+    server: ServerProcess, tmp_path: Path
+) -> None:
+    # The gateway's lock held, no socket yet: how a gateway looks while it starts.
+    alice = register(server, "alice", tmp_path)
+    lock = hold_lock(alice)
+    try:
+        inbox = bastion("inbox", "--profile", str(alice), passphrase=None)
+        assert inbox.stdout == ""
+        assert "the gateway receives for this profile" in inbox.stderr
+        listen = bastion("listen", "--profile", str(alice), check=False)
+        assert listen.returncode == 1
+        assert "does not answer on its socket yet" in listen.stderr
+        # Commands that do not receive go direct, with the passphrase.
+        assert bastion("whoami", "--profile", str(alice)).stdout.startswith("alice on ")
+    finally:
+        if lock is not None:
+            os.close(lock)
 
 
 AT = 1_764_936_000_123  # milliseconds, with a fraction of a second that must survive

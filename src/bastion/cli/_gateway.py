@@ -60,10 +60,23 @@ async def open_link(folder: Path) -> GatewayLink | None:
     return link
 
 
+def gateway_holds(args: argparse.Namespace) -> bool:
+    """Whether a gateway holds the profile (running, whether or not its socket answers yet)."""
+    return daemon.gateway_running(profile_dir(args))
+
+
 async def with_gateway_or_client(
     args: argparse.Namespace, *, via_gateway: ViaGateway | None, direct: Direct
 ) -> int:
-    """Run the command through the running gateway if there is one, otherwise directly."""
+    """Run the command through the running gateway if there is one, otherwise directly.
+
+    A command the gateway gets a method for later changes from
+    ``with_client(args, work)`` to::
+
+        with_gateway_or_client(
+            args, via_gateway=lambda link: ..., direct=lambda: with_client(args, work)
+        )
+    """
     link = await open_link(profile_dir(args)) if via_gateway is not None else None
     if link is None or via_gateway is None:
         return await direct()

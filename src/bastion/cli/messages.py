@@ -28,7 +28,7 @@ from bastion.cli._common import (
     with_client,
     with_profile,
 )
-from bastion.cli._gateway import print_event_json, say, with_gateway_or_client
+from bastion.cli._gateway import gateway_holds, print_event_json, say, with_gateway_or_client
 from bastion.client import (
     Client,
     ConnectionStateEvent,
@@ -220,7 +220,7 @@ INBOX_ELSEWHERE = (
 
 
 async def cmd_inbox(args: argparse.Namespace) -> int:
-    async def via_gateway(link: GatewayLink) -> int:
+    async def via_gateway(link: GatewayLink | None) -> int:
         say(with_profile(INBOX_VIA_GATEWAY))
         return 0
 
@@ -235,9 +235,12 @@ async def cmd_inbox(args: argparse.Namespace) -> int:
             print_event(event, args.json, server_url=client.account.server_url)
         return 0
 
-    return await with_gateway_or_client(
-        args, via_gateway=via_gateway, direct=lambda: with_client(args, work, connect=False)
-    )
+    async def direct() -> int:
+        if gateway_holds(args):  # starting, or not answering: it receives all the same
+            return await via_gateway(None)
+        return await with_client(args, work, connect=False)
+
+    return await with_gateway_or_client(args, via_gateway=via_gateway, direct=direct)
 
 
 async def cmd_listen(args: argparse.Namespace) -> int:
@@ -277,9 +280,16 @@ async def cmd_listen(args: argparse.Namespace) -> int:
                 raise exc  # one that reconnecting cannot heal (a certificate that changed...)
         return 0
 
-    return await with_gateway_or_client(
-        args, via_gateway=via_gateway, direct=lambda: with_client(args, work, connect=False)
-    )
+    async def direct() -> int:
+        if gateway_holds(args):
+            # Receiving here would cut the gateway off, and it would cut this off in turn.
+            raise BastionError(
+                "a gateway runs for this profile but does not answer on its socket yet; "
+                "try again in a moment, or stop the gateway to listen without it"
+            )
+        return await with_client(args, work, connect=False)
+
+    return await with_gateway_or_client(args, via_gateway=via_gateway, direct=direct)
 
 
 async def listen_via_gateway(
