@@ -313,14 +313,14 @@ async def with_client(
 ) -> int:
     """Unlock the profile, optionally connect, run ``work``, and always clean up.
 
-    With ``receive``, the connection takes this device's deliveries unless
-    another process receives for the profile (a gateway, ``listen``, ``chat``):
-    taking over would cut it off, and it stores what arrives in the same profile.
+    A command that receives (``receive``) checks first that no gateway holds the
+    profile (:func:`bastion.cli._gateway.gateway_holds`): taking this device's
+    deliveries would cut the gateway off.
     """
     client = Client.open(profile_dir(args), passphrase())
     try:
         if connect:
-            await client.connect(receive=receive and not client.receiving_elsewhere())
+            await client.connect(receive=receive)
         return await work(client)
     finally:
         print_device_changes(client, bool(getattr(args, "json", False)))

@@ -14,6 +14,7 @@ from pathlib import Path
 import msgspec
 
 from bastion.cli._common import Subcommands, passphrase, profile_dir, with_client, with_profile
+from bastion.cli._gateway import gateway_holds
 from bastion.client import Client, comparison, devices, policy, trust, verification
 from bastion.display import escape_text
 from bastion.errors import BastionError
@@ -33,12 +34,6 @@ async def cmd_verify_sas(args: argparse.Namespace) -> int:
             answer = await asyncio.to_thread(input, "Do they match exactly? [y/N] ")
             return answer.strip().lower() in ("y", "yes")
 
-        if client.receiving_elsewhere():
-            raise BastionError(
-                "another program receives for this profile (a gateway, listen or chat): stop it "
-                f"to verify interactively, or compare safety numbers (bastion verify {args.user})"
-            )
-        await client.connect(receive=True)
         print(f"Waiting for {args.user} (they run: bastion verify {client.account.username} --sas)")
         pumping = asyncio.create_task(pump())
         try:
@@ -50,7 +45,13 @@ async def cmd_verify_sas(args: argparse.Namespace) -> int:
         print(f"{args.user} is verified.")
         return 0
 
-    return await with_client(args, work, connect=False)
+    if gateway_holds(args):
+        # Verifying needs this device's deliveries; taking them over would cut the gateway off.
+        raise BastionError(
+            "a gateway runs for this profile and receives its messages: stop it to verify "
+            f"interactively, or compare safety numbers (bastion verify {args.user})"
+        )
+    return await with_client(args, work, receive=True)
 
 
 async def cmd_verify(args: argparse.Namespace) -> int:

@@ -213,10 +213,6 @@ INBOX_VIA_GATEWAY = (
     "the gateway receives for this profile, so nothing waits here: new messages are in "
     "'bastion history USER', and 'bastion listen' prints them as they arrive"
 )
-INBOX_ELSEWHERE = (
-    "another program receives for this profile (listen or chat): new messages are in "
-    "'bastion history USER'"
-)
 
 
 async def cmd_inbox(args: argparse.Namespace) -> int:
@@ -225,11 +221,6 @@ async def cmd_inbox(args: argparse.Namespace) -> int:
         return 0
 
     async def work(client: Client) -> int:
-        if client.receiving_elsewhere():
-            # Taking over would cut it off; what arrives is stored in this profile anyway.
-            say(with_profile(INBOX_ELSEWHERE))
-            return 0
-        await client.connect(receive=True)
         receipts.enable(client)
         async for event in client.receive(until_synced=True):
             print_event(event, args.json, server_url=client.account.server_url)
@@ -238,7 +229,7 @@ async def cmd_inbox(args: argparse.Namespace) -> int:
     async def direct() -> int:
         if gateway_holds(args):  # starting, or not answering: it receives all the same
             return await via_gateway(None)
-        return await with_client(args, work, connect=False)
+        return await with_client(args, work, receive=True)
 
     return await with_gateway_or_client(args, via_gateway=via_gateway, direct=direct)
 
@@ -450,9 +441,9 @@ def add_commands(sub: Subcommands, common: argparse.ArgumentParser) -> None:
         parents=[common],
         help="receive what is waiting, then exit",
         description=(
-            "Receive what waits on the server, print it, then exit. While a gateway (or "
-            "listen, or chat) runs for the profile it receives everything as it comes, so "
-            "nothing waits: inbox says so and prints nothing; see history and listen."
+            "Receive what waits on the server, print it, then exit. While a gateway runs for "
+            "the profile it receives everything as it comes, so nothing waits: inbox says so "
+            "and prints nothing; see history and listen."
         ),
     )
     inbox.set_defaults(run=cmd_inbox)
