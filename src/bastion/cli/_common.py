@@ -45,6 +45,7 @@ EXIT_USAGE = 2
 EXIT_KEPT = 75  # sysexits' EX_TEMPFAIL: the message is kept and goes out on the next connection
 EXIT_INTERRUPTED = 130
 OFFLINE_CODES = frozenset({"disconnected", "timeout", "unreachable"})
+REFUSED = "refused by the server"  # the reason of a failed message the server gave none for
 # Commands a hint tells the user to run on this profile (not on another person's machine).
 HINT_RE = re.compile(r"bastion (?:verify|trust|contacts|file|outbox|inbox|history|group)\b[^)'\n]*")
 # The --profile of the running command, added to those hints (see set_hint_profile).
@@ -95,8 +96,29 @@ def message_json(record: HistoryRecord, verified: bool) -> dict[str, Any]:
     if record.direction == "out":
         out["state"] = record.state
         if record.state == "failed":
-            out["reason"] = record.reason or "refused by the server"
+            out["reason"] = record.reason or REFUSED
     return out
+
+
+def sent_json(record: HistoryRecord) -> dict[str, Any]:
+    """What ``send --json`` prints (and the gateway's ``send`` answers): stored, queued or kept."""
+    if record.state == "queued":
+        return {"type": "queued", "id": record.id.hex(), "to": record.peer, "state": "queued"}
+    if record.state == "pending":
+        return {"type": "kept", "id": record.id.hex(), "to": record.peer, "state": "pending"}
+    return {
+        "type": "sent",
+        "id": record.id.hex(),
+        "to": record.peer,
+        "state": "stored",
+        "server_ts": iso(record.server_ts),
+    }
+
+
+def refusal_json(record: HistoryRecord) -> dict[str, Any]:
+    """What ``send --json`` prints for a message the server refused (it shows as not sent)."""
+    reason = record.reason or REFUSED
+    return {"type": "refused", "id": record.id.hex(), "to": record.peer, "reason": reason}
 
 
 def event_json(event: Event) -> dict[str, Any]:
@@ -201,22 +223,41 @@ def describe_notice(
 
 
 def format_message(record: HistoryRecord) -> str:
-    """A message for a person: one line, and a marked line for each further line of its text.
+    """A message for a person (see :func:`render_message`, which reads its ``--json`` form)."""
+    return render_message(message_json(record, verified=False))
 
-    Controls and bidi characters in the names and the text are shown escaped
-    (:mod:`bastion.display`), so a message cannot fake another message's line.
+
+def render_message(message: dict[str, Any]) -> str:
+    """A message's ``--json`` form for a person: one line, and a marked line per further line.
+
+    The one formatter of a message, whether it comes from this process's client
+    or from the gateway. Controls and bidi characters in the names and the text
+    are shown escaped (:mod:`bastion.display`), so a message cannot fake another
+    message's line. Only messages this account sent carry a ``state``.
     """
-    when = datetime.datetime.fromtimestamp(record.sent_at / 1000, datetime.UTC)
-    who = "you" if record.direction == "out" else escape_text(record.sender)
-    to = f" -> {escape_text(record.peer)}" if record.direction == "out" else ""
-    line = f"[{when:%Y-%m-%d %H:%M:%S}Z] {who}{to}: {escape_body(record.text)}"
-    if record.direction == "out" and record.state == "failed":
-        line += f"  [NOT SENT: {escape_text(record.reason or 'refused by the server')}]"
-    elif record.direction == "out" and record.state == "pending":
+    when = datetime.datetime.fromisoformat(str(message["sent_at"]))
+    sender = str(message["from"])
+    state = message.get("state")
+    outgoing = state is not None
+    who = "you" if outgoing else escape_text(sender)
+    to = f" -> {escape_text(recipient(str(message['conversation']), sender))}" if outgoing else ""
+    line = f"[{when:%Y-%m-%d %H:%M:%S}Z] {who}{to}: {escape_body(str(message['text']))}"
+    if state == "failed":
+        line += f"  [NOT SENT: {escape_text(str(message.get('reason') or REFUSED))}]"
+    elif state == "pending":
         line += "  [kept: goes out on the next connection]"
-    elif record.direction == "out" and record.state == "queued":
+    elif state == "queued":
         line += "  [queued: goes out when the server can be reached]"
     return line
+
+
+def recipient(conversation: str, sender: str) -> str:
+    """Who a message of ``sender`` in ``conversation`` went to: the other user, or the group."""
+    kind, _, users = conversation.partition(":")
+    if kind != "dm":
+        return conversation
+    first, _, second = users.partition(",")
+    return second if first == sender else first
 
 
 # --- profile and passphrase ----------------------------------------------------------------------
@@ -270,7 +311,12 @@ async def with_client(
     connect: bool = True,
     receive: bool = False,
 ) -> int:
-    """Unlock the profile, optionally connect, run ``work``, and always clean up."""
+    """Unlock the profile, optionally connect, run ``work``, and always clean up.
+
+    A command that receives (``receive``) checks first that no gateway holds the
+    profile (:func:`bastion.cli._gateway.gateway_holds`): taking this device's
+    deliveries would cut the gateway off.
+    """
     client = Client.open(profile_dir(args), passphrase())
     try:
         if connect:

@@ -4,91 +4,158 @@ from __future__ import annotations
 
 import argparse
 import json
+from typing import Any
 
 from bastion.cli._common import Subcommands, pick_up_waiting, with_client
-from bastion.client import Client, Event, contacts, presence
+from bastion.cli._gateway import print_event_json, with_gateway_or_client
+from bastion.client import Client, Event, check_username, contacts, presence
 from bastion.display import escape_text
+from bastion.gateway.link import GatewayLink
 
 
-def _print_state(args: argparse.Namespace, state: str) -> None:
-    shown = contacts.shown_state(state)
+def print_contact(args: argparse.Namespace, contact: dict[str, Any]) -> None:
+    """A contact's new state (``{"type": "contact", "user", "state"}``)."""
     if args.json:
-        print(json.dumps({"type": "contact", "user": args.user, "state": shown}))
-    elif shown == "none":
-        print(f"{escape_text(args.user)} is not in your contacts")
+        print(json.dumps(contact))
+    elif contact["state"] == "none":
+        print(f"{escape_text(contact['user'])} is not in your contacts")
     else:
-        print(f"{escape_text(args.user)}: {shown}")
+        print(f"{escape_text(contact['user'])}: {contact['state']}")
+
+
+def contact_json(user: str, state: str) -> dict[str, Any]:
+    """A contact's new state as ``contacts add|accept|... --json`` prints it."""
+    return {"type": "contact", "user": user, "state": contacts.shown_state(state)}
+
+
+def contact_line(contact: dict[str, Any]) -> str:
+    """One line of ``contacts list`` for a person."""
+    status = f" ({contact['status']})" if contact.get("status") else ""
+    shown = contact["presence"] if contact["state"] == "accepted" else ""
+    note = f' "{contact["note"]}"' if contact.get("note") else ""
+    return escape_text(f"{contact['user']}  {contact['state']}  {shown}{status}{note}".rstrip())
 
 
 async def cmd_contacts_add(args: argparse.Namespace) -> int:
-    async def work(client: Client) -> int:
-        state = await contacts.request(client, args.user, args.note or "")
-        _print_state(args, state)
+    async def via_gateway(link: GatewayLink) -> int:
+        check_username(args.user)
+        params = {"user": args.user, **({"note": args.note} if args.note else {})}
+        print_contact(args, await link.call("contacts.add", **params))
         return 0
 
-    return await with_client(args, work)
+    async def work(client: Client) -> int:
+        state = await contacts.request(client, args.user, args.note or "")
+        print_contact(args, contact_json(args.user, state))
+        return 0
+
+    return await with_gateway_or_client(
+        args, via_gateway=via_gateway, direct=lambda: with_client(args, work)
+    )
 
 
 async def cmd_contacts_action(args: argparse.Namespace) -> int:
-    async def work(client: Client) -> int:
-        _print_state(args, await contacts.act(client, args.user, args.action))
+    async def via_gateway(link: GatewayLink) -> int:
+        check_username(args.user)
+        print_contact(args, await link.call(f"contacts.{args.action}", user=args.user))
         return 0
 
-    return await with_client(args, work)
+    async def work(client: Client) -> int:
+        state = await contacts.act(client, args.user, args.action)
+        print_contact(args, contact_json(args.user, state))
+        return 0
+
+    return await with_gateway_or_client(
+        args, via_gateway=via_gateway, direct=lambda: with_client(args, work)
+    )
 
 
 async def cmd_contacts_list(args: argparse.Namespace) -> int:
+    def print_list(listing: list[dict[str, Any]]) -> None:
+        for contact in listing:
+            print(json.dumps(contact) if args.json else contact_line(contact))
+
+    async def via_gateway(link: GatewayLink) -> int:
+        # The gateway received the requests and answers already: nothing waits on the server.
+        print_list(await link.call("contacts.list"))
+        return 0
+
     async def work(client: Client) -> int:
         def request_or_answer(event: Event) -> bool:
             return isinstance(event, (contacts.ContactRequestEvent, contacts.ContactChangedEvent))
 
         online = await pick_up_waiting(client, args, shown_by_list=request_or_answer)
         listing = await contacts.sync(client) if online else contacts.local_contacts(client)
-        for contact in listing:
-            if args.json:
-                print(json.dumps(contact.to_json()))
-            else:
-                status = f" ({contact.status})" if contact.status else ""
-                shown = contact.presence if contact.state == "accepted" else ""
-                note = f' "{contact.note}"' if contact.note else ""
-                line = f"{contact.user}  {contact.state}  {shown}{status}{note}".rstrip()
-                print(escape_text(line))
+        print_list([contact.to_json() for contact in listing])
         return 0
 
-    return await with_client(args, work, connect=False)
+    return await with_gateway_or_client(
+        args, via_gateway=via_gateway, direct=lambda: with_client(args, work, connect=False)
+    )
+
+
+def print_presence_set(args: argparse.Namespace, answer: dict[str, Any]) -> None:
+    """``presence set``'s answer, then a warning for each contact who could not be told."""
+    if args.json:
+        print(json.dumps(answer))
+    else:
+        status = f" ({escape_text(answer['status'])})" if answer.get("status") else ""
+        print(f"you are {answer['state']}{status}")
+    for user in answer.get("not_told", []):
+        print(f"warning: {escape_text(user)} could not be told", flush=True)
 
 
 async def cmd_presence_set(args: argparse.Namespace) -> int:
-    async def work(client: Client) -> int:
-        missed = await presence.set_presence(client, args.state, args.status)
-        if args.json:
-            print(json.dumps({"type": "presence_set", "state": args.state, "status": args.status}))
-        else:
-            status = f" ({escape_text(args.status)})" if args.status else ""
-            print(f"you are {args.state}{status}")
-        for user in missed:
-            print(f"warning: {escape_text(user)} could not be told", flush=True)
+    async def via_gateway(link: GatewayLink) -> int:
+        params = {"state": args.state, **({"status": args.status} if args.status else {})}
+        answer = await link.call("presence.set", **params)
+        print_presence_set(args, answer)
         return 0
 
-    return await with_client(args, work)
+    async def work(client: Client) -> int:
+        missed = await presence.set_presence(client, args.state, args.status)
+        print_presence_set(
+            args,
+            {
+                "type": "presence_set",
+                "state": args.state,
+                "status": args.status,
+                "not_told": missed,
+            },
+        )
+        return 0
+
+    return await with_gateway_or_client(
+        args, via_gateway=via_gateway, direct=lambda: with_client(args, work)
+    )
+
+
+def print_presence(args: argparse.Namespace, lines: list[dict[str, Any]]) -> None:
+    """``presence``: your own first (``presence_self``), then each contact's."""
+    for line in lines:
+        if args.json:
+            print(json.dumps(line))
+        elif line.get("type") == "presence_self":
+            status = f" ({escape_text(line['status'])})" if line.get("status") else ""
+            print(f"you are {line['state']}{status}")
+        else:
+            print_event_json(line, args.json)
 
 
 async def cmd_presence_show(args: argparse.Namespace) -> int:
+    async def via_gateway(link: GatewayLink) -> int:
+        print_presence(args, await link.call("presence.show"))
+        return 0
+
     async def work(client: Client) -> int:
         mine = presence.own(client)
         events = await presence.watch(client)
-        if args.json:
-            print(json.dumps({"type": "presence_self", "state": mine.state, "status": mine.status}))
-            for event in events:
-                print(json.dumps(event.to_json()))
-        else:
-            status = f" ({escape_text(mine.status)})" if mine.status else ""
-            print(f"you are {mine.state}{status}")
-            for event in events:
-                print(escape_text(event.describe()))
+        own = {"type": "presence_self", "state": mine.state, "status": mine.status}
+        print_presence(args, [own, *(event.to_json() for event in events)])
         return 0
 
-    return await with_client(args, work)
+    return await with_gateway_or_client(
+        args, via_gateway=via_gateway, direct=lambda: with_client(args, work)
+    )
 
 
 def add_commands(sub: Subcommands, common: argparse.ArgumentParser) -> None:

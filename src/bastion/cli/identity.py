@@ -15,6 +15,7 @@ from typing import Any
 import msgspec
 
 from bastion.cli._common import Subcommands, passphrase, profile_dir, with_client, with_profile
+from bastion.cli._gateway import gateway_holds
 from bastion.client import Client, comparison, devices, policy, trust, verification
 from bastion.display import escape_text
 from bastion.errors import BastionError
@@ -45,6 +46,12 @@ async def cmd_verify_sas(args: argparse.Namespace) -> int:
         print(f"{args.user} is verified.")
         return 0
 
+    if gateway_holds(args):
+        # Verifying needs this device's deliveries; taking them over would cut the gateway off.
+        raise BastionError(
+            "a gateway runs for this profile and receives its messages: stop it to verify "
+            f"interactively, or compare safety numbers (bastion verify {args.user})"
+        )
     return await with_client(args, work, receive=True)
 
 

@@ -8,23 +8,27 @@ import contextlib
 import json
 import signal
 import sys
+from typing import Any
 
 from bastion.cli import groups as cli_groups
 from bastion.cli._common import (
     EXIT_ERROR,
     EXIT_KEPT,
     OFFLINE_CODES,
+    REFUSED,
     Subcommands,
-    format_message,
-    iso,
     message_json,
     passphrase,
     pick_up_waiting,
     print_event,
     profile_dir,
+    refusal_json,
+    render_message,
+    sent_json,
     with_client,
     with_profile,
 )
+from bastion.cli._gateway import gateway_holds, print_event_json, say, with_gateway_or_client
 from bastion.client import (
     Client,
     ConnectionStateEvent,
@@ -32,12 +36,15 @@ from bastion.client import (
     HistoryRecord,
     MessageEvent,
     SendRefusedError,
+    check_text,
+    check_username,
     outbox,
     presence,
     receipts,
 )
 from bastion.display import escape_text
 from bastion.errors import BastionError, ServerRefusedError
+from bastion.gateway.link import GatewayError, GatewayLink
 
 RECONNECT_S = 5.0  # how long ``send`` tries to reconnect when the connection drops mid-send
 
@@ -79,6 +86,18 @@ async def cmd_send(args: argparse.Namespace) -> int:
     if args.user is None or args.text is None:
         raise BastionError("usage: bastion send USER TEXT (or --group GROUP TEXT)")
 
+    async def via_gateway(link: GatewayLink) -> int:
+        # Checked here as the direct path does, so a mistake reads the same either way.
+        check_username(args.user)
+        check_text(args.text)
+        try:
+            answer = await link.call("send", to=args.user, text=args.text)
+        except GatewayError as exc:
+            if exc.code != "refused":
+                raise
+            return report_refused(args, exc.data)
+        return report_sent(args, answer)
+
     async def work(client: Client) -> int:
         # A kept copy of this very message went out as we connected: do not send it twice.
         record = outbox.take_flushed(client, args.user, args.text)
@@ -86,32 +105,37 @@ async def cmd_send(args: argparse.Namespace) -> int:
             try:
                 record = await client.send_text(args.user, args.text)
             except SendRefusedError as exc:
-                return report_refused(args, exc.record)
+                return report_refused(args, refusal_json(exc.record))
             except ServerRefusedError as exc:
                 if exc.code not in OFFLINE_CODES:
                     raise
                 record = await confirm_after_drop(client, args.user, args.text)
         if record.state == "failed":
-            return report_refused(args, record)
-        if record.state == "pending":
-            return report_kept(args, record)
-        if args.json:
-            print(
-                json.dumps(
-                    {
-                        "type": "sent",
-                        "id": record.id.hex(),
-                        "to": args.user,
-                        "state": "stored",
-                        "server_ts": iso(record.server_ts),
-                    }
-                )
-            )
-        else:
-            print(f"stored on the server for {args.user}; their devices receive it as they connect")
-        return 0
+            return report_refused(args, refusal_json(record))
+        return report_sent(args, sent_json(record))
 
-    return await with_client(args, work)
+    return await with_gateway_or_client(
+        args, via_gateway=via_gateway, direct=lambda: with_client(args, work)
+    )
+
+
+def report_sent(args: argparse.Namespace, sent: dict[str, Any]) -> int:
+    """Say where the message is: stored on the server, queued by the gateway, or kept."""
+    if sent["type"] == "kept":
+        return report_kept(args, sent)
+    if args.json:
+        print(json.dumps(sent))
+    elif sent["type"] == "queued":
+        print(
+            f"queued for {escape_text(sent['to'])}: the server cannot be reached right now; "
+            "it goes out when the server can be reached"
+        )
+    else:
+        print(
+            f"stored on the server for {escape_text(sent['to'])}; "
+            "their devices receive it as they connect"
+        )
+    return 0
 
 
 async def confirm_after_drop(client: Client, to: str, text: str) -> HistoryRecord:
@@ -140,23 +164,19 @@ async def confirm_after_drop(client: Client, to: str, text: str) -> HistoryRecor
     return client.message(record.id) or record
 
 
-def report_refused(args: argparse.Namespace, record: HistoryRecord) -> int:
+def report_refused(args: argparse.Namespace, refusal: dict[str, Any]) -> int:
     """Say that the server refused the message, and why; it shows as not sent in history."""
-    reason = record.reason or "refused by the server"
     if args.json:
-        print(
-            json.dumps(
-                {"type": "refused", "id": record.id.hex(), "to": record.peer, "reason": reason}
-            )
-        )
+        print(json.dumps(refusal))
+    reason = str(refusal.get("reason") or REFUSED)
     print(f"error: not sent: the server refused it: {escape_text(reason)}", file=sys.stderr)
     return EXIT_ERROR
 
 
-def report_kept(args: argparse.Namespace, record: HistoryRecord) -> int:
+def report_kept(args: argparse.Namespace, kept: dict[str, Any]) -> int:
     """Say that the message is kept for the next connection (exit status EXIT_KEPT)."""
     if args.json:
-        print(json.dumps({"type": "kept", "id": record.id.hex(), "to": record.peer}))
+        print(json.dumps(kept))
     print(
         with_profile(
             "warning: the connection to the server was lost before it confirmed the message; "
@@ -168,26 +188,50 @@ def report_kept(args: argparse.Namespace, record: HistoryRecord) -> int:
     return EXIT_KEPT
 
 
+def print_messages(args: argparse.Namespace, messages: list[dict[str, Any]]) -> None:
+    """Print messages in their ``--json`` form, or for a person."""
+    for message in messages:
+        print(json.dumps(message) if args.json else render_message(message))
+
+
 async def cmd_outbox(args: argparse.Namespace) -> int:
-    async def work(client: Client) -> int:
-        for record in [*outbox.kept_messages(client), *outbox.queued_messages(client)]:
-            if args.json:
-                print(json.dumps(message_json(record, verified=False)))
-            else:
-                print(format_message(record))
+    async def via_gateway(link: GatewayLink) -> int:
+        print_messages(args, await link.call("outbox"))
         return 0
 
-    return await with_client(args, work, connect=False)
+    async def work(client: Client) -> int:
+        records = [*outbox.kept_messages(client), *outbox.queued_messages(client)]
+        print_messages(args, [message_json(r, verified=False) for r in records])
+        return 0
+
+    return await with_gateway_or_client(
+        args, via_gateway=via_gateway, direct=lambda: with_client(args, work, connect=False)
+    )
+
+
+INBOX_VIA_GATEWAY = (
+    "the gateway receives for this profile, so nothing waits here: new messages are in "
+    "'bastion history USER', and 'bastion listen' prints them as they arrive"
+)
 
 
 async def cmd_inbox(args: argparse.Namespace) -> int:
+    async def via_gateway(link: GatewayLink | None) -> int:
+        say(with_profile(INBOX_VIA_GATEWAY))
+        return 0
+
     async def work(client: Client) -> int:
         receipts.enable(client)
         async for event in client.receive(until_synced=True):
             print_event(event, args.json, server_url=client.account.server_url)
         return 0
 
-    return await with_client(args, work, receive=True)
+    async def direct() -> int:
+        if gateway_holds(args):  # starting, or not answering: it receives all the same
+            return await via_gateway(None)
+        return await with_client(args, work, receive=True)
+
+    return await with_gateway_or_client(args, via_gateway=via_gateway, direct=direct)
 
 
 async def cmd_listen(args: argparse.Namespace) -> int:
@@ -195,6 +239,9 @@ async def cmd_listen(args: argparse.Namespace) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+
+    async def via_gateway(link: GatewayLink) -> int:
+        return await listen_via_gateway(link, args, stop)
 
     async def work(client: Client) -> int:
         receipts.enable(client)
@@ -224,7 +271,66 @@ async def cmd_listen(args: argparse.Namespace) -> int:
                 raise exc  # one that reconnecting cannot heal (a certificate that changed...)
         return 0
 
-    return await with_client(args, work, connect=False)
+    async def direct() -> int:
+        if gateway_holds(args):
+            # Receiving here would cut the gateway off, and it would cut this off in turn.
+            raise BastionError(
+                "a gateway runs for this profile but does not answer on its socket yet; "
+                "try again in a moment, or stop the gateway to listen without it"
+            )
+        return await with_client(args, work, connect=False)
+
+    return await with_gateway_or_client(args, via_gateway=via_gateway, direct=direct)
+
+
+async def listen_via_gateway(
+    link: GatewayLink, args: argparse.Namespace, stop: asyncio.Event
+) -> int:
+    """Print the gateway's events as ``listen`` prints its own, until stopped or the gateway ends.
+
+    Like a fresh connection, it starts with who is online. Connection lines are
+    the gateway's: with ``--json`` each one, otherwise a warning when it is lost
+    and a line when it is back.
+    """
+    status = await link.call("status")
+    server_url = str(status.get("server", ""))
+    subscribed = await link.call("subscribe")
+    if subscribed.get("connection") == "connected":
+        for line in await link.call("presence.show"):
+            if line.get("type") != "presence_self":
+                print_event_json(line, args.json)
+
+    async def pump() -> None:
+        async for event in link.events():
+            if event.get("type") == "connection":
+                report_gateway_connection(args, event)
+            else:
+                print_event_json(event, args.json, server_url=server_url)
+
+    pump_task = asyncio.create_task(pump())
+    stop_task = asyncio.create_task(stop.wait())
+    await asyncio.wait({pump_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
+    for task in (pump_task, stop_task):
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    if stop.is_set():
+        return 0
+    raise BastionError("the gateway stopped; run 'bastion listen' again to listen without it")
+
+
+def report_gateway_connection(args: argparse.Namespace, event: dict[str, Any]) -> None:
+    """The gateway's ``connection`` event, as :func:`report_connection` shows this process's."""
+    if args.json:
+        print(json.dumps(event), flush=True)
+    elif event.get("state") == "reconnecting":
+        retry = float(event.get("retry_in_s", 0.0))
+        reason = escape_text(str(event.get("reason", "")))
+        say(f"warning: {reason}; reconnecting in {retry:.1f} s")
+    elif event.get("state") == "connected":
+        say("connected again")
+    elif event.get("state") == "stopped":
+        say(f"warning: the gateway stopped: {escape_text(str(event.get('reason', '')))}")
 
 
 async def print_presence(client: Client, args: argparse.Namespace) -> None:
@@ -262,6 +368,12 @@ def report_connection(args: argparse.Namespace, event: ConnectionStateEvent) -> 
 
 
 async def cmd_history(args: argparse.Namespace) -> int:
+    async def via_gateway(link: GatewayLink) -> int:
+        # The gateway received and stored everything already: nothing waits on the server.
+        check_username(args.user)
+        print_messages(args, await link.call("history", user=args.user))
+        return 0
+
     async def work(client: Client) -> int:
         contact = client.contact(args.user)
         verified = contact is not None and contact.trust == "verified"
@@ -270,17 +382,19 @@ async def cmd_history(args: argparse.Namespace) -> int:
             return isinstance(event, MessageEvent) and event.record.peer == args.user
 
         await pick_up_waiting(client, args, shown_by_list=in_this_conversation)
-        for record in client.history(args.user):
-            if args.json:
-                print(json.dumps(message_json(record, verified)))
-            else:
-                print(format_message(record))
+        print_messages(args, [message_json(r, verified) for r in client.history(args.user)])
         return 0
 
-    return await with_client(args, work, connect=False)
+    return await with_gateway_or_client(
+        args, via_gateway=via_gateway, direct=lambda: with_client(args, work, connect=False)
+    )
 
 
 async def cmd_whoami(args: argparse.Namespace) -> int:
+    async def via_gateway(link: GatewayLink) -> int:
+        print_whoami(args, await link.call("whoami"))
+        return 0
+
     async def work(client: Client) -> int:
         a = client.account
         info = {
@@ -291,14 +405,20 @@ async def cmd_whoami(args: argparse.Namespace) -> int:
             "fingerprint": a.fingerprint,
             "rejected_messages": client.stats().rejected,
         }
-        if args.json:
-            print(json.dumps(info))
-        else:
-            print(f"{a.username} on {a.server_url} (device {a.device_id})")
-            print(f"server certificate: {a.fingerprint}")
+        print_whoami(args, info)
         return 0
 
-    return await with_client(args, work, connect=False)
+    return await with_gateway_or_client(
+        args, via_gateway=via_gateway, direct=lambda: with_client(args, work, connect=False)
+    )
+
+
+def print_whoami(args: argparse.Namespace, info: dict[str, Any]) -> None:
+    if args.json:
+        print(json.dumps(info))
+    else:
+        print(f"{info['user']} on {info['server']} (device {info['device']})")
+        print(f"server certificate: {info['fingerprint']}")
 
 
 def add_commands(sub: Subcommands, common: argparse.ArgumentParser) -> None:
@@ -316,9 +436,27 @@ def add_commands(sub: Subcommands, common: argparse.ArgumentParser) -> None:
     send.add_argument("--group", help="send TEXT to this group (id or name) instead")
     send.set_defaults(run=cmd_send)
 
-    inbox = sub.add_parser("inbox", parents=[common], help="receive what is waiting, then exit")
+    inbox = sub.add_parser(
+        "inbox",
+        parents=[common],
+        help="receive what is waiting, then exit",
+        description=(
+            "Receive what waits on the server, print it, then exit. While a gateway runs for "
+            "the profile it receives everything as it comes, so nothing waits: inbox says so "
+            "and prints nothing; see history and listen."
+        ),
+    )
     inbox.set_defaults(run=cmd_inbox)
-    listen = sub.add_parser("listen", parents=[common], help="stay connected and print messages")
+    listen = sub.add_parser(
+        "listen",
+        parents=[common],
+        help="stay connected and print messages",
+        description=(
+            "Stay connected and print what arrives. While a gateway runs for the profile, "
+            "listen prints the gateway's events instead of connecting, and ends (exit 1) "
+            "when the gateway stops."
+        ),
+    )
     listen.set_defaults(run=cmd_listen)
     kept = sub.add_parser(
         "outbox", parents=[common], help="list messages kept until the server confirms them"

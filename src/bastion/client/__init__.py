@@ -25,7 +25,7 @@ from bastion.client import (
 )
 from bastion.client._default import DEFAULT_FEATURES, Client, open_client
 from bastion.client._util import UNANSWERED, USERNAME_RE, check_username, now_ms
-from bastion.client.client import SendRefusedError
+from bastion.client.client import SendRefusedError, check_text
 from bastion.client.events import (
     ConnectionStateEvent,
     DevicesChangedEvent,
@@ -62,6 +62,7 @@ __all__ = [
     "SendRefusedError",
     "WarningEvent",
     "check_new_passphrase",
+    "check_text",
     "check_username",
     "comparison",
     "contacts",

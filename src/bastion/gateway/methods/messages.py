@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from bastion.cli._common import OFFLINE_CODES, iso, message_json
+from bastion.cli._common import OFFLINE_CODES, message_json, refusal_json, sent_json
 from bastion.client import HistoryRecord, SendRefusedError, outbox
 from bastion.errors import ServerRefusedError
 from bastion.gateway.context import GatewayContext
@@ -12,29 +12,10 @@ from bastion.gateway.methods._base import ContextMethod
 from bastion.gateway.rpc import MethodError, Session
 
 
-def sent_json(record: HistoryRecord) -> dict[str, Any]:
-    """What ``send`` answers: the message's id, recipient and state, as ``bastion send --json``."""
-    if record.state == "queued":
-        return {"type": "queued", "id": record.id.hex(), "to": record.peer, "state": "queued"}
-    if record.state == "pending":
-        return {"type": "kept", "id": record.id.hex(), "to": record.peer, "state": "pending"}
-    return {
-        "type": "sent",
-        "id": record.id.hex(),
-        "to": record.peer,
-        "state": "stored",
-        "server_ts": iso(record.server_ts),
-    }
-
-
 def refused(record: HistoryRecord) -> MethodError:
     """The error of a send the server refused; the message shows as not sent in history."""
-    reason = record.reason or "refused by the server"
-    return MethodError(
-        "refused",
-        f"not sent: the server refused it: {reason}",
-        {"type": "refused", "id": record.id.hex(), "to": record.peer, "reason": reason},
-    )
+    refusal = refusal_json(record)
+    return MethodError("refused", f"not sent: the server refused it: {refusal['reason']}", refusal)
 
 
 async def send(ctx: GatewayContext, session: Session, params: dict[str, Any]) -> dict[str, Any]:
