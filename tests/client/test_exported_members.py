@@ -31,6 +31,7 @@ EXPECTED = [
     "SendRefusedError",
     "WarningEvent",
     "check_new_passphrase",
+    "check_text",
     "check_username",
     "comparison",
     "contacts",

@@ -37,7 +37,7 @@ from bastion.client import (
     receipts,
     verification,
 )
-from bastion.gateway.daemon import hold_lock
+from bastion.gateway.paths import hold_lock
 from bastion.server.audit.log import AUDIT_DIR, read_records
 from tests.conftest import REPO, ServerProcess
 from tests.gateway.support import Events, GatewayProcess, pair, subscribed

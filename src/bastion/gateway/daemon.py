@@ -30,18 +30,13 @@ from bastion.client import (
     presence,
     receipts,
 )
-from bastion.errors import ConfigError, ServerRefusedError
+from bastion.errors import ServerRefusedError
 from bastion.gateway import methods, paths
 from bastion.gateway.context import GatewayContext
 from bastion.gateway.http import HttpDoor
 from bastion.gateway.irc import IrcDoor
 from bastion.gateway.rpc import Dispatcher
 from bastion.gateway.unix import UnixDoor
-
-try:
-    import fcntl
-except ImportError:  # pragma: no cover - not on POSIX
-    fcntl = None  # type: ignore[assignment]
 
 log = logging.getLogger(__name__)
 OFFLINE_CODES = frozenset({"disconnected", "timeout", "unreachable"})
@@ -115,33 +110,6 @@ def build_doors(
     return doors, http, irc
 
 
-def hold_lock(profile_dir: Path) -> int | None:
-    """Take the profile's gateway lock; raises ConfigError when another gateway holds it."""
-    if fcntl is None:
-        return None
-    fd = os.open(profile_dir / paths.LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        os.close(fd)
-        raise ConfigError("a gateway is already running for this profile") from None
-    return fd
-
-
-def gateway_running(profile_dir: Path) -> bool:
-    """Whether a gateway holds this profile's lock right now."""
-    if fcntl is None or not (profile_dir / paths.LOCK_FILE).exists():
-        return False
-    fd = os.open(profile_dir / paths.LOCK_FILE, os.O_RDWR)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        return True
-    finally:
-        os.close(fd)
-    return False
-
-
 async def run(
     client: Client,
     options: GatewayOptions,
@@ -158,7 +126,7 @@ async def run(
     """
     profile_dir = client.profile.path
     paths.check_private_folder(profile_dir)
-    lock = hold_lock(profile_dir)
+    lock = paths.hold_lock(profile_dir)
     ctx = GatewayContext(client=client, started_at=time.monotonic())
     dispatcher = Dispatcher(methods.table(ctx))
     token = paths.new_token(profile_dir)
@@ -282,4 +250,4 @@ def sent_states(sent: Any, failed: Any, out: Callable[[dict[str, Any]], None]) -
         out(message_json(record, verified=False))
 
 
-__all__ = ["Event", "GatewayOptions", "Ready", "gateway_running", "run"]
+__all__ = ["Event", "GatewayOptions", "Ready", "run"]

@@ -15,6 +15,11 @@ from pathlib import Path
 
 from bastion.errors import ConfigError
 
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not on POSIX
+    fcntl = None  # type: ignore[assignment]
+
 SOCKET_FILE = "gateway.sock"
 TOKEN_FILE = "gateway.token"  # noqa: S105 - the file name, not a token
 LOCK_FILE = "gateway.lock"
@@ -78,3 +83,30 @@ def token_matches(given: str | bytes | None, token: str) -> bool:
         return False
     raw = given.encode() if isinstance(given, str) else given
     return secrets.compare_digest(raw, token.encode())
+
+
+def hold_lock(profile_dir: Path) -> int | None:
+    """Take the profile's gateway lock; raises ConfigError when another gateway holds it."""
+    if fcntl is None:
+        return None
+    fd = os.open(profile_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise ConfigError("a gateway is already running for this profile") from None
+    return fd
+
+
+def gateway_running(profile_dir: Path) -> bool:
+    """Whether a gateway holds this profile's lock right now."""
+    if fcntl is None or not (profile_dir / LOCK_FILE).exists():
+        return False
+    fd = os.open(profile_dir / LOCK_FILE, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
+    return False
