@@ -6,7 +6,8 @@ contacts, then measures, one message at a time, the time from a send until the
 receiver has the message:
 
 1. ``library``: alice's :class:`~bastion.client.Client` sends with ``send_text``;
-   bob's client, connected and receiving in the same process, yields it;
+   bob's client, connected and receiving in the same process, yields it (both
+   receive and send delivery receipts, as the gateway does);
 2. ``gateway``: the same two profiles, each served by its own ``bastion gateway``
    process; alice's front end calls ``send`` on her gateway's Unix socket, bob's
    front end is subscribed to his gateway's events on its socket.
@@ -47,7 +48,7 @@ from typing import Any
 from _load import process_cpu_s
 from _report import BenchmarkError
 from _servers import ServerUnderTest
-from bastion.client import Client, MessageEvent, contacts
+from bastion.client import Client, MessageEvent, contacts, receipts
 from bastion.gateway.link import GatewayLink
 
 PASSPHRASE = "benchmark passphrase, not a secret"
@@ -98,15 +99,22 @@ async def library_round_trips(paths: tuple[Path, Path], count: int) -> list[floa
     bob = Client.open(paths[1], PASSPHRASE)
     arrived: dict[str, asyncio.Event] = {}
     try:
-        await alice.connect(receive=False)
-        await bob.connect(receive=True)
+        # Both receive and send delivery receipts, as a gateway (and any front end) does.
+        for client in (alice, bob):
+            receipts.enable(client)
+            await client.connect(receive=True)
 
         async def receive() -> None:
             async for event in bob.receive():
                 if isinstance(event, MessageEvent) and event.record.text in arrived:
                     arrived[event.record.text].set()
 
+        async def drain_alice() -> None:
+            async for _event in alice.receive():
+                pass  # bob's receipts: marks her messages delivered
+
         receiver = asyncio.create_task(receive())
+        alice_receiver = asyncio.create_task(drain_alice())
         samples = []
         for i in range(count):
             text = f"library {i}"
@@ -115,9 +123,10 @@ async def library_round_trips(paths: tuple[Path, Path], count: int) -> list[floa
             await alice.send_text("bob", text)
             await asyncio.wait_for(arrived[text].wait(), 30)
             samples.append(time.perf_counter() - started)
-        receiver.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await receiver
+        for task in (receiver, alice_receiver):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         return samples
     finally:
         await alice.close()
