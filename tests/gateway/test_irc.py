@@ -141,7 +141,10 @@ def two(server: ServerProcess, tmp_path: Path) -> tuple[Path, Path]:
 
 def started(profile: Path) -> GatewayProcess:
     gw = GatewayProcess(profile, "--irc", "0")
-    gw.start()
+    # Files fetched through the door land here, not in the real user's downloads folder.
+    downloads = profile.parent / f"{profile.name}-downloads"
+    downloads.mkdir(exist_ok=True)
+    gw.start(env={"XDG_DOWNLOAD_DIR": str(downloads)})
     return gw
 
 
@@ -518,7 +521,7 @@ def test_splitting_keeps_characters_whole_and_prefers_spaces() -> None:
     assert all(len(p.encode()) <= 9 for p in pieces)
 
 
-async def test_a_file_offer_is_a_notice_with_the_command_to_fetch_it(
+async def test_a_file_offer_is_a_notice_and_the_service_fetches_it_with_its_verdict(
     two: tuple[Path, Path], tmp_path: Path
 ) -> None:
     alice, bob = two
@@ -538,7 +541,20 @@ async def test_a_file_offer_is_a_notice_with_the_command_to_fetch_it(
                 if x.strip()
             ]
             assert offer.startswith("bob offers the file 'notes.txt'")
-            assert offer.endswith(f"bastion file get {listed['id']}")
+            assert f"bastion file get {listed['id']}" in offer
+            assert offer.endswith(f"/msg *bastion get {listed['id']})")
+
+            a.send(f"PRIVMSG *bastion :get {listed['id']}")
+            await until(lambda: any("scan verdict" in n for n in a.notices()), "the verdict")
+            verdict = next(n for n in a.notices() if "scan verdict" in n)
+            saved = alice.parent / "alice-downloads" / "notes.txt"
+            assert "scan verdict: clean" in verdict
+            assert verdict.endswith(f"saved to {saved}")
+            assert saved.read_text() == "the plan\n"
+            a.send("PRIVMSG *bastion :files")
+            await until(
+                lambda: sum(f"file {listed['id']}" in n for n in a.notices()) >= 2, "the list"
+            )
 
 
 async def test_direct_messages_are_queued_in_order_while_the_server_is_away(

@@ -40,6 +40,7 @@ from bastion.gateway.irc.protocol import (
     user_prefix,
 )
 from bastion.gateway.methods import contacts as contact_methods
+from bastion.gateway.methods import files as file_methods
 from bastion.gateway.methods import messages as message_methods
 from bastion.gateway.rpc import MethodError
 
@@ -413,10 +414,7 @@ class IrcSession:
 
     async def privmsg(self, target: str, raw: str) -> None:
         if target.lower() == SERVICE:
-            await self.notice(
-                "I am the gateway. /query USER to message a contact, /join #name to open or "
-                "create a group, /whois USER for a safety number; see docs/gateway.md."
-            )
+            await self.service_command(raw)
             return
         text = outgoing_text(raw, self.me)
         if text is None:
@@ -429,6 +427,55 @@ class IrcSession:
             await self.send_group(target, text)
         else:
             await self.send_direct(target, text)
+
+    async def service_command(self, raw: str) -> None:
+        """What ``/msg *bastion ...`` asks for: the file list, fetching a file, or help."""
+        words = raw.split()
+        command = words[0].lower() if words else ""
+        if command == "files" and len(words) == 1:
+            listing = await file_methods.files_list(self.ctx, self.rpc, {})
+            if not listing:
+                await self.notice("no files were offered to you")
+            for item in listing:
+                await self.notice(self.file_line(item))
+            return
+        if command == "get" and len(words) == 2:
+            params = {"id": words[1]}
+            problem = rpc.check_params("files.get", params)
+            if problem is not None:
+                await self.notice(f"not fetched: {problem}")
+                return
+            await self.notice(f"fetching {clean_name(words[1])}: downloading, checking, scanning")
+            try:
+                got = await file_methods.files_get(self.ctx, self.rpc, params)
+            except (BastionError, ValueError) as exc:
+                await self.notice(f"not fetched: {exc}")
+                return
+            await self.notice(self.file_line(got))
+            return
+        await self.notice(
+            "I am the gateway. /query USER to message a contact, /join #name to open or "
+            "create a group, /whois USER for a safety number. To me: 'files' lists the files "
+            "offered to you with their scan verdicts, 'get ID' downloads, checks and scans one "
+            "(saved only if clean); see docs/gateway.md."
+        )
+
+    @staticmethod
+    def file_line(item: dict[str, Any]) -> str:
+        """One file with its state and the scan's verdict, for a NOTICE."""
+        verdict = item.get("verdict")
+        reasons = "; ".join(str(r) for r in item.get("reasons") or [])
+        line = (
+            f"file {item.get('id')} from {item.get('from')}: {item.get('name')!r}, "
+            f"{item.get('size')} bytes, {item.get('state')}"
+        )
+        if verdict:
+            line += f", scan verdict: {verdict}" + (f" ({reasons})" if reasons else "")
+        if item.get("saved_to"):
+            line += f", saved to {item.get('saved_to')}"
+        elif verdict and verdict != "clean":
+            line += ", NOT saved: it stays in quarantine (bastion file get ID --allow-blocked)"
+        return line
 
     async def send_direct(self, target: str, text: str) -> None:
         if not USERNAME_RE.fullmatch(target):
@@ -998,7 +1045,8 @@ class IrcSession:
             return (
                 f"{who} offers the file {clean_name(str(event.get('name')))!r} "
                 f"({event.get('size')} bytes); to download and check it: "
-                f"bastion file get {clean_name(str(event.get('id')))}"
+                f"bastion file get {clean_name(str(event.get('id')))} "
+                f"(or /msg {SERVICE} get {clean_name(str(event.get('id')))})"
             )
         if kind == "contact_request":
             note = clean_name(str(event.get("note") or ""))
