@@ -78,7 +78,7 @@ class GatewayProcess:
             return self.proc.returncode if self.proc else 0
         self.proc.send_signal(signal.SIGTERM)
         try:
-            return self.proc.wait(timeout=20)
+            return self.proc.wait(timeout=45)  # closing waits up to 5 s per connection
         finally:
             if self.proc.stdout is not None:
                 self.proc.stdout.close()
