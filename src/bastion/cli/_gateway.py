@@ -60,6 +60,11 @@ async def open_link(folder: Path) -> GatewayLink | None:
     return link
 
 
+def absolute(path: str | Path) -> str:
+    """A path the user gave, made absolute here: the gateway's working folder is not theirs."""
+    return str(Path(path).absolute())
+
+
 def gateway_holds(args: argparse.Namespace) -> bool:
     """Whether a gateway holds the profile (running, whether or not its socket answers yet)."""
     return daemon.gateway_running(profile_dir(args))
