@@ -36,7 +36,7 @@ from bastion.client import (
     verification,
 )
 from bastion.errors import BastionError
-from bastion.gateway import daemon
+from bastion.gateway import paths
 from bastion.gateway.link import GatewayLink
 
 PROBE_S = 2.0  # how long a running gateway has to answer before the command goes direct
@@ -47,7 +47,7 @@ Direct = Callable[[], Awaitable[int]]
 
 async def open_link(folder: Path) -> GatewayLink | None:
     """A link to the profile's gateway; None when none runs or it does not answer in time."""
-    if not daemon.gateway_running(folder):
+    if not paths.gateway_running(folder):
         return None
     link: GatewayLink | None = None
     try:
@@ -67,7 +67,7 @@ def absolute(path: str | Path) -> str:
 
 def gateway_holds(args: argparse.Namespace) -> bool:
     """Whether a gateway holds the profile (running, whether or not its socket answers yet)."""
-    return daemon.gateway_running(profile_dir(args))
+    return paths.gateway_running(profile_dir(args))
 
 
 async def with_gateway_or_client(

@@ -12,7 +12,7 @@ from pathlib import Path
 from bastion.cli._common import Subcommands, passphrase, profile_dir
 from bastion.client import Client
 from bastion.errors import ConfigError
-from bastion.gateway import daemon, http, unlock
+from bastion.gateway import daemon, http, paths, unlock
 from bastion.gateway.daemon import GatewayOptions, Ready
 from bastion.gateway.irc import check_host
 from bastion.gateway.notify import Notifier
@@ -55,7 +55,7 @@ def options_from(args: argparse.Namespace) -> GatewayOptions:
 async def cmd_gateway(args: argparse.Namespace) -> int:
     options = options_from(args)
     folder = profile_dir(args)
-    if daemon.gateway_running(folder):
+    if paths.gateway_running(folder):
         raise ConfigError("a gateway is already running for this profile")
     secret = unlock.passphrase_for(folder, use_keyring=args.keyring, ask=passphrase)
     client = Client.open(folder, secret)

@@ -128,20 +128,6 @@ def hold_lock(profile_dir: Path) -> int | None:
     return fd
 
 
-def gateway_running(profile_dir: Path) -> bool:
-    """Whether a gateway holds this profile's lock right now."""
-    if fcntl is None or not (profile_dir / paths.LOCK_FILE).exists():
-        return False
-    fd = os.open(profile_dir / paths.LOCK_FILE, os.O_RDWR)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        return True
-    finally:
-        os.close(fd)
-    return False
-
-
 async def run(
     client: Client,
     options: GatewayOptions,
@@ -282,4 +268,4 @@ def sent_states(sent: Any, failed: Any, out: Callable[[dict[str, Any]], None]) -
         out(message_json(record, verified=False))
 
 
-__all__ = ["Event", "GatewayOptions", "Ready", "gateway_running", "run"]
+__all__ = ["Event", "GatewayOptions", "Ready", "run"]

@@ -15,11 +15,34 @@ from pathlib import Path
 
 from bastion.errors import ConfigError
 
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not on POSIX
+    fcntl = None  # type: ignore[assignment]
+
 SOCKET_FILE = "gateway.sock"
 TOKEN_FILE = "gateway.token"  # noqa: S105 - the file name, not a token
 LOCK_FILE = "gateway.lock"
 SUN_PATH_MAX = 104  # sockaddr_un.sun_path: 108 on Linux, 104 on macOS and the BSDs
 TOKEN_BYTES = 32
+
+
+def gateway_running(profile_dir: Path) -> bool:
+    """Whether a gateway holds this profile's lock right now.
+
+    Here rather than with the gateway itself, so the commands that ask need not
+    load the gateway (whose methods use the commands' output functions).
+    """
+    if fcntl is None or not (profile_dir / LOCK_FILE).exists():
+        return False
+    fd = os.open(profile_dir / LOCK_FILE, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
+    return False
 
 
 def socket_path(profile_dir: Path) -> Path:
