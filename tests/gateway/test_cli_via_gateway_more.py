@@ -10,7 +10,9 @@ directly: what they print must be what they printed through the gateway.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import pty
 import stat
 import subprocess
 import sys
@@ -19,6 +21,7 @@ from typing import Any
 
 import pytest
 
+from bastion.server.audit.log import AUDIT_DIR, read_records
 from tests.conftest import PASSPHRASE, REPO, ServerProcess
 from tests.gateway.support import GatewayProcess, pair, subscribed
 from tests.gateway.test_cli_via_gateway import connected, lines, no_reconnect, signins
@@ -212,3 +215,157 @@ async def test_profile_commands_work_through_the_gateway_and_print_as_without_it
     assert [d["this_device"] for d in lines(via[2])] == [True]
     assert lines(via[6])[0]["devices"].keys() == {"alice", "bob"}
     assert "  bob (member): " in via[7].stdout
+
+
+class Terminal:
+    """``bastion ARGS`` on a pseudo-terminal (the SAS question needs one), no passphrase."""
+
+    def __init__(self, *args: str) -> None:
+        self.primary, secondary = pty.openpty()
+        environ = {k: v for k, v in os.environ.items() if not k.startswith("BASTION_")}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "bastion", *args],
+            stdin=secondary,
+            stdout=secondary,
+            stderr=secondary,
+            env=environ,
+            cwd=REPO,
+        )
+        os.close(secondary)
+        self.screen = b""
+
+    async def read_until(self, marker: bytes, wait_s: float = 30.0) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait_s
+        while marker not in self.screen:
+            left = deadline - loop.time()
+            if left <= 0:
+                raise AssertionError(f"{marker!r} not shown: {self.screen!r}")
+            try:
+                chunk = await asyncio.wait_for(asyncio.to_thread(os.read, self.primary, 4096), left)
+            except OSError:  # the process ended and the terminal closed
+                chunk = b""
+            if not chunk:
+                raise AssertionError(f"{marker!r} not shown before the end: {self.screen!r}")
+            self.screen += chunk
+
+    def type(self, line: str) -> None:
+        os.write(self.primary, line.encode() + b"\n")
+
+    async def exit_status(self) -> int:
+        return await asyncio.to_thread(self.proc.wait, 30)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        os.close(self.primary)
+
+
+async def test_sas_verification_and_linking_a_device_through_the_gateway(
+    server: ServerProcess, tmp_path: Path
+) -> None:
+    alice, bob = pair(server, tmp_path)
+    alice_gw, bob_gw = GatewayProcess(alice), GatewayProcess(bob)
+    alice_gw.start()
+    bob_gw.start()
+    try:
+        await connected(alice_gw)
+        await connected(bob_gw)
+        before = signins(server, "alice")
+        async with subscribed(bob_gw) as (bob_link, bob_events):
+
+            async def bob_answers(round_: int) -> dict[str, Any]:
+                """Bob answers alice's request through his gateway; his codes."""
+                await bob_events.wait_for(
+                    lambda e: (
+                        len(
+                            [
+                                x
+                                for x in bob_events.of("verification_request")
+                                if x["from"] == "alice"
+                            ]
+                        )
+                        >= round_
+                    ),
+                    "alice's request",
+                )
+                started = await bob_link.call("verify.sas_start", user="alice")
+                return await bob_events.wait_for(
+                    lambda e: e["type"] == "verification_codes" and e["id"] == started["id"],
+                    "bob's codes",
+                )
+
+            # The codes differ (alice says no): nothing is marked, as without the gateway.
+            no = Terminal("verify", "bob", "--sas", "--profile", str(alice))
+            try:
+                await no.read_until(b"Waiting for bob (they run: bastion verify alice --sas)")
+                differ = await bob_answers(1)
+                await no.read_until(b"Do they match exactly? [y/N] ")
+                no.type("n")
+                await bob_link.call("verify.sas_cancel", id=differ["id"])  # bob says no too
+                assert await no.exit_status() == 1
+                await no.read_until(b"error: the codes did not match; nothing was marked verified")
+            finally:
+                no.close()
+            [shown] = lines(await run("verify", "bob", "--json", "--profile", str(alice)))
+            assert shown["trust"] == "unverified"
+
+            # They match: alice says yes at her terminal, bob confirms through his gateway.
+            yes = Terminal("verify", "bob", "--sas", "--profile", str(alice))
+            try:
+                await yes.read_until(b"Waiting for bob")
+                codes = await bob_answers(2)
+                await yes.read_until(b"Do they match exactly? [y/N] ")
+                yes.type("y")
+                await bob_link.call("verify.sas_confirm", id=codes["id"])
+                await yes.read_until(b"bob is verified.")
+                assert await yes.exit_status() == 0
+            finally:
+                yes.close()
+            screen = yes.screen.decode()
+            assert " ".join(f"{n:04d}" for n in codes["decimals"]) in screen
+            assert codes["emoji"][0]["name"] in screen
+            [shown] = lines(await run("verify", "bob", "--json", "--profile", str(alice)))
+            assert shown["trust"] == "verified"
+
+        # Linking: the code comes from the gateway, the outcome as its event.
+        offering = subprocess.Popen(  # noqa: ASYNC220 - started once; read off the loop
+            [sys.executable, "-m", "bastion", "devices", "link", "--json", "--profile", str(alice)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            env={k: v for k, v in os.environ.items() if not k.startswith("BASTION_")},
+            cwd=REPO,
+        )
+        try:
+            assert offering.stdout is not None
+            line = await asyncio.wait_for(asyncio.to_thread(offering.stdout.readline), 30)
+            offer = json.loads(line)
+            assert (offer["type"], offer.keys()) == ("link_code", {"type", "code"})
+            second = tmp_path / "alice-laptop"
+            joined = await asyncio.to_thread(
+                cli, "link", offer["code"], "--server", server.url, "--profile", str(second),
+                passphrase=PASSPHRASE,
+            )  # fmt: skip
+            device = joined.stdout.split("(device ")[1].rstrip(")\n")
+            out, err = await asyncio.to_thread(offering.communicate, timeout=30)
+            assert offering.returncode == 0, err
+            assert json.loads(out) == {"type": "linked", "device": device}
+        finally:
+            if offering.poll() is None:
+                offering.kill()
+                offering.wait(10)
+        listed = lines(await run("devices", "list", "--json", "--profile", str(alice)))
+        assert device in [d["device"] for d in listed]
+        # Only the new device may have signed in (as itself); alice's first device never again.
+        new_device = sum(
+            1
+            for r in read_records(server.data_dir / AUDIT_DIR)
+            if r.event == "signin.ok" and r.fields.get("device") == device
+        )
+        assert signins(server, "alice") == before + new_device
+    finally:
+        alice_gw.kill()
+        bob_gw.kill()
