@@ -29,6 +29,7 @@ from bastion.errors import BastionError
 from bastion.gateway.link import GatewayLink
 
 LINK_MARGIN_S = 30.0  # past the code's lifetime, how long to wait for the gateway's outcome
+CANCEL_S = 5.0  # how long an interrupted verification waits for the gateway to cancel it
 
 
 async def cmd_verify_sas(args: argparse.Namespace) -> int:
@@ -103,7 +104,14 @@ async def verify_sas_via_gateway(
             emoji=[(e["symbol"], e["name"]) for e in event["emoji"]],
             decimals=(event["decimals"][0], event["decimals"][1], event["decimals"][2]),
         )
-        if await compare(codes):
+        try:
+            matches = await compare(codes)
+        except BaseException:
+            # Interrupted at the question: the gateway refuses the codes now, not at its timeout.
+            with contextlib.suppress(BastionError, OSError):
+                await asyncio.wait_for(link.call("verify.sas_cancel", id=flow), CANCEL_S)
+            raise
+        if matches:
             await link.call("verify.sas_confirm", id=flow)
             return
         await link.call("verify.sas_cancel", id=flow)
