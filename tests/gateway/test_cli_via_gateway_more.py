@@ -111,6 +111,10 @@ async def test_profile_commands_work_through_the_gateway_and_print_as_without_it
             )
             assert (sent["type"], sent["conversation"]) == ("sent", f"group:{created['group']}")
             assert (await run("send", "--group", "ops", "second", "--profile", me)).stdout == ""
+            [granted] = lines(
+                await run("group", "admin", "ops", "bob", "--grant", "--json", "--profile", me)
+            )
+            assert granted["admins"] == ["alice", "bob"]
             mistake = await run("group", "admin", "ops", "bob", "--profile", me, check=False)
             assert (mistake.returncode, mistake.stderr) == (
                 1,
@@ -214,7 +218,7 @@ async def test_profile_commands_work_through_the_gateway_and_print_as_without_it
     assert (shown["user"], shown["trust"]) == ("bob", "verified")
     assert [d["this_device"] for d in lines(via[2])] == [True]
     assert lines(via[6])[0]["devices"].keys() == {"alice", "bob"}
-    assert "  bob (member): " in via[7].stdout
+    assert "  bob (admin): " in via[7].stdout
 
 
 class Terminal:
@@ -359,6 +363,10 @@ async def test_sas_verification_and_linking_a_device_through_the_gateway(
                 offering.wait(10)
         listed = lines(await run("devices", "list", "--json", "--profile", str(alice)))
         assert device in [d["device"] for d in listed]
+        revoked = await run("devices", "revoke", device, "--profile", str(alice))
+        assert revoked.stdout == f"revoked {device}\n"
+        listed = lines(await run("devices", "list", "--json", "--profile", str(alice)))
+        assert device not in [d["device"] for d in listed]
         # Only the new device may have signed in (as itself); alice's first device never again.
         new_device = sum(
             1
