@@ -290,9 +290,21 @@ async def test_a_direct_command_leaves_receiving_to_the_gateway(
     gw, bob = alice_gateway
     await connected(gw)
     async with subscribed(gw) as (_link, events):
-        # No gateway method for files yet: the command unlocks and connects itself, without
-        # taking this device's deliveries from the gateway.
-        await asyncio.to_thread(bastion, "file", "list", "--profile", str(gw.profile))
+        # Saving a blocked file waits for a person's "yes", so it never goes through the
+        # gateway: the command unlocks and connects itself, without taking this device's
+        # deliveries from the gateway.
+        direct = await asyncio.to_thread(
+            bastion,
+            "file",
+            "get",
+            "0000",
+            "--allow-blocked",
+            "--profile",
+            str(gw.profile),
+            check=False,
+        )
+        assert (direct.returncode, direct.stdout) == (1, "")
+        assert direct.stderr.startswith("error: ")
         bastion("send", "alice", "still here", "--profile", str(bob))
         await events.wait_for(lambda e: e.get("text") == "still here", "the message")
         no_reconnect(events)

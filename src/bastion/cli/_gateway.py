@@ -5,8 +5,9 @@ whose results are the objects the command prints with ``--json``, and
 ``direct`` unlocks the profile and connects as without a gateway.
 :func:`with_gateway_or_client` picks one: the gateway when it holds the
 profile's gateway lock and answers on its socket, otherwise the direct path.
-A command the gateway has no method for yet passes ``via_gateway=None`` and
-works directly; its connection then leaves receiving to the gateway (see
+A command that must not go through the gateway (saving a blocked file, which
+waits for the person's own "yes") passes ``via_gateway=None`` and works
+directly; its connection then leaves receiving to the gateway (see
 :func:`~bastion.cli._common.with_client`).
 """
 
@@ -58,6 +59,11 @@ async def open_link(folder: Path) -> GatewayLink | None:
             await link.close()
         return None
     return link
+
+
+def absolute(path: str | Path) -> str:
+    """A path the user gave, made absolute here: the gateway's working folder is not theirs."""
+    return str(Path(path).absolute())
 
 
 def gateway_holds(args: argparse.Namespace) -> bool:

@@ -2,6 +2,11 @@
 
 Received files are never downloaded, opened or run on their own: ``file get``
 downloads one, checks it, scans it in quarantine and saves it only if clean.
+
+With a gateway running for the profile, ``send``, ``list`` and ``get`` go through
+its ``files.*`` methods (paths made absolute here, as the gateway needs). Saving a
+blocked file anyway (``get --allow-blocked``) always runs here, at the terminal
+of the person who types ``yes``: the gateway lets no front end skip that.
 """
 
 from __future__ import annotations
@@ -15,9 +20,11 @@ from pathlib import Path
 from typing import Any
 
 from bastion.cli._common import Subcommands, iso, pick_up_waiting, with_client
+from bastion.cli._gateway import absolute, with_gateway_or_client
 from bastion.client import Client, Event, files, groups
 from bastion.display import escape_text
 from bastion.errors import BastionError
+from bastion.gateway.link import GatewayLink
 
 
 @contextlib.contextmanager
@@ -61,6 +68,18 @@ async def cmd_file_send(args: argparse.Namespace) -> int:
         raise BastionError("say who gets the file: bastion file send USER PATH")
     path = Path(args.path)
 
+    def show(sent: dict[str, Any]) -> int:
+        if args.json:
+            print(json.dumps(sent))
+        else:
+            size = files.human_size(sent["size"])
+            print(escape_text(f"sent {sent['name']} ({size}) to {sent['to']}"))
+        return 0
+
+    async def via_gateway(link: GatewayLink) -> int:
+        params = {"group": args.group} if args.group is not None else {"to": args.user}
+        return show(await link.call("files.send", path=absolute(path), **params))
+
     async def work(client: Client) -> int:
         show_bar = sys.stderr.isatty() and not args.json
         to: str | groups.GroupState = args.user
@@ -74,14 +93,11 @@ async def cmd_file_send(args: argparse.Namespace) -> int:
             args.user = (
                 groups.conversation(to.group_id) if isinstance(to, groups.GroupState) else to
             )
-        if args.json:
-            print(json.dumps(file_sent_json(sent, args.user)))
-        else:
-            size = files.human_size(sent.size)
-            print(escape_text(f"sent {sent.name} ({size}) to {args.user}"))
-        return 0
+        return show(file_sent_json(sent, args.user))
 
-    return await with_client(args, work)
+    return await with_gateway_or_client(
+        args, via_gateway=via_gateway, direct=lambda: with_client(args, work)
+    )
 
 
 def file_sent_json(sent: files.SentFile, to: str) -> dict[str, Any]:
@@ -113,24 +129,33 @@ def file_json(record: files.FileRecord) -> dict[str, Any]:
 
 
 async def cmd_file_list(args: argparse.Namespace) -> int:
+    def show(listing: list[dict[str, Any]]) -> int:
+        for record in listing:
+            if args.json:
+                print(json.dumps(record))
+            else:
+                verdict = f" ({record['verdict']})" if record["verdict"] else ""
+                line = (
+                    f"{record['id']}  {record['from']}  '{record['name']}'  "
+                    f"{files.human_size(record['size'])}  {record['state']}{verdict}"
+                )
+                print(escape_text(line))
+        return 0
+
+    async def via_gateway(link: GatewayLink) -> int:
+        # The gateway received the offers already: nothing waits on the server.
+        return show(await link.call("files.list"))
+
     async def work(client: Client) -> int:
         def offer(event: Event) -> bool:
             return isinstance(event, files.FileEvent)
 
         await pick_up_waiting(client, args, shown_by_list=offer)
-        for record in files.list_files(client):
-            if args.json:
-                print(json.dumps(file_json(record)))
-            else:
-                verdict = f" ({record.verdict})" if record.verdict else ""
-                line = (
-                    f"{record.id}  {record.sender}  '{record.name}'  "
-                    f"{files.human_size(record.plaintext_size)}  {record.state}{verdict}"
-                )
-                print(escape_text(line))
-        return 0
+        return show([file_json(record) for record in files.list_files(client)])
 
-    return await with_client(args, work, connect=False)
+    return await with_gateway_or_client(
+        args, via_gateway=via_gateway, direct=lambda: with_client(args, work, connect=False)
+    )
 
 
 def _confirm_override(name: str) -> bool:
@@ -148,6 +173,19 @@ def _confirm_override(name: str) -> bool:
 
 async def cmd_file_get(args: argparse.Namespace) -> int:
     to_dir = Path(args.to) if args.to else Path.cwd()
+
+    async def via_gateway(link: GatewayLink) -> int:
+        record = await link.call("files.get", id=args.id, to=absolute(to_dir))
+        if args.json:
+            print(json.dumps(record))
+        elif record["saved_to"] is not None:
+            print(escape_text(f"clean: saved '{record['name']}' as {record['saved_to']}"))
+        else:
+            name = escape_text(record["name"])
+            print(f"{record['verdict']}: '{name}' stays in quarantine, not saved")
+            for reason in record["reasons"]:
+                print(f"  {escape_text(reason)}")
+        return 0 if record["saved_to"] is not None else 3
 
     async def work(client: Client) -> int:
         result = await files.get_file(client, args.id, to_dir)
@@ -172,7 +210,12 @@ async def cmd_file_get(args: argparse.Namespace) -> int:
                 print(f"  {escape_text(reason)}")
         return 0 if result.saved_to is not None else 3
 
-    return await with_client(args, work)
+    # A blocked file is saved anyway only after this person typed "yes", so it is fetched
+    # here; the gateway never saves one for a front end.
+    via = None if args.allow_blocked else via_gateway
+    return await with_gateway_or_client(
+        args, via_gateway=via, direct=lambda: with_client(args, work)
+    )
 
 
 def add_commands(sub: Subcommands, common: argparse.ArgumentParser) -> None:
@@ -194,6 +237,10 @@ def add_commands(sub: Subcommands, common: argparse.ArgumentParser) -> None:
     get.add_argument(
         "--allow-blocked",
         action="store_true",
-        help="save a blocked file anyway, after confirming (logged in the profile)",
+        help=(
+            "save a blocked file anyway, after typing 'yes' (logged in the profile); this "
+            "always unlocks the profile here, even with a gateway running, which never "
+            "saves a blocked file for a front end"
+        ),
     )
     get.set_defaults(run=cmd_file_get)

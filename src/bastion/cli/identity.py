@@ -1,41 +1,61 @@
-"""Commands about identity: verification, trust, devices, linking, export and import."""
+"""Commands about identity: verification, trust, devices, linking, export and import.
+
+With a gateway running for the profile, every command here but ``link`` and
+``account import`` (which make a profile) goes through the gateway's methods,
+whose answers are built by the functions here, so the output is the same.
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
 import getpass
 import json
 import os
 import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import msgspec
 
 from bastion.cli._common import Subcommands, passphrase, profile_dir, with_client, with_profile
-from bastion.cli._gateway import gateway_holds
+from bastion.cli._gateway import absolute, gateway_holds, with_gateway_or_client
 from bastion.client import Client, comparison, devices, policy, trust, verification
 from bastion.display import escape_text
 from bastion.errors import BastionError
+from bastion.gateway.link import GatewayLink
+
+LINK_MARGIN_S = 30.0  # past the code's lifetime, how long to wait for the gateway's outcome
+CANCEL_S = 5.0  # how long an interrupted verification waits for the gateway to cancel it
 
 
 async def cmd_verify_sas(args: argparse.Namespace) -> int:
     if not sys.stdin.isatty():
         raise BastionError("interactive verification needs a terminal to confirm the codes")
 
+    async def compare(codes: verification.SasCodes) -> bool:
+        print(f"Compare with what {args.user} sees:\n{codes}", flush=True)
+        answer = await asyncio.to_thread(input, "Do they match exactly? [y/N] ")
+        return answer.strip().lower() in ("y", "yes")
+
+    def waiting(me: str) -> None:
+        print(f"Waiting for {args.user} (they run: bastion verify {me} --sas)", flush=True)
+
+    async def via_gateway(link: GatewayLink) -> int:
+        waiting((await link.call("whoami"))["user"])
+        await verify_sas_via_gateway(link, args.user, compare)
+        print(f"{args.user} is verified.")
+        return 0
+
     async def work(client: Client) -> int:
         async def pump() -> None:
             async for _ in client.receive():
                 pass  # verification steps are handled as they arrive
 
-        async def compare(codes: verification.SasCodes) -> bool:
-            print(f"Compare with what {args.user} sees:\n{codes}", flush=True)
-            answer = await asyncio.to_thread(input, "Do they match exactly? [y/N] ")
-            return answer.strip().lower() in ("y", "yes")
-
-        print(f"Waiting for {args.user} (they run: bastion verify {client.account.username} --sas)")
+        waiting(client.account.username)
         pumping = asyncio.create_task(pump())
         try:
             await verification.verify_interactively(client, args.user, compare)
@@ -46,29 +66,97 @@ async def cmd_verify_sas(args: argparse.Namespace) -> int:
         print(f"{args.user} is verified.")
         return 0
 
-    if gateway_holds(args):
-        # Verifying needs this device's deliveries; taking them over would cut the gateway off.
-        raise BastionError(
-            "a gateway runs for this profile and receives its messages: stop it to verify "
-            f"interactively, or compare safety numbers (bastion verify {args.user})"
+    async def direct() -> int:
+        if gateway_holds(args):
+            # Verifying needs this device's deliveries; taking them over would cut the
+            # gateway off. It holds the profile but does not answer yet.
+            raise BastionError(
+                "a gateway runs for this profile but does not answer on its socket yet; "
+                "try again in a moment, or stop the gateway to verify without it"
+            )
+        return await with_client(args, work, receive=True)
+
+    return await with_gateway_or_client(args, via_gateway=via_gateway, direct=direct)
+
+
+async def verify_sas_via_gateway(
+    link: GatewayLink, user: str, compare: Callable[[verification.SasCodes], Awaitable[bool]]
+) -> None:
+    """Run a SAS verification in the gateway, asking the person through ``compare``.
+
+    The gateway runs the exchange (``verify.sas_start``) and publishes the codes
+    as a ``verification_codes`` event; the answer goes back as
+    ``verify.sas_confirm`` or ``verify.sas_cancel``. Raises BastionError, with
+    the gateway's reason, unless both sides confirmed.
+    """
+    await link.call("subscribe")
+    flow = (await link.call("verify.sas_start", user=user))["id"]
+    events = link.events()
+    async for event in events:
+        if event.get("id") != flow:
+            continue
+        kind = event.get("type")
+        if kind == "verification_failed":
+            raise BastionError(str(event.get("reason") or "the verification failed"))
+        if kind != "verification_codes":
+            continue
+        codes = verification.SasCodes(
+            emoji=[(e["symbol"], e["name"]) for e in event["emoji"]],
+            decimals=(event["decimals"][0], event["decimals"][1], event["decimals"][2]),
         )
-    return await with_client(args, work, receive=True)
+        try:
+            matches = await compare(codes)
+        except BaseException:
+            # Interrupted at the question: the gateway refuses the codes now, not at its timeout.
+            with contextlib.suppress(BastionError, OSError):
+                await asyncio.wait_for(link.call("verify.sas_cancel", id=flow), CANCEL_S)
+            raise
+        if matches:
+            await link.call("verify.sas_confirm", id=flow)
+            return
+        await link.call("verify.sas_cancel", id=flow)
+        raise BastionError("the codes did not match; nothing was marked verified")
+    raise BastionError("the gateway stopped; nothing was marked verified")
 
 
 async def cmd_verify(args: argparse.Namespace) -> int:
     if args.sas:
         return await cmd_verify_sas(args)
 
+    confirming = args.confirm is not None or args.qr_image is not None
+
+    def refuse_changed() -> None:
+        if confirming:
+            raise BastionError(
+                f"{args.user}'s key changed: nothing was marked verified. Compare the new "
+                f"number (bastion verify {args.user}) and accept it first (bastion trust "
+                f"{args.user} --accept-new-key ...)"
+            )
+
+    async def via_gateway(link: GatewayLink) -> int:
+        qr_text = not (args.json or args.qr or confirming)
+        shown = await link.call("verify.number", user=args.user, qr=bool(args.qr), qr_text=qr_text)
+        png = base64.b64decode(shown.pop("qr_png", ""))
+        text = shown.pop("qr_text", None)
+        if shown["trust"] == "changed":
+            refuse_changed()
+            return await show_new_key(args, shown, text, png)
+        if confirming:
+            params = (
+                {"number": args.confirm}
+                if args.confirm is not None
+                else {"qr_image": absolute(args.qr_image)}
+            )
+            shown = await link.call("verify.confirm", user=args.user, **params)
+        return await show_number(args, shown, text, png)
+
     async def work(client: Client) -> int:
         waiting = client.contact(args.user)
         if waiting is not None and waiting.trust == "changed":
-            if args.confirm is not None or args.qr_image is not None:
-                raise BastionError(
-                    f"{args.user}'s key changed: nothing was marked verified. Compare the new "
-                    f"number (bastion verify {args.user}) and accept it first (bastion trust "
-                    f"{args.user} --accept-new-key ...)"
-                )
-            return show_new_key(client, args)
+            refuse_changed()
+            number, fingerprint = new_key(client, args.user)
+            shown = safety_number_json(args.user, number, "changed", fingerprint)
+            return await show_new_key(args, shown, *qr_of(args, number))
         number = await trust.safety_number_with(client, args.user)
         if args.confirm is not None:
             comparison.confirm_number(client, args.user, args.confirm)
@@ -76,35 +164,57 @@ async def cmd_verify(args: argparse.Namespace) -> int:
             comparison.confirm_qr_image(client, args.user, Path(args.qr_image))
         contact = client.contact(args.user)
         state = contact.trust if contact is not None else "unverified"
-        if args.qr:
-            await asyncio.to_thread(
-                Path(args.qr).write_bytes, comparison.qr_png(number.qr_payload())
-            )
-        if args.json:
-            print(json.dumps(safety_number_json(args.user, number, state)))
-            return 0
-        if args.confirm is not None or args.qr_image is not None:
-            how = "safety number" if args.confirm is not None else "QR code"
-            print(f"The {how} matches: {args.user} is verified.")
-            return 0
-        print(f"Safety number with {args.user} (compare it with theirs, in person or by call):")
-        print(str(number))
-        if not args.qr:
-            print(comparison.render_qr_text(number.qr_payload()))
-        print(f"{args.user} is {state}.")
-        if state != "verified":
-            print(
-                with_profile(
-                    "To mark them verified once you compared, use one of:\n"
-                    f"  bastion verify {args.user} --confirm NUMBER\n"
-                    f"  bastion verify {args.user} --qr-image PHOTO\n"
-                    f"  bastion verify {args.user} --sas\n"
-                    "NUMBER: the 60 digits they read out. PHOTO: a picture of their QR code."
-                )
-            )
-        return 0
+        shown = safety_number_json(args.user, number, state)
+        return await show_number(args, shown, *qr_of(args, number))
 
-    return await with_client(args, work)
+    return await with_gateway_or_client(
+        args, via_gateway=via_gateway, direct=lambda: with_client(args, work)
+    )
+
+
+def qr_of(args: argparse.Namespace, number: comparison.SafetyNumber) -> tuple[str | None, bytes]:
+    """The QR code as text for the terminal (unless written to a file), and as a PNG if asked."""
+    payload = number.qr_payload()
+    png = comparison.qr_png(payload) if args.qr else b""
+    return (None if args.qr else comparison.render_qr_text(payload)), png
+
+
+def number_lines(shown: dict[str, Any]) -> str:
+    """The safety number of a ``safety_number`` object laid out as the terminal shows it."""
+    digits = str(shown["safety_number"]).replace(" ", "")
+    return str(comparison.SafetyNumber(digits, "", b"", "", b""))
+
+
+async def show_number(
+    args: argparse.Namespace, shown: dict[str, Any], qr_text: str | None, png: bytes
+) -> int:
+    """``bastion verify USER``'s output from its ``--json`` object (and the QR code)."""
+    user, state = args.user, shown["trust"]
+    if args.qr:
+        await asyncio.to_thread(Path(args.qr).write_bytes, png)
+    if args.json:
+        print(json.dumps(shown))
+        return 0
+    if args.confirm is not None or args.qr_image is not None:
+        how = "safety number" if args.confirm is not None else "QR code"
+        print(f"The {how} matches: {args.user} is verified.")
+        return 0
+    print(f"Safety number with {user} (compare it with theirs, in person or by call):")
+    print(number_lines(shown))
+    if qr_text is not None:
+        print(qr_text)
+    print(f"{user} is {state}.")
+    if state != "verified":
+        print(
+            with_profile(
+                "To mark them verified once you compared, use one of:\n"
+                f"  bastion verify {args.user} --confirm NUMBER\n"
+                f"  bastion verify {args.user} --qr-image PHOTO\n"
+                f"  bastion verify {args.user} --sas\n"
+                "NUMBER: the 60 digits they read out. PHOTO: a picture of their QR code."
+            )
+        )
+    return 0
 
 
 def safety_number_json(
@@ -132,21 +242,22 @@ def new_key(client: Client, user: str) -> tuple[comparison.SafetyNumber, str]:
     return number, trust.key_fingerprint(contact.pending_key)
 
 
-def show_new_key(client: Client, args: argparse.Namespace) -> int:
+async def show_new_key(
+    args: argparse.Namespace, shown: dict[str, Any], qr_text: str | None, png: bytes
+) -> int:
     """While a key change waits: the safety number with the new key, and how to accept it."""
-    user = args.user
-    number, fingerprint = new_key(client, user)
+    user, fingerprint = args.user, shown["fingerprint"]
     if args.json:
-        print(json.dumps(safety_number_json(user, number, "changed", fingerprint)))
+        print(json.dumps(shown))
         return 0
     print(f"{user}'s account key has CHANGED. Their messages wait until you decide.")
     print(f"Safety number with {user}'s NEW key (compare it with theirs, in person or by call):")
-    print(str(number))
+    print(number_lines(shown))
     print(f"New key fingerprint: {fingerprint}")
     if args.qr:
-        Path(args.qr).write_bytes(comparison.qr_png(number.qr_payload()))
-    else:
-        print(comparison.render_qr_text(number.qr_payload()))
+        await asyncio.to_thread(Path(args.qr).write_bytes, png)
+    elif qr_text is not None:
+        print(qr_text)
     print(
         f"If it matches what {user} sees, accept exactly this key:\n"
         f"  bastion trust {user} --accept-new-key {fingerprint}"
@@ -155,22 +266,31 @@ def show_new_key(client: Client, args: argparse.Namespace) -> int:
 
 
 async def cmd_trust(args: argparse.Namespace) -> int:
-    async def work(client: Client) -> int:
-        if not args.accept_new_key:
-            raise BastionError(
-                "say what to do: --accept-new-key NUMBER_OR_FINGERPRINT "
-                f"(bastion verify {args.user} shows them)"
-            )
-        contact = trust.accept_new_key(client, args.user, " ".join(args.accept_new_key))
+    if not args.accept_new_key:
+        raise BastionError(
+            "say what to do: --accept-new-key NUMBER_OR_FINGERPRINT "
+            f"(bastion verify {args.user} shows them)"
+        )
+    key = " ".join(args.accept_new_key)
+
+    def show(state: str) -> int:
         print(
             with_profile(
-                f"accepted {args.user}'s new account key; they are {contact.trust} until you "
+                f"accepted {args.user}'s new account key; they are {state} until you "
                 f"compare safety numbers again (bastion verify {args.user})"
             )
         )
         return 0
 
-    return await with_client(args, work, connect=False)
+    async def via_gateway(link: GatewayLink) -> int:
+        return show((await link.call("trust.accept_new_key", user=args.user, key=key))["trust"])
+
+    async def work(client: Client) -> int:
+        return show(trust.accept_new_key(client, args.user, key).trust)
+
+    return await with_gateway_or_client(
+        args, via_gateway=via_gateway, direct=lambda: with_client(args, work, connect=False)
+    )
 
 
 def device_json(device_id: str, created_at: int, *, this_device: bool) -> dict[str, Any]:
@@ -184,49 +304,95 @@ def device_json(device_id: str, created_at: int, *, this_device: bool) -> dict[s
 
 
 async def cmd_devices_list(args: argparse.Namespace) -> int:
-    async def work(client: Client) -> int:
-        listed = await devices.list_devices(client)
-        for d in listed:
-            mine = d.device_id == client.account.device_id
+    def show(listing: list[dict[str, Any]]) -> int:
+        for device in listing:
             if args.json:
-                print(json.dumps(device_json(d.device_id, d.created_at, this_device=mine)))
+                print(json.dumps(device))
             else:
-                print(f"{escape_text(d.device_id)}{'  (this device)' if mine else ''}")
+                mine = "  (this device)" if device["this_device"] else ""
+                print(f"{escape_text(device['device'])}{mine}")
         return 0
 
-    return await with_client(args, work)
+    async def via_gateway(link: GatewayLink) -> int:
+        return show(await link.call("devices.list"))
+
+    async def work(client: Client) -> int:
+        mine = client.account.device_id
+        listed = await devices.list_devices(client)
+        return show(
+            [
+                device_json(d.device_id, d.created_at, this_device=d.device_id == mine)
+                for d in listed
+            ]
+        )
+
+    return await with_gateway_or_client(
+        args, via_gateway=via_gateway, direct=lambda: with_client(args, work)
+    )
 
 
 async def cmd_devices_link(args: argparse.Namespace) -> int:
-    async def work(client: Client) -> int:
-        def show(code: str) -> None:
-            if args.json:
-                print(json.dumps({"type": "link_code", "code": code}), flush=True)
-            else:
-                # The new device learns the certificate to pin from the sealed answer.
-                command = f"bastion link {code} --server {client.account.server_url}"
-                print("On the new machine, run (or scan the code below):", flush=True)
-                print(f"  {command}", flush=True)
-                print(comparison.render_qr_text(command.encode()), flush=True)
-                print("The code works once, for 10 minutes. Waiting...", flush=True)
-
-        linked = await devices.offer_link(client, show)
+    def show_code(code: str, server_url: str) -> None:
         if args.json:
-            print(json.dumps({"type": "linked", "device": linked.device_id}))
+            print(json.dumps({"type": "link_code", "code": code}), flush=True)
         else:
-            print(f"linked device {escape_text(linked.device_id)}")
+            # The new device learns the certificate to pin from the sealed answer.
+            command = f"bastion link {code} --server {server_url}"
+            print("On the new machine, run (or scan the code below):", flush=True)
+            print(f"  {command}", flush=True)
+            print(comparison.render_qr_text(command.encode()), flush=True)
+            print("The code works once, for 10 minutes. Waiting...", flush=True)
+
+    def show_linked(device: str) -> int:
+        if args.json:
+            print(json.dumps({"type": "linked", "device": device}))
+        else:
+            print(f"linked device {escape_text(device)}")
         return 0
 
-    return await with_client(args, work, receive=False)
+    async def via_gateway(link: GatewayLink) -> int:
+        await link.call("subscribe")  # before the code is made, so its outcome is not missed
+        offer = await link.call("devices.link")
+        show_code(offer["code"], offer["server"])
+        wait_s = float(offer["expires_in_s"]) + LINK_MARGIN_S
+        outcome = await asyncio.wait_for(link_outcome(link), wait_s)
+        if outcome.get("type") != "linked":
+            raise BastionError(str(outcome.get("reason") or "the device was not linked"))
+        return show_linked(str(outcome["device"]))
+
+    async def work(client: Client) -> int:
+        linked = await devices.offer_link(
+            client, lambda code: show_code(code, client.account.server_url)
+        )
+        return show_linked(linked.device_id)
+
+    return await with_gateway_or_client(
+        args, via_gateway=via_gateway, direct=lambda: with_client(args, work, receive=False)
+    )
+
+
+async def link_outcome(link: GatewayLink) -> dict[str, Any]:
+    """The gateway's ``linked`` or ``link_failed`` event (the others are not this command's)."""
+    async for event in link.events():
+        if event.get("type") in ("linked", "link_failed"):
+            return dict(event)
+    raise BastionError("the gateway stopped before the device was linked")
 
 
 async def cmd_devices_revoke(args: argparse.Namespace) -> int:
+    async def via_gateway(link: GatewayLink) -> int:
+        await link.call("devices.revoke", device=args.device)
+        print(f"revoked {args.device}")
+        return 0
+
     async def work(client: Client) -> int:
         await devices.revoke_device(client, args.device)
         print(f"revoked {args.device}")
         return 0
 
-    return await with_client(args, work)
+    return await with_gateway_or_client(
+        args, via_gateway=via_gateway, direct=lambda: with_client(args, work)
+    )
 
 
 async def cmd_link(args: argparse.Namespace) -> int:
@@ -262,15 +428,13 @@ def server_info_json(client: Client) -> dict[str, Any]:
 
 
 async def cmd_server_info(args: argparse.Namespace) -> int:
-    async def work(client: Client) -> int:
-        info = server_info_json(client)
+    def show(info: dict[str, Any]) -> int:
         document = info["policy"]
-        account = client.account
         if args.json:
             print(json.dumps(info))
             return 0
-        print(escape_text(f"server {account.server_url} ({account.server_name})"))
-        print(f"certificate {account.fingerprint}")
+        print(escape_text(f"server {info['server']} ({info['name']})"))
+        print(f"certificate {info['fingerprint']}")
         print(f"policy key {info['policy_key']} (pinned; checked on every connection)")
         print(
             f"policy version {document['version']}: registration {document['registration']}, "
@@ -279,7 +443,15 @@ async def cmd_server_info(args: argparse.Namespace) -> int:
         )
         return 0
 
-    return await with_client(args, work)
+    async def via_gateway(link: GatewayLink) -> int:
+        return show(await link.call("server.info"))
+
+    async def work(client: Client) -> int:
+        return show(server_info_json(client))
+
+    return await with_gateway_or_client(
+        args, via_gateway=via_gateway, direct=lambda: with_client(args, work)
+    )
 
 
 def export_passphrase(*, confirm: bool) -> str:
@@ -296,12 +468,23 @@ def export_passphrase(*, confirm: bool) -> str:
 
 
 async def cmd_export(args: argparse.Namespace) -> int:
-    async def work(client: Client) -> int:
-        devices.export_account(client, Path(args.file), export_passphrase(confirm=True))
+    def show() -> int:
         print(f"account exported to {args.file}; keep it as safe as the passphrase")
         return 0
 
-    return await with_client(args, work, connect=False)
+    async def via_gateway(link: GatewayLink) -> int:
+        # Asked here, as without the gateway; it travels only over the owner's socket.
+        secret = export_passphrase(confirm=True)
+        await link.call("account.export", file=absolute(args.file), passphrase=secret)
+        return show()
+
+    async def work(client: Client) -> int:
+        devices.export_account(client, Path(args.file), export_passphrase(confirm=True))
+        return show()
+
+    return await with_gateway_or_client(
+        args, via_gateway=via_gateway, direct=lambda: with_client(args, work, connect=False)
+    )
 
 
 async def cmd_import(args: argparse.Namespace) -> int:

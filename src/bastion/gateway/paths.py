@@ -27,6 +27,24 @@ SUN_PATH_MAX = 104  # sockaddr_un.sun_path: 108 on Linux, 104 on macOS and the B
 TOKEN_BYTES = 32
 
 
+def gateway_running(profile_dir: Path) -> bool:
+    """Whether a gateway holds this profile's lock right now.
+
+    Here rather than with the gateway itself, so the commands that ask need not
+    load the gateway (whose methods use the commands' output functions).
+    """
+    if fcntl is None or not (profile_dir / LOCK_FILE).exists():
+        return False
+    fd = os.open(profile_dir / LOCK_FILE, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
 def socket_path(profile_dir: Path) -> Path:
     """The gateway's Unix socket in ``profile_dir``; raises ConfigError if the path is too long."""
     path = profile_dir.absolute() / SOCKET_FILE
@@ -96,17 +114,3 @@ def hold_lock(profile_dir: Path) -> int | None:
         os.close(fd)
         raise ConfigError("a gateway is already running for this profile") from None
     return fd
-
-
-def gateway_running(profile_dir: Path) -> bool:
-    """Whether a gateway holds this profile's lock right now."""
-    if fcntl is None or not (profile_dir / LOCK_FILE).exists():
-        return False
-    fd = os.open(profile_dir / LOCK_FILE, os.O_RDWR)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        return True
-    finally:
-        os.close(fd)
-    return False

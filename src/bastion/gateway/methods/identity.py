@@ -72,7 +72,10 @@ def flows(ctx: GatewayContext) -> Flows:
 async def verify_number(
     ctx: GatewayContext, session: Session, params: dict[str, Any]
 ) -> dict[str, Any]:
-    """The safety number to compare, as ``bastion verify USER --json`` (and the QR code)."""
+    """The safety number to compare, as ``bastion verify USER --json`` (and the QR code).
+
+    ``qr_text`` adds the QR code drawn in text, as ``bastion verify USER`` shows it.
+    """
     client, user = ctx.client, params["user"]
     contact = client.contact(user)
     if contact is not None and contact.trust == "changed":
@@ -85,6 +88,8 @@ async def verify_number(
     if params.get("qr", False):
         png = await asyncio.to_thread(comparison.qr_png, number.qr_payload())
         out["qr_png"] = base64.b64encode(png).decode("ascii")
+    if params.get("qr_text", False):
+        out["qr_text"] = comparison.render_qr_text(number.qr_payload())
     return out
 
 
