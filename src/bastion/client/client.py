@@ -769,17 +769,21 @@ class Client:
                 if until_synced:
                     raise ServerRefusedError("disconnected", item.reason)
                 return
-            if isinstance(item, frames.Synced):
-                if until_synced:
-                    await self._run_batch_hooks(batch)
-                    return
-                continue
-            if isinstance(item, frames.KeysLow):
-                await self.top_up_keys(item.one_time_keys)
-                continue
-            if isinstance(item, frames.LinkPush):
-                continue  # only the linking flow reads these
             if not isinstance(item, frames.Deliver):
+                if batch and (until_synced or conn.incoming.empty()):
+                    # A batch ends at whatever is not a delivery too (the `synced` after
+                    # the sign-in queue, say): its hooks must not wait for the next message.
+                    await self._run_batch_hooks(batch)
+                    batch = []
+                if isinstance(item, frames.Synced):
+                    if until_synced:
+                        return
+                    continue
+                if isinstance(item, frames.KeysLow):
+                    await self.top_up_keys(item.one_time_keys)
+                    continue
+                if isinstance(item, frames.LinkPush):
+                    continue  # only the linking flow reads these
                 push = self.hooks.pushes.get(type(item))
                 notice = await push(item) if push is not None else None
                 if notice is not None:
