@@ -14,7 +14,7 @@ LOCK_FLAGS := $(if $(UPGRADE),--upgrade) --universal --python-version 3.11 --gen
 	--custom-compile-command "make lock"
 PIP_LOCKED := $(BIN)/python -m pip install --quiet --require-hashes --no-deps
 
-.PHONY: serve test check-lock lock lint test-slow bench fuzz clean
+.PHONY: serve test check-lock lock lint test-slow bench fuzz clean web
 
 check-lock:
 	@$(PYTHON) tools/lock.py check
@@ -50,6 +50,11 @@ lock: | $(BIN)/python
 	$(BIN)/uv pip compile pyproject.toml --extra dev $(LOCK_FLAGS) -o requirements-dev.txt
 	$(BIN)/uv pip compile pyproject.toml -c requirements-dev.txt $(LOCK_FLAGS) -o requirements.txt
 	$(PYTHON) tools/lock.py stamp
+
+# Copy the browser app's third-party file (the QR decoder) from the pinned npm lock in web/;
+# CI runs `python3 tools/vendor_web.py check` to prove the copy is current.
+web:
+	$(PYTHON) tools/vendor_web.py sync
 
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff format src tests bench tools
