@@ -114,6 +114,11 @@ class Client:
 
     # --- opening and registering ------------------------------------------------------------
 
+    @staticmethod
+    def exists(path: Path) -> bool:
+        """Whether a profile is stored in the folder ``path``."""
+        return Profile.exists(path)
+
     @classmethod
     def open(cls, path: Path, passphrase: str) -> Self:
         """Unlock an existing profile; raises :class:`ProfileError`."""

@@ -5,7 +5,8 @@ Three ways, each a check of what the other person shows, never one click:
 - the whole 60-digit safety number the other side reads out (:func:`confirm_number`);
 - the last group of five digits, typed while both look at the full number
   (:func:`confirm_last_group`, what the terminal app asks for);
-- a photo or screenshot of the QR code the other side shows (:func:`confirm_qr_image`).
+- a photo or screenshot of the QR code the other side shows (:func:`confirm_qr_image`),
+  or the bytes a camera scan decoded from it (:func:`confirm_qr_payload`).
 
 A wrong answer raises :class:`ComparisonMismatch` and changes nothing. The QR
 image is decoded with zxing-cpp; the decoded bytes are checked by
@@ -39,6 +40,7 @@ __all__ = [
     "confirm_last_group",
     "confirm_number",
     "confirm_qr_image",
+    "confirm_qr_payload",
     "current_number",
     "decode_qr_image",
     "normalise_number",
@@ -142,10 +144,24 @@ def confirm_qr_image(client: ClientCore, user: str, path: str | os.PathLike[str]
     Raises ValueError if the image holds no QR code, ComparisonMismatch if no code in
     it matches both keys, StateError if ``user`` cannot be verified now.
     """
-    number = current_number(client, user)
     payloads = decode_qr_image(path)
     if not payloads:
         raise ValueError("no QR code was found in the image; try a sharper, straighter photo")
+    return _confirm_qr(client, user, payloads)
+
+
+def confirm_qr_payload(client: ClientCore, user: str, payload: bytes) -> SafetyNumber:
+    """Mark ``user`` verified if ``payload`` (decoded from their QR code by a camera
+    scan in a front end) is the code ``user`` shows for us.
+
+    Raises ComparisonMismatch if it does not match both keys, StateError if
+    ``user`` cannot be verified now.
+    """
+    return _confirm_qr(client, user, [payload])
+
+
+def _confirm_qr(client: ClientCore, user: str, payloads: list[bytes]) -> SafetyNumber:
+    number = current_number(client, user)
     if not any(
         verify_qr(p, number.my_user, number.my_key, number.their_user, number.their_key)
         for p in payloads

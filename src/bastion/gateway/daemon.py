@@ -35,6 +35,8 @@ from bastion.gateway import methods, paths
 from bastion.gateway.context import GatewayContext
 from bastion.gateway.http import HttpDoor
 from bastion.gateway.irc import IrcDoor
+from bastion.gateway.locked import unlocked_methods
+from bastion.gateway.methods.files import WebFiles
 from bastion.gateway.rpc import Dispatcher
 from bastion.gateway.unix import UnixDoor
 
@@ -63,6 +65,7 @@ class GatewayOptions:
     http_origins: tuple[str, ...] = ()  # browser apps' origins allowed besides the door's own
     irc_host: str = "127.0.0.1"
     irc_port: int | None = None  # None: no IRC door
+    web: bool = False  # the HTTP door also serves the browser app
     notify: bool = False
     reconnect_delay_s: float = 1.0  # the first pause after a lost connection; it grows to 30 s
 
@@ -74,23 +77,40 @@ class Ready:
     socket: str
     http: str | None
     irc: str | None
+    web: str | None = None  # the link that signs a browser in (the token in its fragment)
 
     def to_json(self) -> dict[str, Any]:
-        return {"type": "gateway_ready", "socket": self.socket, "http": self.http, "irc": self.irc}
+        out = {"type": "gateway_ready", "socket": self.socket, "http": self.http, "irc": self.irc}
+        if self.web is not None:
+            out["web"] = self.web
+        return out
+
+
+def web_link(door: HttpDoor, token: str) -> str:
+    """The browser app's link: the token rides in the fragment, which no request carries."""
+    return f"{door.address}/#token={token}"
 
 
 def build_doors(
-    ctx: GatewayContext, dispatcher: Dispatcher, token: str, options: GatewayOptions
+    ctx: GatewayContext,
+    dispatcher: Dispatcher,
+    token: str,
+    options: GatewayOptions,
+    web_door: HttpDoor | None = None,
 ) -> tuple[list[Door], str | None, str | None]:
     """The doors to open: the Unix socket always, HTTP and IRC when asked for.
 
     Returns the doors and the URLs of the HTTP and IRC doors; the HTTP door
-    takes its port here, so ``--http 0`` tells the port it was given.
+    takes its port here, so ``--http 0`` tells the port it was given. A
+    ``web_door`` opened before the profile was unlocked is kept as the HTTP door.
     """
     profile_dir = ctx.client.profile.path
     doors: list[Door] = [UnixDoor(dispatcher, ctx.hub, paths.socket_path(profile_dir))]
     http: str | None = None
-    if options.http_port is not None:
+    if web_door is not None:
+        doors.append(web_door)
+        http = web_door.address
+    elif options.http_port is not None:
         door = HttpDoor(
             dispatcher,
             ctx.hub,
@@ -99,6 +119,7 @@ def build_doors(
             port=options.http_port,
             tls=options.http_tls,
             origins=options.http_origins,
+            web_app=options.web,
         )
         http = door.bind()
         doors.append(door)
@@ -117,10 +138,14 @@ async def run(
     stop: asyncio.Event,
     on_ready: Callable[[Ready], None] = lambda ready: None,
     on_event: Callable[[dict[str, Any]], None] = lambda event: None,
+    web_door: HttpDoor | None = None,
+    token: str | None = None,
 ) -> None:
     """Serve ``client``'s profile until ``stop`` is set; raises what ends it otherwise.
 
     ``on_event`` sees every published event too (desktop notifications).
+    ``web_door`` and ``token``: the browser app's door, already serving the page
+    that unlocked the profile, and the token it was opened with.
     Ends with the error when the connection cannot come back by retrying
     (a server that is not the pinned one, a revoked device...): fail closed.
     """
@@ -128,20 +153,27 @@ async def run(
     paths.check_private_folder(profile_dir)
     lock = paths.hold_lock(profile_dir)
     ctx = GatewayContext(client=client, started_at=time.monotonic())
-    dispatcher = Dispatcher(methods.table(ctx))
-    token = paths.new_token(profile_dir)
+    dispatcher = Dispatcher({**methods.table(ctx), **unlocked_methods(client.account.username)})
+    token = paths.new_token(profile_dir, token)
     doors: list[Door] = []
     opened: list[Door] = []
     keeper: asyncio.Task[None] | None = None
     try:
-        doors, http, irc = build_doors(ctx, dispatcher, token, options)
+        doors, http, irc = build_doors(ctx, dispatcher, token, options, web_door)
         for door in doors:
-            await door.start()
+            if door is web_door:
+                await web_door.attach(dispatcher, ctx.hub, WebFiles(ctx))
+            else:
+                await door.start()
             opened.append(door)
         keeper = asyncio.create_task(
             keep_connected(ctx, on_event, Backoff(base_s=options.reconnect_delay_s))
         )
-        on_ready(Ready(socket=opened[0].address, http=http, irc=irc))
+        web: str | None = None
+        for door in opened:
+            if isinstance(door, HttpDoor) and door.web_app:
+                web = web_link(door, token)
+        on_ready(Ready(socket=opened[0].address, http=http, irc=irc, web=web))
         stopper = asyncio.create_task(stop.wait())
         await asyncio.wait({keeper, stopper}, return_when=asyncio.FIRST_COMPLETED)
         stopper.cancel()

@@ -26,6 +26,12 @@ with one sentence):
 
 Off the loopback the door serves only TLS (1.2+, the project's profile). The
 access log is off: no request line, header or body is ever logged.
+
+With ``web`` (``bastion gateway --web``) the same door also serves the browser
+app (:mod:`bastion.gateway.web`): its files at ``/``, the sign-in that trades the
+token for a cookie at ``/session``, and file transfers (``/upload``,
+``/download/ID``). A request that rides on that cookie must carry the door's own
+``Origin``; every answer carries the app's Content-Security-Policy.
 """
 
 from __future__ import annotations
@@ -35,17 +41,22 @@ import contextlib
 import ipaddress
 import json
 import logging
+import re
+import secrets
+import shutil
 import socket
 import ssl
 from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
-from urllib.parse import urlsplit
+from typing import Any, Protocol
+from urllib.parse import quote, urlsplit
 
 from aiohttp import WSCloseCode, WSMsgType, web
 
 from bastion.errors import ConfigError
 from bastion.gateway import paths, rpc
 from bastion.gateway.hub import EventHub, Subscription
+from bastion.gateway.web import COOKIE, SECURE_COOKIE, WEB_HEADERS, WebSessions, load_assets
 from bastion.tlsprofile import harden
 
 log = logging.getLogger(__name__)
@@ -65,6 +76,41 @@ BINARY_REFUSED = json.dumps(
 )
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+TRANSFER_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+UPLOAD_CHUNK = 1 << 16
+MAX_FILE_NAME = 255
+
+
+class FileTransfers(Protocol):
+    """What the browser app's file transfers need from the unlocked gateway."""
+
+    def upload_folder(self) -> Path:
+        """A private folder for a file on its way from the browser to the encrypted upload."""
+        ...
+
+    async def send(
+        self, path: Path, *, to: str | None, group: str | None, transfer: str
+    ) -> dict[str, Any]:
+        """Encrypt, upload and offer ``path``; progress goes out as ``file_progress`` events."""
+        ...
+
+    def saved(self, offer_id: str) -> tuple[Path, str]:
+        """A received file that was saved clean: where it is and its name; else MethodError."""
+        ...
+
+
+def plain_file_name(name: str) -> str:
+    """``name`` if it is a plain file name (no folder, no control character); else ValueError."""
+    if (
+        not name
+        or name in (".", "..")
+        or "/" in name
+        or "\\" in name
+        or len(name.encode()) > MAX_FILE_NAME
+        or any(ord(c) < 32 or ord(c) == 127 for c in name)
+    ):
+        raise ValueError("the file name must be a plain name of at most 255 bytes")
+    return name
 
 
 def is_loopback(host: str) -> bool:
@@ -199,6 +245,7 @@ class HttpDoor:
         port: int = 0,
         tls: tuple[Path, Path] | None = None,
         origins: Iterable[str] = (),
+        web_app: bool = False,
     ) -> None:
         check_bind(host, tls)
         self._dispatcher = dispatcher
@@ -213,6 +260,29 @@ class HttpDoor:
         self._sockets: set[web.WebSocketResponse] = set()
         self._hosts: frozenset[str] = frozenset()
         self._own_origins: frozenset[str] = frozenset()
+        self._assets = load_assets() if web_app else {}
+        self._web_sessions = WebSessions()
+        self._files: FileTransfers | None = None
+
+    @property
+    def web_app(self) -> bool:
+        return bool(self._assets)
+
+    @property
+    def cookie_name(self) -> str:
+        return SECURE_COOKIE if self._ssl is not None else COOKIE
+
+    async def attach(
+        self, dispatcher: rpc.Dispatcher, hub: EventHub, files: FileTransfers | None
+    ) -> None:
+        """Serve the unlocked gateway's methods from now on (the page was unlocked).
+
+        Open WebSockets are closed: the app opens a new one, subscribed to the new hub.
+        """
+        self._dispatcher = dispatcher
+        self._hub = hub
+        self._files = files
+        await self._close_sockets(None)
 
     @property
     def scheme(self) -> str:
@@ -255,6 +325,11 @@ class HttpDoor:
         app = web.Application(middlewares=[self._guard], client_max_size=rpc.MAX_REQUEST_BYTES)
         app.router.add_route("*", "/rpc", self._rpc)
         app.router.add_route("*", "/ws", self._websocket)
+        if self._assets:
+            app.router.add_route("*", "/session", self._session)
+            app.router.add_route("*", "/upload", self._upload)
+            app.router.add_route("*", "/download/{id}", self._download)
+            app.router.add_route("*", "/{path:.*}", self._asset)
         app.on_response_prepare.append(self._headers)
         app.on_shutdown.append(self._close_sockets)
         # access_log=None: no request line is ever logged (it could carry a mistaken token).
@@ -306,6 +381,7 @@ class HttpDoor:
     async def _headers(self, request: web.Request, response: web.StreamResponse) -> None:
         """Headers on every answer: no sniffing, no caching, CORS for allowed origins only."""
         response.headers.update(SECURITY_HEADERS)
+        response.headers.update(WEB_HEADERS)
         origin = request.headers.get("Origin")
         if origin is not None and self._origin_allowed(origin.lower().rstrip("/")):
             response.headers["Access-Control-Allow-Origin"] = origin
@@ -319,6 +395,15 @@ class HttpDoor:
         scheme, _, value = request.headers.get("Authorization", "").partition(" ")
         return value.strip() if scheme.lower() == "bearer" and value.strip() else None
 
+    def _by_cookie(self, request: web.Request, *, origin_required: bool) -> bool:
+        """Whether the browser app's cookie signs this request in, from the door's own page."""
+        if not self._assets or not self._web_sessions.valid(request.cookies.get(self.cookie_name)):
+            return False
+        origin = request.headers.get("Origin")
+        if origin is None:
+            return not origin_required
+        return origin.lower().rstrip("/") in self._own_origins
+
     def _unauthorized(self, given: str | None) -> web.Response:
         if given is None:
             message = "no token: send 'Authorization: Bearer' with the token from gateway.token"
@@ -331,7 +416,8 @@ class HttpDoor:
         if request.method != "POST":
             return refusal(405, "method_not_allowed", "send JSON-RPC to /rpc with POST")
         given = self._bearer(request)
-        if not paths.token_matches(given, self._token):
+        cookie = given is None and self._by_cookie(request, origin_required=True)
+        if not cookie and not paths.token_matches(given, self._token):
             return self._unauthorized(given)
         if request.content_type != "application/json" or request.charset not in (None, "utf-8"):
             return refusal(
@@ -352,6 +438,112 @@ class HttpDoor:
     def _too_long(self) -> web.Response:
         return web.Response(status=413, text=rpc.too_long(), content_type="application/json")
 
+    # --- the browser app -------------------------------------------------------------------
+
+    async def _asset(self, request: web.Request) -> web.StreamResponse:
+        if request.method not in ("GET", "HEAD"):
+            return refusal(405, "method_not_allowed", "the app's files are read with GET")
+        asset = self._assets.get(request.path)
+        if asset is None:
+            return refusal(404, "not_found", "there is no such page")
+        kind, _, charset = asset.content_type.partition("; charset=")
+        return web.Response(body=asset.body, content_type=kind, charset=charset or None)
+
+    async def _session(self, request: web.Request) -> web.StreamResponse:
+        """Trade the token from the link's fragment for a session cookie."""
+        if request.method != "POST":
+            return refusal(405, "method_not_allowed", "sign in with POST")
+        origin = request.headers.get("Origin", "").lower().rstrip("/")
+        if origin not in self._own_origins:
+            return refusal(403, "forbidden_origin", "sign in from the gateway's own page")
+        try:
+            body = await request.json()
+        except ValueError:
+            body = None
+        given = body.get("token") if isinstance(body, dict) else None
+        if not isinstance(given, str) or not paths.token_matches(given, self._token):
+            return refusal(
+                401,
+                "unauthorized",
+                "this link is no longer valid: open the link the gateway printed when it started",
+            )
+        response = web.Response(status=204)
+        response.set_cookie(
+            self.cookie_name,
+            self._web_sessions.open(),
+            path="/",
+            httponly=True,
+            samesite="Strict",
+            secure=self._ssl is not None,
+        )
+        return response
+
+    def _files_or_refusal(self, request: web.Request, method: str) -> FileTransfers | web.Response:
+        if request.method != method:
+            return refusal(405, "method_not_allowed", f"use {method} here")
+        given = self._bearer(request)
+        cookie = given is None and self._by_cookie(request, origin_required=method != "GET")
+        if not cookie and not paths.token_matches(given, self._token):
+            return self._unauthorized(given)
+        if self._files is None:
+            return refusal(409, "locked", "unlock the profile first")
+        return self._files
+
+    async def _upload(self, request: web.Request) -> web.StreamResponse:
+        """A file from the browser, streamed to a private folder, then encrypted and offered.
+
+        ``?name=NAME&to=USER`` (or ``&group=GROUP``) and ``&transfer=ID``, the id the
+        ``file_progress`` events carry. The plain copy is removed once it is sent or not.
+        """
+        files = self._files_or_refusal(request, "POST")
+        if isinstance(files, web.Response):
+            return files
+        query = request.query
+        transfer = query.get("transfer", "")
+        to, group = query.get("to"), query.get("group")
+        try:
+            name = plain_file_name(query.get("name", ""))
+            if not TRANSFER_ID.fullmatch(transfer):
+                raise ValueError("transfer must be 1 to 64 letters, digits, - or _")
+            if (to is None) == (group is None):
+                raise ValueError("say who gets the file: either to (a user) or group")
+        except ValueError as exc:
+            return refusal(400, "invalid", str(exc))
+        folder = files.upload_folder() / secrets.token_hex(8)
+        folder.mkdir(mode=0o700)
+        path = folder / name
+        try:
+            with path.open("xb") as out:
+                while chunk := await request.content.read(UPLOAD_CHUNK):
+                    out.write(chunk)
+            try:
+                answer = await files.send(path, to=to, group=group, transfer=transfer)
+            except Exception as exc:  # answered as a JSON-RPC error is
+                failure = rpc.failure_of(exc, "upload")
+                status = 500 if failure["code"] == rpc.INTERNAL_ERROR else 400
+                return web.json_response({"error": failure}, status=status)
+            return web.json_response(answer)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+
+    async def _download(self, request: web.Request) -> web.StreamResponse:
+        """A received file that was scanned clean and saved, as a download (never shown)."""
+        files = self._files_or_refusal(request, "GET")
+        if isinstance(files, web.Response):
+            return files
+        try:
+            path, name = files.saved(request.match_info["id"])
+        except Exception as exc:  # answered as a JSON-RPC error is
+            failure = rpc.failure_of(exc, "download")
+            return web.json_response({"error": failure}, status=404)
+        return web.FileResponse(
+            path,
+            headers={
+                "Content-Type": "application/octet-stream",
+                "Content-Disposition": f"attachment; filename*=UTF-8''{quote(name, safe='')}",
+            },
+        )
+
     async def _websocket(self, request: web.Request) -> web.StreamResponse:
         if request.method != "GET":
             return refusal(405, "method_not_allowed", "open the WebSocket with GET")
@@ -364,7 +556,8 @@ class HttpDoor:
             p[len(TOKEN_SUBPROTOCOL) :] for p in offered if p.startswith(TOKEN_SUBPROTOCOL)
         ]
         given = self._bearer(request) or (in_protocol[0] if in_protocol else None)
-        if not paths.token_matches(given, self._token):
+        cookie = given is None and self._by_cookie(request, origin_required=True)
+        if not cookie and not paths.token_matches(given, self._token):
             return self._unauthorized(given)
         if in_protocol and SUBPROTOCOL not in offered:
             return refusal(
@@ -398,7 +591,8 @@ class HttpDoor:
             self._sockets.discard(ws)
         return ws
 
-    async def _close_sockets(self, app: web.Application) -> None:
+    async def _close_sockets(self, app: web.Application | None) -> None:
+        reason = b"gateway stopping" if app is not None else b"profile unlocked"
         for ws in list(self._sockets):
             with contextlib.suppress(Exception):
-                await ws.close(code=WSCloseCode.GOING_AWAY, message=b"gateway stopping")
+                await ws.close(code=WSCloseCode.GOING_AWAY, message=reason)

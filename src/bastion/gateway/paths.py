@@ -68,12 +68,17 @@ def check_private_folder(profile_dir: Path) -> None:
         )
 
 
-def new_token(profile_dir: Path) -> str:
-    """Write a fresh random token to the profile's token file (0600) and return it.
+def fresh_token() -> str:
+    """A new random token (a new one each time the gateway starts)."""
+    return secrets.token_urlsafe(TOKEN_BYTES)
+
+
+def new_token(profile_dir: Path, token: str | None = None) -> str:
+    """Write ``token`` (default: a fresh one) to the profile's token file (0600); returns it.
 
     A new token each time the gateway starts: one read from an old file is void.
     """
-    token = secrets.token_urlsafe(TOKEN_BYTES)
+    token = token if token is not None else fresh_token()
     path = profile_dir / TOKEN_FILE
     tmp = path.with_name(TOKEN_FILE + ".new")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)

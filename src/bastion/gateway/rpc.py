@@ -137,22 +137,31 @@ class Dispatcher:
             raise _RpcFailure(INVALID_PARAMS, problem)
         try:
             return await method(session, params)
-        except MethodError as exc:
-            raise _RpcFailure(APP_ERROR, str(exc), {"code": exc.code, **exc.data}) from exc
-        except KeyChangedError as exc:
-            raise _RpcFailure(
-                APP_ERROR, str(exc), {"code": "key_changed", "user": exc.user}
-            ) from exc
-        except ServerRefusedError as exc:
-            raise _RpcFailure(APP_ERROR, exc.message, {"code": exc.code}) from exc
-        except BastionError as exc:
-            raise _RpcFailure(APP_ERROR, str(exc), {"code": _kind(exc)}) from exc
-        except ValueError as exc:
-            raise _RpcFailure(INVALID_PARAMS, str(exc)) from exc
         except Exception as exc:
-            # Never the exception's text: it may hold anything. The log names the type only.
-            log.error("method %s failed: %s", name, type(exc).__name__)
-            raise _RpcFailure(INTERNAL_ERROR, "the gateway failed to do this") from exc
+            raise _failure(exc, name) from exc
+
+
+def _failure(exc: Exception, name: str) -> _RpcFailure:
+    """The JSON-RPC error for what a method raised."""
+    if isinstance(exc, MethodError):
+        return _RpcFailure(APP_ERROR, str(exc), {"code": exc.code, **exc.data})
+    if isinstance(exc, KeyChangedError):
+        return _RpcFailure(APP_ERROR, str(exc), {"code": "key_changed", "user": exc.user})
+    if isinstance(exc, ServerRefusedError):
+        return _RpcFailure(APP_ERROR, exc.message, {"code": exc.code})
+    if isinstance(exc, BastionError):
+        return _RpcFailure(APP_ERROR, str(exc), {"code": _kind(exc)})
+    if isinstance(exc, ValueError):
+        return _RpcFailure(INVALID_PARAMS, str(exc))
+    # Never the exception's text: it may hold anything. The log names the type only.
+    log.error("method %s failed: %s", name, type(exc).__name__)
+    return _RpcFailure(INTERNAL_ERROR, "the gateway failed to do this")
+
+
+def failure_of(exc: Exception, name: str) -> dict[str, Any]:
+    """The JSON-RPC ``error`` object for ``exc`` raised by ``name`` outside the dispatcher."""
+    answer: dict[str, Any] = _failure(exc, name).answer(None)["error"]
+    return answer
 
 
 class _RpcFailure(Exception):

@@ -98,8 +98,8 @@ async def verify_confirm(
 ) -> dict[str, Any]:
     """Mark a contact verified if the number they read out (or their QR code) matches."""
     client, user = ctx.client, params["user"]
-    if ("number" in params) == ("qr_image" in params):
-        raise ValueError("give either the number they read out or qr_image, not both")
+    if sum(name in params for name in ("number", "qr_image", "qr_payload")) != 1:
+        raise ValueError("give one of: the number they read out, qr_image or qr_payload")
     contact = client.contact(user)
     if contact is not None and contact.trust == "changed":
         raise StateError(
@@ -109,6 +109,12 @@ async def verify_confirm(
     number = await trust.safety_number_with(client, user)
     if "number" in params:
         comparison.confirm_number(client, user, params["number"])
+    elif "qr_payload" in params:
+        try:
+            payload = base64.b64decode(params["qr_payload"], validate=True)
+        except ValueError:
+            raise ValueError("qr_payload is not base64") from None
+        comparison.confirm_qr_payload(client, user, payload)
     else:
         image = absolute(params["qr_image"], "qr_image")
         comparison.confirm_qr_image(client, user, image)  # the profile is this thread's
