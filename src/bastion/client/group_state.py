@@ -151,6 +151,23 @@ def state_of(client: ClientCore, group_id: bytes) -> chain.GroupState | None:
     return None if verified is None else verified[0]
 
 
+def change_log(client: ClientCore, group_id: bytes) -> list[GroupChangeEvent]:
+    """Every signed change of a group's verified chain, oldest first (empty if unknown).
+
+    Only a chain that verified end to end is stored, so each entry here was
+    signed by a member allowed to make it when it was made.
+    """
+    record = client.profile.get(_record_name(group_id), GroupRecord)
+    if record is None or not record.changes:
+        return []
+    changes = [chain.decode_change(raw) for raw in record.changes]
+    state = chain.apply_change(None, changes[0])
+    out = [_event(state, changes[0])]
+    for change, after in zip(changes[1:], chain.verify_branch(state, changes[1:]), strict=True):
+        out.append(_event(after, change))
+    return out
+
+
 def chain_hashes(client: ClientCore, group_id: bytes) -> list[bytes]:
     """The verified state hash at each chain position (empty for an unknown group)."""
     verified = _verified(client, group_id)

@@ -32,6 +32,7 @@ from bastion.client.group_state import (
     ingest,
     resolve,
     settle_fork,
+    change_log,
     state_of,
     sync,
 )
@@ -74,6 +75,7 @@ __all__ = [
     "send_body",
     "send_text",
     "settle_fork",
+    "change_log",
     "state_of",
     "sync",
 ]

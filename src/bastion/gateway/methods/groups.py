@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from bastion.cli._common import event_json, message_json
+from bastion.cli._common import event_json, iso, message_json
 from bastion.cli.groups import declined_json, group_info_json, group_json, group_sent_json
 from bastion.client import group_invites, groups
 from bastion.gateway.context import GatewayContext
@@ -60,6 +60,18 @@ async def groups_show(
         publish_notices(ctx)
     state = groups.state_of(client, group.group_id) or group
     return group_info_json(client, state)
+
+
+async def groups_changes(
+    ctx: GatewayContext, session: Session, params: dict[str, Any]
+) -> list[dict[str, Any]]:
+    """The group's signed change history (its verified chain), oldest first."""
+    client = ctx.client
+    group = groups.resolve(client, params["group"])
+    return [
+        {**event.to_json(), "at": iso(event.at)}
+        for event in groups.change_log(client, group.group_id)
+    ]
 
 
 def _change(action: str) -> ContextMethod:
@@ -150,6 +162,7 @@ METHODS: dict[str, ContextMethod] = {
     "groups.list": groups_list,
     "groups.create": groups_create,
     "groups.show": groups_show,
+    "groups.changes": groups_changes,
     **{
         f"groups.{a}": _change(a) for a in ("add", "remove", "promote", "demote", "rename", "leave")
     },
