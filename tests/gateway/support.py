@@ -36,8 +36,9 @@ class GatewayProcess:
         wait_s: float = 30.0,
         env: dict[str, str] | None = None,
         passphrase: str | None = PASSPHRASE,
+        expect: str = "gateway_ready",
     ) -> dict[str, Any]:
-        """Start it and wait for its ``gateway_ready`` line; returns that line."""
+        """Start it and wait for its first line (``expect`` is its type); returns that line."""
         environ = {k: v for k, v in os.environ.items() if not k.startswith("BASTION_")}
         environ["PYTHONUNBUFFERED"] = "1"
         if passphrase is not None:
@@ -66,7 +67,7 @@ class GatewayProcess:
             if ready:
                 out += os.read(self.proc.stdout.fileno(), 4096)
         self.ready = json.loads(out.split(b"\n", 1)[0])
-        assert self.ready["type"] == "gateway_ready", self.ready
+        assert self.ready["type"] == expect, self.ready
         return self.ready
 
     def log_text(self) -> str:

@@ -118,8 +118,11 @@ async def files_list(
 
 
 def default_folder() -> Path:
-    """Where a fetched file is saved when no folder is given: the user's downloads folder."""
-    return Path(platformdirs.user_downloads_dir())
+    """Where a fetched file is saved when no folder is given: the user's downloads folder
+    (made if this account has none yet, as a desktop session would)."""
+    folder = Path(platformdirs.user_downloads_dir())
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return folder
 
 
 async def files_get(

@@ -35,6 +35,16 @@ const S = {
 };
 let gw = null;
 
+// The 1:1 conversation's id, the same on both sides (as the gateway names it).
+function dmOf(user) {
+  return `dm:${[S.me, user].sort().join(",")}`;
+}
+
+function peerOf(conversation) {
+  const [a, b] = conversation.slice(3).split(",");
+  return a === S.me ? b : a;
+}
+
 // --- starting: sign in with the link's token, then create, unlock or open ------------------
 
 async function start() {
@@ -100,9 +110,9 @@ function showWelcome(state) {
     form = el("form", { "aria-labelledby": "welcome-title" },
       el("h1", { id: "welcome-title" }, "Create your Bastion account"),
       el("p", {}, "Your server's address comes from whoever runs it. Your keys are made on this computer and never leave it."),
-      field("Server address", { name: "server", type: "url", placeholder: "https://chat.example.org:8443", required: true }),
+      field("Server address", { name: "server", type: "url", placeholder: "wss://chat.example.org:8443", required: true }),
       field("Server fingerprint (optional, from the server's operator)", { name: "fingerprint", autocomplete: "off" }),
-      field("Username", { name: "username", autocomplete: "username", required: true, pattern: "[a-z0-9_.-]{1,32}" }),
+      field("Username", { name: "username", autocomplete: "username", required: true, pattern: "[a-z0-9_.\\-]{1,32}" }),
       field("Passphrase (long and hard to guess: it protects everything on this computer)", { name: "passphrase", type: "password", autocomplete: "new-password", required: true, minlength: 8 }),
       field("Passphrase again", { name: "repeat", type: "password", autocomplete: "new-password", required: true }),
       field("Invite code (if the server asks for one)", { name: "invite", autocomplete: "off" }),
@@ -276,15 +286,15 @@ function contactItem(c) {
   const trust = S.trust.get(c.user);
   return el("li", {},
     el("button", {
-      type: "button", class: "conv", "aria-current": S.current?.conversation === c.user ? "true" : null,
-      onclick: () => openConversation({ kind: "user", id: c.user, conversation: c.user, name: c.user }),
+      type: "button", class: "conv", "aria-current": S.current?.conversation === dmOf(c.user) ? "true" : null,
+      onclick: () => openConversation({ kind: "user", id: c.user, conversation: dmOf(c.user), name: c.user }),
     },
     el("span", { class: `dot ${c.presence}`, "aria-hidden": "true" }),
     el("span", { class: "name" }, c.user),
     el("span", { class: "sub" }, label || [c.presence, c.status ? ` — ${c.status}` : ""].join("")),
     trust === "verified" ? el("span", { class: "verified" }, "✓", el("span", { class: "sr-only" }, " verified")) : null,
     trust === "changed" ? el("span", { class: "changed" }, "! key changed") : null,
-    badge(c.user)));
+    badge(dmOf(c.user))));
 }
 
 async function contactAction(method, user) {
@@ -483,7 +493,7 @@ async function sendMessage(e) {
     if (conv.kind === "user") {
       const sent = await gw.call("send", { to: conv.id, text });
       const state = sent.state === "stored" ? "sent" : sent.state;
-      addMessage({ type: "message", id: sent.id, from: S.me, device: S.device, conversation: conv.id, text, sent_at: new Date().toISOString(), verified: false, state });
+      addMessage({ type: "message", id: sent.id, from: S.me, device: S.device, conversation: conv.conversation, text, sent_at: new Date().toISOString(), verified: false, state });
     } else {
       await gw.call("groups.send", { group: conv.id, text });
       S.messages.set(conv.conversation, await gw.call("groups.history", { group: conv.id, limit: 500 }));
@@ -493,7 +503,7 @@ async function sendMessage(e) {
     byId("composer-text")?.focus();
   } catch (err) {
     if (err.code === "key_changed") { S.trust.set(conv.id, "changed"); renderSide(); renderConversation(); }
-    else if (err.code === "refused" && err.data?.id) { addMessage({ ...err.data, type: "message", from: S.me, conversation: conv.id, text, sent_at: new Date().toISOString(), verified: false, state: "failed" }); renderConversation(); }
+    else if (err.code === "refused" && err.data?.id) { addMessage({ ...err.data, type: "message", from: S.me, conversation: conv.conversation, text, sent_at: new Date().toISOString(), verified: false, state: "failed" }); renderConversation(); }
     toast(err.message);
   }
 }
@@ -740,7 +750,7 @@ async function runSearch(text) {
   const main = byId("conversation");
   let hits;
   try { hits = await gw.call("search", { text, limit: 100 }); } catch (e) { toast(e.message); return; }
-  const nameOf = (c) => S.groups.find((g) => g.conversation === c)?.name || c;
+  const nameOf = (c) => S.groups.find((g) => g.conversation === c)?.name || (c.startsWith("dm:") ? peerOf(c) : c);
   fill(main,
     el("div", { class: "conv-head" },
       el("h2", { id: "search-title", tabindex: "-1" }, `Search: “${text}”`),
@@ -748,7 +758,7 @@ async function runSearch(text) {
     hits.length ? el("ol", { class: "hits" }, hits.map((m) => el("li", {},
       el("button", { type: "button", class: "conv", onclick: () => {
         const group = S.groups.find((g) => g.conversation === m.conversation);
-        openConversation(group ? { kind: "group", id: group.group, conversation: group.conversation, name: group.name } : { kind: "user", id: m.conversation, conversation: m.conversation, name: m.conversation });
+        openConversation(group ? { kind: "group", id: group.group, conversation: group.conversation, name: group.name } : { kind: "user", id: peerOf(m.conversation), conversation: m.conversation, name: peerOf(m.conversation) });
       } }, el("span", { class: "name" }, nameOf(m.conversation)), el("span", { class: "sub" }, `${m.from === S.me ? "You" : m.from}, ${time(m.sent_at)}`), el("span", { class: "text" }, m.text))))) : el("p", {}, "Nothing found."));
   byId("search-title").focus();
 }
@@ -802,7 +812,7 @@ function onEvent(event) {
       const lines = [];
       if (event.added.length) lines.push(`${who} added a new device (${event.added.join(", ")}).`);
       if (event.removed.length) lines.push(`${who} removed a device (${event.removed.join(", ")}).`);
-      const conv = event.own_account ? S.current?.conversation : event.user;
+      const conv = event.own_account ? S.current?.conversation : dmOf(event.user);
       if (conv) S.notices.set(conv, [...(S.notices.get(conv) || []), ...lines]);
       if (event.own_account) toast(lines.join(" "));
       renderConversation();
@@ -869,6 +879,9 @@ function notify(event) {
   const n = new Notification(title, { tag: `bastion-${event.conversation || event.from}`, silent: false });
   n.addEventListener("click", () => { window.focus(); n.close(); });
 }
+
+// The link pasted again into a tab that is already open signs it in again.
+window.addEventListener("hashchange", () => { if (location.hash.startsWith("#token=")) location.reload(); });
 
 document.addEventListener("visibilitychange", () => {
   if (!document.hidden && S.current) { S.unread.delete(S.current.conversation); renderSide(); }
