@@ -37,6 +37,11 @@ def check_query(text: str, limit: int = DEFAULT_LIMIT) -> None:
         raise ValueError(f"the limit is a number from 1 to {MAX_LIMIT}")
 
 
+def matches(record: HistoryRecord, text: str) -> bool:
+    """Whether a message's text holds ``text``, ignoring case (as :func:`messages` matches)."""
+    return text.casefold() in record.text.casefold()
+
+
 def messages(client: ClientCore, text: str, *, limit: int = DEFAULT_LIMIT) -> list[HistoryRecord]:
     """Messages of every conversation (direct and group) whose text holds ``text``, newest first.
 
