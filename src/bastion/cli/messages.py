@@ -518,8 +518,9 @@ def add_commands(sub: Subcommands, common: argparse.ArgumentParser) -> None:
         description=(
             "Show the conversation with USER from this device's encrypted history, or with "
             "--search TEXT the messages of every conversation (direct and group) whose text "
-            "holds TEXT, ignoring case, newest first. The search runs on this device only: "
-            "nothing is sent to the server and no index is kept."
+            "holds TEXT, ignoring case, newest first. The search runs on this device only "
+            "(nothing of it goes to the server) and keeps no index; what waits on the server "
+            "is received first, as for USER."
         ),
     )
     history.add_argument("user", nargs="?")
