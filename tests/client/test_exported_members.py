@@ -46,6 +46,7 @@ EXPECTED = [
     "presence",
     "receipts",
     "receiving",
+    "search",
     "trust",
     "verification",
     "weakness",

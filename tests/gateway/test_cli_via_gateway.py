@@ -240,6 +240,40 @@ async def test_send_and_history_print_the_same_shapes_with_and_without_the_gatew
     assert "no passphrase" in alone.stderr
 
 
+async def test_history_search_prints_the_same_with_and_without_the_gateway(
+    alice_gateway: tuple[GatewayProcess, Path],
+) -> None:
+    gw, _bob = alice_gateway
+    alice = str(gw.profile)
+    await connected(gw)
+    await run("send", "bob", "Meet at the Harbour", "--profile", alice)
+    await run("group", "create", "Harbourmasters", "--members", "bob", "--profile", alice)
+    await run("send", "--group", "Harbourmasters", "harbour at noon", "--profile", alice)
+    via_json = lines(await run("history", "--search", "HARBOUR", "--json", "--profile", alice))
+    via_human = (await run("history", "--search", "harbour", "--profile", alice)).stdout
+    via_one = (
+        await run("history", "--search", "harbour", "--limit", "1", "--profile", alice)
+    ).stdout
+    via_mistake = await run("history", "--search", " ", "--profile", alice, check=False)
+    assert gw.stop() == 0
+
+    assert [m["text"] for m in via_json] == ["harbour at noon", "Meet at the Harbour"]
+    assert via_json[0]["conversation"].startswith("group:")
+    shown = via_human.splitlines()
+    assert shown[0].startswith("[#Harbourmasters] [")
+    assert shown[1].startswith("[with bob] [")
+    assert via_one.splitlines() == shown[:1]
+    assert (via_mistake.returncode, via_mistake.stdout) == (1, "")
+    assert "the text is empty" in via_mistake.stderr
+
+    direct_json = lines(bastion("history", "--search", "HARBOUR", "--json", "--profile", alice))
+    direct_human = bastion("history", "--search", "harbour", "--profile", alice).stdout
+    direct_mistake = bastion("history", "--search", " ", "--profile", alice, check=False)
+    assert direct_json == via_json
+    assert direct_human == via_human
+    assert (direct_mistake.returncode, direct_mistake.stderr) == (1, via_mistake.stderr)
+
+
 async def test_listen_prints_through_the_gateway_and_ends_when_it_stops(
     server: ServerProcess, alice_gateway: tuple[GatewayProcess, Path]
 ) -> None:

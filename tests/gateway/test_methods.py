@@ -157,6 +157,10 @@ async def test_unknown_method_and_bad_params_get_json_rpc_errors(world: World) -
         ("files.send", {"path": "relative.txt", "to": "bob"}, "path:"),
         ("verify.sas_confirm", {}, "'id' is a required property"),
         ("devices.revoke", {"device": "d", "extra": 1}, "Additional properties"),
+        ("search", {}, "'text' is a required property"),
+        ("search", {"text": ""}, "text: "),
+        ("search", {"text": "x" * 201}, "text: "),
+        ("search", {"text": "x", "limit": 501}, "limit: 501 is greater than the maximum"),
     ):
         answer = await raw(
             world.alice_gw, {"jsonrpc": "2.0", "id": 2, "method": method, "params": params}
@@ -191,6 +195,7 @@ async def test_the_method_checks_what_the_schema_cannot(world: World) -> None:
         ("files.send", {"path": "/etc/hostname"}, "either to (a user) or group"),
         ("files.send", {"path": "/etc/hostname", "to": "bob", "group": "x"}, "not both"),
         ("verify.confirm", {"user": "bob"}, "either the number"),
+        ("search", {"text": "   "}, "the text is empty"),
     ):
         answer = await raw(
             world.alice_gw, {"jsonrpc": "2.0", "id": 3, "method": method, "params": params}
@@ -216,6 +221,15 @@ async def test_messages_and_the_gateway_itself(world: World) -> None:
         assert (await call(alice, "message", id=sent["id"]))["text"] == ("hello from the gateway")
         history = await call(bob, "history", user="alice")
         assert history[-1]["text"] == "hello from the gateway"
+        found = await call(bob, "search", text="FROM THE Gateway")
+        assert [(m["text"], m["conversation"]) for m in found] == [
+            ("hello from the gateway", "dm:alice,bob")
+        ]
+        assert found[0]["id"] == sent["id"]
+        await call(alice, "send", to="bob", text="hello again")
+        newest = await call(alice, "search", text="HELLO", limit=1)
+        assert [(m["text"], m["state"]) for m in newest] == [("hello again", "sent")]
+        assert await call(alice, "search", text="no such words anywhere") == []
         assert await call(alice, "outbox") == []
         assert (await call(alice, "subscribe"))["type"] == "subscribed"
         assert (await call(alice, "unsubscribe"))["type"] == "unsubscribed"
@@ -301,6 +315,10 @@ async def test_groups_from_creation_to_leaving(world: World) -> None:
         history = await call(bob, "groups.history", group=group)
         assert [m["text"] for m in history] == ["chapter 3 tonight"]
         assert history[0]["from"] == "alice"
+        found = await call(bob, "search", text="Chapter 3", limit=500)
+        assert [(m["text"], m["from"], m["conversation"]) for m in found] == [
+            ("chapter 3 tonight", "alice", f"group:{group}")
+        ]
 
         # Carol became alice's contact in the contacts test: she is added at once.
         added = await call(alice, "groups.add", group=group, user="carol")

@@ -100,6 +100,17 @@ def message_json(record: HistoryRecord, verified: bool) -> dict[str, Any]:
     return out
 
 
+def found_json(client: Client, record: HistoryRecord) -> dict[str, Any]:
+    """The ``--json`` form of a message a search found, in whichever conversation.
+
+    ``verified`` is what that conversation's history says: in a direct one, whether
+    the other person is verified; in a group, whether the sender is.
+    """
+    other = record.sender if record.direction == "in" else record.peer
+    contact = None if ":" in other else client.contact(other)  # a group's peer holds ':'
+    return message_json(record, contact is not None and contact.trust == "verified")
+
+
 def sent_json(record: HistoryRecord) -> dict[str, Any]:
     """What ``send --json`` prints (and the gateway's ``send`` answers): stored, queued or kept."""
     if record.state == "queued":
@@ -249,6 +260,22 @@ def render_message(message: dict[str, Any]) -> str:
     elif state == "queued":
         line += "  [queued: goes out when the server can be reached]"
     return line
+
+
+def render_found(message: dict[str, Any], group_names: dict[str, str]) -> str:
+    """A message a search found, for a person: its conversation, then the line history prints.
+
+    A direct conversation is shown as ``[with USER]``, a group as ``[#NAME]``
+    (its conversation id when this device knows no name for it).
+    """
+    conversation = str(message["conversation"])
+    sender = str(message["from"])
+    if conversation.startswith("dm:"):
+        other = recipient(conversation, sender) if "state" in message else sender
+        label = f"with {escape_text(other)}"
+    else:
+        label = "#" + escape_text(group_names.get(conversation, conversation))
+    return f"[{label}] {render_message(message)}"
 
 
 def recipient(conversation: str, sender: str) -> str:

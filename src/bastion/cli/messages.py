@@ -17,12 +17,14 @@ from bastion.cli._common import (
     OFFLINE_CODES,
     REFUSED,
     Subcommands,
+    found_json,
     message_json,
     passphrase,
     pick_up_waiting,
     print_event,
     profile_dir,
     refusal_json,
+    render_found,
     render_message,
     sent_json,
     with_client,
@@ -38,9 +40,11 @@ from bastion.client import (
     SendRefusedError,
     check_text,
     check_username,
+    groups,
     outbox,
     presence,
     receipts,
+    search,
 )
 from bastion.display import escape_text
 from bastion.errors import BastionError, ServerRefusedError
@@ -368,6 +372,13 @@ def report_connection(args: argparse.Namespace, event: ConnectionStateEvent) -> 
 
 
 async def cmd_history(args: argparse.Namespace) -> int:
+    if args.search is not None:
+        return await search_history(args)
+    if args.user is None:
+        raise BastionError("usage: bastion history USER (or bastion history --search TEXT)")
+    if args.limit is not None:
+        raise BastionError("--limit goes with --search")
+
     async def via_gateway(link: GatewayLink) -> int:
         # The gateway received and stored everything already: nothing waits on the server.
         check_username(args.user)
@@ -388,6 +399,44 @@ async def cmd_history(args: argparse.Namespace) -> int:
     return await with_gateway_or_client(
         args, via_gateway=via_gateway, direct=lambda: with_client(args, work, connect=False)
     )
+
+
+async def search_history(args: argparse.Namespace) -> int:
+    """``history --search``: messages of every conversation holding a text, newest first."""
+    if args.user is not None:
+        raise BastionError("history --search looks in every conversation: leave out the user")
+    text: str = args.search
+    limit = search.DEFAULT_LIMIT if args.limit is None else args.limit
+    search.check_query(text, limit)  # here too, so a mistake reads the same either way
+
+    async def via_gateway(link: GatewayLink) -> int:
+        found = await link.call("search", text=text, limit=limit)
+        names = {str(g["conversation"]): str(g["name"]) for g in await link.call("groups.list")}
+        return print_found(args, found, names)
+
+    async def work(client: Client) -> int:
+        def in_the_list(event: Event) -> bool:
+            return isinstance(event, MessageEvent) and search.matches(event.record, text)
+
+        await pick_up_waiting(client, args, shown_by_list=in_the_list)
+        found = [found_json(client, r) for r in search.messages(client, text, limit=limit)]
+        names = {groups.conversation(g.group_id): g.name for g in groups.groups(client)}
+        return print_found(args, found, names)
+
+    return await with_gateway_or_client(
+        args, via_gateway=via_gateway, direct=lambda: with_client(args, work, connect=False)
+    )
+
+
+def print_found(
+    args: argparse.Namespace, found: list[dict[str, Any]], group_names: dict[str, str]
+) -> int:
+    """Print what a search found, newest first (one JSON object a line with ``--json``)."""
+    for message in found:
+        print(json.dumps(message) if args.json else render_found(message, group_names))
+    if not found and not args.json:
+        say("no message on this device holds that text")
+    return 0
 
 
 async def cmd_whoami(args: argparse.Namespace) -> int:
@@ -462,8 +511,31 @@ def add_commands(sub: Subcommands, common: argparse.ArgumentParser) -> None:
         "outbox", parents=[common], help="list messages kept until the server confirms them"
     )
     kept.set_defaults(run=cmd_outbox)
-    history = sub.add_parser("history", parents=[common], help="show a conversation")
-    history.add_argument("user")
+    history = sub.add_parser(
+        "history",
+        parents=[common],
+        help="show a conversation, or search every conversation",
+        description=(
+            "Show the conversation with USER from this device's encrypted history, or with "
+            "--search TEXT the messages of every conversation (direct and group) whose text "
+            "holds TEXT, ignoring case, newest first. The search runs on this device only "
+            "(nothing of it goes to the server) and keeps no index; what waits on the server "
+            "is received first, as for USER."
+        ),
+    )
+    history.add_argument("user", nargs="?")
+    history.add_argument(
+        "--search",
+        metavar="TEXT",
+        help=f"search every conversation for TEXT (1 to {search.MAX_TEXT_CHARS} characters)",
+    )
+    history.add_argument(
+        "--limit",
+        type=int,
+        metavar="N",
+        help=f"with --search: at most N messages (default {search.DEFAULT_LIMIT}, "
+        f"at most {search.MAX_LIMIT})",
+    )
     history.set_defaults(run=cmd_history)
     whoami = sub.add_parser("whoami", parents=[common], help="show this profile's account")
     whoami.set_defaults(run=cmd_whoami)

@@ -20,6 +20,7 @@ from bastion.client import (
     presence,
     receipts,
     receiving,
+    search,
     trust,
     verification,
 )
@@ -77,6 +78,7 @@ __all__ = [
     "presence",
     "receipts",
     "receiving",
+    "search",
     "trust",
     "verification",
     "weakness",

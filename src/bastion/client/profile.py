@@ -15,7 +15,7 @@ import hmac
 import json
 import os
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
@@ -33,6 +33,7 @@ from bastion.crypto.atrest import (
 from bastion.errors import ProfileError
 
 T = TypeVar("T")
+V = TypeVar("V")
 
 HEADER_FILE = "profile.json"
 DB_FILE = "profile.db"
@@ -177,11 +178,7 @@ class Profile:
         return self._box.seal(_encoder.encode(value), aad)
 
     def _open(self, blob: bytes, aad: bytes, kind: type[T]) -> T:
-        raw = self._box.open(blob, aad)
-        try:
-            return msgspec.msgpack.decode(raw, type=kind)
-        except msgspec.MsgspecError:
-            raise ProfileError("a stored record has an unexpected shape") from None
+        return _decode(_decoder(kind), self._box.open(blob, aad))
 
     # --- key/value records ------------------------------------------------------------------
 
@@ -282,6 +279,41 @@ class Profile:
         ).fetchall()
         return [self._open(value, conv + bytes(tag), kind) for tag, value in reversed(rows)]
 
+    def search_messages(
+        self,
+        view: type[V],
+        matches: Callable[[V], bool],
+        kind: type[T],
+        *,
+        limit: int,
+        batch: int = 512,
+    ) -> list[T]:
+        """Records of every conversation that ``matches`` accepts, newest first, at most ``limit``.
+
+        One scan of the history in the order it was stored, newest first,
+        opening the sealed records a batch at a time and stopping at the
+        ``limit``-th match: nothing is indexed, and nothing opened is written
+        anywhere. ``matches`` looks at each record as ``view``, a Struct with
+        some of the record's fields (cheaper to decode); a match is returned as
+        ``kind``. Raises :class:`ProfileError` if a stored record was altered.
+        """
+        found: list[T] = []
+        if limit < 1:
+            return found
+        look = _decoder(view)
+        cursor = self._conn.execute("SELECT conv, tag, value FROM messages ORDER BY seq DESC")
+        try:
+            while rows := cursor.fetchmany(batch):
+                for conv, tag, value in rows:
+                    raw = self._box.open(value, conv + tag)
+                    if matches(_decode(look, raw)):
+                        found.append(_decode(_decoder(kind), raw))
+                        if len(found) >= limit:
+                            return found
+        finally:
+            cursor.close()
+        return found
+
     # --- outbox -------------------------------------------------------------------------------
 
     def queue_outgoing(self, message_id: bytes, frame: bytes) -> None:
@@ -300,6 +332,24 @@ class Profile:
     def sent(self, message_id: bytes) -> None:
         """Forget an outgoing frame the server acknowledged."""
         self._conn.execute("DELETE FROM outbox WHERE tag = ?", (self.tag("out", message_id),))
+
+
+_DECODERS: dict[type[Any], msgspec.msgpack.Decoder[Any]] = {}
+
+
+def _decoder(kind: type[T]) -> msgspec.msgpack.Decoder[T]:
+    """One decoder per record type, made once (cheaper than decoding with ``type=``)."""
+    found = _DECODERS.get(kind)
+    if found is None:
+        found = _DECODERS[kind] = msgspec.msgpack.Decoder(kind)
+    return found
+
+
+def _decode(decoder: msgspec.msgpack.Decoder[T], raw: bytes) -> T:
+    try:
+        return decoder.decode(raw)
+    except msgspec.MsgspecError:
+        raise ProfileError("a stored record has an unexpected shape") from None
 
 
 def _write_private(path: Path, data: bytes) -> None:

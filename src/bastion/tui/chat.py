@@ -33,6 +33,7 @@ from bastion.client import (
     outbox,
     presence,
     receipts,
+    search,
     verification,
 )
 from bastion.errors import BastionError, KeyChangedError, ServerRefusedError
@@ -46,6 +47,7 @@ from bastion.tui.conversations import (
     safe_text,
     send_to,
 )
+from bastion.tui.find import FIND_LIMIT, FindScreen
 from bastion.tui.people import PeopleActions
 from bastion.tui.screens import HelpScreen
 from bastion.tui.transfers import FileActions, offer_text
@@ -71,6 +73,7 @@ class ChatScreen(PeopleActions, FileActions):
         Binding("ctrl+t", "verify", "Verify", priority=True),
         Binding("ctrl+y", "answer_request", "Answer request", show=False, priority=True),
         Binding("ctrl+r", "search", "Search", priority=True),
+        Binding("ctrl+f", "find", "Search all", show=False, priority=True),
         Binding("question_mark", "help", "Keys", priority=True),
         Binding("f1", "help", "Keys", show=False),
         Binding("ctrl+o", "send_file", "File", show=False, priority=True),
@@ -328,6 +331,33 @@ class ChatScreen(PeopleActions, FileActions):
     def action_close_search(self) -> None:
         """Esc: close the search."""
         self.close_search()
+
+    def action_find(self) -> None:
+        """Ctrl+F: search every conversation; the one chosen opens, filtered to the text."""
+
+        def chosen(found: tuple[str, str] | None) -> None:
+            if found is None:
+                return
+            peer, text = found
+            self.open_conversation(peer)
+            self.action_search()
+            self.query_one("#search", Input).value = text
+
+        self.app.push_screen(
+            FindScreen(
+                lambda text: search.messages(self.client, text, limit=FIND_LIMIT),
+                self.name_of,
+                now_ms=self.settings.clock(),
+                tz=self.settings.tz,
+            ),
+            chosen,
+        )
+
+    def name_of(self, peer: str) -> str:
+        """How the conversation list names a conversation: a username, or ``#`` and a group."""
+        if not is_group(peer):
+            return peer
+        return "#" + (self.title_of(peer) or "unknown group")
 
     # --- keys ---------------------------------------------------------------------------------
 

@@ -282,6 +282,7 @@ HELP_KEYS = (
     ("Ctrl+T", "verify them (number, QR, emoji) or review a new key"),
     ("Ctrl+Y", "answer the newest contact request"),
     ("Ctrl+R", "search this conversation (Esc closes)"),
+    ("Ctrl+F", "search every conversation; Enter opens the one found"),
     ("Ctrl+Up / Ctrl+Down", "previous / next conversation"),
     ("PageUp / PageDown", "scroll; PageUp at the top loads older messages"),
     ("Tab / Shift+Tab", "move between the list and the message line"),

@@ -1,11 +1,11 @@
-"""Messages and the gateway itself: send, history, outbox, whoami, status, subscribe."""
+"""Messages and the gateway itself: send, history, search, outbox, whoami, status, subscribe."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from bastion.cli._common import OFFLINE_CODES, message_json, refusal_json, sent_json
-from bastion.client import HistoryRecord, SendRefusedError, outbox
+from bastion.cli._common import OFFLINE_CODES, found_json, message_json, refusal_json, sent_json
+from bastion.client import HistoryRecord, SendRefusedError, outbox, search
 from bastion.errors import ServerRefusedError
 from bastion.gateway.context import GatewayContext
 from bastion.gateway.methods._base import ContextMethod
@@ -59,6 +59,21 @@ async def history(
     verified = contact is not None and contact.trust == "verified"
     records = client.history(user, limit=params.get("limit", 1000))
     return [message_json(r, verified) for r in records]
+
+
+async def search_messages(
+    ctx: GatewayContext, session: Session, params: dict[str, Any]
+) -> list[dict[str, Any]]:
+    """Messages of every conversation whose text holds ``text`` (ignoring case), newest first.
+
+    Searched in the encrypted local store of this device only; each message
+    names its conversation. At most ``limit`` (default 50).
+    """
+    client = ctx.client
+    records = search.messages(
+        client, params["text"], limit=params.get("limit", search.DEFAULT_LIMIT)
+    )
+    return [found_json(client, r) for r in records]
 
 
 async def outbox_list(
@@ -120,6 +135,7 @@ async def unsubscribe(
 METHODS: dict[str, ContextMethod] = {
     "send": send,
     "history": history,
+    "search": search_messages,
     "outbox": outbox_list,
     "message": message,
     "whoami": whoami,
