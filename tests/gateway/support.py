@@ -70,6 +70,14 @@ class GatewayProcess:
         assert self.ready["type"] == expect, self.ready
         return self.ready
 
+    def next_line(self, wait_s: float = 30.0) -> str:
+        """The next line the gateway prints (after the first)."""
+        assert self.proc is not None
+        assert self.proc.stdout is not None
+        ready, _, _ = select.select([self.proc.stdout], [], [], wait_s)
+        assert ready, "the gateway printed nothing more"
+        return self.proc.stdout.readline().decode()
+
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import jsonschema
 import pytest
 
@@ -24,8 +25,8 @@ from bastion.client import devices
 from bastion.errors import KeyChangedError, ServerRefusedError
 from bastion.gateway import paths, rpc
 from bastion.gateway.link import GatewayError, GatewayLink
-from tests.conftest import ServerProcess, free_port
-from tests.gateway.support import GatewayProcess, pair, subscribed, until
+from tests.conftest import PASSPHRASE, ServerProcess, free_port
+from tests.gateway.support import GatewayProcess, gateways, pair, subscribed, until
 from tests.test_cli import bastion, befriend, register
 from tests.test_devices import replace_account_on_server
 
@@ -194,7 +195,7 @@ async def test_the_method_checks_what_the_schema_cannot(world: World) -> None:
     for method, params, says in (
         ("files.send", {"path": "/etc/hostname"}, "either to (a user) or group"),
         ("files.send", {"path": "/etc/hostname", "to": "bob", "group": "x"}, "not both"),
-        ("verify.confirm", {"user": "bob"}, "either the number"),
+        ("verify.confirm", {"user": "bob"}, "give one of: the number"),
         ("search", {"text": "   "}, "the text is empty"),
     ):
         answer = await raw(
@@ -325,6 +326,19 @@ async def test_groups_from_creation_to_leaving(world: World) -> None:
         assert added["members"] == ["alice", "bob", "carol"]
         removed = await call(alice, "groups.remove", group=group, user="carol")
         assert removed["members"] == ["alice", "bob"]
+        # The signed history, as bob's device verified it, says who did what.
+        await call(bob, "groups.show", group=group)
+        changes = await call(bob, "groups.changes", group=group)
+        assert [(c["by"], c["change"], c["user"]) for c in changes] == [
+            ("alice", "create", None),
+            ("alice", "promote", "bob"),
+            ("alice", "demote", "bob"),
+            ("alice", "rename", None),
+            ("alice", "add_member", "carol"),
+            ("alice", "remove_member", "carol"),
+        ]
+        assert [c["seq"] for c in changes] == sorted(c["seq"] for c in changes)
+        assert changes[-1]["name"] == "Readers"
         left = await call(bob, "groups.leave", group=group)
         assert "bob" not in left["members"]
 
@@ -418,6 +432,41 @@ async def test_confirming_with_a_picture_of_the_qr_code(world: World, tmp_path: 
         confirmed = await call(bob, "verify.confirm", user="alice", qr_image=str(picture))
         assert confirmed["trust"] == "verified"
         assert confirmed["safety_number"] == shown["safety_number"] == before["safety_number"]
+
+
+async def test_confirming_with_the_bytes_a_camera_scan_decoded(world: World) -> None:
+    """What the browser app sends after scanning: only the other side's own code verifies."""
+    async with await world.bob_gw.link() as bob, await world.alice_gw.link() as alice:
+        await online(bob)
+        alices = await call(alice, "verify.number", user="bob", qr=True)
+        own = await call(bob, "verify.number", user="alice", qr=True)
+        payload = decode_qr(base64.b64decode(alices["qr_png"]))
+        # bob's own code (what an attacker could replay to him) and garbage do not verify.
+        for wrong in (decode_qr(base64.b64decode(own["qr_png"])), b"not a code at all"):
+            mismatch = await refused(
+                bob, "verify.confirm", user="alice", qr_payload=base64.b64encode(wrong).decode()
+            )
+            assert mismatch.code == "comparison_mismatch", mismatch.code
+        bad = await raw(
+            world.bob_gw,
+            {"jsonrpc": "2.0", "id": 1, "method": "verify.confirm",
+             "params": {"user": "alice", "qr_payload": "%%%"}},
+        )  # fmt: skip
+        assert bad["error"]["code"] == rpc.INVALID_PARAMS
+        confirmed = await call(
+            bob, "verify.confirm", user="alice", qr_payload=base64.b64encode(payload).decode()
+        )
+        assert confirmed["trust"] == "verified"
+
+
+def decode_qr(png: bytes) -> bytes:
+    import io
+
+    import zxingcpp
+    from PIL import Image
+
+    [found] = zxingcpp.read_barcodes(Image.open(io.BytesIO(png)).convert("L"))
+    return bytes(found.bytes)
 
 
 async def test_sas_verification_as_a_multi_call_flow(world: World) -> None:
@@ -553,6 +602,77 @@ async def test_accepting_a_changed_key(server: ServerProcess, tmp_path: Path) ->
             assert (await call(link, "server.info"))["server"] == server.url
     finally:
         gw.kill()
+
+
+# --- before the profile is open (bastion gateway --web) -----------------------------------------
+
+
+async def web_rpc(
+    http: aiohttp.ClientSession, base: str, token: str, method: str, **params: Any
+) -> dict[str, Any]:
+    body = {"jsonrpc": "2.0", "id": 1, "method": method, "params": params}
+    headers = {"Authorization": f"Bearer {token}"}
+    async with http.post(f"{base}/rpc", json=body, headers=headers) as answer:
+        found: dict[str, Any] = await answer.json()
+        return found
+
+
+async def test_a_locked_web_gateway_creates_or_unlocks_and_nothing_else(
+    server: ServerProcess, tmp_path: Path
+) -> None:
+    """Until the page unlocks the profile, only profile.* answer; a wrong passphrase fails."""
+    new = GatewayProcess(tmp_path / "newcomer", "--web")
+    existing = register(server, "dora", tmp_path)
+    locked = GatewayProcess(existing, "--web")
+    with gateways(new, locked):
+        waiting = locked.start(passphrase=None, expect="gateway_waiting")
+        assert waiting["state"] == "locked"
+        base, _, token = waiting["web"].partition("/#token=")
+        async with aiohttp.ClientSession() as http:
+            state = await web_rpc(http, base, token, "profile.state")
+            check_result("profile.state", state["result"])
+            assert state["result"] == {"type": "profile", "state": "locked"}
+            status = await web_rpc(http, base, token, "status")
+            assert status["error"]["code"] == rpc.METHOD_NOT_FOUND
+            exists = await web_rpc(
+                http, base, token, "profile.create",
+                server=server.url, username="dora", passphrase="x" * 20,
+            )  # fmt: skip
+            assert exists["error"]["data"]["code"] == "exists"
+            wrong = await web_rpc(http, base, token, "profile.unlock", passphrase="not it at all")
+            assert "wrong passphrase" in wrong["error"]["message"]
+            assert "not it at all" not in json.dumps(wrong)
+            opened = await web_rpc(http, base, token, "profile.unlock", passphrase=PASSPHRASE)
+            check_result("profile.unlock", opened["result"])
+            assert opened["result"] == {"type": "unlocked", "user": "dora"}
+            ready = json.loads(await asyncio.to_thread(locked.next_line))
+            assert ready["type"] == "gateway_ready"
+            assert ready["web"] == waiting["web"]
+            after = await web_rpc(http, base, token, "profile.state")
+            assert after["result"] == {"type": "profile", "state": "unlocked", "user": "dora"}
+            again = await web_rpc(http, base, token, "profile.unlock", passphrase=PASSPHRASE)
+            assert again["error"]["data"]["code"] == "unlocked"
+            assert (await web_rpc(http, base, token, "status"))["result"]["user"] == "dora"
+
+        # A new profile: a weak passphrase is refused, a good one registers and pins.
+        fresh = new.start(passphrase=None, expect="gateway_waiting")
+        assert fresh["state"] == "new"
+        base, _, token = fresh["web"].partition("/#token=")
+        async with aiohttp.ClientSession() as http:
+            weak = await web_rpc(
+                http, base, token, "profile.create",
+                server=server.url, username="newcomer", passphrase="password123",
+            )  # fmt: skip
+            assert weak["error"]["code"] == rpc.INVALID_PARAMS
+            assert not (tmp_path / "newcomer" / "profile.db").exists()
+            made = await web_rpc(
+                http, base, token, "profile.create", server=server.url, username="newcomer",
+                passphrase=PASSPHRASE + " orchard", fingerprint=server.fingerprint,
+            )  # fmt: skip
+            check_result("profile.create", made["result"])
+            assert made["result"]["fingerprint"] == server.fingerprint
+        for gw in (new, locked):
+            assert PASSPHRASE not in gw.log_text()
 
 
 def test_every_method_in_the_schema_was_called() -> None:

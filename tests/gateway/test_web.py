@@ -11,11 +11,12 @@ finds nothing serious on the main screens.
 
 from __future__ import annotations
 
+import asyncio
 import os
 from pathlib import Path
 
 import pytest
-from playwright.async_api import Page, expect
+from playwright.async_api import FilePayload, Page, expect
 
 from tests.conftest import ServerProcess
 from tests.gateway.support import GatewayProcess, gateways
@@ -29,7 +30,7 @@ from tests.gateway.web_support import (
     shot,
     write_camera,
 )
-from tests.test_cli import bastion, register
+from tests.test_cli import register
 from tests.test_devices import replace_account_on_server
 
 pytestmark = [pytest.mark.network, pytest.mark.slow, pytest.mark.timeout(420)]
@@ -45,7 +46,7 @@ def screenshots(tmp_path: Path) -> Path:
 
 
 async def create_account(page: Page, link: str, server: ServerProcess, name: str) -> None:
-    if page.url != link.split("#")[0] + "":
+    if page.url != link.split("#", maxsplit=1)[0] + "":
         await page.goto(link)
     await expect(page.get_by_role("heading", name="Create your Bastion account")).to_be_visible()
     assert "#token" not in page.url  # the token left the address bar at once
@@ -138,10 +139,14 @@ async def test_two_people_in_the_browser(
             clean = tmp_path / "notes.txt"
             clean.write_bytes(b"minutes of the meeting\n" * 1000)
             await alice.locator("#file-input").set_input_files(
-                files=[{"name": f"{XSS}.txt", "mimeType": "text/plain", "buffer": clean.read_bytes()}]
+                files=[
+                    FilePayload(name=f"{XSS}.txt", mimeType="text/plain", buffer=clean.read_bytes())
+                ]
             )
             await expect(alice.locator(".transfers progress")).to_be_visible()
-            await expect(alice.locator("#toast")).to_contain_text("was encrypted and sent", timeout=WAIT_MS)
+            await expect(alice.locator("#toast")).to_contain_text(
+                "was encrypted and sent", timeout=WAIT_MS
+            )
             # bob's side shows the name made safe for a file system: <, > became _.
             offered = bob.locator(".file", has_text="_img src=x onerror=alert(1)_.txt")
             await expect(offered).to_contain_text("Not checked yet", timeout=WAIT_MS)
@@ -151,11 +156,14 @@ async def test_two_people_in_the_browser(
             async with bob.expect_download() as waiting_download:
                 await offered.get_by_role("link").click()
             download = await waiting_download.value
-            assert Path(await download.path()).read_bytes() == clean.read_bytes()
+            saved = await download.path()
+            assert await asyncio.to_thread(saved.read_bytes) == clean.read_bytes()
 
             # EICAR: blocked, with the reason, and never offered for download.
             await alice.locator("#file-input").set_input_files(
-                files=[{"name": "eicar.com", "mimeType": "application/octet-stream", "buffer": EICAR}]
+                files=[
+                    FilePayload(name="eicar.com", mimeType="application/octet-stream", buffer=EICAR)
+                ]
             )
             bad = bob.locator(".file", has_text="eicar.com")
             await expect(bad).to_contain_text("Not checked yet", timeout=WAIT_MS)
@@ -170,13 +178,15 @@ async def test_two_people_in_the_browser(
             await alice.get_by_label("Members (usernames").fill("bob")
             await alice.get_by_role("button", name="Create group").click()
             await expect(alice.locator("#conv-title")).to_have_text(f"Group: {XSS}")
-            await bob.get_by_role("button", name=f"Join {XSS}").click(timeout=WAIT_MS)
+            # bob is alice's contact, so he is in at once (strangers get an invitation).
             await expect(bob.locator("#side button.conv", has_text=XSS)).to_be_visible(
                 timeout=WAIT_MS
             )
             await say(alice, "group hello")
             await bob.locator("#side button.conv", has_text=XSS).click()
-            await expect(bob.locator(".msg .text")).to_contain_text(["group hello"], timeout=WAIT_MS)
+            await expect(bob.locator(".msg .text")).to_contain_text(
+                ["group hello"], timeout=WAIT_MS
+            )
             await alice.get_by_role("button", name="Members and history").click()
             history = alice.locator(".changes li")
             await expect(history.first).to_contain_text("alice created the group")
@@ -200,6 +210,54 @@ async def test_two_people_in_the_browser(
             assert await axe_problems(alice) == []
             await alice.get_by_role("button", name="Back to the conversation").click()
             await expect(alice.locator(".conv-head .verified")).to_have_text("✓ Verified")
+            await alice.get_by_role("button", name="Safety number").click()
+
+            # bob verifies alice by comparing emoji: alice's page is asked, both say they match.
+            await bob.get_by_role("button", name="Compare emoji").click()
+            await alice.get_by_role("button", name="Back to the conversation").click()
+            asked = alice.locator(".notice", has_text="bob asks to compare emoji")
+            await asked.get_by_role("button", name="Compare emoji").click(timeout=WAIT_MS)
+            for page in (alice, bob):
+                await expect(page.locator(".emoji li")).to_have_count(7, timeout=WAIT_MS)
+            assert (
+                await alice.locator(".emoji").inner_text()
+                == await bob.locator(".emoji").inner_text()
+            )
+            await shot(bob, shots, "web-emoji")
+            await alice.get_by_role("button", name="They match").click()
+            await bob.get_by_role("button", name="They match").click()
+            await expect(bob.locator("#verify-result")).to_have_text(
+                "✓ alice is verified.", timeout=WAIT_MS
+            )
+            await bob.get_by_role("button", name="Back to the conversation").click()
+            await alice.get_by_role("button", name="Back to the conversation").click()
+
+            # A status another person chose is text too; bob writes with the keyboard only.
+            await bob.get_by_label("Status message").fill(XSS)
+            await bob.get_by_role("button", name="Set", exact=True).click()
+            await expect(alice.locator("#side")).to_contain_text(XSS, timeout=WAIT_MS)
+            await no_injected_image(alice)
+            await bob.locator("body").click(position={"x": 5, "y": 5})
+            for _ in range(60):
+                await bob.keyboard.press("Tab")
+                focused = await bob.evaluate("document.activeElement.id")
+                if focused == "composer-text":
+                    break
+            else:
+                raise AssertionError("the message box cannot be reached with Tab")
+            await bob.keyboard.type("typed without a mouse")
+            await bob.keyboard.press("Enter")
+            await expect(alice.locator(".msg:not(.mine) .text").last).to_have_text(
+                "typed without a mouse", timeout=WAIT_MS
+            )
+
+            # Phone width, dark: still no serious accessibility problem.
+            await alice.set_viewport_size({"width": 390, "height": 844})
+            await alice.emulate_media(color_scheme="dark")
+            await shot(alice, shots, "web-phone-dark")
+            assert await axe_problems(alice) == []
+            await alice.set_viewport_size({"width": 1280, "height": 860})
+            await alice.emulate_media(color_scheme="light")
 
             # bob reinstalls: alice is stopped by a banner with the two choices, and cannot send.
             server.stop()
@@ -223,7 +281,8 @@ async def test_two_people_in_the_browser(
                 assert person.responses
                 for response in person.responses:
                     policy = await response.header_value("content-security-policy")
-                    assert policy and "script-src 'self'" in policy, response.url
-                    assert "unsafe-inline" not in policy and "unsafe-eval" not in policy
+                    assert policy is not None, response.url
+                    assert "script-src 'self'" in policy, response.url
+                    assert "unsafe-inline" not in policy
+                    assert "unsafe-eval" not in policy
             nothing_ran(*people.values())
-    bastion("whoami", "--profile", str(tmp_path / "reinstalled"))

@@ -8,6 +8,7 @@ person's page shows.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import os
@@ -16,15 +17,22 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import pytest
 from PIL import Image
-from playwright.async_api import Browser, BrowserContext, Page, Response, async_playwright
+from playwright.async_api import (
+    Browser,
+    BrowserContext,
+    Dialog,
+    Error,
+    Page,
+    Response,
+    async_playwright,
+)
 
 CHROMIUM = Path("/usr/bin/chromium")
 FRAME = (640, 480)
-STRONG_PASSPHRASE = "quiver-lantern-orchard-57-basalt"  # noqa: S105 - a test profile's
+STRONG_PASSPHRASE = "quiver-lantern-orchard-57-basalt"
 XSS = "<img src=x onerror=alert(1)>"
 
 
@@ -71,7 +79,8 @@ class Person:
 
     async def qr_png(self) -> bytes:
         src = await self.page.get_attribute("img.qr", "src")
-        assert src is not None and src.startswith("data:image/png;base64,")
+        assert src is not None
+        assert src.startswith("data:image/png;base64,")
         return base64.b64decode(src.split(",", 1)[1])
 
 
@@ -102,9 +111,7 @@ async def browsers(tmp_path: Path, *names: str) -> AsyncIterator[dict[str, Perso
                 )
                 page = await context.new_page()
                 person = Person(name, page, camera)
-                page.on("dialog", lambda d, p=person: _dialog(p, d))
-                page.on("pageerror", lambda e, p=person: p.errors.append(str(e)))
-                page.on("response", lambda r, p=person: p.responses.append(r))
+                watch(person)
                 people[name] = person
             yield people
         finally:
@@ -112,17 +119,30 @@ async def browsers(tmp_path: Path, *names: str) -> AsyncIterator[dict[str, Perso
                 await browser.close()
 
 
-async def _dialog(person: Person, dialog: Any) -> None:
-    person.dialogs.append(f"{dialog.type}: {dialog.message}")
-    if dialog.type == "confirm":
-        await dialog.accept()
-    else:
-        await dialog.dismiss()
+def watch(person: Person) -> None:
+    """Record every dialog (an alert would mean injected script ran), error and answer."""
+
+    async def dialog(shown: Dialog) -> None:
+        person.dialogs.append(f"{shown.type}: {shown.message}")
+        if shown.type == "confirm":
+            await shown.accept()
+        else:
+            await shown.dismiss()
+
+    def error(exc: Error) -> None:
+        person.errors.append(str(exc))
+
+    def response(answer: Response) -> None:
+        person.responses.append(answer)
+
+    person.page.on("dialog", dialog)
+    person.page.on("pageerror", error)
+    person.page.on("response", response)
 
 
 async def axe_problems(page: Page) -> list[str]:
     """axe-core's serious and critical violations on the page as it is now."""
-    from axe_playwright_python.async_playwright import Axe  # noqa: PLC0415 - test-only
+    from axe_playwright_python.async_playwright import Axe
 
     results = await Axe().run(page)
     found = results.response["violations"]
@@ -134,5 +154,5 @@ async def axe_problems(page: Page) -> list[str]:
 
 
 async def shot(page: Page, folder: Path, name: str) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
+    await asyncio.to_thread(folder.mkdir, parents=True, exist_ok=True)
     await page.screenshot(path=str(folder / f"{name}.png"), full_page=False)

@@ -479,8 +479,7 @@ function renderConversation() {
     files.length ? el("section", { "aria-labelledby": "files-title" }, el("h3", { id: "files-title" }, `Files from ${conv.name}`),
       el("ul", { class: "files" }, files.map(fileItem))) : null,
     composer);
-  const list = main.querySelector(".messages");
-  list.scrollTop = list.scrollHeight;
+  main.scrollTop = main.scrollHeight; // the newest message in view
 }
 
 async function sendMessage(e) {
@@ -558,7 +557,7 @@ async function openVerify(user, answerSas = false) {
   } catch (e) { toast(e.message); S.panel = null; renderConversation(); return; }
   S.trust.set(user, number.trust);
   const result = el("p", { class: "result", role: "status", id: "verify-result" });
-  const video = el("video", { id: "scan-video", muted: true, playsinline: true, "aria-label": `Camera view for scanning ${user}'s code` });
+  const video = el("video", { id: "scan-video", muted: true, playsinline: true, hidden: true, "aria-label": `Camera view for scanning ${user}'s code` });
   const digits = number.safety_number.split(" ");
   const typed = el("form", { class: "typed", onsubmit: async (e) => {
     e.preventDefault();
@@ -575,7 +574,7 @@ async function openVerify(user, answerSas = false) {
       el("h2", { id: "verify-title" }, `Verify ${user}`),
       el("button", { type: "button", onclick: closePanel }, "Back to the conversation")),
     el("p", {}, `Verifying proves you are talking to ${user}'s own keys and nobody in between. Do it together, in person or on a video call you trust.`),
-    el("p", { class: number.trust === "verified" ? "verified" : "unverified" }, number.trust === "verified" ? `✓ ${user} is verified.` : `${user} is not verified yet.`),
+    el("p", { id: "verify-state", class: number.trust === "verified" ? "verified" : "unverified" }, number.trust === "verified" ? `✓ ${user} is verified.` : `${user} is not verified yet.`),
     el("div", { class: "verify" },
       el("section", { "aria-labelledby": "mine-title" },
         el("h3", { id: "mine-title" }, `1. Let ${user} scan your code`),
@@ -603,6 +602,8 @@ function verified(user, answer, result) {
   S.trust.set(user, answer.trust);
   fill(result, answer.trust === "verified" ? `✓ ${user} is verified.` : `${user}: ${answer.trust}`);
   result.className = "result ok";
+  const state = byId("verify-state");
+  if (state && answer.trust === "verified") { fill(state, `✓ ${user} is verified.`); state.className = "verified"; }
   announce(`${user} is verified`);
   stopScan();
   renderSide();
@@ -612,6 +613,7 @@ async function startScan(user, video, result) {
   stopScan();
   try {
     scanner = new Scanner(video);
+    video.hidden = false;
     fill(result, "Looking for a QR code…"); result.className = "result";
     const payload = await scanner.scan();
     stopScan();
@@ -624,7 +626,7 @@ async function startScan(user, video, result) {
 }
 
 function stopScan() {
-  if (scanner) { scanner.stop(); scanner = null; }
+  if (scanner) { scanner.stop(); scanner.video.hidden = true; scanner = null; }
 }
 
 async function startSas(user) {
@@ -828,7 +830,7 @@ function onEvent(event) {
       break;
     }
     case "verification_request":
-      S.sasRequests.add(event.user);
+      S.sasRequests.add(event.from);
       renderConversation();
       break;
     case "verification_codes":
@@ -844,7 +846,7 @@ function onEvent(event) {
       break;
     case "verification_failed":
     case "verification_cancelled":
-      if (S.sas && (S.sas.id === event.id || S.sas.user === event.user)) {
+      if (S.sas && (S.sas.id === event.id || S.sas.user === (event.user || event.from))) {
         S.sas = null;
         const area = byId("sas-area");
         if (area) fill(area, `Not verified: ${event.reason || "the other side cancelled"}.`);
