@@ -165,6 +165,8 @@ async def run(
                 await web_door.attach(dispatcher, ctx.hub, WebFiles(ctx))
             else:
                 await door.start()
+                if isinstance(door, HttpDoor) and door.web_app:
+                    door.serve_files(WebFiles(ctx))
             opened.append(door)
         keeper = asyncio.create_task(
             keep_connected(ctx, on_event, Backoff(base_s=options.reconnect_delay_s))

@@ -281,8 +281,12 @@ class HttpDoor:
         """
         self._dispatcher = dispatcher
         self._hub = hub
-        self._files = files
+        self.serve_files(files)
         await self._close_sockets(None)
+
+    def serve_files(self, files: FileTransfers | None) -> None:
+        """The browser app's file transfers (None until the profile is open)."""
+        self._files = files
 
     @property
     def scheme(self) -> str:
