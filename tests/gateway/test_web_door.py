@@ -223,6 +223,8 @@ async def test_uploads_stay_in_their_folder_and_blocked_files_are_not_served(
             )
             assert await answer.read() == b"minutes\n"
             csp_of(answer)
-        async with aiohttp.ClientSession(timeout=TIMEOUT) as stranger:
-            async with stranger.get(f"{bob_base}/download/{clean}") as answer:
-                assert answer.status == 401  # no cookie
+        async with (
+            aiohttp.ClientSession(timeout=TIMEOUT) as stranger,
+            stranger.get(f"{bob_base}/download/{clean}") as answer,
+        ):
+            assert answer.status == 401  # no cookie
