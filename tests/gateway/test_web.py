@@ -30,7 +30,7 @@ from tests.gateway.web_support import (
     shot,
     write_camera,
 )
-from tests.test_cli import register
+from tests.test_cli import bastion, register
 from tests.test_devices import replace_account_on_server
 
 pytestmark = [pytest.mark.network, pytest.mark.slow, pytest.mark.timeout(420)]
@@ -250,6 +250,43 @@ async def test_two_people_in_the_browser(
             await expect(alice.locator(".msg:not(.mine) .text").last).to_have_text(
                 "typed without a mouse", timeout=WAIT_MS
             )
+
+            # bob links a second device from his page; alice's conversation says so.
+            await bob.get_by_role("button", name="Devices").click()
+            await bob.get_by_role("button", name="Show a link code").click()
+            command = (await bob.locator("#link-command").inner_text()).split()
+            assert command[:2] == ["bastion", "link"]
+            bastion(*command[1:], "--profile", str(tmp_path / "bob-laptop"))
+            await expect(bob.locator("#toast")).to_contain_text(
+                "A new device joined your account", timeout=WAIT_MS
+            )
+            await bob.get_by_role("button", name="Devices").click()  # the list, as it is now
+            await expect(bob.locator("#conversation .list li")).to_have_count(2, timeout=WAIT_MS)
+            await say(alice, "which device is this?")
+            await expect(alice.locator(".notices")).to_contain_text(
+                "bob added a new device", timeout=WAIT_MS
+            )
+
+            # Search across conversations, and a result opens its conversation.
+            await alice.get_by_label("Search all conversations").fill("HELLO")
+            await alice.get_by_label("Search all conversations").press("Enter")
+            hits = alice.locator(".hits li")
+            await expect(hits).to_have_count(2, timeout=WAIT_MS)  # "hello bob", "group hello"
+            await hits.filter(has_text="hello bob").get_by_role("button").click()
+            await expect(alice.locator("#conv-title")).to_have_text("bob")
+
+            # A message while alice looks elsewhere: a notification without the text, a badge.
+            await alice.get_by_role("button", name="Notifications").click()
+            await expect(alice.locator("#toast")).to_contain_text("Notifications are on")
+            await alice.locator("#side button.conv", has_text="2 members").click()
+            await bob.get_by_role("button", name="Back to the conversation").click()
+            await say(bob, "the secret is in the shed")
+            await expect(alice).to_have_title("(1) Bastion", timeout=WAIT_MS)
+            shown = await alice.evaluate("window.shown")
+            assert {"title": "New message from bob", "body": ""} in shown
+            assert "shed" not in str(shown)
+            await open_chat(alice, "bob")
+            await expect(alice).to_have_title("Bastion")
 
             # Phone width, dark: still no serious accessibility problem.
             await alice.set_viewport_size({"width": 390, "height": 844})

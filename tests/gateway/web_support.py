@@ -34,6 +34,20 @@ CHROMIUM = Path("/usr/bin/chromium")
 FRAME = (640, 480)
 STRONG_PASSPHRASE = "quiver-lantern-orchard-57-basalt"
 XSS = "<img src=x onerror=alert(1)>"
+# Records each desktop notification the page shows (title and body) in window.shown.
+NOTIFICATION_SPY = """
+window.shown = [];
+const Real = window.Notification;
+class Recorded extends Real {
+  constructor(title, options) {
+    super(title, options);
+    window.shown.push({ title, body: (options && options.body) || "" });
+  }
+}
+Recorded.requestPermission = (...a) => Real.requestPermission(...a);
+Object.defineProperty(Recorded, "permission", { get: () => Real.permission });
+window.Notification = Recorded;
+"""
 
 
 def chromium_or_skip() -> None:
@@ -109,6 +123,8 @@ async def browsers(tmp_path: Path, *names: str) -> AsyncIterator[dict[str, Perso
                 context: BrowserContext = await browser.new_context(
                     viewport={"width": 1280, "height": 860}, accept_downloads=True
                 )
+                await context.grant_permissions(["notifications"])
+                await context.add_init_script(NOTIFICATION_SPY)
                 page = await context.new_page()
                 person = Person(name, page, camera)
                 watch(person)

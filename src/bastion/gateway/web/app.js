@@ -189,7 +189,7 @@ async function loadAll() {
     const [who, status, contacts, groups, invites, files, presence] = await Promise.all([
       gw.call("whoami"), gw.call("status"), gw.call("contacts.list"), gw.call("groups.list"),
       gw.call("groups.invites"), gw.call("files.list"), gw.call("presence.show")]);
-    S.me = who.user; S.device = who.device;
+    S.me = who.user; S.device = who.device; S.fingerprint = who.fingerprint;
     S.contacts = contacts; S.groups = groups; S.invites = invites; S.files = files;
     fill(byId("me"), `${who.user} · device ${who.device}`);
     const own = presence.find?.((p) => p.type === "presence_self") || presence.self || null;
@@ -739,7 +739,8 @@ async function openDevices() {
     el("button", { type: "button", onclick: async () => {
       try {
         const code = await gw.call("devices.link");
-        fill(linkArea, el("p", {}, "On the new device, run:"), el("pre", { class: "code" }, `bastion link ${code.code}`),
+        fill(linkArea, el("p", {}, "On the new device, run:"),
+          el("pre", { class: "code", id: "link-command" }, `bastion link ${code.code} --server ${code.server} --fingerprint ${S.fingerprint}`),
           el("p", {}, `The code works once, for ${Math.round(code.expires_in_s / 60)} minutes. Keep it secret: whoever types it joins your account.`));
       } catch (e) { fill(linkArea, e.message); }
     } }, "Show a link code"),
@@ -855,6 +856,15 @@ function onEvent(event) {
     case "warning":
       toast(`Warning about a message from ${event.from}: ${event.reason}`);
       break;
+    case "linked":
+      toast(`A new device joined your account: ${event.device}.`);
+      if (S.panel === "devices") openDevices();
+      break;
+    case "link_failed": {
+      const area = byId("link-area");
+      if (area) fill(area, `Linking failed: ${event.reason}`);
+      break;
+    }
     case "overflow":
       toast("This page fell behind; reloading the conversations.");
       loadAll();
