@@ -228,3 +228,26 @@ async def test_uploads_stay_in_their_folder_and_blocked_files_are_not_served(
             stranger.get(f"{bob_base}/download/{clean}") as answer,
         ):
             assert answer.status == 401  # no cookie
+
+
+def test_the_app_never_parses_html_or_makes_code() -> None:
+    """Peer strings stay text because the app's own code has no way to make them markup."""
+    folder = Path(__file__).resolve().parents[2] / "src" / "bastion" / "gateway" / "web"
+    sources = sorted(folder.glob("*.js"))
+    assert {p.name for p in sources} >= {"app.js", "dom.js", "rpc.js", "scan.js"}
+    for source in sources:
+        text = source.read_text()
+        for sink in (
+            "innerHTML",
+            "outerHTML",
+            "insertAdjacentHTML",
+            "document.write",
+            "eval(",
+            "new Function",
+            "DOMParser",
+            "createContextualFragment",
+        ):
+            assert sink not in text, f"{source.name} uses {sink}"
+    html = (folder / "index.html").read_text()
+    assert "<script>" not in html  # no inline script: the CSP would refuse it anyway
+    assert "style=" not in html
