@@ -128,14 +128,14 @@ async def test_the_link_signs_in_and_the_cookie_works_only_from_the_page(
         assert cookie["path"] == "/"
         assert cookie.value != token  # the cookie is its own secret, not the token
 
-        status, answer = await rpc(http, base, "status", origin=base)
+        status, body = await rpc(http, base, "status", origin=base)
         assert status == 200
-        assert answer["result"]["user"] == "alice"
+        assert body["result"]["user"] == "alice"
         # The cookie without the page's Origin (a program, or a form another page made
         # the browser send) or from another page: refused.
-        status, answer = await rpc(http, base, "status", origin=None)
+        status, _ = await rpc(http, base, "status", origin=None)
         assert status == 401
-        status, answer = await rpc(http, base, "status", origin="https://evil.example")
+        status, _ = await rpc(http, base, "status", origin="https://evil.example")
         assert status == 403
 
         # The WebSocket: the cookie from the page works, from elsewhere it does not.
