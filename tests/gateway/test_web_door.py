@@ -128,9 +128,9 @@ async def test_the_link_signs_in_and_the_cookie_works_only_from_the_page(
         assert cookie["path"] == "/"
         assert cookie.value != token  # the cookie is its own secret, not the token
 
-        status, body = await rpc(http, base, "status", origin=base)
+        status, reply = await rpc(http, base, "status", origin=base)
         assert status == 200
-        assert body["result"]["user"] == "alice"
+        assert reply["result"]["user"] == "alice"
         # The cookie without the page's Origin (a program, or a form another page made
         # the browser send) or from another page: refused.
         status, _ = await rpc(http, base, "status", origin=None)
