@@ -8,7 +8,11 @@ a recorded frame or in the server's data folder.
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 import secrets
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -23,6 +27,7 @@ from tests.conftest import PASSPHRASE, Profiles, ServerProcess
 from tests.helpers import next_events, texts
 from tests.malicious_server import RECORD_ENV, SCRIPT, TAMPER_ENV, read_record
 from tests.test_canary import find_in_bytes, find_in_files, new_canary
+from tests.test_cli import bastion
 
 pytestmark = pytest.mark.network
 
@@ -203,3 +208,46 @@ async def test_a_dropped_piece_of_history_is_refused_and_nothing_is_linked(
         assert listed == {alice.account.device_id}
     finally:
         await profiles.close()
+
+
+async def test_the_commands_send_and_show_the_history_and_the_verified_state(
+    profiles: Profiles,
+) -> None:
+    alice, _, canaries = await talk(profiles)
+    await alice.close()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BASTION_")}
+    env["BASTION_PASSPHRASE"] = PASSPHRASE
+    showing = subprocess.Popen(  # noqa: ASYNC220 - started once; read off the loop
+        [sys.executable, "-m", "bastion", "devices", "link", "--history", "all", "--json",
+         "--profile", str(profiles.path("alice"))],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+        text=True, env=env,
+    )  # fmt: skip
+    try:
+        assert showing.stdout is not None
+        line = await asyncio.wait_for(asyncio.to_thread(showing.stdout.readline), 30)
+        code = json.loads(line)["code"]
+        laptop = str(profiles.path("alice-laptop"))
+        joined = await asyncio.to_thread(
+            bastion, "link", code, "--server", profiles.server.url, "--profile", laptop
+        )
+        assert "received 2 messages in 1 conversation and 1 verified contact" in joined.stdout
+        out, err = await asyncio.to_thread(showing.communicate, timeout=30)
+        assert showing.returncode == 0, err
+        sent = {"messages": 2, "conversations": 1, "verified": 1}
+        assert json.loads(out)["history"] == sent
+    finally:
+        if showing.poll() is None:
+            showing.kill()
+            showing.wait(10)
+    shown = await asyncio.to_thread(bastion, "history", "bob", "--json", "--profile", laptop)
+    texts_shown = [json.loads(line)["text"] for line in shown.stdout.splitlines()]
+    assert texts_shown == [f"first {canaries[0]}", f"second {canaries[1]}"]
+    verify = await asyncio.to_thread(bastion, "verify", "bob", "--json", "--profile", laptop)
+    assert json.loads(verify.stdout)["trust"] == "verified"
+    bad = await asyncio.to_thread(
+        bastion, "devices", "link", "--history", "forever", "--profile",
+        str(profiles.path("alice")), check=False,
+    )  # fmt: skip
+    assert bad.returncode != 0
+    assert "'all', 'none' or a number of days" in bad.stderr

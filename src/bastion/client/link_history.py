@@ -104,9 +104,14 @@ class HistorySummary:
         if not (self.messages or self.verified):
             return "no history was sent"
         return (
-            f"{self.messages} messages in {self.conversations} conversations "
-            f"and {self.verified} verified contacts"
+            f"{_count(self.messages, 'message')} in "
+            f"{_count(self.conversations, 'conversation')} "
+            f"and {_count(self.verified, 'verified contact')}"
         )
+
+
+def _count(n: int, what: str) -> str:
+    return f"{n} {what}" if n == 1 else f"{n} {what}s"
 
 
 def build(client: ClientCore, choice: HistoryChoice, *, now: int) -> tuple[bytes, HistorySummary]:
