@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import msgspec
 
@@ -98,6 +98,9 @@ class HistorySummary:
     messages: int = 0
     conversations: int = 0
     verified: int = 0
+    # The peer of each direct conversation sent, with its last message's time, so a
+    # front end that keeps its own conversation list can list them.
+    peers: tuple[tuple[str, int], ...] = field(default=(), compare=False)
 
     def describe(self) -> str:
         """One sentence for a person."""
@@ -219,7 +222,16 @@ def store(client: ClientCore, bundle: HistoryBundle) -> HistorySummary:
         for record in bundle.messages:
             if client.profile.add_message(record.conversation, record.id, record):
                 kept.append(record)
-    return _summary(kept, verified)
+    last: dict[str, int] = {}
+    for record in bundle.messages:
+        last[record.peer] = max(last.get(record.peer, 0), record.server_ts or record.sent_at)
+    counts = _summary(kept, verified)
+    return HistorySummary(
+        messages=counts.messages,
+        conversations=counts.conversations,
+        verified=counts.verified,
+        peers=tuple(sorted(last.items())),
+    )
 
 
 def _apply_trust(client: ClientCore, entry: TrustEntry) -> bool:
