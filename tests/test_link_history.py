@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import secrets
 import subprocess
 import sys
@@ -24,6 +25,7 @@ from bastion.crypto.payload import direct_conversation
 from bastion.errors import AuthenticationError
 from bastion.protocol import frames
 from tests.conftest import PASSPHRASE, Profiles, ServerProcess
+from tests.gateway.test_cli_via_gateway_more import Terminal
 from tests.helpers import next_events, texts
 from tests.malicious_server import RECORD_ENV, SCRIPT, TAMPER_ENV, read_record
 from tests.test_canary import find_in_bytes, find_in_files, new_canary
@@ -251,3 +253,33 @@ async def test_the_commands_send_and_show_the_history_and_the_verified_state(
     )  # fmt: skip
     assert bad.returncode != 0
     assert "'all', 'none' or a number of days" in bad.stderr
+
+
+async def test_in_a_terminal_the_command_asks_what_to_send(profiles: Profiles) -> None:
+    alice, _, canaries = await talk(profiles)
+    await alice.close()
+    terminal = Terminal("devices", "link", "--profile", str(profiles.path("alice")))
+    try:
+        await terminal.read_until(b"Type all, a number of days, or none [none]: ")
+        terminal.type("forever")
+        await terminal.read_until(b"a number of days from 1 to 36500")
+        terminal.type("30")
+        await terminal.read_until(b"Profile passphrase: ")
+        terminal.type(PASSPHRASE)
+        await terminal.read_until(b"Waiting...")
+        code = re.search(rb"bastion link (\S+) --server", terminal.screen)
+        assert code is not None
+        laptop = str(profiles.path("alice-laptop"))
+        joined = await asyncio.to_thread(
+            bastion, "link", code[1].decode(), "--server", profiles.server.url, "--profile", laptop
+        )
+        assert "received 2 messages in 1 conversation and 1 verified contact" in joined.stdout
+        await terminal.read_until(b"sent 2 messages in 1 conversation and 1 verified contact")
+        assert await terminal.exit_status() == 0
+    finally:
+        terminal.close()
+    shown = await asyncio.to_thread(bastion, "history", "bob", "--json", "--profile", laptop)
+    assert [json.loads(line)["text"] for line in shown.stdout.splitlines()] == [
+        f"first {canaries[0]}",
+        f"second {canaries[1]}",
+    ]
