@@ -27,6 +27,8 @@ tampers with what it sends (its ``reply``), as chosen by the environment.
   another user named in ``BASTION_TEST_LIE_ABOUT`` truthfully, and every later one with
   an account key the server holds and the ghost device certified under it (plus
   a one-time key for the ghost in key claims).
+- ``drop-link-piece``: drop the first sealed link message sent to a connection
+  that is not signed in (a joining device), i.e. the first piece of history.
 - ``record``: change nothing (recording follows ``BASTION_TEST_RECORD`` alone).
 
 ``BASTION_TEST_TAMPER_ONLY``: comma-separated 1-based numbers of the deliveries
@@ -73,6 +75,7 @@ MODES = frozenset(
         "ghost-sender",
         "forge-policy",
         "second-key-answer",
+        "drop-link-piece",
         "record",
     }
 )
@@ -158,6 +161,7 @@ class TamperingConnection(ClientConnection):
     deliveries: ClassVar[itertools.count[int]] = itertools.count(1)
     injected: ClassVar[itertools.count[int]] = itertools.count(INJECTED_SEQ_BASE)
     answered: ClassVar[set[tuple[str, str]]] = set()  # (asker, user) told the truth once
+    dropped_link_piece: ClassVar[bool] = False
 
     # --- recording ----------------------------------------------------------------------------
 
@@ -174,6 +178,15 @@ class TamperingConnection(ClientConnection):
     # --- sending ------------------------------------------------------------------------------
 
     def reply(self, frame: frames.Frame) -> None:
+        if (
+            "drop-link-piece" in self.plan.modes
+            and isinstance(frame, frames.LinkPush)
+            and self.session.username is None
+            and not TamperingConnection.dropped_link_piece
+        ):
+            TamperingConnection.dropped_link_piece = True
+            log.warning("tamper.dropped", extra={"mode": "drop-link-piece"})
+            return
         if isinstance(frame, frames.Deliver) and frame.seq < INJECTED_SEQ_BASE:
             self._deliver(frame)
         else:

@@ -39,6 +39,7 @@ EXPECTED = [
     "files",
     "group_invites",
     "groups",
+    "link_history",
     "now_ms",
     "open_client",
     "outbox",

@@ -353,10 +353,12 @@ async def test_sas_verification_and_linking_a_device_through_the_gateway(
                 cli, "link", offer["code"], "--server", server.url, "--profile", str(second),
                 passphrase=PASSPHRASE,
             )  # fmt: skip
-            device = joined.stdout.split("(device ")[1].rstrip(")\n")
+            device = joined.stdout.split("(device ")[1].split(")")[0]
+            assert "no history was sent" in joined.stdout  # --json without --history: none
             out, err = await asyncio.to_thread(offering.communicate, timeout=30)
             assert offering.returncode == 0, err
-            assert json.loads(out) == {"type": "linked", "device": device}
+            nothing = {"messages": 0, "conversations": 0, "verified": 0}
+            assert json.loads(out) == {"type": "linked", "device": device, "history": nothing}
         finally:
             if offering.poll() is None:
                 offering.kill()

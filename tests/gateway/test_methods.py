@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import secrets
 import struct
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
@@ -162,6 +163,7 @@ async def test_unknown_method_and_bad_params_get_json_rpc_errors(world: World) -
         ("search", {"text": ""}, "text: "),
         ("search", {"text": "x" * 201}, "text: "),
         ("search", {"text": "x", "limit": 501}, "limit: 501 is greater than the maximum"),
+        ("devices.link", {"history": "sometimes"}, "history: 'sometimes' does not match"),
     ):
         answer = await raw(
             world.alice_gw, {"jsonrpc": "2.0", "id": 2, "method": method, "params": params}
@@ -520,7 +522,9 @@ async def test_devices_link_list_revoke_export_and_server_info(
         [only] = await call(alice, "devices.list")
         assert only["this_device"] is True
 
-        offered = await call(alice, "devices.link")
+        text = f"before the laptop {secrets.token_hex(4)}"
+        await call(alice, "send", to="bob", text=text)
+        offered = await call(alice, "devices.link", history="30")
         laptop = tmp_path / "alice-laptop"
         joined = await asyncio.to_thread(
             bastion, "link", offered["code"], "--server", offered["server"], "--profile",
@@ -528,6 +532,11 @@ async def test_devices_link_list_revoke_export_and_server_info(
         )  # fmt: skip
         assert "linked as alice" in joined.stdout
         linked = await events.wait_for(lambda e: e["type"] == "linked", "the linked event")
+        sent = linked["history"]
+        assert sent["messages"] >= 1
+        assert f"received {sent['messages']} message" in joined.stdout
+        shown = bastion("history", "bob", "--json", "--profile", str(laptop)).stdout
+        assert text in [json.loads(line)["text"] for line in shown.splitlines()]
         listed = {d["device"]: d for d in await call(alice, "devices.list")}
         assert set(listed) == {only["device"], linked["device"]}
         revoked = await call(alice, "devices.revoke", device=linked["device"])

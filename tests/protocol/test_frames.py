@@ -125,6 +125,7 @@ CLIENT_FRAMES: list[frames.Frame] = [
     frames.LinkOpen(req=8, slot=KEY),
     frames.LinkJoin(req=9, slot=KEY, blob=b"\x02" * 28),
     frames.LinkAnswer(req=10, slot=KEY, blob=b"\x03" * 4096),
+    frames.LinkMore(req=10, slot=KEY, blob=b"\x05" * frames.MAX_LINK_PIECE_BYTES),
     frames.AddDevice(
         req=11,
         username="alice",
@@ -362,6 +363,7 @@ REFUSED_CLIENT: dict[str, Any] = {
     "too many acks": {"type": "ack", "seqs": list(range(frames.MAX_ACKS_PER_FRAME + 1))},
     "link blob too short": {"type": "link_join", "req": 1, "slot": KEY, "blob": bytes(27)},
     "link blob too long": {"type": "link_answer", "req": 1, "slot": KEY, "blob": bytes(4097)},
+    "link piece too long": {"type": "link_more", "req": 1, "slot": KEY, "blob": bytes(65537)},
     "revocation signature short": {
         "type": "revoke_device",
         "req": 1,
@@ -579,6 +581,7 @@ client_frames: st.SearchStrategy[frames.Frame] = st.one_of(
     st.builds(frames.LinkOpen, req=reqs, slot=key32),
     st.builds(frames.LinkJoin, req=reqs, slot=key32, blob=link_blobs),
     st.builds(frames.LinkAnswer, req=reqs, slot=key32, blob=link_blobs),
+    st.builds(frames.LinkMore, req=reqs, slot=key32, blob=link_blobs),
     st.builds(
         frames.AddDevice,
         req=reqs,

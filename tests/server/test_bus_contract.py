@@ -451,6 +451,27 @@ async def test_a_link_pairs_an_owner_and_a_joiner_on_any_nodes(cluster: Cluster)
     assert joiner.blobs == [b"sealed grant"]
 
 
+async def test_pieces_reach_the_joiner_in_order_before_the_answer_closes_the_slot(
+    cluster: Cluster,
+) -> None:
+    joiner = LinkEnd()
+    await cluster.a.link_open(SLOT, ALICE_1, LinkEnd())
+    with pytest.raises(LinkError, match="no device is waiting"):
+        await cluster.a.link_more(SLOT, ALICE_1, b"too early")
+    await cluster.b.link_join(SLOT, b"request", joiner)
+    with pytest.raises(LinkError, match="no device is waiting"):
+        await cluster.a.link_more(SLOT, ("mallory", "a1"), b"forged piece")
+    pieces = [b"piece %d" % i for i in range(5)]
+    for piece in pieces:
+        await cluster.a.link_more(SLOT, ALICE_1, piece)
+    await cluster.a.link_answer(SLOT, ALICE_1, b"grant")
+    await until(lambda: joiner.blobs == [*pieces, b"grant"])
+    with pytest.raises(LinkError, match="no device is waiting"):
+        await cluster.a.link_more(SLOT, ALICE_1, b"after the answer")
+    await cluster.settle()
+    assert joiner.blobs == [*pieces, b"grant"]
+
+
 async def test_a_slot_takes_one_joiner_even_when_two_race_on_two_nodes(cluster: Cluster) -> None:
     await cluster.a.link_open(SLOT, ALICE_1, LinkEnd())
     first, second = LinkEnd(), LinkEnd()
@@ -516,6 +537,8 @@ async def test_linking_fails_at_once_on_a_node_that_cannot_reach_redis() -> None
         assert caught.value.code == "link_failed"
         with pytest.raises(LinkError, match="unavailable"):
             await bus.link_join(SLOT, b"request", LinkEnd())
+        with pytest.raises(LinkError, match="unavailable"):
+            await bus.link_more(SLOT, ALICE_1, b"piece")
         with pytest.raises(LinkError, match="unavailable"):
             await bus.link_answer(SLOT, ALICE_1, b"grant")
         assert time.perf_counter() - started < 10.0

@@ -20,6 +20,7 @@ from bastion.client import (
     devices,
     files,
     groups,
+    link_history,
     presence,
     receipts,
     trust,
@@ -561,8 +562,14 @@ async def test_first_run_links_this_machine_with_a_code(
     profiles: Profiles, server: ServerProcess, tmp_path: Path
 ) -> None:
     alice = await profiles.online("alice", receive=False)
+    await profiles.befriend("alice", "bob")
+    await alice.send_text("bob", "said before the laptop")
     codes: asyncio.Queue[str] = asyncio.Queue()
-    offering = asyncio.create_task(devices.offer_link(alice, codes.put_nowait, wait_s=30))
+    offering = asyncio.create_task(
+        devices.offer_link(
+            alice, codes.put_nowait, wait_s=30, history=link_history.parse_choice("all")
+        )
+    )
     code = await asyncio.wait_for(codes.get(), 10)
     app = app_for(tmp_path / "laptop")
     async with app.run_test(size=SIZE) as pilot:
@@ -574,6 +581,10 @@ async def test_first_run_links_this_machine_with_a_code(
         await pilot.press("enter")
         await wait_until(pilot, lambda: online(app), what="the linked device to sign in")
         assert plain(chat_screen(app).query_one("#status")).startswith("Bastion · alice")
+        # The history alice's first device sent is listed and shown.
+        assert [e.peer for e in chat_screen(app).index.ordered()] == ["bob"]
+        laptop = chat_screen(app).client
+        assert [r.text for r in laptop.history("bob")] == ["said before the laptop"]
     linked = await asyncio.wait_for(offering, 10)
     assert linked.device_id != alice.account.device_id
     assert linked.device_id in {d.device_id for d in await devices.list_devices(alice)}

@@ -23,7 +23,15 @@ import msgspec
 
 from bastion.cli._common import Subcommands, passphrase, profile_dir, with_client, with_profile
 from bastion.cli._gateway import absolute, gateway_holds, with_gateway_or_client
-from bastion.client import Client, comparison, devices, policy, trust, verification
+from bastion.client import (
+    Client,
+    comparison,
+    devices,
+    link_history,
+    policy,
+    trust,
+    verification,
+)
 from bastion.display import escape_text
 from bastion.errors import BastionError
 from bastion.gateway.link import GatewayLink
@@ -331,7 +339,45 @@ async def cmd_devices_list(args: argparse.Namespace) -> int:
     )
 
 
+def linked_json(device: str, history: link_history.HistorySummary) -> dict[str, Any]:
+    """``bastion devices link --json`` once linked (the gateway's ``linked`` event too)."""
+    return {
+        "type": "linked",
+        "device": device,
+        "history": {
+            "messages": history.messages,
+            "conversations": history.conversations,
+            "verified": history.verified,
+        },
+    }
+
+
+HISTORY_QUESTION = (
+    "Send this device's history (1:1 conversations) and the contacts you verified to the "
+    "new device, sealed under the code? Type all, a number of days, or none [none]: "
+)
+
+
+def history_choice(args: argparse.Namespace) -> link_history.HistoryChoice:
+    """``--history`` as given; without it ask in a terminal, and send nothing otherwise."""
+    if args.history is not None:
+        try:
+            return link_history.parse_choice(args.history)
+        except ValueError as exc:
+            raise BastionError(str(exc)) from None
+    if args.json or not sys.stdin.isatty():
+        return link_history.NO_HISTORY
+    while True:
+        answer = input(HISTORY_QUESTION).strip() or "none"
+        try:
+            return link_history.parse_choice(answer)
+        except ValueError as exc:
+            print(exc, flush=True)
+
+
 async def cmd_devices_link(args: argparse.Namespace) -> int:
+    choice = history_choice(args)
+
     def show_code(code: str, server_url: str) -> None:
         if args.json:
             print(json.dumps({"type": "link_code", "code": code}), flush=True)
@@ -343,28 +389,30 @@ async def cmd_devices_link(args: argparse.Namespace) -> int:
             print(comparison.render_qr_text(command.encode()), flush=True)
             print("The code works once, for 10 minutes. Waiting...", flush=True)
 
-    def show_linked(device: str) -> int:
+    def show_linked(shown: dict[str, Any]) -> int:
         if args.json:
-            print(json.dumps({"type": "linked", "device": device}))
-        else:
-            print(f"linked device {escape_text(device)}")
+            print(json.dumps(shown))
+            return 0
+        print(f"linked device {escape_text(str(shown['device']))}")
+        sent = link_history.HistorySummary(**shown.get("history", {}))
+        print(f"sent {sent.describe()}" if sent.messages or sent.verified else sent.describe())
         return 0
 
     async def via_gateway(link: GatewayLink) -> int:
         await link.call("subscribe")  # before the code is made, so its outcome is not missed
-        offer = await link.call("devices.link")
+        offer = await link.call("devices.link", history=choice.describe())
         show_code(offer["code"], offer["server"])
         wait_s = float(offer["expires_in_s"]) + LINK_MARGIN_S
         outcome = await asyncio.wait_for(link_outcome(link), wait_s)
         if outcome.get("type") != "linked":
             raise BastionError(str(outcome.get("reason") or "the device was not linked"))
-        return show_linked(str(outcome["device"]))
+        return show_linked(outcome)
 
     async def work(client: Client) -> int:
         linked = await devices.offer_link(
-            client, lambda code: show_code(code, client.account.server_url)
+            client, lambda code: show_code(code, client.account.server_url), history=choice
         )
-        return show_linked(linked.device_id)
+        return show_linked(linked_json(linked.device_id, linked.history))
 
     return await with_gateway_or_client(
         args, via_gateway=via_gateway, direct=lambda: with_client(args, work, receive=False)
@@ -396,15 +444,19 @@ async def cmd_devices_revoke(args: argparse.Namespace) -> int:
 
 
 async def cmd_link(args: argparse.Namespace) -> int:
+    received: list[link_history.HistorySummary] = []
     client = await devices.join_with_code(
         profile_dir(args),
         passphrase(confirm=True),
         code=args.code,
         server_url=args.server,
         fingerprint=args.fingerprint,
+        on_history=received.append,
     )
     try:
         print(f"linked as {client.account.username} (device {client.account.device_id})")
+        kept = received[0] if received else link_history.HistorySummary()
+        print(f"received {kept.describe()}" if kept.messages or kept.verified else kept.describe())
     finally:
         await client.close()
     return 0
@@ -537,6 +589,13 @@ def add_commands(sub: Subcommands, common: argparse.ArgumentParser) -> None:
     listing = devices_sub.add_parser("list", parents=[common], help="list devices")
     listing.set_defaults(run=cmd_devices_list)
     link = devices_sub.add_parser("link", parents=[common], help="link a new device")
+    link.add_argument(
+        "--history",
+        metavar="all|DAYS|none",
+        help="send this device's 1:1 history (all, or the last DAYS days) and verified "
+        "contacts to the new device, sealed under the code; asked in a terminal, "
+        "none otherwise",
+    )
     link.set_defaults(run=cmd_devices_link)
     revoke = devices_sub.add_parser("revoke", parents=[common], help="revoke a device")
     revoke.add_argument("device")

@@ -4,6 +4,8 @@ Linking: the existing device opens a slot and shows a code; the new device
 sends its keys sealed under the code; the existing device answers with the
 account key sealed likewise; the new device certifies itself and joins. The
 server only pairs the two connections (see :mod:`bastion.crypto.linking`).
+If asked, the existing device sends its history and the trust in its contacts
+first, in pieces sealed likewise (:mod:`bastion.client.link_history`).
 """
 
 from __future__ import annotations
@@ -14,15 +16,16 @@ import hmac
 import json
 import os
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import msgspec
 
-from bastion.client import device_list
+from bastion.client import device_list, link_history
 from bastion.client._default import Client
 from bastion.client._util import check_username, now_ms
 from bastion.client.feature import ClientCore
+from bastion.client.link_history import NO_HISTORY, HistoryChoice, HistorySummary
 from bastion.client.profile import Profile
 from bastion.client.records import DeviceEntry
 from bastion.client.transport import ServerConnection, _Closed
@@ -52,9 +55,10 @@ LINK_ABANDONED = (
 
 @dataclass(frozen=True, slots=True)
 class LinkedDevice:
-    """The device that joined through a link."""
+    """The device that joined through a link, and what it was sent."""
 
     device_id: str
+    history: HistorySummary = field(default_factory=HistorySummary)
 
 
 async def list_devices(client: ClientCore) -> list[DeviceEntry]:
@@ -66,12 +70,18 @@ async def offer_link(
     client: ClientCore,
     show_code: Callable[[str], Awaitable[None] | None],
     *,
+    history: HistoryChoice = NO_HISTORY,
     wait_s: float = LINK_WAIT_S,
 ) -> LinkedDevice:
     """Open a link slot, show the code, and hand the account key to the device that answers.
 
-    ``client`` must be connected. Raises ServerRefusedError or TimeoutError.
+    With ``history`` (all, or the last N days) the 1:1 history and the trust in
+    contacts go first, sealed under the code; by default nothing but the grant.
+    ``client`` must be connected. Raises ValueError if the history is too large
+    (before any code is shown), ServerRefusedError or TimeoutError.
     """
+    # Gathered before the code exists, so a history too large to send is said at once.
+    bundle, summary = link_history.build(client, history, now=now_ms())
     conn = client.connection()
     code = linking.new_code()
     slot, key = linking.slot_and_key(linking.parse_code(code))
@@ -96,17 +106,24 @@ async def offer_link(
             created_at=request.created_at,
         ),
     )
+    parts = link_history.pieces(bundle)
+    for index, part in enumerate(parts):
+        req = conn.next_req()
+        sealed = linking.seal_piece(key, slot, index, len(parts), part)
+        await conn.request(frames.LinkMore(req=req, slot=slot, blob=sealed), req)
     grant = linking.LinkGrant(
         username=client.account.username,
         identity_private=client.identity().private_bytes(),
         server_name=client.account.server_name,
         server_fingerprint=client.account.fingerprint,
+        history_pieces=len(parts),
+        history_sha256=link_history.digest(bundle) if parts else b"",
     )
     req = conn.next_req()
     await conn.request(
         frames.LinkAnswer(req=req, slot=slot, blob=linking.seal_grant(key, slot, grant)), req
     )
-    return LinkedDevice(new_id)
+    return LinkedDevice(new_id, summary)
 
 
 def is_link_code(text: str) -> bool:
@@ -150,11 +167,16 @@ async def join_with_code(
     server_url: str,
     fingerprint: str | None = None,
     wait_s: float = 60.0,
+    on_history: Callable[[HistorySummary], None] | None = None,
 ) -> Client:
     """Link this machine as a new device of the account that shows ``code``.
 
-    Raises ValueError for a mistyped code, ServerRefusedError if the code is
-    unknown or expired, AuthenticationError if the answer was not sealed with it.
+    History and trust the other device sends are checked whole before this
+    device enrols, then stored in its profile; ``on_history`` is told what was
+    kept. Raises ValueError for a mistyped code, ServerRefusedError if the code
+    is unknown or expired, AuthenticationError if the answer or a piece of the
+    history was not sealed with it, or the history arrived altered or incomplete
+    (then nothing is linked).
     """
     slot, key = linking.slot_and_key(linking.parse_code(code))
     device = OlmDevice.create()
@@ -169,21 +191,23 @@ async def join_with_code(
         )
         req = conn.next_req()
         await conn.request(frames.LinkJoin(req=req, slot=slot, blob=blob), req)
-        try:
-            push = await asyncio.wait_for(_next_link_push(conn, slot), wait_s)
-        except (TimeoutError, ServerRefusedError) as exc:
-            if isinstance(exc, ServerRefusedError) and exc.code != "disconnected":
-                raise
-            # The slot took our request but nobody answered: the showing device is gone.
-            raise ServerRefusedError("link_abandoned", LINK_ABANDONED) from None
-        grant = linking.open_grant(key, slot, push.blob)
+        grant, received = await _receive_grant(conn, slot, key, wait_s)
         check_username(grant.username)
+        bundle = None
+        if grant.history_pieces != len(received):
+            raise AuthenticationError(
+                "the history from the other device arrived incomplete; nothing was linked"
+            )
+        if received:
+            bundle = link_history.open_bundle(
+                b"".join(received), grant.history_sha256, grant.username
+            )
         _check_same_server(conn, grant, fingerprint)
         challenge = conn.challenge
         if grant.server_name != challenge.server_name:
             raise AuthenticationError("the other device belongs to another server")
         with Profile.provisional(path, passphrase) as profile:
-            return await Client.enroll(
+            client = await Client.enroll(
                 conn,
                 profile,
                 identity=AccountIdentity.from_private_bytes(grant.identity_private),
@@ -193,8 +217,47 @@ async def join_with_code(
                 challenge=challenge,
                 new_account=False,
             )
+            summary = HistorySummary() if bundle is None else link_history.store(client, bundle)
+        if on_history is not None:
+            on_history(summary)
+        return client
     finally:
         await conn.aclose()
+
+
+async def _receive_grant(
+    conn: ServerConnection, slot: bytes, key: bytes, wait_s: float
+) -> tuple[linking.LinkGrant, list[bytes]]:
+    """The grant, and the pieces of history that came before it, each opened in its place.
+
+    Raises AuthenticationError for a piece not sealed for its place on this
+    link, or more pieces than announced or allowed; ServerRefusedError
+    ``link_abandoned`` if the other device stops answering.
+    """
+    received: list[bytes] = []
+    total: int | None = None
+    while True:
+        try:
+            push = await asyncio.wait_for(_next_link_push(conn, slot), wait_s)
+        except (TimeoutError, ServerRefusedError) as exc:
+            if isinstance(exc, ServerRefusedError) and exc.code != "disconnected":
+                raise
+            # The slot took our request but nobody answered: the showing device is gone.
+            raise ServerRefusedError("link_abandoned", LINK_ABANDONED) from None
+        try:
+            return linking.open_grant(key, slot, push.blob), received
+        except AuthenticationError:
+            pass  # not the grant: it must be the next piece of the history
+        piece = linking.open_piece(key, slot, len(received), push.blob)
+        if total is None:
+            total = piece.total
+        if piece.total != total or not 0 < total <= link_history.max_pieces():
+            raise AuthenticationError(
+                "the history from the other device is out of bounds; nothing was linked"
+            )
+        if len(received) >= total:
+            raise AuthenticationError("the other device sent more history than it announced")
+        received.append(piece.data)
 
 
 def _check_same_server(

@@ -279,6 +279,20 @@ class Profile:
         ).fetchall()
         return [self._open(value, conv + bytes(tag), kind) for tag, value in reversed(rows)]
 
+    def each_message(self, kind: type[T], *, batch: int = 512) -> Iterator[T]:
+        """Every history record of every conversation, in the order they were stored.
+
+        Raises :class:`ProfileError` if a stored record was altered.
+        """
+        decoder = _decoder(kind)
+        cursor = self._conn.execute("SELECT conv, tag, value FROM messages ORDER BY seq")
+        try:
+            while rows := cursor.fetchmany(batch):
+                for conv, tag, value in rows:
+                    yield _decode(decoder, self._box.open(value, conv + tag))
+        finally:
+            cursor.close()
+
     def search_messages(
         self,
         view: type[V],

@@ -7,6 +7,11 @@ answers with the account identity key and a certificate for the new device,
 sealed likewise. Without the code the server can neither read the answer nor
 substitute its own keys: AES-GCM under the code-derived key authenticates both
 directions, and each direction has its own associated data.
+
+Before the grant, the existing device may send the history in *pieces*, each
+sealed under the same key with its index in the associated data and the
+number of pieces inside; the grant names that number and the SHA-256 of the whole, so
+a piece dropped, repeated, reordered or taken from another link is refused.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ SLOT_CONTEXT = "bastion/v1/link-slot"
 KEY_CONTEXT = "bastion/v1/link-key"
 REQUEST_CONTEXT = "bastion/v1/link-request"
 GRANT_CONTEXT = "bastion/v1/link-grant"
+PIECE_CONTEXT = "bastion/v1/link-history"
 NONCE_BYTES = 12
 
 
@@ -39,18 +45,22 @@ class LinkRequest(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     created_at: int
 
 
-class LinkGrant(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+class LinkGrant(msgspec.Struct, forbid_unknown_fields=True, frozen=True, omit_defaults=True):
     """What the existing device hands over: the account name, its identity key, the server.
 
     The new device then certifies its own keys with the account key. It checks
     that the server it reached presents ``server_fingerprint``, the certificate
-    the existing device has pinned, and pins that one.
+    the existing device has pinned, and pins that one. ``history_pieces`` is the
+    number of history pieces sent before the grant and ``history_sha256`` the
+    hash of their contents joined (none: no history was sent).
     """
 
     username: str
     identity_private: bytes
     server_name: str
     server_fingerprint: str = ""
+    history_pieces: int = 0
+    history_sha256: bytes = b""
 
     def __repr__(self) -> str:
         return f"LinkGrant({self.username}, <redacted>)"
@@ -125,3 +135,42 @@ def open_grant(key: bytes, slot: bytes, blob: bytes) -> LinkGrant:
         return msgspec.msgpack.decode(_open(key, GRANT_CONTEXT, slot, blob), type=LinkGrant)
     except msgspec.MsgspecError:
         raise AuthenticationError("malformed link grant") from None
+
+
+class HistoryPiece(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """One sealed piece of the history sent before the grant."""
+
+    index: int
+    total: int
+    data: bytes
+
+    def __repr__(self) -> str:
+        return f"HistoryPiece({self.index}/{self.total}, <redacted>)"
+
+
+def seal_piece(key: bytes, slot: bytes, index: int, total: int, data: bytes) -> bytes:
+    """Seal piece ``index`` of ``total`` (its place is bound into the associated data)."""
+    nonce = os.urandom(NONCE_BYTES)
+    aad = signing_input(PIECE_CONTEXT, [slot, index.to_bytes(4, "big")])
+    plain = msgspec.msgpack.encode(HistoryPiece(index=index, total=total, data=data))
+    return nonce + AESGCM(key).encrypt(nonce, plain, aad)
+
+
+def open_piece(key: bytes, slot: bytes, index: int, blob: bytes) -> HistoryPiece:
+    """Open the piece expected at ``index``; raises :class:`AuthenticationError`.
+
+    A piece sealed for another place or another link does not open; the caller
+    checks ``total`` against the first piece and the grant.
+    """
+    try:
+        plain = AESGCM(key).decrypt(
+            blob[:NONCE_BYTES],
+            blob[NONCE_BYTES:],
+            signing_input(PIECE_CONTEXT, [slot, index.to_bytes(4, "big")]),
+        )
+        piece = msgspec.msgpack.decode(plain, type=HistoryPiece)
+    except (InvalidTag, ValueError, msgspec.MsgspecError):
+        raise AuthenticationError("a piece of the history was not sealed for this link") from None
+    if piece.index != index:
+        raise AuthenticationError("a piece of the history is out of place")
+    return piece

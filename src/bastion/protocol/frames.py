@@ -163,6 +163,8 @@ class Send(Frame, tag="send"):
 
 
 LinkBlob = Annotated[bytes, Meta(min_length=28, max_length=4096)]
+MAX_LINK_PIECE_BYTES: Final = 64 * 1024
+LinkPiece = Annotated[bytes, Meta(min_length=28, max_length=MAX_LINK_PIECE_BYTES)]
 
 
 class LinkOpen(Frame, tag="link_open"):
@@ -186,6 +188,14 @@ class LinkAnswer(Frame, tag="link_answer"):
     req: RequestId
     slot: Key32
     blob: LinkBlob
+
+
+class LinkMore(Frame, tag="link_more"):
+    """Before its answer, the existing device hands the joining one a sealed piece of history."""
+
+    req: RequestId
+    slot: Key32
+    blob: LinkPiece
 
 
 class AddDevice(Frame, tag="add_device"):
@@ -307,7 +317,7 @@ class LinkPush(Frame, tag="link_push"):
     """A sealed link message from the other side of a slot."""
 
     slot: Key32
-    blob: LinkBlob
+    blob: LinkPiece
 
 
 # --- files: encrypted blobs (see server/blobs.py) ---------------------------------------------
@@ -622,6 +632,7 @@ ClientFrame = (
     | LinkOpen
     | LinkJoin
     | LinkAnswer
+    | LinkMore
     | AddDevice
     | RevokeDevice
     | PublishDeviceList

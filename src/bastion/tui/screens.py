@@ -23,10 +23,11 @@ from bastion.client import (
     check_new_passphrase,
     check_username,
     devices,
+    link_history,
     weakness,
 )
 from bastion.errors import BastionError, ProfileError
-from bastion.tui.conversations import safe_text
+from bastion.tui.conversations import ConversationIndex, safe_text
 
 
 class UnlockScreen(Screen[Client]):
@@ -159,13 +160,16 @@ class FirstRunScreen(Screen[Client]):
                 )
             else:
                 error.update("Waiting for your other device to answer…")
+                received: list[link_history.HistorySummary] = []
                 client = await devices.join_with_code(
                     self.path,
                     passphrase,
                     code=who,
                     server_url=server,
                     fingerprint=pin,
+                    on_history=received.append,
                 )
+                list_sent_conversations(client, received)
         except ValueError:
             error.update(self.NEITHER.format(who=who))
             return
@@ -173,6 +177,16 @@ class FirstRunScreen(Screen[Client]):
             error.update(f"Could not start: {exc}")
             return
         self.dismiss(client)
+
+
+def list_sent_conversations(client: Client, received: list[link_history.HistorySummary]) -> None:
+    """Add the conversations the other device sent while linking to the conversation list."""
+    if not received or not received[0].peers:
+        return
+    index = ConversationIndex.load(client)
+    for peer, at in received[0].peers:
+        index.touch(peer, at=at)
+    index.save(client)
 
 
 class KeyChangeScreen(ModalScreen[bool]):

@@ -23,11 +23,12 @@ from typing import Any
 
 from bastion.cli.identity import (
     device_json,
+    linked_json,
     new_key,
     safety_number_json,
     server_info_json,
 )
-from bastion.client import comparison, devices, trust, verification
+from bastion.client import comparison, devices, link_history, trust, verification
 from bastion.errors import BastionError, StateError
 from bastion.gateway.context import GatewayContext
 from bastion.gateway.methods._base import ContextMethod
@@ -253,8 +254,13 @@ async def devices_list(
 async def devices_link(
     ctx: GatewayContext, session: Session, params: dict[str, Any]
 ) -> dict[str, Any]:
-    """Offer a one-time code for a new device; the outcome comes as a ``linked`` event."""
+    """Offer a one-time code for a new device; the outcome comes as a ``linked`` event.
+
+    ``history`` (``all``, a number of days, or ``none``, the default) is what
+    this device sends the new one before the account (see ``link_history``).
+    """
     ctx.require_online()
+    choice = link_history.parse_choice(str(params.get("history", "none")))
     shown: asyncio.Future[str] = asyncio.get_running_loop().create_future()
 
     def show(code: str) -> None:
@@ -263,14 +269,14 @@ async def devices_link(
 
     async def run() -> None:
         try:
-            linked = await devices.offer_link(ctx.client, show)
+            linked = await devices.offer_link(ctx.client, show, history=choice)
         except (BastionError, TimeoutError) as exc:
             reason = str(exc) or "nobody used the code in time"
             ctx.hub.publish({"type": "link_failed", "reason": reason})
             if not shown.done():
                 shown.set_exception(exc)
             raise
-        ctx.hub.publish({"type": "linked", "device": linked.device_id})
+        ctx.hub.publish(linked_json(linked.device_id, linked.history))
 
     task = asyncio.create_task(run())
     links = flows(ctx).links

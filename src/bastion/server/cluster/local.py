@@ -143,6 +143,10 @@ class Bus(Protocol):
         """Take the slot's one joiner place and hand ``blob`` to its owner."""
         ...
 
+    async def link_more(self, slot: bytes, owner: Owner, blob: bytes) -> None:
+        """Hand ``blob`` to the joiner of the owner's slot, which stays open."""
+        ...
+
     async def link_answer(self, slot: bytes, owner: Owner, blob: bytes) -> None:
         """Close the owner's joined slot and hand ``blob`` to the joiner."""
         ...
@@ -268,6 +272,10 @@ class LocalBus:
     async def link_join(self, slot: bytes, blob: bytes, to_joiner: LinkDeliver) -> None:
         """Join the slot and hand ``blob`` to its owner's connection here."""
         self._links.join(slot, to_joiner, time.monotonic())(blob)
+
+    async def link_more(self, slot: bytes, owner: Owner, blob: bytes) -> None:
+        """Hand ``blob`` to the joiner's connection here; the slot stays open."""
+        self._links.more(slot, owner, time.monotonic())(blob)
 
     async def link_answer(self, slot: bytes, owner: Owner, blob: bytes) -> None:
         """Close the slot and hand ``blob`` to the joiner's connection here."""

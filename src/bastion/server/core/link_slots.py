@@ -2,7 +2,9 @@
 
 A slot is opened by a signed-in device (its *owner*), takes one joining
 connection, and is closed by the owner's answer. The server relays two sealed
-blobs through it and sees nothing else (see :mod:`bastion.crypto.linking`).
+blobs through it, and before the answer up to :data:`MAX_LINK_PIECES` sealed
+pieces of history from the owner to the joiner; it sees nothing else (see
+:mod:`bastion.crypto.linking`).
 This is the slot table of one process; a cluster keeps it in Redis
 (:mod:`bastion.server.cluster.redis.bus`) with the same rules.
 """
@@ -17,6 +19,8 @@ from bastion.protocol.codes import ErrorCode
 
 LINK_TTL_S = 600.0
 MAX_LINK_SLOTS = 10_000
+MAX_LINK_PIECES = 4096
+"""The most history pieces (``link_more``, 64 KiB each at most) one slot relays."""
 
 LinkDeliver = Callable[[bytes], None]
 """Hands a sealed link blob to one connection (nothing happens once it is closed)."""
@@ -33,6 +37,7 @@ class LinkError(ProtocolError):
 
 UNKNOWN = "that link code is unknown, expired or already used"
 NOT_WAITING = "no device is waiting on that link"
+TOO_MANY_PIECES = "that link has carried as many pieces as it may"
 BUSY = "cannot open a link now; try again"
 UNAVAILABLE = "linking is unavailable right now; try again"
 
@@ -45,6 +50,7 @@ class LinkSlot:
     to_owner: LinkDeliver
     expires_at: float
     to_joiner: LinkDeliver | None = None
+    pieces: int = 0
 
 
 class LinkSlots:
@@ -53,9 +59,16 @@ class LinkSlots:
     ``now`` is seconds on a monotonic clock, passed in.
     """
 
-    def __init__(self, *, ttl_s: float = LINK_TTL_S, max_slots: int = MAX_LINK_SLOTS) -> None:
+    def __init__(
+        self,
+        *,
+        ttl_s: float = LINK_TTL_S,
+        max_slots: int = MAX_LINK_SLOTS,
+        max_pieces: int = MAX_LINK_PIECES,
+    ) -> None:
         self.ttl_s = ttl_s
         self.max_slots = max_slots
+        self.max_pieces = max_pieces
         self._slots: dict[bytes, LinkSlot] = {}
 
     def _expire(self, now: float) -> None:
@@ -85,6 +98,21 @@ class LinkSlots:
             raise LinkError(UNKNOWN)
         entry.to_joiner = to_joiner
         return entry.to_owner
+
+    def more(self, slot: bytes, owner: Owner, now: float) -> LinkDeliver:
+        """Return the way to the joiner for one more piece, leaving the slot open.
+
+        Raises :class:`LinkError` if no device joined the owner's slot, or the
+        slot already relayed ``max_pieces``.
+        """
+        self._expire(now)
+        entry = self._slots.get(slot)
+        if entry is None or entry.owner != owner or entry.to_joiner is None:
+            raise LinkError(NOT_WAITING)
+        if entry.pieces >= self.max_pieces:
+            raise LinkError(TOO_MANY_PIECES)
+        entry.pieces += 1
+        return entry.to_joiner
 
     def answer(self, slot: bytes, owner: Owner, now: float) -> LinkDeliver:
         """Close the slot and return the way to the joiner; only the owner may answer.

@@ -98,6 +98,13 @@ async def link_join(request: Request, services: Services, frame: frames.LinkJoin
     request.reply(frames.Ok(req=frame.req))
 
 
+async def link_more(request: Request, services: Services, frame: frames.LinkMore) -> None:
+    """The owner hands one more sealed piece to the joining device, before its answer."""
+    owner = request.signed_in()
+    await services.bus.link_more(frame.slot, owner, frame.blob)
+    request.reply(frames.Ok(req=frame.req))
+
+
 async def link_answer(request: Request, services: Services, frame: frames.LinkAnswer) -> None:
     """The owner hands its sealed grant to the joining device."""
     owner = request.signed_in()
@@ -164,6 +171,7 @@ ROUTES = (
     Route(frames.AddDevice, add_device, before_signin=True),
     Route(frames.LinkJoin, link_join, before_signin=True),
     Route(frames.LinkOpen, link_open),
+    Route(frames.LinkMore, link_more),
     Route(frames.LinkAnswer, link_answer),
     Route(frames.RevokeDevice, revoke_device),
 )

@@ -612,6 +612,14 @@ class RedisBus:
         """
         await self._links.join(slot, blob, to_joiner)
 
+    async def link_more(self, slot: bytes, owner: Owner, blob: bytes) -> None:
+        """Send one more ``blob`` to the joiner's node; the slot stays open.
+
+        Raises :class:`LinkError` unless this device owns the slot and a device
+        joined it, once it relayed the most pieces, or if Redis is unreachable.
+        """
+        await self._links.more(slot, owner, blob)
+
     async def link_answer(self, slot: bytes, owner: Owner, blob: bytes) -> None:
         """Close the owner's joined slot and send ``blob`` to the joiner's node.
 

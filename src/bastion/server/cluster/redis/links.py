@@ -25,7 +25,9 @@ from redis.typing import EncodableT
 
 from bastion.server.core.link_slots import (
     BUSY,
+    MAX_LINK_PIECES,
     NOT_WAITING,
+    TOO_MANY_PIECES,
     UNAVAILABLE,
     UNKNOWN,
     LinkDeliver,
@@ -75,6 +77,15 @@ if redis.call('GET', KEYS[2]) == ARGV[2] then redis.call('DEL', KEYS[2]) end
 return {s[2], s[3]}
 """
 
+# KEYS: the slot. ARGV: owner, most pieces. The joiner's node and token, or nil unless the
+# owner's slot was joined; 0 once the slot relayed the most pieces. The slot stays open.
+_LINK_MORE = """
+local s = redis.call('HMGET', KEYS[1], 'owner', 'jnode', 'jtoken')
+if not s[1] or s[1] ~= ARGV[1] or not s[2] or not s[3] then return nil end
+if redis.call('HINCRBY', KEYS[1], 'pieces', 1) > tonumber(ARGV[2]) then return 0 end
+return {s[2], s[3]}
+"""
+
 
 class _LinkBlob(msgspec.Struct, array_like=True):
     token: str  # the receiving connection's, on the node whose channel this is
@@ -113,6 +124,7 @@ class RedisLinkSlots:
         self._open = client.register_script(_LINK_OPEN)
         self._join = client.register_script(_LINK_JOIN)
         self._answer = client.register_script(_LINK_ANSWER)
+        self._more = client.register_script(_LINK_MORE)
 
     async def open(self, slot: bytes, owner: Owner, to_owner: LinkDeliver) -> None:
         """Open the slot, owned by this device through this node.
@@ -179,6 +191,23 @@ class RedisLinkSlots:
             keys=[self._slot_key + slot_id.encode(), self._owner_key + owner_id, self._index],
             args=[owner_id, slot_id],
         )
+        if not await self._send(found, blob):
+            raise LinkError(NOT_WAITING)
+
+    async def more(self, slot: bytes, owner: Owner, blob: bytes) -> None:
+        """Send one more ``blob`` to the joiner's node; the slot stays open.
+
+        Raises :class:`LinkError` unless this device owns the slot and a device
+        joined it, once the slot relayed :data:`MAX_LINK_PIECES`, or if Redis is
+        unreachable.
+        """
+        found = await self._call(
+            self._more,
+            keys=[self._slot_key + slot.hex().encode()],
+            args=[self._owner_id(owner), MAX_LINK_PIECES],
+        )
+        if found == 0:
+            raise LinkError(TOO_MANY_PIECES)
         if not await self._send(found, blob):
             raise LinkError(NOT_WAITING)
 
