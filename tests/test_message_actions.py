@@ -8,13 +8,17 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import msgspec
 import pytest
 
+from bastion.cli._common import message_json, render_message
 from bastion.client import Client, HistoryRecord, MessageEvent, message_actions, replies
 from bastion.client.message_actions import DELETE_WINDOW_MS, MessageChangedEvent
+from bastion.client.records import Edit
 from bastion.crypto.payload import Payload, seal
 from bastion.errors import RejectedMessageError
+from bastion.gateway import rpc
 from tests.conftest import Profiles
 from tests.helpers import drain, next_events, texts, warnings
 from tests.test_devices import link_second_device
@@ -290,3 +294,43 @@ def sealed_row(client: Client, message_id: bytes) -> bytes:
         db.close()
     assert row is not None
     return bytes(row[0])
+
+
+def test_history_shows_replies_reactions_edited_and_deleted() -> None:
+    base = HistoryRecord(
+        id=b"\x0a" * 16,
+        sender="bob",
+        device="D1",
+        peer="bob",
+        conversation="dm:alice,bob",
+        text="second try",
+        sent_at=1_700_000_000_000,
+        server_ts=1_700_000_000_000,
+        direction="in",
+        state="received",
+        reply_to=b"\x0b" * 16,
+        reactions={"alice": "👍", "bob": "\u202e"},
+        edits=[Edit(text=CANARY, replaced_at=1_700_000_001_000)],
+        edited_at=1_700_000_001_000,
+    )
+    deleted = msgspec.structs.replace(
+        base, text="", edits=[], edited_at=0, reactions={}, reply_to=None, deleted_at=1
+    )
+    schema = {
+        "$ref": "#/components/schemas/Message",
+        "components": rpc.schema_document()["components"],
+    }
+    validator = jsonschema.Draft202012Validator(schema)
+    shown = message_json(base, verified=False)
+    assert shown["reply_to"] == "0b" * 16
+    assert shown["reactions"] == {"alice": "👍", "bob": "\u202e"}
+    assert shown["edited"] is True
+    assert CANARY not in str(shown)
+    line = render_message(shown)
+    assert "(reply to 0b0b0b0b) second try  [edited]" in line
+    assert "\u202e" not in line  # a reaction cannot turn the line around
+    gone = message_json(deleted, verified=False)
+    assert gone["deleted"] is True
+    assert "[deleted]" in render_message(gone)
+    for message in (shown, gone):
+        assert not list(validator.iter_errors(message))
