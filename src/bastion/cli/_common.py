@@ -97,6 +97,14 @@ def message_json(record: HistoryRecord, verified: bool) -> dict[str, Any]:
         out["state"] = record.state
         if record.state == "failed":
             out["reason"] = record.reason or REFUSED
+    if record.reply_to is not None:
+        out["reply_to"] = record.reply_to.hex()
+    if record.reactions:
+        out["reactions"] = dict(sorted(record.reactions.items()))
+    if record.edited_at:
+        out["edited"] = True
+    if record.deleted_at:
+        out["deleted"] = True
     return out
 
 
@@ -252,7 +260,15 @@ def render_message(message: dict[str, Any]) -> str:
     outgoing = state is not None
     who = "you" if outgoing else escape_text(sender)
     to = f" -> {escape_text(recipient(str(message['conversation']), sender))}" if outgoing else ""
-    line = f"[{when:%Y-%m-%d %H:%M:%S}Z] {who}{to}: {escape_body(str(message['text']))}"
+    quote = f"(reply to {str(message['reply_to'])[:8]}) " if message.get("reply_to") else ""
+    text = "[deleted]" if message.get("deleted") else escape_body(str(message["text"]))
+    line = f"[{when:%Y-%m-%d %H:%M:%S}Z] {who}{to}: {quote}{text}"
+    if message.get("edited"):
+        line += "  [edited]"
+    reactions = message.get("reactions") or {}
+    if reactions:
+        shown = ", ".join(f"{escape_text(e)} {escape_text(u)}" for u, e in reactions.items())
+        line += f"  [{shown}]"
     if state == "failed":
         line += f"  [NOT SENT: {escape_text(str(message.get('reason') or REFUSED))}]"
     elif state == "pending":

@@ -16,6 +16,7 @@ from bastion.client import (
     files,
     group_invites,
     group_messages,
+    message_actions,
     policy,
     presence,
     receipts,
@@ -38,6 +39,7 @@ DEFAULT_FEATURES: tuple[Feature, ...] = (
     group_invites.FEATURE,
     contacts.FEATURE,
     presence.FEATURE,
+    message_actions.FEATURE,
 )
 
 

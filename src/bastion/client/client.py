@@ -21,7 +21,7 @@ from typing import Self
 
 import msgspec
 
-from bastion.client import device_list, receiving
+from bastion.client import device_list, receiving, replies
 from bastion.client._util import TRANSIENT_ERRORS, UNANSWERED, check_username, now_ms
 from bastion.client.events import (
     DevicesChangedEvent,
@@ -503,17 +503,31 @@ class Client:
     # --- sending ------------------------------------------------------------------------------
 
     async def send_text(
-        self, to: str, text: str, *, message_id: bytes | None = None
+        self,
+        to: str,
+        text: str,
+        *,
+        message_id: bytes | None = None,
+        reply_to: bytes | None = None,
     ) -> HistoryRecord:
         """Encrypt ``text`` to every device of ``to`` (and our other devices) and send it.
 
         Returns once the server has stored it durably. ``message_id`` is that of
         a history entry written earlier (a message queued while offline); by
-        default a new one. Raises ValueError for bad input, KeyChangedError if
+        default a new one. ``reply_to`` quotes a message of this conversation by
+        its id (see :mod:`bastion.client.replies`). Raises ValueError for bad
+        input (a quoted message of another conversation too), KeyChangedError if
         ``to``'s account key changed, ServerRefusedError.
         """
         check_text(text)
-        return await self.send_payload(to, "text", text, message_id=message_id)
+        if reply_to is None:
+            return await self.send_payload(to, "text", text, message_id=message_id)
+        check_username(to)
+        quoted = self.profile.message(reply_to, HistoryRecord)
+        if quoted is None or quoted.conversation != direct_conversation(self.account.username, to):
+            raise ValueError(f"no message with this id in the conversation with {to}")
+        body = replies.encode(text, reply_to)
+        return await self.send_payload(to, replies.KIND, body, message_id=message_id)
 
     async def send_payload(
         self,
@@ -685,17 +699,19 @@ class Client:
                 raise ValueError(
                     "the message is too long to send to this many devices; split it up"
                 )
+            shown, reply_to = (text, None) if kind != replies.KIND else replies.decode(text)
             record = HistoryRecord(
                 id=message_id,
                 sender=me,
                 device=self.account.device_id,
                 peer=to,
                 conversation=conversation,
-                text=text,
+                text=shown,
                 sent_at=sent_at,
                 server_ts=0,
                 direction="out",
                 state="pending",
+                reply_to=reply_to,
             )
             if history and not self.profile.add_message(conversation, message_id, record):
                 self.profile.update_message(message_id, record)
@@ -910,7 +926,13 @@ class Client:
                 "a group member who is not your contact sent something other than a room key"
             )
         handler = None
-        if payload.kind != "text":
+        text, reply_to = payload.body, None
+        if payload.kind == replies.KIND:
+            text, reply_to = replies.decode(payload.body)
+            quoted = self.profile.message(reply_to, HistoryRecord)
+            if quoted is not None and quoted.conversation != payload.conversation:
+                raise RejectedMessageError("the reply quotes a message of another conversation")
+        elif payload.kind != "text":
             handler = self.hooks.payloads.get(payload.kind)
             if handler is None:
                 raise RejectedMessageError(f"unknown message kind {payload.kind!r}")
@@ -922,11 +944,12 @@ class Client:
             device=payload.sender_device,
             peer=peer,
             conversation=payload.conversation,
-            text=payload.body,
+            text=text,
             sent_at=payload.sent_at,
             server_ts=deliver.server_ts,
             direction="out" if outgoing else "in",
             state="sent" if outgoing else "received",
+            reply_to=reply_to,
         )
         self.profile.save_session(
             sender.curve25519, session.session_id, session.pickle(self.profile.pickle_key), now_ms()

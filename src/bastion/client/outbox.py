@@ -68,9 +68,12 @@ def take_flushed(client: Client, to: str, text: str) -> HistoryRecord | None:
     return None
 
 
-def queue_text(client: Client, to: str, text: str) -> HistoryRecord:
+def queue_text(
+    client: Client, to: str, text: str, *, reply_to: bytes | None = None
+) -> HistoryRecord:
     """Queue ``text`` for ``to`` while the server cannot be reached; returns its ``queued`` entry.
 
+    ``reply_to`` quotes a message of the conversation (see :meth:`Client.send_text`).
     Raises ValueError for bad input (as :meth:`Client.send_text` does) and
     KeyChangedError if ``to``'s account key changed and was not reviewed.
     """
@@ -82,6 +85,10 @@ def queue_text(client: Client, to: str, text: str) -> HistoryRecord:
     contact = client.contact(to)
     if contact is not None and contact.trust == "changed":
         raise KeyChangedError(to)
+    if reply_to is not None:
+        quoted = client.message(reply_to)
+        if quoted is None or quoted.conversation != direct_conversation(me, to):
+            raise ValueError(f"no message with this id in the conversation with {to}")
     record = HistoryRecord(
         id=secrets.token_bytes(16),
         sender=me,
@@ -93,6 +100,7 @@ def queue_text(client: Client, to: str, text: str) -> HistoryRecord:
         server_ts=0,
         direction="out",
         state="queued",
+        reply_to=reply_to,
     )
     with client.profile.transaction():
         client.profile.add_message(record.conversation, record.id, record)
@@ -126,7 +134,11 @@ async def send_queued(client: Client) -> tuple[list[HistoryRecord], list[History
             _dequeue(client, item.id)
             continue
         try:
-            sent.append(await client.send_text(item.to, record.text, message_id=item.id))
+            sent.append(
+                await client.send_text(
+                    item.to, record.text, message_id=item.id, reply_to=record.reply_to
+                )
+            )
         except SendRefusedError as exc:
             failed.append(exc.record)  # refused for good, and marked so
         except ServerRefusedError as exc:

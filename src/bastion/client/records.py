@@ -41,8 +41,23 @@ class ContactRecord(msgspec.Struct, frozen=True, kw_only=True):
     listed_devices: list[str] = msgspec.field(default_factory=list)
 
 
+class Edit(msgspec.Struct, frozen=True, kw_only=True):
+    """A text a message showed before an edit, and when it was replaced."""
+
+    text: str
+    replaced_at: int
+
+
 class HistoryRecord(msgspec.Struct, frozen=True, kw_only=True):
-    """One message in the local history."""
+    """One message in the local history.
+
+    ``reply_to`` is the id of the message it quotes (only the id is kept: the quote
+    is looked up when shown, so deleting the quoted message removes it here too).
+    ``reactions`` maps each member who reacted to their one emoji. ``edits`` is the
+    trail of earlier texts, oldest first, and ``edited_at`` the time of the last
+    edit (0: never edited). ``deleted_at`` is when the sender deleted it for
+    everyone (0: not deleted); a deleted message keeps no text, trail or reactions.
+    """
 
     id: bytes
     sender: str
@@ -55,6 +70,11 @@ class HistoryRecord(msgspec.Struct, frozen=True, kw_only=True):
     direction: str  # in | out
     state: str  # queued | pending | sent | delivered | received | failed
     reason: str = ""  # why a failed message was refused (the server's words)
+    reply_to: bytes | None = None
+    reactions: dict[str, str] = msgspec.field(default_factory=dict)
+    edits: list[Edit] = msgspec.field(default_factory=list)
+    edited_at: int = 0
+    deleted_at: int = 0
 
 
 class Stats(msgspec.Struct, frozen=True, kw_only=True):
