@@ -545,14 +545,18 @@ class PgStore:
                             pending.future.set_exception(exc)
                     continue
                 for pending in batch:
+                    # Each deleted envelope counts once, for the first ack that named it.
+                    count = 0
+                    for seq in pending.seqs:
+                        if (pending.username, pending.device_id, seq) in deleted:
+                            deleted.discard((pending.username, pending.device_id, seq))
+                            count += 1
                     if not pending.future.done():
-                        pending.future.set_result(
-                            deleted.pop((pending.username, pending.device_id), 0)
-                        )
+                        pending.future.set_result(count)
         finally:
             self._ack_writer = None
 
-    async def _delete_acked(self, batch: list[_PendingAck]) -> dict[tuple[str, str], int]:
+    async def _delete_acked(self, batch: list[_PendingAck]) -> set[tuple[str, str, int]]:
         users: list[str] = []
         device_ids: list[str] = []
         seqs: list[int] = []
@@ -564,15 +568,12 @@ class PgStore:
             rows = await conn.fetch(
                 "DELETE FROM queue AS q USING unnest($1::text[], $2::text[], $3::bigint[])"
                 " AS t(u, d, s) WHERE q.seq = t.s AND q.username = t.u AND q.device_id = t.d"
-                " RETURNING q.username, q.device_id",
+                " RETURNING q.username, q.device_id, q.seq",
                 users,
                 device_ids,
                 seqs,
             )
-        deleted: dict[tuple[str, str], int] = {}
-        for username, device_id in rows:
-            deleted[username, device_id] = deleted.get((username, device_id), 0) + 1
-        return deleted
+        return {(r[0], r[1], int(r[2])) for r in rows}
 
     async def count_queued(self, username: str) -> int:
         """How many envelopes wait for any device of ``username``."""
