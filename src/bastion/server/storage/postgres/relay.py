@@ -19,7 +19,7 @@ kept here rather than left to chance:
 
 Every result is released only after the commit that made it durable.
 Acknowledgements are gathered the same way: one ``DELETE`` for every ack of
-the node that waits.
+the node that waits (gathered for a few milliseconds: nobody waits on them).
 """
 
 from __future__ import annotations
@@ -128,10 +128,12 @@ class PgStore:
         schema: str,
         *,
         max_batch: int = 256,
+        ack_delay_s: float = 0.005,
         sent_retention_ms: int = 7 * 86_400_000,
         prune_every_ms: int = 60_000,
     ) -> None:
         self._pool = pool
+        self._ack_delay_s = ack_delay_s
         self.schema = schema
         self._max_batch = max_batch
         self._sent_retention_ms = sent_retention_ms
@@ -532,9 +534,18 @@ class PgStore:
         return await future
 
     async def _write_acks(self) -> None:
-        """Delete what was acknowledged, one statement per batch, until nothing waits."""
+        """Delete what was acknowledged, one statement per batch, until nothing waits.
+
+        A batch that is not full waits ``ack_delay_s`` for more: nobody waits on a
+        deletion (the envelope was delivered; one deleted late may only be sent
+        again after a reconnect, and the client drops it by message id), and at a
+        low rate the wait turns one ``DELETE`` and commit per ack into one per
+        several.
+        """
         try:
             while self._acks:
+                if len(self._acks) < self._max_batch and not self._closed:
+                    await asyncio.sleep(self._ack_delay_s)
                 batch = self._acks[: self._max_batch]
                 del self._acks[: self._max_batch]
                 try:
