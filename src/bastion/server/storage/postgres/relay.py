@@ -467,8 +467,8 @@ class PgStore:
             devices: dict[str, list[str]] = {}
             for username, device_id in rows:
                 devices.setdefault(username, []).append(device_id)
-            fresh = await _claim_ids(conn, batch)
-            facts = await _facts(conn, [p for p in fresh if _needs_facts(p, devices)])
+            need = [p for p in batch if _needs_facts(p, devices)]
+            fresh, facts = await _claim_ids(conn, batch, need)
             refused: list[_PendingMessage] = []
             stored: list[_PendingMessage] = []
             added: dict[str, int] = {}
@@ -598,23 +598,52 @@ def _needs_facts(p: _PendingMessage, devices: dict[str, list[str]]) -> bool:
     return bool(devices.get(p.recipient)) and (p.contacts_only or p.queue_max is not None)
 
 
-async def _claim_ids(conn: Connection, batch: list[_PendingMessage]) -> list[_PendingMessage]:
-    """Record each message's id as sent; the messages seen for the first time, in order.
+_Facts = dict[tuple[str, str], tuple[int, int]]
 
-    A message sent before gets the original's server time and no envelopes.
+
+async def _claim_ids(
+    conn: Connection, batch: list[_PendingMessage], need: list[_PendingMessage]
+) -> tuple[list[_PendingMessage], _Facts]:
+    """Record each message's id as sent, and read the facts the rule needs, in one statement.
+
+    Returns the messages seen for the first time (in order), and for each
+    (sender, recipient) of ``need``: the accepted contact rows of the pair and
+    the recipient's queue size, counted up to the largest ``queue_max`` only
+    (the rule needs it exact below that bound; counting further costs a scan of
+    a full queue). The statement runs after the device rows were locked, so its
+    snapshot holds every commit that wrote to those devices before. A message
+    sent before gets the original's server time and no envelopes.
     """
+    pairs = sorted({(p.sender, p.recipient) for p in need})
+    bound = max((p.queue_max for p in need if p.queue_max is not None), default=0)
     rows = await conn.fetch(
-        "INSERT INTO sent (sender_device, client_msg_id, server_ts)"
+        "WITH claimed AS (INSERT INTO sent (sender_device, client_msg_id, server_ts)"
         " SELECT * FROM unnest($1::text[], $2::bytea[], $3::bigint[])"
-        " ON CONFLICT DO NOTHING RETURNING sender_device, client_msg_id",
+        " ON CONFLICT DO NOTHING RETURNING sender_device, client_msg_id)"
+        " SELECT sender_device, client_msg_id, NULL::text, 0::bigint, 0::bigint FROM claimed"
+        " UNION ALL SELECT s, NULL::bytea, r,"
+        " (SELECT count(*) FROM contacts WHERE state = $6 AND"
+        " ((owner = s AND peer = r) OR (owner = r AND peer = s))),"
+        " (SELECT count(*) FROM (SELECT 1 FROM queue WHERE username = r LIMIT $7) AS q)"
+        " FROM unnest($4::text[], $5::text[]) AS t(s, r)",
         [p.sender_device for p in batch],
         [p.client_msg_id for p in batch],
         [p.server_ts for p in batch],
+        [s for s, _ in pairs],
+        [r for _, r in pairs],
+        ACCEPTED,
+        bound,
     )
-    new = {(r[0], bytes(r[1])) for r in rows}
+    new: set[tuple[str, bytes]] = set()
+    facts: _Facts = {}
+    for first, msg_id, recipient, accepted, queued in rows:
+        if msg_id is not None:
+            new.add((first, bytes(msg_id)))
+        else:
+            facts[first, recipient] = (int(accepted), int(queued))
     fresh = [p for p in batch if (p.sender_device, p.client_msg_id) in new]
     if len(fresh) == len(batch):
-        return fresh
+        return fresh, facts
     again = [p for p in batch if (p.sender_device, p.client_msg_id) not in new]
     rows = await conn.fetch(
         "SELECT sender_device, client_msg_id, server_ts FROM sent"
@@ -628,33 +657,7 @@ async def _claim_ids(conn: Connection, batch: list[_PendingMessage]) -> list[_Pe
         server_ts = original.get((p.sender_device, p.client_msg_id))
         if server_ts is not None:
             p.outcome = StoredMessage(server_ts, [])
-    return fresh
-
-
-async def _facts(
-    conn: Connection, need: list[_PendingMessage]
-) -> dict[tuple[str, str], tuple[int, int]]:
-    """For each (sender, recipient): accepted contact rows of the pair, recipient's queue size.
-
-    The queue size is counted up to the largest ``queue_max`` only: the rule needs
-    it exact below that bound, and counting further costs a scan of a full queue.
-    """
-    if not need:
-        return {}
-    pairs = sorted({(p.sender, p.recipient) for p in need})
-    bound = max((p.queue_max for p in need if p.queue_max is not None), default=0)
-    rows = await conn.fetch(
-        "SELECT s, r,"
-        " (SELECT count(*) FROM contacts WHERE state = $3 AND"
-        " ((owner = s AND peer = r) OR (owner = r AND peer = s))),"
-        " (SELECT count(*) FROM (SELECT 1 FROM queue WHERE username = r LIMIT $4) AS q)"
-        " FROM unnest($1::text[], $2::text[]) AS t(s, r)",
-        [s for s, _ in pairs],
-        [r for _, r in pairs],
-        ACCEPTED,
-        bound,
-    )
-    return {(r[0], r[1]): (int(r[2]), int(r[3])) for r in rows}
+    return fresh, facts
 
 
 async def _enqueue(conn: Connection, stored: list[_PendingMessage]) -> None:
