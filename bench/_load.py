@@ -248,7 +248,8 @@ class LoadRun:
         """Register every sender and receiver account; returns the seconds it took.
 
         Senders connect to ``sender_url``, receivers to ``receiver_url`` (in a
-        cluster, two different nodes: every message crosses the bus).
+        cluster, two different nodes: every message crosses the bus); with
+        ``node_urls``, pair i's sender to node i mod N and its receiver to the next.
         """
         started = time.perf_counter()
         cfg = self.config
@@ -263,8 +264,13 @@ class LoadRun:
             async with gate:
                 await self._register(peer, url, receive=receive, keys=ONE_TIME_KEYS)
 
-        jobs = [one(p, cfg.sender_url, False) for p in self.senders]
-        jobs += [one(p, cfg.receiver_url, True) for p in self.receivers]
+        urls = cfg.node_urls
+        if urls:
+            jobs = [one(p, urls[i % len(urls)], False) for i, p in enumerate(self.senders)]
+            jobs += [one(p, urls[(i + 1) % len(urls)], True) for i, p in enumerate(self.receivers)]
+        else:
+            jobs = [one(p, cfg.sender_url, False) for p in self.senders]
+            jobs += [one(p, cfg.receiver_url, True) for p in self.receivers]
         await asyncio.wait_for(asyncio.gather(*jobs), 60 + 0.2 * pairs)
 
         async def befriend(sender: Peer, receiver: Peer) -> None:

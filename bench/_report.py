@@ -24,6 +24,9 @@ class LoadConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
     sender_url: str
     receiver_url: str
+    # A cluster of more than two nodes: sender i connects to node i mod N, its receiver to
+    # the next node, so every message crosses the bus and every node sends and receives.
+    node_urls: list[str] = []
     fingerprint: str
     server_pids: list[int]
     server_cpu: int | None
@@ -97,12 +100,18 @@ class LoadReport(msgspec.Struct, kw_only=True):
     idle: IdleResult | None = None
 
 
+def per_cpu_second(mode: ModeResult) -> float:
+    """Messages relayed per CPU-second of every server process (nodes + PostgreSQL + Redis)."""
+    cost_us = mode.server_cpu_us_per_msg + (mode.backend_cpu_us_per_msg or 0.0)
+    return 1e6 / cost_us if cost_us > 0 else 0.0
+
+
 def table(report: LoadReport, *, title: str, server_cpu: str, load_cpu: str) -> str:
     """The table the benchmark prints for one deployment."""
     header = (
         f"{'mode':<7} {'load':<26} {'msgs/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'p999 ms':>8}"
         f" {'srv us/msg':>10} {'db+bus us':>9} {'srv cpu':>7} {'srv RSS':>8} {'gen cpu':>7}"
-        f" {'others':>6} {'missing':>7}"
+        f" {'others':>6} {'missing':>7} {'msgs/cpu-s':>10}"
     )
     lines = [title, header, "-" * len(header)]
     for m in report.modes:
@@ -112,11 +121,13 @@ def table(report: LoadReport, *, title: str, server_cpu: str, load_cpu: str) -> 
             f" {m.p999_ms:>8.2f} {m.server_cpu_us_per_msg:>10.1f} {backend:>9}"
             f" {m.server_cpu_util:>6.0%} {m.server_rss_mb:>5.0f} MB {m.load_cpu_util:>6.0%}"
             f" {m.others_on_server_core:>5.0%} {m.missing + m.errors:>7}"
+            f" {per_cpu_second(m):>10,.0f}"
         )
     lines.append("-" * len(header))
     lines.append(
         "srv: all server nodes together; db+bus: PostgreSQL and Redis CPU per message;"
-        " others: CPU used on the server's core by other processes (noise)"
+        " others: CPU used on the server's core by other processes (noise);"
+        " msgs/cpu-s: messages relayed per CPU-second of nodes, PostgreSQL and Redis together"
     )
     for m in report.modes:
         if m.error_codes:

@@ -5,7 +5,12 @@ Runs each deployment in turn on 127.0.0.1:
 - ``sqlite``: one ``bastion server run`` node with its SQLite file;
 - ``cluster``: two nodes sharing PostgreSQL (a private schema, dropped after)
   and a private ``redis-server``; senders connect to one node, receivers to
-  the other, so every message crosses the bus.
+  the other, so every message crosses the bus. ``--nodes N`` (3..8) starts N
+  nodes instead: pair i's sender connects to node i mod N and its receiver to
+  the next node, so every node sends and receives and every message still
+  crosses the bus. All nodes share the server's one core, so more nodes do not
+  add capacity here; the ``msgs/cpu-s`` column (messages per CPU-second of
+  nodes, PostgreSQL and Redis together) shows what each node count costs.
 
 The server nodes are pinned to one CPU and the load generator (``_load.py``) to
 another. The generator registers the sender and receiver accounts through the
@@ -83,9 +88,9 @@ def sqlite_node(root: Path, *, cpu: int | None, command: list[str] | None) -> It
 
 @contextlib.contextmanager
 def cluster_nodes(
-    root: Path, *, cpu: int | None, postgres: str, command: list[str] | None
+    root: Path, *, cpu: int | None, postgres: str, command: list[str] | None, nodes: int = 2
 ) -> Iterator[Deployment]:
-    """Two nodes on one private PostgreSQL schema and one private Redis (both removed after)."""
+    """``nodes`` nodes on one private PostgreSQL schema and one private Redis (removed after)."""
     why = postgres_reachable(postgres)
     if why is not None:
         raise BenchmarkSkipped(why)
@@ -93,21 +98,24 @@ def cluster_nodes(
     schema = new_schema()
     separator = "&" if "?" in postgres else "?"
     cluster_args = ["--db", f"{postgres}{separator}schema={schema}"]
-    nodes: list[ServerUnderTest] = []
+    started: list[ServerUnderTest] = []
     try:
         redis.start()
         cluster_args += ["--bus", redis.url]
-        a = ServerUnderTest(root / "node-a", cpu=cpu, command=command, extra_args=cluster_args)
-        nodes.append(a)
-        a.start()
-        b = ServerUnderTest(
-            root / "node-b", cpu=cpu, command=command, extra_args=cluster_args, copy_from=a
-        )
-        nodes.append(b)
-        b.start()
-        yield Deployment("cluster: two nodes, PostgreSQL + Redis", nodes, a, b, redis.pid)
+        for n in range(nodes):
+            node = ServerUnderTest(
+                root / f"node-{n}",
+                cpu=cpu,
+                command=command,
+                extra_args=cluster_args,
+                copy_from=started[0] if started else None,
+            )
+            started.append(node)
+            node.start()
+        title = f"cluster: {nodes} nodes, PostgreSQL + Redis"
+        yield Deployment(title, started, started[0], started[1], redis.pid)
     finally:
-        for node in nodes:
+        for node in started:
             node.stop()
         redis.stop()
         drop_schema(postgres, schema)
@@ -140,6 +148,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Measure the relay server on one core.")
     parser.add_argument(
         "--deployments", default="sqlite,cluster", help="comma-separated: sqlite, cluster (both)"
+    )
+    parser.add_argument(
+        "--nodes",
+        type=int,
+        default=2,
+        help="cluster: server nodes (2); pair i's sender on node i mod N, its receiver on the next",
     )
     parser.add_argument("--pairs", type=int, default=50, help="closed loop: pairs (50)")
     parser.add_argument("--open-pairs", type=int, default=1000, help="open loop: pairs (1000)")
@@ -182,6 +196,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.deployments = deployments
     if not 1 <= args.pairs <= 2000 or not 1 <= args.open_pairs <= 2000:
         parser.error("--pairs and --open-pairs must be between 1 and 2000")
+    if not 2 <= args.nodes <= 8:
+        parser.error("--nodes must be between 2 and 8")
     if not 0 <= args.idle <= 10_000:
         parser.error("--idle must be between 0 and 10000")
     if not 0.5 <= args.seconds <= 600 or not 0 <= args.warmup <= 60:
@@ -219,6 +235,7 @@ def measure(
     config = LoadConfig(
         sender_url=deployment.senders.url,
         receiver_url=deployment.receivers.url,
+        node_urls=[n.url for n in deployment.nodes] if len(deployment.nodes) > 2 else [],
         fingerprint=deployment.senders.fingerprint,
         server_pids=[n.pid for n in deployment.nodes],
         server_cpu=server_cpu,
@@ -267,7 +284,13 @@ def main(argv: list[str] | None = None) -> int:
             nodes = (
                 sqlite_node(root, cpu=server_cpu, command=command)
                 if name == "sqlite"
-                else cluster_nodes(root, cpu=server_cpu, postgres=args.postgres, command=command)
+                else cluster_nodes(
+                    root,
+                    cpu=server_cpu,
+                    postgres=args.postgres,
+                    command=command,
+                    nodes=args.nodes,
+                )
             )
             try:
                 with nodes as deployment:

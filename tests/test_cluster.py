@@ -14,7 +14,9 @@ import asyncio
 import contextlib
 import os
 import shutil
+import subprocess
 import sys
+import tempfile
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,14 +93,27 @@ async def cluster(
 ) -> AsyncIterator[Cluster]:
     await postgres_or_skip()
     schema = fresh_schema()
-    db_url = f"{POSTGRES_URL}?schema={schema}"
+    try:
+        async with running_cluster(
+            tmp_path, private_redis, f"{POSTGRES_URL}?schema={schema}", extra_limits, schema
+        ) as running:
+            yield running
+    finally:
+        await drop_schema(schema)
+
+
+@contextlib.asynccontextmanager
+async def running_cluster(
+    tmp_path: Path, redis: RedisProcess, db_url: str, extra_limits: str, schema: str
+) -> AsyncIterator[Cluster]:
+    """Two nodes on ``db_url`` and ``redis``; both are killed at the end."""
     command = [sys.executable, "-m", "bastion", "server", "run"]
     # Node A finds the cluster in its config file, node B on its command line.
     a = ServerProcess(tmp_path / "node-a", free_port(), script=command)
     b = ServerProcess(
         tmp_path / "node-b",
         free_port(),
-        script=[*command, "--db", db_url, "--bus", private_redis.url],
+        script=[*command, "--db", db_url, "--bus", redis.url],
     )
     try:
         for node in (a, b):
@@ -111,19 +126,18 @@ async def cluster(
                 + extra_limits
             )
         with (a.data_dir / "bastion.toml").open("a") as toml:
-            toml.write(f'[cluster]\ndb = "{db_url}"\nbus = "{private_redis.url}"\n')
+            toml.write(f'[cluster]\ndb = "{db_url}"\nbus = "{redis.url}"\n')
         a.start()
         for name in (CERT_FILE, KEY_FILE, "server-name", "policy.key"):
             shutil.copy2(a.data_dir / name, b.data_dir / name)
         b.start()
         assert a.fingerprint == b.fingerprint
-        yield Cluster(a, b, private_redis, tmp_path, schema)
+        yield Cluster(a, b, redis, tmp_path, schema)
     finally:
         for node in (a, b):
             # ServerProcess.kill() cannot run twice (its second drain reads a closed pipe).
             if node.proc is not None and node.proc.poll() is None:
                 node.kill()
-        await drop_schema(schema)
 
 
 async def test_a_message_sent_on_one_node_is_delivered_live_on_the_other(
@@ -221,6 +235,137 @@ async def test_after_a_redis_restart_nodes_catch_up_from_the_database(cluster: C
         await alice.send_text("bob", "after")
         assert texts(await next_events(bob, 1)) == ["after"]
         assert bob.conn is bob_connection  # caught up without reconnecting
+    finally:
+        with contextlib.suppress(Exception):
+            await alice.close()
+        with contextlib.suppress(Exception):
+            await bob.close()
+
+
+class PostgresProcess:
+    """A private PostgreSQL server (``initdb`` in a temporary folder) that a test may restart.
+
+    The machine's PostgreSQL is shared; this one is the test's own, on a free port.
+    As root, the server runs as the ``postgres`` user (PostgreSQL refuses root).
+    """
+
+    def __init__(self) -> None:
+        bindir = _postgres_bindir()
+        if bindir is None:
+            pytest.skip("PostgreSQL's initdb and pg_ctl are not installed")
+        self.bindir = bindir
+        self.port = free_port()
+        self.root = Path(tempfile.mkdtemp(prefix="bastion-pg-"))
+        self.data = self.root / "data"
+        self.url = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+        self._as = []
+        if os.geteuid() == 0:
+            owner = "postgres"
+            shutil.chown(self.root, owner)
+            self._as = ["runuser", "-u", owner, "--"]
+
+    def _run(self, tool: str, *args: str) -> None:
+        subprocess.run(
+            [*self._as, str(self.bindir / tool), *args],
+            check=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            timeout=60,
+        )
+
+    def create(self) -> None:
+        """initdb with trust on loopback only, no fsync (a test's data need not survive)."""
+        self._run("initdb", "-D", str(self.data), "-A", "trust", "-U", "postgres")
+        with (self.data / "postgresql.conf").open("a") as conf:
+            conf.write(
+                f"port = {self.port}\nlisten_addresses = '127.0.0.1'\n"
+                f"unix_socket_directories = '{self.root}'\nfsync = off\n"
+            )
+
+    def start(self) -> None:
+        """Start on the same port as before and wait until it accepts connections."""
+        self._run("pg_ctl", "-D", str(self.data), "-l", str(self.root / "log"), "-w", "start")
+
+    def stop(self) -> None:
+        """A fast shutdown: clients are disconnected, open transactions rolled back."""
+        self._run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "stop")
+
+    def remove(self) -> None:
+        """Stop (if running) and delete its folder."""
+        with contextlib.suppress(subprocess.SubprocessError, OSError):
+            self.stop()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def _postgres_bindir() -> Path | None:
+    """Where initdb and pg_ctl are (Debian keeps them out of the PATH), or None."""
+    if shutil.which("initdb") and shutil.which("pg_ctl"):
+        return Path(str(shutil.which("initdb"))).parent
+    if shutil.which("pg_config"):
+        done = subprocess.run(["pg_config", "--bindir"], capture_output=True, check=False)
+        bindir = Path(done.stdout.decode().strip())
+        if (bindir / "initdb").exists() and (bindir / "pg_ctl").exists():
+            return bindir
+    return None
+
+
+async def test_after_a_postgresql_restart_mid_stream_nothing_acknowledged_is_lost_or_shown_twice(
+    tmp_path: Path, private_redis: RedisProcess
+) -> None:
+    postgres = PostgresProcess()
+    try:
+        postgres.create()
+        postgres.start()
+        async with running_cluster(
+            tmp_path, private_redis, f"{postgres.url}?schema=bastion", "", "bastion"
+        ) as cluster:
+            await _stream_across_a_postgres_restart(cluster, postgres)
+    finally:
+        postgres.remove()
+
+
+async def _stream_across_a_postgres_restart(cluster: Cluster, postgres: PostgresProcess) -> None:
+    alice = await cluster.register("alice", cluster.a.url)
+    bob = await cluster.register("bob", cluster.b.url)
+    total = 40
+    shown: list[str] = []
+
+    async def bob_reads() -> None:
+        async for event in bob.receive():
+            if isinstance(event, MessageEvent):
+                shown.append(event.record.text)
+                if len(shown) >= total:
+                    return
+
+    try:
+        await alice.connect(receive=False)
+        await bob.connect()
+        await befriend(alice, bob)
+        reading = asyncio.create_task(bob_reads())
+        sent: list[str] = []
+        refused = 0
+        restarting: asyncio.Task[None] | None = None
+        for n in range(total):
+            text = f"stream {n}"
+            if n == total // 3:
+                await asyncio.to_thread(postgres.stop)
+                restarting = asyncio.create_task(asyncio.to_thread(postgres.start))
+            for _ in range(100):
+                try:
+                    await alice.send_text("bob", text)  # returns once the server committed it
+                    break
+                except ServerRefusedError:
+                    refused += 1  # the database is away; the same text is retried (same id)
+                    await asyncio.sleep(0.1)
+            else:
+                pytest.fail(f"{text!r} was never acknowledged")
+            sent.append(text)
+        if restarting is not None:
+            await restarting
+        await asyncio.wait_for(reading, 30)
+        assert refused >= 1  # the restart was noticed
+        assert shown == sent
+        assert [r.text for r in bob.history("alice")] == sent
     finally:
         with contextlib.suppress(Exception):
             await alice.close()

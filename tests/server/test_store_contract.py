@@ -29,6 +29,7 @@ from bastion.server.storage.interfaces import (
     NotContactsError,
     QueueFullError,
     Store,
+    StoredMessage,
     UnknownRecipientError,
     UsernameTakenError,
 )
@@ -456,6 +457,58 @@ async def test_calls_from_one_sender_device_take_effect_in_call_order(store: Sto
     await asyncio.gather(*(send(store, b"%04d" % i) for i in range(300)))
     queued = await store.fetch_queue("bob", "b1", 0, 1000)
     assert [q.body for q in queued] == [b"%04d" % i for i in range(300)]
+
+
+async def test_a_retry_sent_while_the_original_is_pending_is_stored_once_in_order(
+    store: Store,
+) -> None:
+    """The PostgreSQL store batches a node's sends: a retry in the same batch waits its turn."""
+    await make_user(store, "alice", "a1")
+    await make_user(store, "bob", "b1")
+
+    def submit(msg_id: bytes, body: bytes, ts: int) -> asyncio.Future[StoredMessage]:
+        return store.submit_message(
+            sender="alice",
+            sender_device="a1",
+            client_msg_id=msg_id,
+            recipient="bob",
+            server_ts=ts,
+            copies=copies_for(body, ("bob", "b1")),
+        )
+
+    first, retry, after = await asyncio.gather(
+        submit(b"id-1", b"one", 7000), submit(b"id-1", b"one", 7001), submit(b"id-2", b"two", 7002)
+    )
+    assert (first.server_ts, len(first.envelopes)) == (7000, 1)
+    assert (retry.server_ts, retry.envelopes) == (7000, [])
+    assert after.envelopes[0].seq > first.envelopes[0].seq
+    queued = await store.fetch_queue("bob", "b1", 0, 10)
+    assert [q.body for q in queued] == [b"one", b"two"]
+
+
+async def test_acks_of_several_devices_at_once_each_delete_their_own(store: Store) -> None:
+    await make_user(store, "alice", "a1")
+    await make_user(store, "bob", "b1", "b2")
+    for n in range(3):
+        await store.submit_message(
+            sender="alice",
+            sender_device="a1",
+            client_msg_id=b"m%d" % n,
+            recipient="bob",
+            server_ts=5000,
+            copies=copies_for(b"x", ("bob", "b1"), ("bob", "b2")),
+        )
+    b1 = [q.seq for q in await store.fetch_queue("bob", "b1", 0, 10)]
+    b2 = [q.seq for q in await store.fetch_queue("bob", "b2", 0, 10)]
+    counts = await asyncio.gather(
+        store.ack("bob", "b1", b1[:2]),
+        store.ack("bob", "b2", b1[2:] + b2[:1]),  # b1's seq is not b2's to delete
+        store.ack("bob", "b1", b1[:1]),  # already deleted (or deleted now): counted once
+    )
+    assert sum(counts) == 3
+    assert counts[1] == 1
+    assert [q.seq for q in await store.fetch_queue("bob", "b1", 0, 10)] == b1[2:]
+    assert [q.seq for q in await store.fetch_queue("bob", "b2", 0, 10)] == b2[1:]
 
 
 async def test_a_cursor_reader_never_skips_a_message_from_concurrent_senders(
