@@ -18,6 +18,7 @@ import pytest
 
 from bastion.client import Client, contacts
 from bastion.errors import ProfileError
+from tests.malicious_server import RECORD_ENV, SCRIPT, TAMPER_ENV
 
 PASSPHRASE = "correct horse battery staple"
 REPO = Path(__file__).resolve().parent.parent
@@ -195,3 +196,18 @@ async def profiles(tmp_path: Path, server: ServerProcess) -> AsyncIterator[Profi
     p = Profiles(tmp_path, server)
     yield p
     await p.close()
+
+
+@pytest.fixture
+async def recorded(
+    tmp_path: Path,
+    server_factory: Callable[..., ServerProcess],
+    monkeypatch: pytest.MonkeyPatch,
+) -> AsyncIterator[tuple[ServerProcess, Profiles]]:
+    """A server recording every frame (honest otherwise), and clients for it."""
+    monkeypatch.setenv(TAMPER_ENV, "record")
+    monkeypatch.setenv(RECORD_ENV, str(tmp_path / "frames.txt"))
+    server = server_factory("server", script=SCRIPT)
+    profiles = Profiles(tmp_path, server)
+    yield server, profiles
+    await profiles.close()

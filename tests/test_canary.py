@@ -11,7 +11,7 @@ from __future__ import annotations
 import base64
 import secrets
 import sqlite3
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
@@ -20,7 +20,7 @@ from bastion.client import MessageEvent
 from bastion.protocol import frames
 from tests.conftest import Profiles, ServerProcess
 from tests.helpers import next_events
-from tests.malicious_server import RECORD_ENV, SCRIPT, TAMPER_ENV, read_record
+from tests.malicious_server import read_record
 
 pytestmark = pytest.mark.network
 
@@ -95,21 +95,6 @@ def test_scanner_finds_a_canary_written_on_purpose(tmp_path: Path) -> None:
 
 
 # --- the canary through a real server --------------------------------------------------------
-
-
-@pytest.fixture
-async def recorded(
-    tmp_path: Path,
-    server_factory: Callable[..., ServerProcess],
-    monkeypatch: pytest.MonkeyPatch,
-) -> AsyncIterator[tuple[ServerProcess, Profiles]]:
-    """A server recording every frame (honest otherwise), and clients for it."""
-    monkeypatch.setenv(TAMPER_ENV, "record")
-    monkeypatch.setenv(RECORD_ENV, str(tmp_path / "frames.txt"))
-    server = server_factory("server", script=SCRIPT)
-    profiles = Profiles(tmp_path, server)
-    yield server, profiles
-    await profiles.close()
 
 
 async def test_canary_is_nowhere_but_in_the_clients(

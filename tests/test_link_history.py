@@ -14,7 +14,7 @@ import re
 import secrets
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -27,28 +27,13 @@ from bastion.protocol import frames
 from tests.conftest import PASSPHRASE, Profiles, ServerProcess
 from tests.gateway.test_cli_via_gateway_more import Terminal
 from tests.helpers import next_events, texts
-from tests.malicious_server import RECORD_ENV, SCRIPT, TAMPER_ENV, read_record
+from tests.malicious_server import SCRIPT, TAMPER_ENV, read_record
 from tests.test_canary import find_in_bytes, find_in_files, new_canary
 from tests.test_cli import bastion
 
 pytestmark = pytest.mark.network
 
 DAY_MS = 86_400_000
-
-
-@pytest.fixture
-async def recorded(
-    tmp_path: Path,
-    server_factory: Callable[..., ServerProcess],
-    monkeypatch: pytest.MonkeyPatch,
-) -> AsyncIterator[tuple[ServerProcess, Profiles]]:
-    """A server recording every frame (honest otherwise), and clients for it."""
-    monkeypatch.setenv(TAMPER_ENV, "record")
-    monkeypatch.setenv(RECORD_ENV, str(tmp_path / "frames.txt"))
-    server = server_factory("server", script=SCRIPT)
-    profiles = Profiles(tmp_path, server)
-    yield server, profiles
-    await profiles.close()
 
 
 async def link(
